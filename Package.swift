@@ -1,0 +1,124 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// The module split follows ../shared/ARCHITECTURE.md: `QuiesceCore` holds types
+// with no I/O; each part that touches sockets, certificates or the guest has its
+// own module; the two executables only parse arguments and call into them.
+let package = Package(
+    name: "quiesce",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "quiesce", targets: ["quiesce"]),
+        .executable(name: "quiesce-agent", targets: ["quiesce-agent"]),
+        .executable(name: "quiesce-bench", targets: ["quiesce-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+    ],
+    targets: [
+        // Types, levels, versions and errors. No I/O.
+        .target(name: "QuiesceCore"),
+        // Generated protobuf messages and gRPC stubs (committed; scripts/gen-proto.sh).
+        .target(
+            name: "QuiesceProto",
+            dependencies: [
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            ],
+            exclude: ["MANIFEST"]
+        ),
+        // The engine's CA: key pairs, certificates, on-disk layout.
+        .target(
+            name: "QuiescePKI",
+            dependencies: [
+                "QuiesceCore",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        // gRPC transports secured with mutual TLS, and the session protocol's shared rules.
+        .target(
+            name: "QuiesceWire",
+            dependencies: [
+                "QuiesceCore", "QuiesceProto", "QuiescePKI",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The engine: session registry, command dispatch, admin API.
+        .target(
+            name: "QuiesceEngine",
+            dependencies: [
+                "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The guest agent: session client, facts, command handlers.
+        .target(
+            name: "QuiesceAgent",
+            dependencies: [
+                "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // `quiesce demo`: a throw-away fleet on loopback.
+        .target(
+            name: "QuiesceDemo",
+            dependencies: ["QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceAgent", "QuiesceWire"]
+        ),
+        .executableTarget(
+            name: "quiesce",
+            dependencies: [
+                "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceWire", "QuiesceDemo",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "quiesce-agent",
+            dependencies: [
+                "QuiesceCore", "QuiesceAgent", "QuiesceWire",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Load generators for scripts/bench-*.sh.
+        .executableTarget(
+            name: "quiesce-bench",
+            dependencies: [
+                "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
+        .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
+        .testTarget(
+            name: "QuiesceEngineTests",
+            dependencies: [
+                "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire", "QuiesceEngine", "QuiesceAgent",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            ]
+        ),
+        .testTarget(
+            name: "QuiesceAgentTests",
+            dependencies: ["QuiesceCore", "QuiesceProto", "QuiesceAgent"]
+        ),
+    ]
+)

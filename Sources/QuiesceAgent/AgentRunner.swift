@@ -1,0 +1,283 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import QuiesceCore
+import QuiescePKI
+import QuiesceProto
+import QuiesceWire
+import Synchronization
+
+/// The agent's side of the session: dials the engine, says hello, answers
+/// commands concurrently, sends heartbeats, and dials again with exponential
+/// backoff and jitter whenever the session ends (engine restart, network).
+public final class AgentRunner: Sendable {
+    public let configuration: AgentConfiguration
+    public let handler: any CommandHandling
+    private let logger: Logger
+    private let startedAt = ContinuousClock.now
+    private let state = Mutex<State>(State())
+
+    /// What the runner is doing, for `quiesce-agent status` and tests.
+    public enum Phase: Sendable, Equatable {
+        case connecting(attempt: Int)
+        case connected(sessionID: String)
+        case waiting(until: ContinuousClock.Instant, lastError: String)
+        case stopped
+    }
+
+    private struct State {
+        var phase: Phase = .connecting(attempt: 0)
+        var lastSessionID: String = ""
+        var sessionsOpened = 0
+        var lastError: String?
+        var phaseWaiters: [UUID: (predicate: @Sendable (Phase) -> Bool, continuation: CheckedContinuation<Void, Never>)] = [:]
+    }
+
+    /// How one session ended.
+    public struct SessionEnd: Sendable {
+        /// Whether the hello exchange completed.
+        public var established: Bool
+        public var duration: Duration
+        public var error: (any Error)?
+    }
+
+    public init(configuration: AgentConfiguration, handler: any CommandHandling = BuiltinCommandHandler(), logger: Logger = Logger(label: "quiesce.agent")) {
+        self.configuration = configuration
+        self.handler = handler
+        self.logger = logger
+    }
+
+    public var phase: Phase { self.state.withLock { $0.phase } }
+    public var sessionsOpened: Int { self.state.withLock { $0.sessionsOpened } }
+    public var lastError: String? { self.state.withLock { $0.lastError } }
+
+    /// The instance id: configured, or the certificate's common name.
+    public func instanceID() throws -> String {
+        if let id = self.configuration.instanceID { return id }
+        let (certificate, _) = try self.configuration.identity.validate()
+        return PeerIdentity(certificate: certificate).commonName
+    }
+
+    /// Runs sessions until the task is cancelled.
+    /// - Throws: Only for an unusable local configuration (certificate files); network
+    ///   and engine errors are retried.
+    public func run() async throws {
+        _ = try self.configuration.identity.validate()
+        var backoff = self.configuration.backoff
+        defer { self.setPhase(.stopped) }
+        while !Task.isCancelled {
+            self.setPhase(.connecting(attempt: backoff.attempt))
+            let end = await self.runSession()
+            if Task.isCancelled { return }
+            if end.established && end.duration >= self.configuration.healthySession { backoff.reset() }
+            let wait = backoff.next()
+            let why = end.error.map(Self.describe) ?? "the engine closed the session"
+            self.state.withLock { $0.lastError = why }
+            self.setPhase(.waiting(until: .now + wait, lastError: why))
+            self.logger.warning("session ended; dialling again", metadata: [
+                "engine": "\(self.configuration.engine)", "reason": "\(why)", "retry_in_ms": "\(wait.milliseconds)",
+            ])
+            try? await Task.sleep(for: wait)
+        }
+    }
+
+    /// One connection: dial, hello, serve commands until the session ends.
+    public func runSession() async -> SessionEnd {
+        let clock = ContinuousClock()
+        let began = clock.now
+        let established = SessionFlag()
+        do {
+            let instanceID = try self.instanceID()
+            let transport = SecureTransports.agentDialer(engine: self.configuration.engine, identity: self.configuration.identity)
+            try await withGRPCClient(transport: transport) { client in
+                try await self.session(client: client, instanceID: instanceID, established: established)
+            }
+            return SessionEnd(established: established.isSet, duration: clock.now - began, error: nil)
+        } catch {
+            return SessionEnd(established: established.isSet, duration: clock.now - began, error: error)
+        }
+    }
+
+    private func session(client: GRPCClient<HTTP2ClientTransport.Posix>, instanceID: String, established: SessionFlag) async throws {
+        let service = Quiesce_Agent_V1_AgentService.Client(wrapping: client)
+        let (outbound, outboundContinuation) = AsyncStream<AgentMessage>.makeStream()
+        defer { outboundContinuation.finish() }
+
+        var hello = AgentMessage()
+        hello.hello.protocol = .init(ProtocolVersionNumber.agentSession)
+        hello.hello.agentVersion = QuiesceVersion.software
+        hello.hello.instanceID = instanceID
+        hello.hello.capabilities = self.handler.capabilities
+        hello.hello.previousSessionID = self.state.withLock { $0.lastSessionID }
+        hello.hello.uptimeMs = UInt64((ContinuousClock.now - self.startedAt).milliseconds)
+        outboundContinuation.yield(hello)
+
+        var options = CallOptions.defaults
+        options.waitForReady = false
+        options.maxRequestMessageBytes = self.configuration.limits.maxMessageBytes
+        options.maxResponseMessageBytes = self.configuration.limits.maxMessageBytes
+
+        let request = StreamingClientRequest<AgentMessage> { writer in
+            for await message in outbound {
+                try await writer.write(message)
+            }
+        }
+        try await service.session(request: request, options: options) { response in
+            var iterator = response.messages.makeAsyncIterator()
+            guard let first = try await iterator.next() else {
+                throw RPCError(code: .unavailable, message: "the engine closed the stream before its hello")
+            }
+            guard case .hello(let engineHello) = first.kind else {
+                throw RPCError(code: .invalidArgument, message: "expected the engine's hello first, found \(first.kind.map { "a \($0.name)" } ?? "an empty message")")
+            }
+            if let problem = ProtocolVersionNumber.agentSession.incompatibility(
+                with: engineHello.protocol.number, peerRole: "engine", ownRole: "agent")
+            {
+                throw RPCError(code: .failedPrecondition, message: problem)
+            }
+            established.set()
+            self.state.withLock {
+                $0.lastSessionID = engineHello.sessionID
+                $0.sessionsOpened += 1
+                $0.lastError = nil
+            }
+            self.setPhase(.connected(sessionID: engineHello.sessionID))
+            self.logger.info("session open", metadata: [
+                "engine": "\(self.configuration.engine)", "session": "\(engineHello.sessionID)",
+                "engine_version": "\(engineHello.engineVersion)",
+            ])
+            let interval: Duration = engineHello.heartbeatIntervalMs > 0
+                ? .milliseconds(Int64(engineHello.heartbeatIntervalMs)) : self.configuration.limits.idleHeartbeat
+            let running = RunningCommands()
+            defer { running.cancelAll() }
+
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    var sequence: UInt64 = 0
+                    while true {
+                        try await Task.sleep(for: interval)
+                        sequence += 1
+                        var beat = AgentMessage()
+                        beat.heartbeat.sequence = sequence
+                        outboundContinuation.yield(beat)
+                    }
+                }
+                let remaining = UncheckedSendable(iterator)
+                group.addTask {
+                    var iterator = remaining.value
+                    while let message = try await iterator.next() {
+                        switch message.kind {
+                        case .command(let command):
+                            self.start(command, running: running, reply: outboundContinuation)
+                        case .cancel(let cancel):
+                            running.cancel(cancel.commandID)
+                        case .heartbeat, nil:
+                            break
+                        case .hello:
+                            throw RPCError(code: .invalidArgument, message: "the engine sent a second hello")
+                        }
+                    }
+                }
+                try await group.next()
+                group.cancelAll()
+            }
+        }
+    }
+
+    /// Runs one command on its own task, bounded by its relative deadline.
+    private func start(_ command: AgentCommand, running: RunningCommands, reply: AsyncStream<AgentMessage>.Continuation) {
+        let handler = self.handler
+        let deadline: Duration = command.deadlineMs > 0
+            ? .milliseconds(Int64(command.deadlineMs)) : self.configuration.limits.defaultCommandDeadline
+        let name = command.action?.name ?? "unknown"
+        running.start(command.id) { Task {
+            let clock = ContinuousClock()
+            let began = clock.now
+            var result: CommandResult
+            do {
+                result = try await withDeadline(deadline) { await handler.perform(command) }
+                if Task.isCancelled {
+                    result = Self.failure(command.id, .cancelled, "\(name) was cancelled by the engine", reason: "cancelled")
+                }
+            } catch is DeadlineExceeded {
+                result = Self.failure(command.id, .deadlineExceeded, "\(name) did not finish within \(deadline)", reason: "deadline-exceeded")
+            } catch {
+                result = Self.failure(command.id, .cancelled, "\(name) was cancelled by the engine", reason: "cancelled")
+            }
+            result.commandID = command.id
+            result.elapsedUs = UInt64(max((clock.now - began).nanoseconds / 1000, 0))
+            running.finish(command.id)
+            var message = AgentMessage()
+            message.result = result
+            reply.yield(message)
+        } }
+    }
+
+    static func failure(_ id: UInt64, _ code: RPCError.Code, _ message: String, reason: String) -> CommandResult {
+        var result = CommandResult()
+        result.commandID = id
+        result.status = .init(code: code, message: message, reason: reason)
+        return result
+    }
+
+    private func setPhase(_ phase: Phase) {
+        let ready = self.state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.phase = phase
+            let matched = state.phaseWaiters.filter { $0.value.predicate(phase) }
+            for key in matched.keys { state.phaseWaiters.removeValue(forKey: key) }
+            return matched.values.map(\.continuation)
+        }
+        for continuation in ready { continuation.resume() }
+    }
+
+    /// Waits until the runner's phase satisfies `predicate` (tests, the demo).
+    public func waitForPhase(_ predicate: @escaping @Sendable (Phase) -> Bool) async {
+        await withCheckedContinuation { continuation in
+            let now = self.state.withLock { state -> Bool in
+                if predicate(state.phase) { return true }
+                state.phaseWaiters[UUID()] = (predicate, continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    static func describe(_ error: any Error) -> String {
+        if let error = error as? RPCError {
+            var text = "\(error.code): \(error.message)"
+            if let cause = error.cause { text += " (\(cause))" }
+            return text
+        }
+        return "\(error)"
+    }
+}
+
+/// Commands in flight, so the engine can cancel them and a lost session stops them.
+final class RunningCommands: Sendable {
+    private let tasks = Mutex<[UInt64: Task<Void, Never>]>([:])
+
+    /// Starts the task under the lock, so its own `finish` cannot run before it is recorded.
+    func start(_ id: UInt64, _ makeTask: () -> Task<Void, Never>) {
+        self.tasks.withLock { $0[id] = makeTask() }
+    }
+
+    func finish(_ id: UInt64) {
+        _ = self.tasks.withLock { $0.removeValue(forKey: id) }
+    }
+
+    func cancel(_ id: UInt64) {
+        self.tasks.withLock { $0[id] }?.cancel()
+    }
+
+    func cancelAll() {
+        for task in self.tasks.withLock({ Array($0.values) }) { task.cancel() }
+    }
+}
+
+/// Set once the hello exchange of a session completes.
+final class SessionFlag: Sendable {
+    private let value = Mutex(false)
+    func set() { self.value.withLock { $0 = true } }
+    var isSet: Bool { self.value.withLock { $0 } }
+}

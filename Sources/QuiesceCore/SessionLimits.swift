@@ -1,0 +1,45 @@
+/// Limits and timings of an agent session, in one place with documented defaults.
+public struct SessionLimits: Sendable, Hashable {
+    /// Largest message either side may send. Facts of a host with thousands of
+    /// mounts fit easily; anything larger is an error, not a slow path.
+    public var maxMessageBytes: Int
+    /// How long the engine waits for the agent's hello after the TLS handshake.
+    public var helloTimeout: Duration
+    /// Heartbeat interval while nothing is frozen.
+    public var idleHeartbeat: Duration
+    /// Heartbeat interval while anything is frozen (invariant 1).
+    public var frozenHeartbeat: Duration
+    /// A session silent for this long is considered dead and closed.
+    public var silenceTimeout: Duration
+    /// Deadline for a command whose caller gives none.
+    public var defaultCommandDeadline: Duration
+
+    public init(
+        maxMessageBytes: Int, helloTimeout: Duration, idleHeartbeat: Duration,
+        frozenHeartbeat: Duration, silenceTimeout: Duration, defaultCommandDeadline: Duration
+    ) {
+        self.maxMessageBytes = maxMessageBytes
+        self.helloTimeout = helloTimeout
+        self.idleHeartbeat = idleHeartbeat
+        self.frozenHeartbeat = frozenHeartbeat
+        self.silenceTimeout = silenceTimeout
+        self.defaultCommandDeadline = defaultCommandDeadline
+    }
+
+    public static var defaults: Self {
+        Self(
+            maxMessageBytes: 1 << 20,
+            helloTimeout: .seconds(10),
+            idleHeartbeat: .seconds(5),
+            frozenHeartbeat: .milliseconds(250),
+            silenceTimeout: .seconds(20),
+            defaultCommandDeadline: .seconds(30)
+        )
+    }
+
+    public static func defaults(_ configure: (inout Self) -> Void) -> Self {
+        var value = Self.defaults
+        configure(&value)
+        return value
+    }
+}

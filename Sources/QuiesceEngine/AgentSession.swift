@@ -1,0 +1,190 @@
+import Foundation
+import GRPCCore
+import Logging
+import QuiesceCore
+import QuiescePKI
+import QuiesceProto
+import QuiesceWire
+import Synchronization
+
+/// One live session with one agent: its identity, and the commands waiting
+/// for answers. Thread-safe; the session service feeds it from the wire and
+/// the rest of the engine sends commands through it.
+public final class AgentSession: Sendable {
+    public let sessionID: String
+    public let instanceID: String
+    public let remoteAddress: String
+    public let agentVersion: String
+    public let protocolVersion: ProtocolVersionNumber
+    public let capabilities: [String]
+    public let certificateFingerprint: String
+    public let connectedAt: Date
+
+    private let outbound: AsyncStream<EngineMessage>.Continuation
+    private let state: Mutex<State>
+    private let clock = ContinuousClock()
+
+    private struct Pending {
+        var continuation: CheckedContinuation<CommandResult, any Error>
+        var action: String
+        var timer: Task<Void, Never>?
+    }
+
+    private struct State {
+        var nextCommandID: UInt64 = 1
+        var pending: [UInt64: Pending] = [:]
+        var lastHeard: ContinuousClock.Instant
+        var lastHeardDate: Date
+        var closeReason: RPCError?
+        var heartbeatSequence: UInt64 = 0
+    }
+
+    init(
+        sessionID: String, hello: Quiesce_Agent_V1_AgentHello, remoteAddress: String,
+        certificateFingerprint: String, outbound: AsyncStream<EngineMessage>.Continuation
+    ) {
+        self.sessionID = sessionID
+        self.instanceID = hello.instanceID
+        self.remoteAddress = remoteAddress
+        self.agentVersion = hello.agentVersion
+        self.protocolVersion = hello.protocol.number
+        self.capabilities = hello.capabilities
+        self.certificateFingerprint = certificateFingerprint
+        self.connectedAt = Date()
+        self.outbound = outbound
+        self.state = Mutex(State(lastHeard: ContinuousClock.now, lastHeardDate: Date()))
+    }
+
+    /// When the engine last received anything from this agent.
+    public var lastHeard: Date { self.state.withLock { $0.lastHeardDate } }
+    public var pendingCommands: Int { self.state.withLock { $0.pending.count } }
+    public var isClosed: Bool { self.state.withLock { $0.closeReason != nil } }
+
+    func silence(now: ContinuousClock.Instant) -> Duration {
+        self.state.withLock { now - $0.lastHeard }
+    }
+
+    func heard() {
+        self.state.withLock {
+            $0.lastHeard = self.clock.now
+            $0.lastHeardDate = Date()
+        }
+    }
+
+    /// Sends a command and waits for the agent's answer.
+    ///
+    /// - Parameters:
+    ///   - action: What to do.
+    ///   - deadline: Sent to the agent as a relative deadline; the engine gives
+    ///     up `grace` later (the network's share), answers `.deadlineExceeded`
+    ///     and sends a cancel.
+    /// - Returns: The agent's result, whatever its status code: callers decide
+    ///   what a non-OK status means for them.
+    /// - Throws: `RPCError` `.unavailable` when the session ends first,
+    ///   `.deadlineExceeded`, `.cancelled` when the calling task is cancelled.
+    public func send(
+        _ action: AgentCommand.OneOf_Action, deadline: Duration, grace: Duration = .milliseconds(500)
+    ) async throws -> CommandResult {
+        let id = self.state.withLock { state -> UInt64 in
+            defer { state.nextCommandID += 1 }
+            return state.nextCommandID
+        }
+        var command = AgentCommand()
+        command.id = id
+        command.deadlineMs = UInt32(clamping: max(deadline.milliseconds, 1))
+        command.action = action
+
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<CommandResult, any Error>) in
+                let closed = self.state.withLock { state -> RPCError? in
+                    if let reason = state.closeReason { return reason }
+                    state.pending[id] = Pending(continuation: continuation, action: action.name)
+                    return nil
+                }
+                if let closed {
+                    continuation.resume(throwing: closed)
+                    return
+                }
+                let timer = Task { [weak self] in
+                    try? await Task.sleep(for: deadline + grace)
+                    guard !Task.isCancelled, let self else { return }
+                    self.fail(
+                        id,
+                        RPCError(
+                            code: .deadlineExceeded,
+                            message: "\(action.name) on \(self.instanceID) got no answer within \(deadline) (+\(grace) grace)"),
+                        cancelReason: "deadline exceeded")
+                }
+                self.state.withLock { $0.pending[id]?.timer = timer }
+                var message = EngineMessage()
+                message.command = command
+                self.outbound.yield(message)
+            }
+        } onCancel: {
+            self.fail(id, RPCError(code: .cancelled, message: "\(action.name) on \(self.instanceID) was cancelled"),
+                      cancelReason: "cancelled by the engine")
+        }
+    }
+
+    /// Fails a pending command locally and tells the agent to stop working on it.
+    private func fail(_ id: UInt64, _ error: RPCError, cancelReason: String) {
+        guard let pending = self.state.withLock({ $0.pending.removeValue(forKey: id) }) else { return }
+        pending.timer?.cancel()
+        pending.continuation.resume(throwing: error)
+        var message = EngineMessage()
+        message.cancel.commandID = id
+        message.cancel.reason = cancelReason
+        self.outbound.yield(message)
+    }
+
+    /// Delivers an answer from the wire.
+    /// - Throws: `RPCError` `.invalidArgument` for an id this session never issued.
+    func deliver(_ result: CommandResult) throws {
+        enum Outcome { case delivered(Pending), late, neverIssued(UInt64) }
+        let outcome = self.state.withLock { state -> Outcome in
+            if let pending = state.pending.removeValue(forKey: result.commandID) { return .delivered(pending) }
+            if result.commandID == 0 || result.commandID >= state.nextCommandID { return .neverIssued(state.nextCommandID - 1) }
+            return .late
+        }
+        switch outcome {
+        case .delivered(let pending):
+            pending.timer?.cancel()
+            pending.continuation.resume(returning: result)
+        case .late:
+            break  // answered after the engine gave up on it; already reported to the caller
+        case .neverIssued(let highest):
+            throw RPCError(
+                code: .invalidArgument,
+                message: "result for command \(result.commandID), which this session never issued (highest issued: \(highest))")
+        }
+    }
+
+    func sendHeartbeat() {
+        var message = EngineMessage()
+        message.heartbeat.sequence = self.state.withLock {
+            $0.heartbeatSequence += 1
+            return $0.heartbeatSequence
+        }
+        self.outbound.yield(message)
+    }
+
+    /// Ends the session: fails every pending command with `.unavailable` naming
+    /// the reason, and stops the outbound stream (which ends the RPC).
+    func close(reason: RPCError) {
+        let pending = self.state.withLock { state -> [Pending] in
+            guard state.closeReason == nil else { return [] }
+            state.closeReason = reason
+            defer { state.pending.removeAll() }
+            return Array(state.pending.values)
+        }
+        let error = RPCError(
+            code: .unavailable, message: "session with \(self.instanceID) ended: \(reason.message)", cause: reason)
+        for entry in pending {
+            entry.timer?.cancel()
+            entry.continuation.resume(throwing: error)
+        }
+        self.outbound.finish()
+    }
+
+    var closeReason: RPCError? { self.state.withLock { $0.closeReason } }
+}

@@ -1,0 +1,220 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import QuiesceCore
+import QuiescePKI
+import QuiesceProto
+import QuiesceWire
+import Synchronization
+
+/// Serves `quiesce.agent.v1.AgentService/Session`: checks who is calling,
+/// reads the hello, registers the session, then pumps messages both ways
+/// until either side ends it. Everything that ends a session is logged with
+/// its reason and ends that RPC with a canonical status; other sessions are
+/// not affected.
+struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol {
+    let registry: SessionRegistry
+    let limits: SessionLimits
+    let logger: Logger
+    let capabilities: [String]
+
+    /// Shared between the reader and the watchdog of one RPC.
+    private final class SessionSlot: Sendable {
+        let value = Mutex<AgentSession?>(nil)
+    }
+
+    func session(
+        request: RPCAsyncSequence<AgentMessage, any Error>,
+        response: RPCWriter<EngineMessage>,
+        context: ServerContext
+    ) async throws {
+        let sessionID = Self.makeSessionID()
+        let remote = context.remotePeer
+        var logger = self.logger
+        logger[metadataKey: "session"] = "\(sessionID)"
+        logger[metadataKey: "peer"] = "\(remote)"
+
+        let transport = context.transportSpecific as? HTTP2ServerTransport.Posix.Context
+        guard let certificate = transport?.peerCertificate else {
+            // The TLS handshake requires a certificate, so this means a misconfigured listener.
+            let error = RPCError(code: .unauthenticated, message: "no client certificate on this connection")
+            await self.refuse(error, instanceID: "?", sessionID: sessionID, remote: remote, logger: logger)
+            throw error
+        }
+        let peer = PeerIdentity(certificate: certificate)
+        logger[metadataKey: "certificate"] = "\(peer)"
+        let sessionLogger = logger
+        guard peer.role == .agent else {
+            let error = RPCError(
+                code: .permissionDenied,
+                message: "a certificate with role '\(peer.roleText ?? "none")' cannot open an agent session; expected an agent certificate (OU=agent) from `quiesce ca issue --agent ID`")
+            await self.refuse(error, instanceID: peer.commonName, sessionID: sessionID, remote: remote, logger: logger)
+            throw error
+        }
+
+        let (outbound, outboundContinuation) = AsyncStream<EngineMessage>.makeStream()
+        let slot = SessionSlot()
+        let limits = self.limits
+        // Only the reader task below touches the request stream.
+        let inbound = UncheckedSendable(request)
+
+        do {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                // Writer: the only task that writes to the wire.
+                group.addTask {
+                    for await message in outbound {
+                        try await response.write(message)
+                    }
+                    if let reason = slot.value.withLock({ $0 })?.closeReason { throw reason }
+                }
+                // Reader: hello, then every message until the agent ends the stream.
+                group.addTask {
+                    var iterator = inbound.value.makeAsyncIterator()
+                    let first: AgentMessage?
+                    do { first = try await iterator.next() } catch { throw Self.readFailure(error) }
+                    guard let first else {
+                        throw RPCError(code: .cancelled, message: "the agent closed the stream before its hello")
+                    }
+                    let hello = try self.validateHello(first, certificateName: peer.commonName)
+                    let session = AgentSession(
+                        sessionID: sessionID, hello: hello, remoteAddress: remote,
+                        certificateFingerprint: IssuedCertificate.fingerprint(of: certificate),
+                        outbound: outboundContinuation)
+                    slot.value.withLock { $0 = session }
+
+                    var reply = EngineMessage()
+                    reply.hello.protocol = .init(ProtocolVersionNumber.agentSession)
+                    reply.hello.engineVersion = QuiesceVersion.software
+                    reply.hello.sessionID = sessionID
+                    reply.hello.capabilities = self.capabilities
+                    reply.hello.heartbeatIntervalMs = UInt32(limits.idleHeartbeat.milliseconds)
+                    reply.hello.maxMessageBytes = UInt32(limits.maxMessageBytes)
+                    outboundContinuation.yield(reply)
+                    await self.registry.register(session)
+                    sessionLogger.info("agent session opened", metadata: [
+                        "instance": "\(hello.instanceID)", "agent_version": "\(hello.agentVersion)",
+                        "protocol": "\(hello.protocol.number)",
+                    ])
+
+                    while true {
+                        let message: AgentMessage?
+                        do { message = try await iterator.next() } catch { throw Self.readFailure(error) }
+                        guard let message else { return }
+                        session.heard()
+                        try self.handle(message, session: session, logger: sessionLogger)
+                    }
+                }
+                // Watchdog: the hello deadline, idle heartbeats, silence.
+                group.addTask {
+                    let clock = ContinuousClock()
+                    let helloDeadline = clock.now + limits.helloTimeout
+                    while slot.value.withLock({ $0 }) == nil {
+                        if clock.now >= helloDeadline {
+                            throw RPCError(code: .deadlineExceeded, message: "no hello within \(limits.helloTimeout) of connecting")
+                        }
+                        try await Task.sleep(for: .milliseconds(50))
+                    }
+                    let session = slot.value.withLock { $0 }!
+                    while true {
+                        try await Task.sleep(for: limits.idleHeartbeat)
+                        let silent = session.silence(now: clock.now)
+                        if silent >= limits.silenceTimeout {
+                            throw RPCError(code: .unavailable, message: "no message from the agent for \(silent)")
+                        }
+                        session.sendHeartbeat()
+                    }
+                }
+                try await group.next()
+                group.cancelAll()
+            }
+        } catch {
+            let reason = (error as? RPCError) ?? RPCError(code: .internalError, message: "\(error)")
+            let session = slot.value.withLock { $0 }
+            if let session {
+                session.close(reason: reason)
+                await self.registry.remove(session, reason: Self.describe(reason))
+                if reason.code == .cancelled || reason.code == .aborted {
+                    logger.info("agent session ended", metadata: ["instance": "\(session.instanceID)", "reason": "\(Self.describe(reason))"])
+                } else {
+                    logger.warning("agent session ended", metadata: ["instance": "\(session.instanceID)", "reason": "\(Self.describe(reason))"])
+                }
+            } else {
+                outboundContinuation.finish()
+                await self.refuse(reason, instanceID: peer.commonName, sessionID: sessionID, remote: remote, logger: logger)
+            }
+            throw reason
+        }
+        // The agent closed its side cleanly.
+        if let session = slot.value.withLock({ $0 }) {
+            let reason = RPCError(code: .cancelled, message: "the agent closed the session")
+            session.close(reason: reason)
+            await self.registry.remove(session, reason: reason.message)
+            logger.info("agent session ended", metadata: ["instance": "\(session.instanceID)", "reason": "the agent closed the session"])
+        }
+    }
+
+    private func validateHello(_ message: AgentMessage, certificateName: String) throws -> Quiesce_Agent_V1_AgentHello {
+        guard case .hello(let hello) = message.kind else {
+            let found = message.kind.map { "a \($0.name)" } ?? "an empty or unknown message"
+            throw RPCError(code: .invalidArgument, message: "expected a hello as the first message, found \(found)")
+        }
+        if let problem = ProtocolVersionNumber.agentSession.incompatibility(
+            with: hello.protocol.number, peerRole: "agent", ownRole: "engine")
+        {
+            throw RPCError(code: .failedPrecondition, message: problem)
+        }
+        guard !hello.instanceID.isEmpty else {
+            throw RPCError(code: .invalidArgument, message: "the hello names no instance id; expected \"\(certificateName)\"")
+        }
+        guard hello.instanceID == certificateName else {
+            throw RPCError(
+                code: .permissionDenied,
+                message: "the hello names instance \"\(hello.instanceID)\" but the client certificate belongs to \"\(certificateName)\"")
+        }
+        return hello
+    }
+
+    private func handle(_ message: AgentMessage, session: AgentSession, logger: Logger) throws {
+        switch message.kind {
+        case .result(let result):
+            try session.deliver(result)
+        case .heartbeat:
+            break
+        case .event(let event):
+            logger.notice("agent event", metadata: [
+                "instance": "\(session.instanceID)", "kind": "\(event.kind)", "message": "\(event.message)",
+            ])
+        case .hello:
+            throw RPCError(code: .invalidArgument, message: "a second hello on an open session")
+        case nil:
+            // A newer minor version may add message kinds: skip those, but an
+            // entirely empty message is a broken peer.
+            guard !message.unknownFields.data.isEmpty else {
+                throw RPCError(code: .invalidArgument, message: "an empty message (no kind set)")
+            }
+            logger.debug("skipping a message of a kind this engine does not know", metadata: ["instance": "\(session.instanceID)"])
+        }
+    }
+
+    private func refuse(_ error: RPCError, instanceID: String, sessionID: String, remote: String, logger: Logger) async {
+        await self.registry.recordEnd(instanceID: instanceID, sessionID: sessionID, remoteAddress: remote, reason: Self.describe(error))
+        logger.warning("agent session refused", metadata: ["reason": "\(Self.describe(error))"])
+    }
+
+    /// Errors from reading the stream: undecodable or oversized messages, a reset connection.
+    private static func readFailure(_ error: any Error) -> RPCError {
+        if let error = error as? RPCError {
+            return RPCError(code: error.code, message: "could not read a message: \(error.message)", cause: error)
+        }
+        return RPCError(code: .invalidArgument, message: "could not read a message: \(error)")
+    }
+
+    static func describe(_ error: RPCError) -> String { "\(error.code): \(error.message)" }
+
+    static func makeSessionID() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return "s-" + String(generator.next() & 0xFFFF_FFFF_FFFF, radix: 16)
+    }
+}
+

@@ -1,0 +1,234 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import QuiesceCore
+import QuiescePKI
+import QuiesceProto
+import QuiesceWire
+import Synchronization
+
+/// How an engine listens. Every field has a default in ``defaults(identity:)``.
+public struct EngineConfiguration: Sendable {
+    /// Where agents dial in (mutual TLS). Port 0 picks a free port.
+    public var listen: ListenAddress
+    /// The engine's server certificate and key, and the CA that signs agents.
+    public var identity: TLSFiles
+    /// The admin API's unix socket (created mode 0600); nil for none.
+    public var adminSocketPath: String?
+    public var limits: SessionLimits
+
+    public init(listen: ListenAddress, identity: TLSFiles, adminSocketPath: String?, limits: SessionLimits) {
+        self.listen = listen
+        self.identity = identity
+        self.adminSocketPath = adminSocketPath
+        self.limits = limits
+    }
+
+    public static let defaultListen = ListenAddress(host: .ipv4("127.0.0.1"), port: 7443)
+    public static let defaultAdminSocket = "/run/quiesce/admin.sock"
+
+    public static func defaults(identity: TLSFiles) -> Self {
+        Self(listen: Self.defaultListen, identity: identity, adminSocketPath: Self.defaultAdminSocket, limits: .defaults)
+    }
+}
+
+/// The engine: the agents' gRPC listener, the registry of their sessions, the
+/// admin API, and the call that sends a command to an instance.
+public final class Engine: Sendable {
+    public let configuration: EngineConfiguration
+    public let registry: SessionRegistry
+    public let startedAt = Date()
+    let caFingerprint: String
+    private let logger: Logger
+    private let state = Mutex<RunState>(RunState())
+    private let boundAddress = AsyncStream<Result<ListenAddress, any Error>>.makeStream(bufferingPolicy: .bufferingNewest(1))
+
+    private struct RunState {
+        var shutdownRequested = false
+        var shutdownActions: [@Sendable () -> Void] = []
+        var address: Result<ListenAddress, any Error>?
+    }
+
+    /// - Throws: `PKIError` naming the file when a certificate or key is unusable.
+    public init(configuration: EngineConfiguration, logger: Logger = Logger(label: "quiesce.engine")) throws {
+        let (_, root) = try configuration.identity.validate()
+        self.configuration = configuration
+        self.caFingerprint = IssuedCertificate.fingerprint(of: root)
+        self.registry = SessionRegistry()
+        self.logger = logger
+    }
+
+    /// Serves until ``shutdown()`` or until the task is cancelled.
+    public func run() async throws {
+        let agentTransport = SecureTransports.agentListener(
+            address: self.configuration.listen, identity: self.configuration.identity, limits: self.configuration.limits)
+        let agentServer = GRPCServer(
+            transport: agentTransport,
+            services: [AgentSessionService(
+                registry: self.registry, limits: self.configuration.limits, logger: self.logger,
+                capabilities: ["commands", "heartbeat"])])
+        let adminServer: GRPCServer<HTTP2ServerTransport.Posix>?
+        if let path = self.configuration.adminSocketPath {
+            try Self.prepareSocketPath(path)
+            adminServer = GRPCServer(transport: SecureTransports.adminListener(socketPath: path), services: [AdminService(engine: self)])
+        } else {
+            adminServer = nil
+        }
+        let stopNow = self.state.withLock { state -> Bool in
+            if state.shutdownRequested { return true }
+            state.shutdownActions = [agentServer.beginGracefulShutdown, { adminServer?.beginGracefulShutdown() }]
+            return false
+        }
+        if stopNow { return }
+
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await agentServer.serve() }
+            if let adminServer { group.addTask { try await adminServer.serve() } }
+            group.addTask {
+                do {
+                    let bound = try await agentTransport.listeningAddress
+                    let address: ListenAddress
+                    if let v4 = bound.ipv4 {
+                        address = ListenAddress(host: .ipv4(v4.host), port: v4.port)
+                    } else if let v6 = bound.ipv6 {
+                        address = ListenAddress(host: .ipv6(v6.host), port: v6.port)
+                    } else {
+                        throw EngineError.listenFailed(address: "\(bound)", detail: "not an IP address")
+                    }
+                    self.publish(.success(address))
+                    if let path = self.configuration.adminSocketPath {
+                        _ = try await adminServer?.listeningAddress
+                        chmod(path, 0o600)
+                    }
+                    self.logger.info("engine listening", metadata: [
+                        "agents": "\(address)", "admin": "\(self.configuration.adminSocketPath ?? "none")",
+                    ])
+                } catch {
+                    self.publish(.failure(error))
+                    throw error
+                }
+            }
+            do {
+                try await group.waitForAll()
+            } catch {
+                self.publish(.failure(error))
+                throw EngineError.listenFailed(address: self.configuration.listen.description, detail: "\(error)")
+            }
+        }
+        if let path = self.configuration.adminSocketPath { unlink(path) }
+    }
+
+    private func publish(_ result: Result<ListenAddress, any Error>) {
+        let first = self.state.withLock { state -> Bool in
+            guard state.address == nil else { return false }
+            state.address = result
+            return true
+        }
+        if first { self.boundAddress.continuation.yield(result) }
+    }
+
+    /// The address agents can dial, once the listener is bound.
+    public func listeningAddress() async throws -> ListenAddress {
+        if let known = self.state.withLock({ $0.address }) { return try known.get() }
+        for await result in self.boundAddress.stream {
+            self.boundAddress.continuation.yield(result)  // keep it for the next caller
+            return try result.get()
+        }
+        throw EngineError.stopped
+    }
+
+    /// Closes every session (pending commands fail with `.unavailable`) and stops listening.
+    public func shutdown() {
+        let actions = self.state.withLock { state -> [@Sendable () -> Void] in
+            state.shutdownRequested = true
+            return state.shutdownActions
+        }
+        let registry = self.registry
+        Task {
+            await registry.closeAll(reason: RPCError(code: .unavailable, message: "the engine is shutting down"))
+            for action in actions { action() }
+        }
+    }
+
+    /// Sends `action` to `instanceID`'s agent and waits for its answer.
+    /// - Throws: `EngineError.noSession` when the instance has no live session,
+    ///   or the `RPCError` from ``AgentSession/send(_:deadline:grace:)``.
+    public func send(_ action: AgentCommand.OneOf_Action, to instanceID: String, deadline: Duration? = nil) async throws
+        -> CommandResult
+    {
+        guard let session = await self.registry.session(for: instanceID) else {
+            throw EngineError.noSession(instanceID: instanceID, lastEnd: await self.registry.endedSessions().last { $0.instanceID == instanceID }?.reason)
+        }
+        return try await session.send(action, deadline: deadline ?? self.configuration.limits.defaultCommandDeadline)
+    }
+
+    /// Asks an agent for its facts.
+    public func facts(of instanceID: String, timeout: Duration = .seconds(10)) async throws -> Facts {
+        let result = try await self.send(.facts(.init()), to: instanceID, deadline: timeout)
+        guard result.status.isOK, case .facts(let facts) = result.payload else {
+            throw EngineError.commandFailed(
+                instanceID: instanceID, action: "facts", code: result.status.rpcCode.description, message: result.status.message)
+        }
+        return facts
+    }
+
+    /// Removes a stale socket file (nothing listening) and makes its directory (0700).
+    static func prepareSocketPath(_ path: String) throws {
+        let directory = (path as NSString).deletingLastPathComponent
+        if !directory.isEmpty && !FileManager.default.fileExists(atPath: directory) {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        }
+        guard path.utf8.count < 104 else {
+            throw EngineError.badSocketPath(path: path, detail: "unix socket paths must be shorter than 104 bytes")
+        }
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+            throw EngineError.badSocketPath(path: path, detail: "exists and is not a socket; refusing to replace it")
+        }
+        if Self.socketAnswers(path) {
+            throw EngineError.badSocketPath(path: path, detail: "another engine is already listening here")
+        }
+        unlink(path)
+    }
+
+    private static func socketAnswers(_ path: String) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (i, byte) in path.utf8.prefix(buffer.count - 1).enumerated() { buffer[i] = byte }
+        }
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0
+            }
+        }
+    }
+}
+
+public enum EngineError: Error, CustomStringConvertible, Sendable {
+    case noSession(instanceID: String, lastEnd: String?)
+    case commandFailed(instanceID: String, action: String, code: String, message: String)
+    case listenFailed(address: String, detail: String)
+    case badSocketPath(path: String, detail: String)
+    case stopped
+
+    public var description: String {
+        switch self {
+        case .noSession(let id, let lastEnd):
+            "no agent session for instance \"\(id)\"" + (lastEnd.map { "; its last session ended with \($0)" } ?? " (it never connected)")
+        case .commandFailed(let id, let action, let code, let message):
+            "\(action) on \(id) failed: \(code): \(message)"
+        case .listenFailed(let address, let detail):
+            "could not listen on \(address): \(detail)"
+        case .badSocketPath(let path, let detail):
+            "admin socket \(path): \(detail)"
+        case .stopped:
+            "the engine stopped before it was listening"
+        }
+    }
+}

@@ -1,0 +1,70 @@
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import QuiesceCore
+import QuiescePKI
+
+/// Builds the gRPC transports Quiesce uses, so that every listener and dialler
+/// gets the same TLS rules:
+///
+/// * the agent port is mutual TLS, trusting only the engine's CA (never the
+///   system roots), requiring a client certificate, which BoringSSL checks for
+///   validity dates and the clientAuth extended key usage during the handshake;
+/// * agents verify the engine's certificate fully, host name or IP SAN included;
+/// * the admin API is plain gRPC on a unix socket whose mode is 0600.
+public enum SecureTransports {
+    /// The mutual-TLS listener agents dial.
+    public static func agentListener(
+        address: ListenAddress, identity: TLSFiles, limits: SessionLimits = .defaults
+    ) -> HTTP2ServerTransport.Posix {
+        var config = HTTP2ServerTransport.Posix.Config.defaults
+        config.rpc.maxRequestPayloadSize = limits.maxMessageBytes
+        // Agents ping every 10 s; the server pings an idle connection after 30 s
+        // and drops it if 10 s pass without an answer.
+        config.connection.keepalive = .init(
+            time: .seconds(30), timeout: .seconds(10),
+            clientBehavior: .init(minPingIntervalWithoutCalls: .seconds(5), allowWithoutCalls: true))
+        return HTTP2ServerTransport.Posix(
+            address: address.grpcAddress,
+            transportSecurity: .mTLS(
+                certificateChain: [.file(path: identity.certificatePath, format: .pem)],
+                privateKey: .file(path: identity.keyPath, format: .pem)
+            ) {
+                $0.trustRoots = .certificates([.file(path: identity.trustRootsPath, format: .pem)])
+                $0.clientCertificateVerification = .noHostnameVerification
+            },
+            config: config
+        )
+    }
+
+    /// The agent's connection to its engine.
+    public static func agentDialer(engine: ListenAddress, identity: TLSFiles)
+        -> HTTP2ClientTransport.Posix
+    {
+        var config = HTTP2ClientTransport.Posix.Config.defaults
+        config.connection.keepalive = .init(time: .seconds(10), timeout: .seconds(5), allowWithoutCalls: true)
+        // The agent runs its own backoff between sessions; the transport's
+        // reconnection inside one client is kept short.
+        config.backoff = .init(initial: .milliseconds(100), max: .seconds(2), multiplier: 1.6, jitter: 0.2)
+        return try! HTTP2ClientTransport.Posix(
+            target: engine.grpcTarget,
+            transportSecurity: .mTLS(
+                certificateChain: [.file(path: identity.certificatePath, format: .pem)],
+                privateKey: .file(path: identity.keyPath, format: .pem)
+            ) {
+                $0.trustRoots = .certificates([.file(path: identity.trustRootsPath, format: .pem)])
+                $0.serverCertificateVerification = .fullVerification
+            },
+            config: config
+        )
+    }
+
+    /// The admin API listener on a unix socket.
+    public static func adminListener(socketPath: String) -> HTTP2ServerTransport.Posix {
+        HTTP2ServerTransport.Posix(address: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
+    }
+
+    /// The CLI's connection to the admin socket.
+    public static func adminDialer(socketPath: String) -> HTTP2ClientTransport.Posix {
+        try! HTTP2ClientTransport.Posix(target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
+    }
+}

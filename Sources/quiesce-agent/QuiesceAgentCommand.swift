@@ -1,0 +1,109 @@
+import ArgumentParser
+import Foundation
+import Logging
+import QuiesceAgent
+import QuiesceCore
+import QuiescePKI
+import QuiesceWire
+import SwiftProtobuf
+
+@main
+struct QuiesceAgentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quiesce-agent",
+        abstract: "The Quiesce guest agent: one per instance, dials out to the engine.",
+        discussion: """
+            The agent opens one mutual-TLS session to the engine and answers its \
+            commands; it needs no inbound port.
+
+            Exit codes: 0 success; 1 failure; 2 bad usage or input.
+            """,
+        version: QuiesceVersion.software,
+        subcommands: [Run.self, Facts.self]
+    )
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Connect to the engine and serve its commands until stopped.",
+        discussion: "Reconnects with exponential backoff and jitter (up to 30 s) whenever the session ends.")
+
+    @Option(help: ArgumentHelp("The engine's agent port.", valueName: "host:port"))
+    var engine: String
+    @Option(help: ArgumentHelp("This agent's certificate (PEM), from `quiesce ca issue --agent ID`.", valueName: "path"))
+    var cert: String
+    @Option(help: ArgumentHelp("This agent's private key (PEM).", valueName: "path"))
+    var key: String
+    @Option(help: ArgumentHelp("The CA certificate that signed the engine (PEM).", valueName: "path"))
+    var ca: String
+    @Option(help: ArgumentHelp("Instance id to announce (default: the certificate's common name).", valueName: "id"))
+    var instanceID: String?
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        guard let level = Logger.Level(rawValue: self.logLevel) else {
+            throw ValidationError("expected a log level (trace … critical), found \"\(self.logLevel)\"")
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let engine: ListenAddress
+        do { engine = try ListenAddress(parsing: self.engine) } catch { throw ValidationError("--engine: \(error)") }
+        let runner = AgentRunner(configuration: AgentConfiguration(
+            engine: engine,
+            identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
+            instanceID: self.instanceID))
+        let task = Task { try await runner.run() }
+        let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number)
+            source.setEventHandler { task.cancel() }
+            source.resume()
+            return source
+        }
+        defer { signals.forEach { $0.cancel() } }
+        do {
+            try await task.value
+        } catch {
+            FileHandle.standardError.write(Data("quiesce-agent: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct Facts: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the facts this agent would report (no engine needed).")
+
+    @Option(help: "Output format: table or json.")
+    var output: String = "table"
+
+    func validate() throws {
+        guard ["table", "json"].contains(self.output) else {
+            throw ValidationError("expected --output table or json, found \"\(self.output)\"")
+        }
+    }
+
+    func run() async throws {
+        let facts = try await FactsCollector().collect()
+        if self.output == "json" {
+            var options = JSONEncodingOptions()
+            options.preserveProtoFieldNames = true
+            options.alwaysPrintInt64sAsNumbers = true
+            print(try facts.jsonString(options: options))
+            return
+        }
+        print("\(facts.osName), kernel \(facts.kernelRelease) \(facts.architecture), host \(facts.hostname)\n")
+        var table = TextTable(headers: ["MOUNT", "TYPE", "DEVICE", "SIZE", "MODE", "FREEZE"])
+        for mount in facts.mounts {
+            table.append([
+                mount.mountPoint, mount.fsType, mount.device, formatBytes(mount.sizeBytes),
+                mount.readOnly ? "ro" : "rw", mount.freezable ? "eligible" : mount.notFreezableReason,
+            ])
+        }
+        print(table.render())
+    }
+}

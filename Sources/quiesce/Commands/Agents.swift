@@ -1,0 +1,112 @@
+import ArgumentParser
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import QuiesceCore
+import QuiesceProto
+import QuiesceWire
+import SwiftProtobuf
+
+struct Agents: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the agents connected to a running engine.")
+
+    @OptionGroup var admin: AdminOptions
+    @Option(help: "Output format: table or json.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let response = try await withAdminClient(self.admin) { client in
+            try await client.listAgents(Quiesce_Admin_V1_ListAgentsRequest())
+        }
+        switch self.output {
+        case .json:
+            print(try response.jsonString(options: jsonOptions))
+        case .table:
+            guard !response.agents.isEmpty else {
+                print("no agents connected")
+                return
+            }
+            var table = TextTable(headers: ["INSTANCE", "SESSION", "FROM", "AGENT", "PROTOCOL", "CONNECTED", "LAST HEARD", "PENDING"])
+            let now = Date().timeIntervalSince1970 * 1000
+            for agent in response.agents {
+                table.append([
+                    agent.instanceID, agent.sessionID, agent.remoteAddress, agent.agentVersion, agent.protocolVersion,
+                    ago(now - Double(agent.connectedAtUnixMs)), ago(now - Double(agent.lastHeardUnixMs)),
+                    "\(agent.pendingCommands)",
+                ])
+            }
+            print(table.render())
+        }
+    }
+}
+
+struct FactsCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "facts",
+        abstract: "Ask a connected agent for its facts (OS, kernel, mounts).")
+
+    @Argument(help: "The instance id.")
+    var instance: String
+    @OptionGroup var admin: AdminOptions
+    @Option(help: "Output format: table or json.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let response = try await withAdminClient(self.admin) { client in
+            var request = Quiesce_Admin_V1_GetFactsRequest()
+            request.instanceID = self.instance
+            return try await client.getFacts(request)
+        }
+        let facts = response.facts
+        switch self.output {
+        case .json:
+            print(try facts.jsonString(options: jsonOptions))
+        case .table:
+            print("\(self.instance): \(facts.osName), kernel \(facts.kernelRelease) \(facts.architecture), host \(facts.hostname), \(facts.cpuCount) CPUs, \(formatBytes(facts.memoryBytes))\n")
+            var table = TextTable(headers: ["MOUNT", "TYPE", "DEVICE", "SIZE", "FREE", "MODE", "FREEZE"])
+            for mount in facts.mounts {
+                table.append([
+                    mount.mountPoint, mount.fsType, mount.device, formatBytes(mount.sizeBytes), formatBytes(mount.availableBytes),
+                    mount.readOnly ? "ro" : "rw", mount.freezable ? "eligible" : mount.notFreezableReason,
+                ])
+            }
+            print(table.render())
+        }
+    }
+}
+
+let jsonOptions: JSONEncodingOptions = {
+    var options = JSONEncodingOptions()
+    options.preserveProtoFieldNames = true
+    options.alwaysPrintInt64sAsNumbers = true
+    return options
+}()
+
+func ago(_ milliseconds: Double) -> String {
+    let seconds = Int(max(milliseconds, 0) / 1000)
+    if seconds < 60 { return "\(seconds)s ago" }
+    if seconds < 3600 { return "\(seconds / 60)m ago" }
+    return "\(seconds / 3600)h\((seconds % 3600) / 60)m ago"
+}
+
+/// Calls the admin API; maps "cannot reach the engine" to exit 69 with a hint.
+func withAdminClient<T: Sendable>(
+    _ admin: AdminOptions, _ body: @Sendable @escaping (Quiesce_Admin_V1_Admin.Client<HTTP2ClientTransport.Posix>) async throws -> T
+) async throws -> T {
+    guard FileManager.default.fileExists(atPath: admin.socketPath) else {
+        printError("no engine admin socket at \(admin.socketPath); is `quiesce serve` running? (set --admin-socket or QUIESCE_ADMIN_SOCKET)")
+        throw ExitStatus.unavailable
+    }
+    do {
+        return try await withGRPCClient(transport: SecureTransports.adminDialer(socketPath: admin.socketPath)) { client in
+            return try await body(Quiesce_Admin_V1_Admin.Client(wrapping: client))
+        }
+    } catch let error as RPCError where error.code == .unavailable {
+        printError("cannot reach the engine at \(admin.socketPath): \(error.message)")
+        throw ExitStatus.unavailable
+    } catch let error as RPCError {
+        printError("\(error.code): \(error.message)")
+        throw ExitStatus.failure
+    }
+}

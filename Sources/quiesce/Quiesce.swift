@@ -1,0 +1,64 @@
+import ArgumentParser
+import Foundation
+import Logging
+import QuiesceCore
+
+@main
+struct Quiesce: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quiesce",
+        abstract: "Application-consistent snapshots of many instances at once.",
+        discussion: """
+            The engine holds one mutual-TLS session with the agent on each instance; \
+            this command runs the engine and talks to a running one.
+
+            Start here:  quiesce demo        (a local fleet on loopback, no set-up)
+
+            Exit codes: 0 success; 1 the operation failed; 2 bad usage or input; \
+            69 the engine could not be reached.
+            """,
+        version: QuiesceVersion.software,
+        subcommands: [Demo.self, Serve.self, Agents.self, FactsCommand.self, CA.self]
+    )
+}
+
+/// Options shared by the commands that talk to a running engine.
+struct AdminOptions: ParsableArguments {
+    @Option(name: .customLong("admin-socket"), help: ArgumentHelp("The engine's admin socket.", valueName: "path"))
+    var socketPath: String = ProcessInfo.processInfo.environment["QUIESCE_ADMIN_SOCKET"] ?? "/run/quiesce/admin.sock"
+}
+
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case table, json
+}
+
+/// Log options shared by the long-running commands.
+struct LogOptions: ParsableArguments {
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func bootstrap() throws {
+        guard let level = Logger.Level(rawValue: self.logLevel) else {
+            throw ValidationError("expected a log level (trace, debug, info, notice, warning, error, critical), found \"\(self.logLevel)\"")
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+    }
+}
+
+enum ExitStatus {
+    static let failure = ExitCode(1)
+    static let usage = ExitCode(2)
+    static let unavailable = ExitCode(69)
+}
+
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data(("quiesce: " + message + "\n").utf8))
+}
+
+func defaultStateDirectory() -> String {
+    ProcessInfo.processInfo.environment["QUIESCE_HOME"] ?? "/var/lib/quiesce"
+}

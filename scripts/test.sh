@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every test: the generated-code check, the Swift test suites, the interop
+# tests with stock peers (Python grpcio, openssl s_client), and a quick smoke
+# pass of each benchmark. This is the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== proto manifest"
+scripts/check-proto.sh
+
+echo "== build"
+swift build --build-tests
+
+echo "== swift tests"
+swift test --skip-build --parallel --num-workers 2
+
+echo "== interop tests (grpcio, openssl)"
+QUIESCE_BIN="$(swift build --show-bin-path)" python3 -m pytest -q Tests/interop
+
+echo "== benchmark smoke"
+scripts/bench-sessions.sh --quick
