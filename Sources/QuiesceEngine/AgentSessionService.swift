@@ -210,7 +210,15 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
         return RPCError(code: .invalidArgument, message: "could not read a message: \(error)")
     }
 
-    static func describe(_ error: RPCError) -> String { "\(error.code): \(error.message)" }
+    /// "code: message", with the underlying cause when there is one (the
+    /// transport wraps "message too large" in "failed to decode").
+    static func describe(_ error: RPCError) -> String {
+        var text = "\(error.code): \(error.message)"
+        if let cause = error.cause {
+            text += " (" + ((cause as? RPCError).map(Self.describe) ?? "\(cause)") + ")"
+        }
+        return text
+    }
 
     static func makeSessionID() -> String {
         var generator = SystemRandomNumberGenerator()

@@ -61,8 +61,19 @@ public final class Engine: Sendable {
 
     /// Serves until ``shutdown()`` or until the task is cancelled.
     public func run() async throws {
+        let registry = self.registry
+        let logger = self.logger
         let agentTransport = SecureTransports.agentListener(
-            address: self.configuration.listen, identity: self.configuration.identity, limits: self.configuration.limits)
+            address: self.configuration.listen, identity: self.configuration.identity, limits: self.configuration.limits
+        ) { peer, error in
+            var reason = (error as? RPCError).map { AgentSessionService.describe($0) } ?? "\(error)"
+            if reason.contains("Failed to decode message") {
+                // grpc-swift-nio-transport reports an over-limit message this way, without its size.
+                reason += " (a gRPC frame over the \(self.configuration.limits.maxMessageBytes)-byte message limit, or a malformed frame)"
+            }
+            logger.warning("agent stream failed in the transport", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
+            Task { await registry.recordEnd(instanceID: "?", sessionID: "-", remoteAddress: peer, reason: "transport: " + reason) }
+        }
         let agentServer = GRPCServer(
             transport: agentTransport,
             services: [AgentSessionService(

@@ -1,5 +1,6 @@
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import NIOCore
 import QuiesceCore
 import QuiescePKI
 
@@ -13,10 +14,21 @@ import QuiescePKI
 /// * the admin API is plain gRPC on a unix socket whose mode is 0600.
 public enum SecureTransports {
     /// The mutual-TLS listener agents dial.
+    /// - Parameter onStreamError: Called for errors the transport raises on an
+    ///   RPC stream, including those (an oversized first message) that end the
+    ///   stream before any handler sees it, so the engine can log them.
     public static func agentListener(
-        address: ListenAddress, identity: TLSFiles, limits: SessionLimits = .defaults
+        address: ListenAddress, identity: TLSFiles, limits: SessionLimits = .defaults,
+        onStreamError: (@Sendable (_ peer: String, _ error: any Error) -> Void)? = nil
     ) -> HTTP2ServerTransport.Posix {
         var config = HTTP2ServerTransport.Posix.Config.defaults
+        if let onStreamError {
+            config.channelDebuggingCallbacks.onAcceptHTTP2Stream = { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(StreamErrorReporter(report: onStreamError))
+                }
+            }
+        }
         config.rpc.maxRequestPayloadSize = limits.maxMessageBytes
         // Agents ping every 10 s; the server pings an idle connection after 30 s
         // and drops it if 10 s pass without an answer.
@@ -66,5 +78,21 @@ public enum SecureTransports {
     /// The CLI's connection to the admin socket.
     public static func adminDialer(socketPath: String) -> HTTP2ClientTransport.Posix {
         try! HTTP2ClientTransport.Posix(target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
+    }
+}
+
+/// Sits at the end of each accepted HTTP/2 stream's pipeline and reports the
+/// errors that reach it.
+final class StreamErrorReporter: ChannelInboundHandler, Sendable {
+    typealias InboundIn = Any
+    let report: @Sendable (String, any Error) -> Void
+
+    init(report: @escaping @Sendable (String, any Error) -> Void) {
+        self.report = report
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.report(context.channel.remoteAddress.map { "\($0)" } ?? "unknown", error)
+        context.fireErrorCaught(error)
     }
 }

@@ -1,0 +1,176 @@
+import Foundation
+import GRPCCore
+import QuiesceAgent
+import QuiesceCore
+import QuiesceEngine
+import QuiescePKI
+import QuiesceProto
+import QuiesceWire
+import Testing
+
+@Suite("Agent sessions over mutual TLS")
+struct SessionTests {
+    @Test("a valid agent certificate opens a session that answers facts")
+    func establishes() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let (runner, task) = try await fleet.connect("i-good")
+        defer { task.cancel() }
+
+        let session = try #require(await fleet.engine.registry.session(for: "i-good"))
+        #expect(session.agentVersion == QuiesceVersion.software)
+        #expect(session.protocolVersion == .agentSession)
+        #expect(session.capabilities.contains("facts"))
+        #expect(session.remoteAddress.contains("127.0.0.1"))
+        #expect(session.certificateFingerprint.count == 64)
+        guard case .connected(let sessionID) = runner.phase else { Issue.record("agent not connected: \(runner.phase)"); return }
+        #expect(sessionID == session.sessionID)
+
+        let facts = try await fleet.engine.facts(of: "i-good")
+        #expect(facts.osFamily == "linux")
+        #expect(facts.mounts.contains { $0.mountPoint == "/" })
+        #expect(facts.hostname == ProcessInfo.processInfo.hostName)
+    }
+
+    @Test("answers may come out of order; each caller gets its own")
+    func outOfOrder() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        // Command 1 is slow, command 2 fast.
+        let handler = ScriptedHandler { $0.id == 1 ? .milliseconds(800) : .milliseconds(10) }
+        let (_, task) = try await fleet.connect("i-order", handler: handler)
+        defer { task.cancel() }
+        let clock = ContinuousClock()
+        let start = clock.now
+        async let slow = fleet.engine.send(.facts(.init()), to: "i-order", deadline: .seconds(5))
+        try await Task.sleep(for: .milliseconds(50))
+        let fast = try await fleet.engine.send(.facts(.init()), to: "i-order", deadline: .seconds(5))
+        let fastDone = clock.now - start
+        #expect(fast.facts.hostname == "answered-2")
+        #expect(fastDone < .milliseconds(700), "the fast answer waited for the slow one: \(fastDone)")
+        #expect(try await slow.facts.hostname == "answered-1")
+    }
+
+    @Test("a command past its deadline fails and the agent is told to cancel it")
+    func deadline() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let handler = ScriptedHandler { _ in .seconds(30) }
+        let (_, task) = try await fleet.connect("i-slow", handler: handler)
+        defer { task.cancel() }
+        let result = try await fleet.engine.send(.facts(.init()), to: "i-slow", deadline: .milliseconds(300))
+        // The agent enforces the relative deadline itself and says so.
+        #expect(result.status.rpcCode == .deadlineExceeded)
+        #expect(result.status.reason == "deadline-exceeded")
+        #expect(handler.cancelled.withLock { $0.contains(1) })
+    }
+
+    @Test("cancelling the caller cancels the command on the agent")
+    func cancel() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let handler = ScriptedHandler { _ in .seconds(30) }
+        let (_, task) = try await fleet.connect("i-cancel", handler: handler)
+        defer { task.cancel() }
+        let call = Task { try await fleet.engine.send(.facts(.init()), to: "i-cancel", deadline: .seconds(20)) }
+        try await Task.sleep(for: .milliseconds(200))
+        call.cancel()
+        await #expect(throws: RPCError.self) { try await call.value }
+        try await waitUntil { handler.cancelled.withLock { $0.contains(1) } }
+    }
+
+    @Test("a dropped session fails its pending commands at once")
+    func droppedSessionFailsPending() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let handler = ScriptedHandler { _ in .seconds(60) }
+        let (_, task) = try await fleet.connect("i-drop", handler: handler)
+        let clock = ContinuousClock()
+        let call = Task { try await fleet.engine.send(.facts(.init()), to: "i-drop", deadline: .seconds(60)) }
+        try await Task.sleep(for: .milliseconds(200))
+        let dropped = clock.now
+        task.cancel()  // the agent goes away
+        do {
+            _ = try await call.value
+            Issue.record("the pending command succeeded after its session dropped")
+        } catch let error as RPCError {
+            #expect(error.code == .unavailable)
+            #expect(error.message.contains("session with i-drop ended"))
+        }
+        #expect(clock.now - dropped < .seconds(3))
+        await #expect(throws: EngineError.self) { try await fleet.engine.send(.facts(.init()), to: "i-drop") }
+    }
+
+    @Test("an unknown command is answered UNIMPLEMENTED and the session stays open")
+    func unknownCommand() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let (_, task) = try await fleet.connect("i-old")
+        defer { task.cancel() }
+        let freeze = try await fleet.engine.send(.freeze(.init()), to: "i-old", deadline: .seconds(5))
+        #expect(freeze.status.rpcCode == .unimplemented)
+        #expect(freeze.status.reason == "not-implemented")
+        // Still serving.
+        #expect(try await fleet.engine.facts(of: "i-old").osFamily == "linux")
+    }
+
+    @Test("the agent dials again after the engine restarts")
+    func reconnects() async throws {
+        let first = try await Fleet.start()
+        let port = first.address.port
+        let runner = try first.agent("i-back")
+        let task = Task { try await runner.run() }
+        defer { task.cancel() }
+        #expect(await first.engine.registry.waitFor(["i-back"], timeout: .seconds(10)).isEmpty)
+        await first.stop(keepFiles: true)
+        try await waitUntil { if case .connected = runner.phase { false } else { true } }
+
+        let second = try await Fleet.start(port: port, directory: first.directory)
+        defer { Task { await second.stop() } }
+        #expect(await second.engine.registry.waitFor(["i-back"], timeout: .seconds(10)).isEmpty)
+        try await waitUntil { runner.sessionsOpened == 2 }
+        #expect(try await second.engine.facts(of: "i-back").osFamily == "linux")
+    }
+
+    @Test("a second session for the same instance replaces the first")
+    func replaced() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let (_, task) = try await fleet.connect("i-twice")
+        defer { task.cancel() }
+        let firstID = try #require(await fleet.engine.registry.session(for: "i-twice")).sessionID
+        let second = try fleet.agent("i-twice")
+        let secondTask = Task { await second.runSession() }
+        defer { secondTask.cancel() }
+        try await waitUntil { await fleet.engine.registry.session(for: "i-twice")?.sessionID != firstID }
+        #expect(await fleet.endReasons().contains { $0.contains("replaced by a new session") })
+    }
+
+    @Test("the admin socket is mode 0600 and lists the agents")
+    func adminSocket() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let (_, task) = try await fleet.connect("i-listed")
+        defer { task.cancel() }
+        var info = stat()
+        #expect(stat(fleet.directory + "/admin.sock", &info) == 0)
+        #expect(info.st_mode & 0o777 == 0o600)
+        #expect(info.st_mode & S_IFMT == S_IFSOCK)
+
+        let agents = try await withGRPCClient(transport: SecureTransports.adminDialer(socketPath: fleet.directory + "/admin.sock")) {
+            try await Quiesce_Admin_V1_Admin.Client(wrapping: $0).listAgents(.init()).agents
+        }
+        #expect(agents.map(\.instanceID) == ["i-listed"])
+        #expect(agents.first?.protocolVersion == "1.0")
+    }
+}
+
+/// Polls `condition` every 20 ms for up to `timeout`.
+func waitUntil(timeout: Duration = .seconds(10), _ condition: @Sendable () async throws -> Bool) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    throw TestFailure("condition not met within \(timeout)")
+}
