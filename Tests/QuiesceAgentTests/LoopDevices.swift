@@ -1,0 +1,82 @@
+import Foundation
+
+/// Real filesystems on loop devices for tests (root only). Everything made is
+/// undone by `cleanUp()`, which tests call from `defer`, so a failing test
+/// leaves no mount or loop device behind.
+final class LoopDevices: @unchecked Sendable {
+    let directory: String
+    private var mounts: [String] = []
+    private var devices: [String] = []
+
+    static var available: Bool { getuid() == 0 }
+
+    init() throws {
+        self.directory = FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-loop-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
+    }
+
+    /// Makes an image with `fsType` and mounts it at `name` under the scratch directory.
+    @discardableResult
+    func mount(_ name: String, fsType: String, sizeMiB: Int, options: [String] = []) throws -> (mountPoint: String, device: String) {
+        let image = "\(self.directory)/\(name).img"
+        let mountPoint = "\(self.directory)/\(name)"
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        try run("truncate", "-s", "\(sizeMiB)M", image)
+        switch fsType {
+        case "xfs": try run("mkfs.xfs", "-q", "-f", image)
+        default: try run("mkfs.\(fsType)", "-q", "-F", image)
+        }
+        let device = try run("losetup", "--find", "--show", image).trimmingCharacters(in: .whitespacesAndNewlines)
+        self.devices.append(device)
+        try run("mount", options.isEmpty ? [] : ["-o", options.joined(separator: ",")], device, mountPoint)
+        self.mounts.append(mountPoint)
+        return (mountPoint, device)
+    }
+
+    func bind(_ source: String, at name: String) throws -> String {
+        let target = "\(self.directory)/\(name)"
+        try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
+        try run("mount", "--bind", source, target)
+        self.mounts.append(target)
+        return target
+    }
+
+    func tmpfs(at name: String) throws -> String {
+        let target = "\(self.directory)/\(name)"
+        try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
+        try run("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", target)
+        self.mounts.append(target)
+        return target
+    }
+
+    func cleanUp() {
+        for mount in self.mounts.reversed() { _ = try? run("umount", "-l", mount) }
+        for device in self.devices.reversed() { _ = try? run("losetup", "-d", device) }
+        self.mounts = []
+        self.devices = []
+        try? FileManager.default.removeItem(atPath: self.directory)
+    }
+}
+
+@discardableResult
+func run(_ arguments: Any...) throws -> String {
+    let flat = arguments.flatMap { ($0 as? [String]) ?? [String(describing: $0)] }
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = flat
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    let data = output.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    let text = String(decoding: data, as: UTF8.self)
+    guard process.terminationStatus == 0 else {
+        throw CommandFailed(description: "\(flat.joined(separator: " ")) exited \(process.terminationStatus): \(text)")
+    }
+    return text
+}
+
+struct CommandFailed: Error, CustomStringConvertible {
+    var description: String
+}
