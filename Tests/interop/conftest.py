@@ -1,0 +1,109 @@
+"""Fixtures for interop tests: the built binaries, Python stubs generated from
+proto/ with stock grpcio-tools, and a running `quiesce serve` with its own CA."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def bin_dir():
+    path = os.environ.get("QUIESCE_BIN")
+    if not path:
+        path = subprocess.check_output(["swift", "build", "--show-bin-path"], cwd=ROOT, text=True).strip()
+    for name in ("quiesce", "quiesce-agent"):
+        if not os.access(os.path.join(path, name), os.X_OK):
+            pytest.fail(f"{name} is not built in {path}; run `swift build` first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stubs():
+    """Generates Python modules from proto/ exactly as a third party would."""
+    out = tempfile.mkdtemp(prefix="quiesce-pystubs-")
+    protos = []
+    for base, _, files in os.walk(os.path.join(ROOT, "proto")):
+        protos += [os.path.relpath(os.path.join(base, f), os.path.join(ROOT, "proto")) for f in files if f.endswith(".proto")]
+    subprocess.check_call(
+        [sys.executable, "-m", "grpc_tools.protoc", "--proto_path=proto", f"--python_out={out}", f"--grpc_python_out={out}", *sorted(protos)],
+        cwd=ROOT,
+    )
+    sys.path.insert(0, out)
+    from quiesce.agent.v1 import actions_pb2, session_pb2, session_pb2_grpc  # noqa: E402
+
+    class Stubs:
+        pass
+
+    s = Stubs()
+    s.session_pb2, s.session_pb2_grpc, s.actions_pb2 = session_pb2, session_pb2_grpc, actions_pb2
+    return s
+
+
+class Engine:
+    def __init__(self, bin_dir, workdir):
+        self.bin_dir = bin_dir
+        self.dir = workdir
+        self.ca_dir = os.path.join(workdir, "ca")
+        self.socket = os.path.join(workdir, "admin.sock")
+        self.quiesce(["ca", "init", "--dir", self.ca_dir, "--ip", "127.0.0.1"])
+        self.log = open(os.path.join(workdir, "engine.log"), "w+")
+        self.proc = subprocess.Popen(
+            [os.path.join(bin_dir, "quiesce"), "serve", "--listen", "127.0.0.1:0", "--ca-dir", self.ca_dir, "--admin-socket", self.socket],
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"engine did not start: {line!r}\n{self.logs()}")
+        self.port = int(match.group(1))
+
+    def quiesce(self, args, check=True):
+        return subprocess.run([os.path.join(self.bin_dir, "quiesce"), *args], capture_output=True, text=True, check=check,
+                              env={**os.environ, "QUIESCE_ADMIN_SOCKET": os.path.join(self.dir, "admin.sock")}, timeout=60)
+
+    def issue_agent(self, instance_id):
+        self.quiesce(["ca", "issue", "--agent", instance_id, "--dir", self.ca_dir])
+        base = os.path.join(self.ca_dir, "agents", instance_id)
+        return base + ".pem", base + ".key"
+
+    def read(self, path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    def logs(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def engine(bin_dir, tmp_path):
+    e = Engine(bin_dir, str(tmp_path))
+    yield e
+    e.stop()
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
