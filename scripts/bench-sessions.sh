@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Connects N agents (one process holding N real mutual-TLS sessions) to one
+# engine process and prints connect time, engine memory and engine CPU.
+#
+#   scripts/bench-sessions.sh            release build, 200 sessions, 10 s hold
+#   scripts/bench-sessions.sh --quick    debug build, 20 sessions, 2 s hold (CI smoke pass)
+#   COUNT=500 HOLD=30 scripts/bench-sessions.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+config=release; count=${COUNT:-200}; hold=${HOLD:-10}
+if [ "${1:-}" = "--quick" ]; then config=debug; count=${COUNT:-20}; hold=${HOLD:-2}; fi
+
+swift build -c "$config" --product quiesce >/dev/null
+swift build -c "$config" --product quiesce-bench >/dev/null
+bin=$(swift build -c "$config" --show-bin-path)
+
+work=$(mktemp -d /tmp/quiesce-bench-sessions.XXXXXX)
+engine_pid=""; bench_pid=""
+cleanup() {
+  [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null || true
+  [ -n "$engine_pid" ] && kill "$engine_pid" 2>/dev/null && wait "$engine_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$bin/quiesce" ca init --dir "$work/ca" --ip 127.0.0.1 >/dev/null
+"$bin/quiesce" serve --listen 127.0.0.1:0 --ca-dir "$work/ca" --admin-socket "$work/admin.sock" --log-level error \
+  >"$work/engine.out" 2>"$work/engine.err" &
+engine_pid=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/engine.out" 2>/dev/null && break; sleep 0.1; done
+port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/engine.out" | grep -o '[0-9]*$') || { cat "$work/engine.err"; exit 1; }
+
+tck=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$engine_pid/stat"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$engine_pid/status"; }
+hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$engine_pid/status"; }
+
+# Issue the agents' certificates first, so signing is not part of the connect phase.
+"$bin/quiesce-bench" sessions --engine "127.0.0.1:$port" --ca-dir "$work/ca" --count "$count" --issue-only
+rss_idle=$(rss_kib); ticks0=$(cpu_ticks); t0=$(date +%s.%N)
+"$bin/quiesce-bench" sessions --engine "127.0.0.1:$port" --ca-dir "$work/ca" --count "$count" --hold "$hold" >"$work/bench.out" 2>"$work/bench.err" &
+bench_pid=$!
+for _ in $(seq 1200); do grep -q all_connected "$work/bench.out" 2>/dev/null && break; kill -0 "$bench_pid" 2>/dev/null || break; sleep 0.1; done
+grep -q all_connected "$work/bench.out" || { echo "bench-sessions: sessions did not come up"; cat "$work/bench.err"; exit 1; }
+ticks1=$(cpu_ticks); t1=$(date +%s.%N); rss_up=$(rss_kib)
+seen=$("$bin/quiesce" agents --admin-socket "$work/admin.sock" --output json | python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("agents", [])))')
+wait "$bench_pid"; bench_pid=""
+ticks2=$(cpu_ticks); t2=$(date +%s.%N); hwm=$(hwm_kib)
+held=$(grep '"held"' "$work/bench.out")
+[ "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["sessions"])' "$held")" = "$count" ] \
+  || { echo "bench-sessions: sessions dropped while held: $held"; exit 1; }
+
+python3 - "$count" "$hold" "$config" "$tck" "$rss_idle" "$rss_up" "$hwm" "$ticks0" "$ticks1" "$ticks2" "$t0" "$t1" "$t2" "$seen" "$work/bench.out" <<'PY'
+import json, sys
+count, hold, config, tck = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rss_idle, rss_up, hwm = (int(x) for x in sys.argv[5:8])
+ticks0, ticks1, ticks2 = (int(x) for x in sys.argv[8:11])
+t0, t1, t2 = (float(x) for x in sys.argv[11:14])
+seen = int(sys.argv[14])
+lines = [json.loads(l) for l in open(sys.argv[15])]
+up = next(l for l in lines if l["event"] == "all_connected")
+rows = [
+    ("sessions (engine's count)", f"{seen} of {count}"),
+    ("connect p50", f"{up['connect_p50_ms']:.1f} ms"),
+    ("connect p99", f"{up['connect_p99_ms']:.1f} ms"),
+    ("connect max", f"{up['connect_max_ms']:.1f} ms"),
+    ("all connected after", f"{up['all_connected_ms']:.0f} ms"),
+    ("engine RSS idle", f"{rss_idle / 1024:.1f} MiB"),
+    ("engine RSS with sessions", f"{rss_up / 1024:.1f} MiB ({(rss_up - rss_idle) / max(count, 1):.0f} KiB/session)"),
+    ("engine peak RSS", f"{hwm / 1024:.1f} MiB"),
+    ("engine CPU, connect phase", f"{(ticks1 - ticks0) / tck:.2f} s over {t1 - t0:.1f} s"),
+    ("engine CPU, holding", f"{100 * (ticks2 - ticks1) / tck / max(t2 - t1, 1e-9):.1f} % of a core over {t2 - t1:.1f} s"),
+]
+width = max(len(r[0]) for r in rows)
+print(f"bench-sessions: {count} mutual-TLS agent sessions, one engine, {config} build")
+print(f"{'METRIC'.ljust(width)}   VALUE")
+for name, value in rows:
+    print(f"{name.ljust(width)}   {value}")
+PY
