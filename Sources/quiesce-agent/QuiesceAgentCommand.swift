@@ -16,7 +16,7 @@ struct QuiesceAgentCommand: AsyncParsableCommand {
             The agent opens one mutual-TLS session to the engine and answers its \
             commands; it needs no inbound port.
 
-            Exit codes: 0 success; 1 failure; 2 bad usage or input.
+            Exit codes: 0 success; 1 failure; 64 bad usage (EX_USAGE).
             """,
         version: QuiesceVersion.software,
         subcommands: [Run.self, Facts.self]
@@ -41,17 +41,21 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
-    func run() async throws {
-        guard let level = Logger.Level(rawValue: self.logLevel) else {
-            throw ValidationError("expected a log level (trace … critical), found \"\(self.logLevel)\"")
+    func validate() throws {
+        guard Logger.Level(rawValue: self.logLevel) != nil else {
+            throw ValidationError("expected a log level (trace, debug, info, notice, warning, error, critical), found \"\(self.logLevel)\"")
         }
+        do { _ = try ListenAddress(parsing: self.engine) } catch { throw ValidationError("--engine: \(error)") }
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: self.logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
-        let engine: ListenAddress
-        do { engine = try ListenAddress(parsing: self.engine) } catch { throw ValidationError("--engine: \(error)") }
+        let engine = try ListenAddress(parsing: self.engine)
         let runner = AgentRunner(configuration: AgentConfiguration(
             engine: engine,
             identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),

@@ -14,7 +14,7 @@ struct Quiesce: AsyncParsableCommand {
 
             Start here:  quiesce demo        (a local fleet on loopback, no set-up)
 
-            Exit codes: 0 success; 1 the operation failed; 2 bad usage or input; \
+            Exit codes: 0 success; 1 the operation failed; 64 bad usage (EX_USAGE); \
             69 the engine could not be reached.
             """,
         version: QuiesceVersion.software,
@@ -37,10 +37,14 @@ struct LogOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
-    func bootstrap() throws {
-        guard let level = Logger.Level(rawValue: self.logLevel) else {
+    func validate() throws {
+        guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("expected a log level (trace, debug, info, notice, warning, error, critical), found \"\(self.logLevel)\"")
         }
+    }
+
+    func bootstrap() throws {
+        let level = Logger.Level(rawValue: self.logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
@@ -51,7 +55,6 @@ struct LogOptions: ParsableArguments {
 
 enum ExitStatus {
     static let failure = ExitCode(1)
-    static let usage = ExitCode(2)
     static let unavailable = ExitCode(69)
 }
 

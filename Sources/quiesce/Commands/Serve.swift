@@ -18,10 +18,13 @@ struct Serve: AsyncParsableCommand {
     @OptionGroup var admin: AdminOptions
     @OptionGroup var log: LogOptions
 
+    func validate() throws {
+        do { _ = try ListenAddress(parsing: self.listen) } catch { throw ValidationError("--listen: \(error)") }
+    }
+
     func run() async throws {
         try self.log.bootstrap()
-        let listen: ListenAddress
-        do { listen = try ListenAddress(parsing: self.listen) } catch { throw ValidationError("--listen: \(error)") }
+        let listen = try ListenAddress(parsing: self.listen)
         let ca = CADirectory(path: self.caDir ?? defaultStateDirectory() + "/ca")
         let engine: Engine
         do {

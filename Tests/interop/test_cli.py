@@ -1,0 +1,75 @@
+"""The command-line tools as an operator uses them: the demo, exit codes, and
+errors that say what was expected and what was found."""
+import json
+import os
+import subprocess
+
+
+def run(bin_dir, *args, env=None):
+    return subprocess.run([os.path.join(bin_dir, args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_demo_prints_the_fleet_as_json(bin_dir):
+    result = run(bin_dir, "quiesce", "demo", "--agents", "3", "--output", "json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [a["instance_id"] for a in report["agents"]] == ["demo-1", "demo-2", "demo-3"]
+    for agent in report["agents"]:
+        assert agent["facts"]["os_family"] == "linux"
+        assert any(m["mount_point"] == "/" for m in agent["facts"]["mounts"])
+    assert "all 3 agents connected" in result.stderr  # progress goes to stderr
+
+
+def test_demo_table_and_cleanup(bin_dir, tmp_path):
+    result = run(bin_dir, "quiesce", "demo", "--agents", "2", env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "INSTANCE" in result.stdout and "demo-2" in result.stdout and "eligible" in result.stdout
+    assert os.listdir(tmp_path) == [], "the demo left files behind"
+
+
+def test_unreachable_engine_exits_69(bin_dir, tmp_path):
+    result = run(bin_dir, "quiesce", "agents", "--admin-socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 69
+    assert "is `quiesce serve` running?" in result.stderr
+
+
+def test_usage_errors_exit_64_and_say_what_was_expected(bin_dir, tmp_path):
+    result = run(bin_dir, "quiesce", "serve", "--listen", "nonsense", "--ca-dir", str(tmp_path))
+    assert result.returncode == 64, result.stderr
+    assert 'expected HOST:PORT' in result.stderr and '"nonsense"' in result.stderr
+    assert "quiesce serve" in result.stderr  # the usage shown is the subcommand's
+    result = run(bin_dir, "quiesce", "ca", "issue", "--dir", str(tmp_path))
+    assert result.returncode == 64, result.stderr
+    assert "exactly one of --agent ID or --operator NAME" in result.stderr
+    result = run(bin_dir, "quiesce", "demo", "--agents", "0")
+    assert result.returncode == 64, result.stderr
+
+
+def test_ca_errors_name_the_problem(bin_dir, tmp_path):
+    ca = str(tmp_path / "ca")
+    assert run(bin_dir, "quiesce", "ca", "init", "--dir", ca).returncode == 0
+    assert oct(os.stat(os.path.join(ca, "ca.key")).st_mode & 0o777) == "0o600"
+    again = run(bin_dir, "quiesce", "ca", "init", "--dir", ca)
+    assert again.returncode == 1 and "a CA already exists here; pass --force" in again.stderr
+    bad = run(bin_dir, "quiesce", "ca", "issue", "--agent", "../../etc/x", "--dir", ca)
+    assert bad.returncode == 1 and 'found "../../etc/x"' in bad.stderr
+    with open(os.path.join(ca, "engine.pem"), "w") as f:
+        f.write("not a certificate\n")
+    serve = run(bin_dir, "quiesce", "serve", "--listen", "127.0.0.1:0", "--ca-dir", ca, "--admin-socket", str(tmp_path / "a.sock"))
+    assert serve.returncode == 1
+    assert "engine.pem: expected a PEM certificate" in serve.stderr and '"not a certificate"' in serve.stderr
+
+
+def test_agent_facts_without_an_engine(bin_dir):
+    result = run(bin_dir, "quiesce-agent", "facts", "--output", "json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["os_family"] == "linux" and facts["mounts"]
+
+
+def test_help_reads_well(bin_dir):
+    result = run(bin_dir, "quiesce", "--help")
+    assert result.returncode == 0
+    for word in ("demo", "serve", "agents", "facts", "ca", "Exit codes"):
+        assert word in result.stdout
