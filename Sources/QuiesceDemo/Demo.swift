@@ -92,14 +92,7 @@ public struct Demo: Sendable {
         var text = "Fleet (\(rows.count) agents, sessions over mutual TLS, \(String(format: "%.2f", elapsed.timeInterval)) s)\n\n"
         text += fleet.render() + "\n"
         if let (session, facts) = rows.first {
-            var mounts = TextTable(headers: ["MOUNT", "TYPE", "DEVICE", "SIZE", "MODE", "FREEZE"])
-            for mount in facts.mounts {
-                mounts.append([
-                    mount.mountPoint, mount.fsType, mount.device, formatBytes(mount.sizeBytes),
-                    mount.readOnly ? "ro" : "rw", mount.freezable ? "eligible" : mount.notFreezableReason,
-                ])
-            }
-            text += "\nMounts reported by \(session.instanceID) (\(facts.hostname)):\n\n" + mounts.render() + "\n"
+            text += "\nMounts reported by \(session.instanceID) (\(facts.hostname)):\n\n" + facts.mountTable() + "\n"
         }
         return text
     }

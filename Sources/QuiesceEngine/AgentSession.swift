@@ -105,6 +105,12 @@ public final class AgentSession: Sendable {
                     continuation.resume(throwing: closed)
                     return
                 }
+                // Cancelled before the continuation was registered: onCancel found nothing to fail.
+                if Task.isCancelled {
+                    self.fail(id, RPCError(code: .cancelled, message: "\(action.name) on \(self.instanceID) was cancelled"),
+                              cancelReason: "cancelled by the engine", notifyAgent: false)
+                    return
+                }
                 let timer = Task { [weak self] in
                     try? await Task.sleep(for: deadline + grace)
                     guard !Task.isCancelled, let self else { return }
@@ -127,10 +133,11 @@ public final class AgentSession: Sendable {
     }
 
     /// Fails a pending command locally and tells the agent to stop working on it.
-    private func fail(_ id: UInt64, _ error: RPCError, cancelReason: String) {
+    private func fail(_ id: UInt64, _ error: RPCError, cancelReason: String, notifyAgent: Bool = true) {
         guard let pending = self.state.withLock({ $0.pending.removeValue(forKey: id) }) else { return }
         pending.timer?.cancel()
         pending.continuation.resume(throwing: error)
+        guard notifyAgent else { return }
         var message = EngineMessage()
         message.cancel.commandID = id
         message.cancel.reason = cancelReason

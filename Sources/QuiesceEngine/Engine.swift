@@ -91,7 +91,10 @@ public final class Engine: Sendable {
             state.shutdownActions = [agentServer.beginGracefulShutdown, { adminServer?.beginGracefulShutdown() }]
             return false
         }
-        if stopNow { return }
+        if stopNow {
+            self.publish(.failure(EngineError.stopped))
+            return
+        }
 
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await agentServer.serve() }

@@ -100,14 +100,7 @@ struct Facts: AsyncParsableCommand {
             print(try facts.jsonString(options: options))
             return
         }
-        print("\(facts.osName), kernel \(facts.kernelRelease) \(facts.architecture), host \(facts.hostname)\n")
-        var table = TextTable(headers: ["MOUNT", "TYPE", "DEVICE", "SIZE", "MODE", "FREEZE"])
-        for mount in facts.mounts {
-            table.append([
-                mount.mountPoint, mount.fsType, mount.device, formatBytes(mount.sizeBytes),
-                mount.readOnly ? "ro" : "rw", mount.freezable ? "eligible" : mount.notFreezableReason,
-            ])
-        }
-        print(table.render())
+        print(facts.summary + "\n")
+        print(facts.mountTable())
     }
 }

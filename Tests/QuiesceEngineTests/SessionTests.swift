@@ -79,6 +79,34 @@ struct SessionTests {
         try await waitUntil { handler.cancelled.withLock { $0.contains(1) } }
     }
 
+    @Test("a caller that is already cancelled fails at once, not at its deadline")
+    func cancelledBeforeSending() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let (_, task) = try await fleet.connect("i-early", handler: ScriptedHandler { _ in .seconds(30) })
+        defer { task.cancel() }
+        let clock = ContinuousClock()
+        let start = clock.now
+        let call = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            return try await fleet.engine.send(.facts(.init()), to: "i-early", deadline: .seconds(20))
+        }
+        await #expect(throws: RPCError.self) { try await call.value }
+        #expect(clock.now - start < .seconds(2))
+    }
+
+    @Test("an engine shut down before it ran says so instead of hanging")
+    func shutdownBeforeRun() async throws {
+        let fleet = try await Fleet.start()
+        defer { Task { await fleet.stop() } }
+        let engine = try Engine(configuration: EngineConfiguration(
+            listen: ListenAddress(host: .ipv4("127.0.0.1"), port: 0), identity: fleet.ca.engineFiles,
+            adminSocketPath: nil, limits: .defaults))
+        engine.shutdown()
+        try await engine.run()
+        await #expect(throws: EngineError.self) { try await engine.listeningAddress() }
+    }
+
     @Test("a dropped session fails its pending commands at once")
     func droppedSessionFailsPending() async throws {
         let fleet = try await Fleet.start()

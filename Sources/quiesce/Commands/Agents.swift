@@ -63,15 +63,8 @@ struct FactsCommand: AsyncParsableCommand {
         case .json:
             print(try facts.jsonString(options: jsonOptions))
         case .table:
-            print("\(self.instance): \(facts.osName), kernel \(facts.kernelRelease) \(facts.architecture), host \(facts.hostname), \(facts.cpuCount) CPUs, \(formatBytes(facts.memoryBytes))\n")
-            var table = TextTable(headers: ["MOUNT", "TYPE", "DEVICE", "SIZE", "FREE", "MODE", "FREEZE"])
-            for mount in facts.mounts {
-                table.append([
-                    mount.mountPoint, mount.fsType, mount.device, formatBytes(mount.sizeBytes), formatBytes(mount.availableBytes),
-                    mount.readOnly ? "ro" : "rw", mount.freezable ? "eligible" : mount.notFreezableReason,
-                ])
-            }
-            print(table.render())
+            print("\(self.instance): \(facts.summary)\n")
+            print(facts.mountTable())
         }
     }
 }
