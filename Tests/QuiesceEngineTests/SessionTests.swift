@@ -171,7 +171,8 @@ struct SessionTests {
         let secondTask = Task { await second.runSession() }
         defer { secondTask.cancel() }
         try await waitUntil { await fleet.engine.registry.session(for: "i-twice")?.sessionID != firstID }
-        #expect(await fleet.endReasons().contains { $0.contains("replaced by a new session") })
+        // The replaced session's handler records its end after the new one registers.
+        try await waitUntil { await fleet.endReasons().contains { $0.contains("replaced by a new session") } }
     }
 
     @Test("the admin socket is mode 0600 and lists the agents")
