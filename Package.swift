@@ -36,6 +36,13 @@ let package = Package(
             ],
             exclude: ["MANIFEST"]
         ),
+        // Linux calls Swift cannot name directly (FICLONE, FIFREEZE, SEEK_DATA …).
+        .target(name: "CQuiesceLinux"),
+        // The `local` snapshot provider: disk images in a pool, reflink or sparse copy.
+        .target(
+            name: "QuiesceLocalProvider",
+            dependencies: ["QuiesceCore", "CQuiesceLinux", .product(name: "Crypto", package: "swift-crypto")]
+        ),
         // The engine's CA: key pairs, certificates, on-disk layout.
         .target(
             name: "QuiescePKI",
@@ -107,8 +114,11 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Real loop devices and filesystems for tests (root only).
+        .target(name: "QuiesceTestSupport", path: "Tests/Support"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
+        .testTarget(name: "QuiesceLocalProviderTests", dependencies: ["QuiesceCore", "QuiesceLocalProvider", "CQuiesceLinux", "QuiesceTestSupport"]),
         .testTarget(
             name: "QuiesceEngineTests",
             dependencies: [
@@ -119,7 +129,7 @@ let package = Package(
         ),
         .testTarget(
             name: "QuiesceAgentTests",
-            dependencies: ["QuiesceCore", "QuiesceProto", "QuiesceAgent"]
+            dependencies: ["QuiesceCore", "QuiesceProto", "QuiesceAgent", "QuiesceTestSupport"]
         ),
     ]
 )

@@ -1,4 +1,5 @@
 import Foundation
+import QuiesceTestSupport
 import QuiesceAgent
 import QuiesceProto
 import Testing

@@ -3,28 +3,28 @@ import Foundation
 /// Real filesystems on loop devices for tests (root only). Everything made is
 /// undone by `cleanUp()`, which tests call from `defer`, so a failing test
 /// leaves no mount or loop device behind.
-final class LoopDevices: @unchecked Sendable {
-    let directory: String
+public final class LoopDevices: @unchecked Sendable {
+    public let directory: String
     private var mounts: [String] = []
     private var devices: [String] = []
 
-    static var available: Bool { getuid() == 0 }
+    public static var available: Bool { getuid() == 0 }
 
-    init() throws {
+    public init() throws {
         self.directory = FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-loop-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
     }
 
     /// Makes an image with `fsType` and mounts it at `name` under the scratch directory.
     @discardableResult
-    func mount(_ name: String, fsType: String, sizeMiB: Int, options: [String] = []) throws -> (mountPoint: String, device: String) {
+    public func mount(_ name: String, fsType: String, sizeMiB: Int, options: [String] = [], mkfsOptions: [String] = []) throws -> (mountPoint: String, device: String) {
         let image = "\(self.directory)/\(name).img"
         let mountPoint = "\(self.directory)/\(name)"
         try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
         try run("truncate", "-s", "\(sizeMiB)M", image)
         switch fsType {
-        case "xfs": try run("mkfs.xfs", "-q", "-f", image)
-        default: try run("mkfs.\(fsType)", "-q", "-F", image)
+        case "xfs": try run("mkfs.xfs", "-q", "-f", mkfsOptions, image)
+        default: try run("mkfs.\(fsType)", "-q", "-F", mkfsOptions, image)
         }
         let device = try run("losetup", "--find", "--show", image).trimmingCharacters(in: .whitespacesAndNewlines)
         self.devices.append(device)
@@ -33,7 +33,7 @@ final class LoopDevices: @unchecked Sendable {
         return (mountPoint, device)
     }
 
-    func bind(_ source: String, at name: String) throws -> String {
+    public func bind(_ source: String, at name: String) throws -> String {
         let target = "\(self.directory)/\(name)"
         try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
         try run("mount", "--bind", source, target)
@@ -41,7 +41,7 @@ final class LoopDevices: @unchecked Sendable {
         return target
     }
 
-    func tmpfs(at name: String) throws -> String {
+    public func tmpfs(at name: String) throws -> String {
         let target = "\(self.directory)/\(name)"
         try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
         try run("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", target)
@@ -49,7 +49,7 @@ final class LoopDevices: @unchecked Sendable {
         return target
     }
 
-    func cleanUp() {
+    public func cleanUp() {
         for mount in self.mounts.reversed() { _ = try? run("umount", "-l", mount) }
         for device in self.devices.reversed() { _ = try? run("losetup", "-d", device) }
         self.mounts = []
@@ -58,8 +58,37 @@ final class LoopDevices: @unchecked Sendable {
     }
 }
 
+/// Attaches an existing image to a loop device (detached by `cleanUp`).
+extension LoopDevices {
+    public func attach(_ image: String) throws -> String {
+        let device = try run("losetup", "--find", "--show", image).trimmingCharacters(in: .whitespacesAndNewlines)
+        self.devices.append(device)
+        return device
+    }
+
+    public func detach(_ device: String) throws {
+        try run("losetup", "-d", device)
+        self.devices.removeAll { $0 == device }
+    }
+
+    public func mountDevice(_ device: String, at name: String, options: [String] = []) throws -> String {
+        let target = "\(self.directory)/\(name)"
+        try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
+        try run("mount", options.isEmpty ? [] : ["-o", options.joined(separator: ",")], device, target)
+        self.mounts.append(target)
+        return target
+    }
+
+    public func unmount(_ target: String) throws {
+        try run("umount", target)
+        self.mounts.removeAll { $0 == target }
+    }
+}
+
+/// Runs a command (arguments may be strings or arrays of strings) and returns
+/// its output; throws with the output when it exits non-zero.
 @discardableResult
-func run(_ arguments: Any...) throws -> String {
+public func run(_ arguments: Any...) throws -> String {
     let flat = arguments.flatMap { ($0 as? [String]) ?? [String(describing: $0)] }
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -77,6 +106,6 @@ func run(_ arguments: Any...) throws -> String {
     return text
 }
 
-struct CommandFailed: Error, CustomStringConvertible {
-    var description: String
+public struct CommandFailed: Error, CustomStringConvertible {
+    public var description: String
 }

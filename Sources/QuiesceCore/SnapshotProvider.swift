@@ -1,0 +1,164 @@
+import Foundation
+
+/// What a snapshot provider can do and how fast, so the coordinator can plan
+/// before anything is frozen.
+public struct ProviderCapabilities: Sendable, Hashable, Codable {
+    /// Most disks one group may hold.
+    public var maxDisksPerGroup: Int
+    /// Creates allowed in a burst, and sustained per second.
+    public var createBurst: Int
+    public var createsPerSecond: Double
+    /// True when the point in time is fixed by the time `createGroup` returns
+    /// (a local reflink); false when the cloud keeps copying after (EBS), which
+    /// still fixes the point in time at the call.
+    public var pointInTimeFixedOnReturn: Bool
+    /// True only when the provider itself makes a multi-disk group one point
+    /// in time (EBS multi-volume snapshots); false means it is one point in time
+    /// only while the guest is frozen across the whole create.
+    public var atomicMultiDiskGroup: Bool
+
+    public init(maxDisksPerGroup: Int, createBurst: Int, createsPerSecond: Double, pointInTimeFixedOnReturn: Bool, atomicMultiDiskGroup: Bool) {
+        self.maxDisksPerGroup = maxDisksPerGroup
+        self.createBurst = createBurst
+        self.createsPerSecond = createsPerSecond
+        self.pointInTimeFixedOnReturn = pointInTimeFixedOnReturn
+        self.atomicMultiDiskGroup = atomicMultiDiskGroup
+    }
+}
+
+/// A request for one point-in-time group of disk snapshots.
+public struct CreateGroupRequest: Sendable, Hashable {
+    /// Provider disk ids (for `local`: image names in the pool's `disks/`).
+    public var disks: [String]
+    public var tags: [String: String]
+    /// Derived from the run and instance: a repeat with the same token returns
+    /// the existing group instead of making another (invariant 7).
+    public var idempotencyToken: String
+    public var description: String
+
+    public init(disks: [String], tags: [String: String] = [:], idempotencyToken: String, description: String = "") {
+        self.disks = disks
+        self.tags = tags
+        self.idempotencyToken = idempotencyToken
+        self.description = description
+    }
+}
+
+/// How a disk snapshot was made.
+public enum SnapshotMethod: String, Sendable, Codable, Hashable {
+    /// Shared extents (FICLONE): constant time, nothing copied.
+    case reflink
+    /// Data extents copied, holes kept (SEEK_DATA/SEEK_HOLE): time grows with data.
+    case sparseCopy = "sparse-copy"
+    /// Made by a cloud API.
+    case provider
+}
+
+public enum SnapshotState: String, Sendable, Codable, Hashable {
+    case pending, ready, failed
+}
+
+public struct DiskSnapshot: Sendable, Codable, Hashable {
+    public var diskID: String
+    public var snapshotID: String
+    public var sizeBytes: UInt64
+    /// Bytes actually holding data (the rest are holes).
+    public var dataBytes: UInt64
+    public var method: SnapshotMethod
+    /// Time to take this disk's snapshot, in microseconds.
+    public var durationUs: UInt64
+    /// Hex SHA-256 of the snapshot's content, recorded after the group was made
+    /// (never inside the freeze window); nil until then.
+    public var sha256: String?
+
+    public init(diskID: String, snapshotID: String, sizeBytes: UInt64, dataBytes: UInt64, method: SnapshotMethod, durationUs: UInt64, sha256: String? = nil) {
+        self.diskID = diskID
+        self.snapshotID = snapshotID
+        self.sizeBytes = sizeBytes
+        self.dataBytes = dataBytes
+        self.method = method
+        self.durationUs = durationUs
+        self.sha256 = sha256
+    }
+}
+
+public struct SnapshotGroup: Sendable, Codable, Hashable {
+    public var id: String
+    public var provider: String
+    public var idempotencyToken: String
+    public var description: String
+    public var tags: [String: String]
+    public var state: SnapshotState
+    public var createdAt: Date
+    /// Time from the first disk's snapshot starting to the last one finishing: the
+    /// part of a freeze window the provider is responsible for.
+    public var spanUs: UInt64
+    public var disks: [DiskSnapshot]
+
+    public init(id: String, provider: String, idempotencyToken: String, description: String, tags: [String: String],
+                state: SnapshotState, createdAt: Date, spanUs: UInt64, disks: [DiskSnapshot]) {
+        self.id = id
+        self.provider = provider
+        self.idempotencyToken = idempotencyToken
+        self.description = description
+        self.tags = tags
+        self.state = state
+        self.createdAt = createdAt
+        self.spanUs = spanUs
+        self.disks = disks
+    }
+}
+
+/// Where a restore puts the data.
+public enum RestoreTarget: Sendable, Hashable {
+    /// A new disk with this id.
+    case newDisk(String)
+    /// Over the original disk, which nothing may have attached.
+    case inPlace
+}
+
+/// Typed provider errors; the coordinator retries `throttled` and `transient`
+/// (with jitter, and never while frozen), and gives up on the rest.
+public enum ProviderError: Error, Sendable, Hashable, CustomStringConvertible {
+    case throttled(retryAfter: Duration?, detail: String)
+    case transient(String)
+    case notFound(String)
+    case conflict(String)
+    case permanent(String)
+
+    public var isRetryable: Bool {
+        switch self {
+        case .throttled, .transient: true
+        case .notFound, .conflict, .permanent: false
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .throttled(let after, let detail): "throttled\(after.map { " (retry after \($0))" } ?? ""): \(detail)"
+        case .transient(let detail): "transient: \(detail)"
+        case .notFound(let detail): "not found: \(detail)"
+        case .conflict(let detail): "conflict: \(detail)"
+        case .permanent(let detail): detail
+        }
+    }
+}
+
+/// A place snapshots are taken: a local pool, EC2, Alibaba ECS.
+public protocol SnapshotProvider: Sendable {
+    /// "local", "ec2", …
+    var kind: String { get }
+    var capabilities: ProviderCapabilities { get }
+
+    /// Snapshots every disk of `request` at one point in time (as far as the
+    /// provider can; see ``ProviderCapabilities/atomicMultiDiskGroup``).
+    func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup
+    /// Waits until every disk snapshot is usable.
+    func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup
+    func describe(_ groupID: String) async throws -> SnapshotGroup
+    /// Groups carrying every one of `tags` (all groups for an empty filter).
+    func list(tags: [String: String]) async throws -> [SnapshotGroup]
+    func delete(_ groupID: String) async throws
+    /// Restores one disk of a group; returns the id of the disk written.
+    func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String
+}

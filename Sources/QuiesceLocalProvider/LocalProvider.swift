@@ -1,0 +1,309 @@
+import CQuiesceLinux
+import Crypto
+import Foundation
+import QuiesceCore
+
+/// The `local` provider: disks are raw image files in a pool directory.
+///
+///     POOL/disks/NAME.img                       the disks (what loop devices attach)
+///     POOL/snapshots/GROUP/NAME.img             one clone per disk
+///     POOL/snapshots/GROUP/group.json           the group: disks, tags, token, times, checksums
+///
+/// A snapshot is a reflink clone (FICLONE) where the pool's filesystem can
+/// (XFS with reflink, btrfs), and a sparse copy elsewhere — which then falls
+/// inside the freeze window, so ``usesSlowPath`` says so. Each source image is
+/// fdatasync'd just before the clone, so the clone carries no page-cache
+/// write-back. A multi-disk group is one point in time only while the guest is
+/// frozen across the whole create.
+///
+/// `createGroup` does only what fixes the point in time; ``waitUntilReady(_:timeout:)``
+/// then makes the clones durable and records their checksums (state
+/// pending → ready), outside any freeze window.
+public struct LocalProvider: SnapshotProvider {
+    public let pool: String
+    public let kind = "local"
+    public let capabilities: ProviderCapabilities
+    /// False when this pool's filesystem cannot reflink.
+    public let reflinkSupported: Bool
+
+    public var disksDirectory: String { self.pool + "/disks" }
+    public var snapshotsDirectory: String { self.pool + "/snapshots" }
+
+    /// - Parameters:
+    ///   - pool: The pool directory (created if missing).
+    ///   - createBurst, createsPerSecond: The rate limits the provider declares
+    ///     (the coordinator's token bucket enforces them).
+    public init(pool: String, createBurst: Int = 20, createsPerSecond: Double = 50) throws {
+        self.pool = pool
+        for directory in [pool, pool + "/disks", pool + "/snapshots"] {
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            } catch {
+                throw ProviderError.permanent("local pool \(directory): cannot create: \(error)")
+            }
+        }
+        self.reflinkSupported = Self.probeReflink(in: pool)
+        self.capabilities = ProviderCapabilities(
+            maxDisksPerGroup: 64, createBurst: createBurst, createsPerSecond: createsPerSecond,
+            pointInTimeFixedOnReturn: true, atomicMultiDiskGroup: false)
+    }
+
+    /// True when snapshots here are full copies whose time grows with the data.
+    public var usesSlowPath: Bool { !self.reflinkSupported }
+
+    /// Path of a disk image by id; ids are plain names.
+    public func diskPath(_ id: String) throws -> String {
+        try Self.validateName(id, what: "disk id")
+        return "\(self.disksDirectory)/\(id).img"
+    }
+
+    public func snapshotPath(group: String, disk: String) -> String {
+        "\(self.snapshotsDirectory)/\(group)/\(disk).img"
+    }
+
+    /// The group id a token maps to: the same token always names the same group.
+    public static func groupID(forToken token: String) -> String {
+        "lg-" + SHA256.hash(data: Data(token.utf8)).prefix(10).map { String(format: "%02x", $0) }.joined()
+    }
+
+    // MARK: SnapshotProvider
+
+    public func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup {
+        let provider = self
+        return try await DedicatedThread.run(name: "quiesce-local-create") { try provider.createBlocking(request) }
+    }
+
+    func createBlocking(_ request: CreateGroupRequest) throws -> SnapshotGroup {
+        guard !request.disks.isEmpty else { throw ProviderError.permanent("a group needs at least one disk") }
+        guard request.disks.count <= self.capabilities.maxDisksPerGroup else {
+            throw ProviderError.permanent("a group holds at most \(self.capabilities.maxDisksPerGroup) disks, found \(request.disks.count)")
+        }
+        guard Set(request.disks).count == request.disks.count else {
+            throw ProviderError.permanent("a disk is listed twice in \(request.disks)")
+        }
+        guard !request.idempotencyToken.isEmpty else { throw ProviderError.permanent("an idempotency token is required") }
+        let id = Self.groupID(forToken: request.idempotencyToken)
+        let final = "\(self.snapshotsDirectory)/\(id)"
+        if let existing = try? self.readGroup(id) {
+            guard existing.idempotencyToken == request.idempotencyToken else {
+                throw ProviderError.conflict("group \(id) exists with another token")
+            }
+            return existing
+        }
+        // Open every source before the point in time, so a missing disk fails before anything is cloned.
+        var sources: [(id: String, fd: Int32)] = []
+        defer { for source in sources { close(source.fd) } }
+        for disk in request.disks {
+            let path = try self.diskPath(disk)
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw ImageFiles.posixError("open disk", path) }
+            sources.append((disk, fd))
+        }
+        let partial = "\(self.snapshotsDirectory)/.\(id).partial"
+        try? FileManager.default.removeItem(atPath: partial)
+        guard mkdir(partial, 0o700) == 0 else { throw ImageFiles.posixError("mkdir", partial) }
+
+        let clock = ContinuousClock()
+        let first = clock.now
+        var disks: [DiskSnapshot] = []
+        do {
+            for source in sources {
+                let began = clock.now
+                // Flush the image's dirty pages so the clone shares only settled extents.
+                guard fdatasync(source.fd) == 0 else { throw ImageFiles.posixError("fdatasync", source.id) }
+                let result = try ImageFiles.clone(
+                    source: source.fd, to: "\(partial)/\(source.id).img", allowReflink: self.reflinkSupported)
+                disks.append(DiskSnapshot(
+                    diskID: source.id, snapshotID: "\(id)/\(source.id)", sizeBytes: result.sizeBytes,
+                    dataBytes: result.dataBytes, method: result.method, durationUs: Self.micros(clock.now - began)))
+            }
+        } catch {
+            try? FileManager.default.removeItem(atPath: partial)
+            throw error
+        }
+        let group = SnapshotGroup(
+            id: id, provider: self.kind, idempotencyToken: request.idempotencyToken, description: request.description,
+            tags: request.tags, state: .pending, createdAt: Date(), spanUs: Self.micros(clock.now - first), disks: disks)
+        try self.writeGroup(group, directory: partial)
+        guard rename(partial, final) == 0 else {
+            try? FileManager.default.removeItem(atPath: partial)
+            throw ImageFiles.posixError("rename", final)
+        }
+        return group
+    }
+
+    public func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup {
+        let provider = self
+        return try await withDeadline(timeout) {
+            try await DedicatedThread.run(name: "quiesce-local-seal") { try provider.sealBlocking(groupID) }
+        }
+    }
+
+    /// Makes a pending group durable and records its checksums.
+    func sealBlocking(_ groupID: String) throws -> SnapshotGroup {
+        var group = try self.readGroup(groupID)
+        guard group.state == .pending else { return group }
+        for index in group.disks.indices {
+            let path = self.snapshotPath(group: groupID, disk: group.disks[index].diskID)
+            try ImageFiles.fsyncPath(path)
+            group.disks[index].sha256 = try ImageFiles.sparseDigest(path: path)
+        }
+        try ImageFiles.fsyncPath("\(self.snapshotsDirectory)/\(groupID)", directory: true)
+        group.state = .ready
+        try self.writeGroup(group, directory: "\(self.snapshotsDirectory)/\(groupID)")
+        return group
+    }
+
+    public func describe(_ groupID: String) async throws -> SnapshotGroup {
+        try self.readGroup(groupID)
+    }
+
+    public func list(tags: [String: String]) async throws -> [SnapshotGroup] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: self.snapshotsDirectory)) ?? []
+        return names.filter { !$0.hasPrefix(".") }.compactMap { try? self.readGroup($0) }
+            .filter { group in tags.allSatisfy { group.tags[$0.key] == $0.value } }
+            .sorted { ($0.createdAt, $0.id) < ($1.createdAt, $1.id) }
+    }
+
+    public func delete(_ groupID: String) async throws {
+        let group = try self.readGroup(groupID)
+        for disk in group.disks {
+            let path = self.snapshotPath(group: groupID, disk: disk.diskID)
+            let attached = ImageFiles.loopAttachments(of: path)
+            guard attached.isEmpty else {
+                throw ProviderError.conflict("snapshot \(path) is attached to \(attached.joined(separator: ", ")); detach it first")
+            }
+        }
+        do {
+            try FileManager.default.removeItem(atPath: "\(self.snapshotsDirectory)/\(groupID)")
+        } catch {
+            throw ProviderError.permanent("delete \(groupID): \(error)")
+        }
+    }
+
+    public func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String {
+        let provider = self
+        return try await DedicatedThread.run(name: "quiesce-local-restore") {
+            try provider.restoreBlocking(groupID, disk: disk, to: target)
+        }
+    }
+
+    func restoreBlocking(_ groupID: String, disk: String, to target: RestoreTarget) throws -> String {
+        let group = try self.readGroup(groupID)
+        guard group.disks.contains(where: { $0.diskID == disk }) else {
+            throw ProviderError.notFound("group \(groupID) has no disk \"\(disk)\"; it has \(group.disks.map(\.diskID).joined(separator: ", "))")
+        }
+        let source = self.snapshotPath(group: groupID, disk: disk)
+        let newID: String
+        switch target {
+        case .newDisk(let id):
+            newID = id
+            if FileManager.default.fileExists(atPath: try self.diskPath(id)) {
+                throw ProviderError.conflict("disk \"\(id)\" already exists; choose another name or restore in place")
+            }
+        case .inPlace:
+            newID = disk
+            let path = try self.diskPath(disk)
+            let attached = ImageFiles.loopAttachments(of: path)
+            guard attached.isEmpty else {
+                throw ProviderError.conflict(
+                    "disk \"\(disk)\" is attached to \(attached.joined(separator: ", ")) (mounted or in use); unmount and detach it before restoring in place")
+            }
+        }
+        let destination = try self.diskPath(newID)
+        let temporary = "\(self.disksDirectory)/.\(newID).restore-\(getpid())"
+        unlink(temporary)
+        let fd = open(source, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw ImageFiles.posixError("open snapshot", source) }
+        defer { close(fd) }
+        do {
+            _ = try ImageFiles.clone(source: fd, to: temporary, allowReflink: self.reflinkSupported)
+            try ImageFiles.fsyncPath(temporary)
+            guard rename(temporary, destination) == 0 else { throw ImageFiles.posixError("rename", destination) }
+            try ImageFiles.fsyncPath(self.disksDirectory, directory: true)
+        } catch {
+            unlink(temporary)
+            throw error
+        }
+        return newID
+    }
+
+    /// Recomputes each disk snapshot's checksum and compares it with the one
+    /// recorded when the group was sealed.
+    public func verify(_ groupID: String) async throws -> [(disk: String, recorded: String?, actual: String)] {
+        let provider = self
+        return try await DedicatedThread.run(name: "quiesce-local-verify") {
+            let group = try provider.readGroup(groupID)
+            return try group.disks.map { disk in
+                (disk.diskID, disk.sha256, try ImageFiles.sparseDigest(path: provider.snapshotPath(group: groupID, disk: disk.diskID)))
+            }
+        }
+    }
+
+    // MARK: files
+
+    func readGroup(_ id: String) throws -> SnapshotGroup {
+        try Self.validateName(id, what: "group id")
+        let path = "\(self.snapshotsDirectory)/\(id)/group.json"
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ProviderError.notFound("no snapshot group \"\(id)\" in \(self.snapshotsDirectory)")
+        }
+        do {
+            return try Self.decoder.decode(SnapshotGroup.self, from: data)
+        } catch {
+            throw ProviderError.permanent("\(path): expected a snapshot group (JSON), found something unreadable: \(error)")
+        }
+    }
+
+    func writeGroup(_ group: SnapshotGroup, directory: String) throws {
+        let path = directory + "/group.json"
+        let temporary = path + ".tmp"
+        do {
+            try Self.encoder.encode(group).write(to: URL(fileURLWithPath: temporary))
+            try ImageFiles.fsyncPath(temporary)
+        } catch let error as ProviderError {
+            throw error
+        } catch {
+            throw ProviderError.permanent("\(temporary): cannot write: \(error)")
+        }
+        guard rename(temporary, path) == 0 else { throw ImageFiles.posixError("rename", path) }
+        try ImageFiles.fsyncPath(directory, directory: true)
+    }
+
+    static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        return encoder
+    }()
+
+    static let decoder: JSONDecoder = {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return decoder
+    }()
+
+    static func validateName(_ value: String, what: String) throws {
+        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+        guard !value.isEmpty, value.count <= 128, !value.hasPrefix("."), value.allSatisfy(allowed.contains) else {
+            throw ProviderError.permanent("expected a \(what) of 1–128 characters from [A-Za-z0-9-_.] not starting with '.', found \"\(value)\"")
+        }
+    }
+
+    static func micros(_ duration: Duration) -> UInt64 { UInt64(max(duration.nanoseconds / 1000, 0)) }
+
+    /// Tries a reflink between two scratch files in the pool.
+    static func probeReflink(in pool: String) -> Bool {
+        let a = "\(pool)/.reflink-probe-\(getpid())-a"
+        let b = "\(pool)/.reflink-probe-\(getpid())-b"
+        defer { unlink(a); unlink(b) }
+        let source = open(a, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard source >= 0 else { return false }
+        defer { close(source) }
+        _ = "probe".withCString { write(source, $0, 5) }
+        let target = open(b, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard target >= 0 else { return false }
+        defer { close(target) }
+        return quiesce_ficlone(target, source) == 0
+    }
+}

@@ -1,0 +1,183 @@
+import Foundation
+import QuiesceCore
+import QuiesceLocalProvider
+import QuiesceTestSupport
+import Testing
+
+/// Writes `count` bytes of random data at `offset` of `path` (the rest stays a hole).
+func writeRandom(_ path: String, offset: Int, count: Int) throws {
+    let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+    defer { try? handle.close() }
+    try handle.seek(toOffset: UInt64(offset))
+    let random = try FileHandle(forReadingFrom: URL(fileURLWithPath: "/dev/urandom"))
+    defer { try? random.close() }
+    try handle.write(contentsOf: try random.read(upToCount: count) ?? Data())
+}
+
+/// A 64 MiB sparse disk image with 8 MiB of data in two extents.
+func makeDisk(_ provider: LocalProvider, _ id: String) throws -> String {
+    let path = try provider.diskPath(id)
+    FileManager.default.createFile(atPath: path, contents: nil)
+    try run("truncate", "-s", "64M", path)
+    try writeRandom(path, offset: 0, count: 4 << 20)
+    try writeRandom(path, offset: 32 << 20, count: 4 << 20)
+    return path
+}
+
+func sameBytes(_ a: String, _ b: String) -> Bool { (try? run("cmp", "-s", a, b)) != nil }
+
+func allocatedBytes(_ path: String) -> UInt64 {
+    var info = stat()
+    stat(path, &info)
+    return UInt64(info.st_blocks) * 512
+}
+
+@Suite("Local provider", .enabled(if: LoopDevices.available, "needs root for loop devices"), .serialized)
+struct LocalProviderTests {
+    /// Exercises one pool end to end; `expected` is the method its filesystem allows.
+    func exercise(pool: String, expected: SnapshotMethod, loops: LoopDevices) async throws {
+        let provider = try LocalProvider(pool: pool)
+        #expect(provider.reflinkSupported == (expected == .reflink))
+        #expect(provider.usesSlowPath == (expected == .sparseCopy))
+        #expect(provider.capabilities.pointInTimeFixedOnReturn && !provider.capabilities.atomicMultiDiskGroup)
+        let root = try makeDisk(provider, "root")
+        let data = try makeDisk(provider, "data")
+
+        let request = CreateGroupRequest(disks: ["root", "data"], tags: ["instance": "i-1", "level": "FsConsistent"], idempotencyToken: "run-1/i-1")
+        let group = try await provider.createGroup(request)
+        #expect(group.state == .pending)
+        #expect(group.disks.map(\.diskID) == ["root", "data"])
+        #expect(group.disks.allSatisfy { $0.method == expected && $0.sizeBytes == 64 << 20 && $0.dataBytes == 8 << 20 })
+        let rootSnapshot = provider.snapshotPath(group: group.id, disk: "root")
+        #expect(sameBytes(root, rootSnapshot))
+        #expect(sameBytes(data, provider.snapshotPath(group: group.id, disk: "data")))
+        #expect(allocatedBytes(rootSnapshot) < 16 << 20, "holes must stay holes")
+
+        // Ready: durable, with checksums; verify agrees.
+        let ready = try await provider.waitUntilReady(group.id, timeout: .seconds(60))
+        #expect(ready.state == .ready)
+        #expect(ready.disks.allSatisfy { $0.sha256?.count == 64 })
+        #expect(try await provider.verify(group.id).allSatisfy { $0.recorded == $0.actual })
+
+        // The snapshot is a point in time: later writes to the disk do not reach it.
+        try writeRandom(root, offset: 8 << 20, count: 1 << 20)
+        #expect(!sameBytes(root, rootSnapshot))
+        #expect(try await provider.verify(group.id).allSatisfy { $0.recorded == $0.actual })
+
+        // Idempotent: the same token returns the same group and makes nothing new.
+        let again = try await provider.createGroup(request)
+        #expect(again.id == group.id && again.state == .ready)
+        #expect(try await provider.list(tags: [:]).count == 1)
+        #expect(try await provider.list(tags: ["instance": "i-1"]).map(\.id) == [group.id])
+        #expect(try await provider.list(tags: ["instance": "i-2"]).isEmpty)
+
+        // Restore as a new disk, then in place (refused while attached).
+        let restored = try await provider.restore(group.id, disk: "root", to: .newDisk("root-restored"))
+        #expect(sameBytes(try provider.diskPath(restored), rootSnapshot))
+        await #expect(throws: ProviderError.self) { try await provider.restore(group.id, disk: "root", to: .newDisk("root-restored")) }
+        let device = try loops.attach(root)
+        do {
+            _ = try await provider.restore(group.id, disk: "root", to: .inPlace)
+            Issue.record("restored in place over an attached disk")
+        } catch let error as ProviderError {
+            #expect(error.description.contains(device))
+        }
+        try loops.detach(device)
+        #expect(try await provider.restore(group.id, disk: "root", to: .inPlace) == "root")
+        #expect(sameBytes(root, rootSnapshot))
+
+        // A tampered snapshot fails verification.
+        try writeRandom(rootSnapshot, offset: 100, count: 16)
+        let results = try await provider.verify(group.id)
+        #expect(results.first { $0.disk == "root" }.map { $0.recorded != $0.actual } == true)
+        #expect(results.first { $0.disk == "data" }.map { $0.recorded == $0.actual } == true)
+
+        try await provider.delete(group.id)
+        #expect(try await provider.list(tags: [:]).isEmpty)
+        await #expect(throws: ProviderError.self) { try await provider.describe(group.id) }
+    }
+
+    @Test("an XFS reflink pool snapshots, verifies, restores and deletes by reflink")
+    func xfsReflinkPool() async throws {
+        let loops = try LoopDevices()
+        defer { loops.cleanUp() }
+        let pool = try loops.mount("pool", fsType: "xfs", sizeMiB: 512, mkfsOptions: ["-m", "reflink=1"])
+        try await self.exercise(pool: pool.mountPoint, expected: .reflink, loops: loops)
+    }
+
+    @Test("an ext4 pool takes the sparse-copy path and keeps holes")
+    func ext4CopyPool() async throws {
+        let loops = try LoopDevices()
+        defer { loops.cleanUp() }
+        let pool = try loops.mount("pool", fsType: "ext4", sizeMiB: 400)
+        try await self.exercise(pool: pool.mountPoint, expected: .sparseCopy, loops: loops)
+    }
+
+    @Test("bad requests get clear errors and leave nothing behind")
+    func badRequests() async throws {
+        let loops = try LoopDevices()
+        defer { loops.cleanUp() }
+        let provider = try LocalProvider(pool: loops.directory + "/plain-pool")
+        _ = try makeDisk(provider, "one")
+        for (request, text) in [
+            (CreateGroupRequest(disks: ["missing"], idempotencyToken: "t1"), "open disk"),
+            (CreateGroupRequest(disks: ["one", "one"], idempotencyToken: "t2"), "listed twice"),
+            (CreateGroupRequest(disks: ["../etc/passwd"], idempotencyToken: "t3"), "expected a disk id"),
+            (CreateGroupRequest(disks: [], idempotencyToken: "t4"), "at least one disk"),
+            (CreateGroupRequest(disks: ["one"], idempotencyToken: ""), "idempotency token"),
+        ] {
+            do {
+                _ = try await provider.createGroup(request)
+                Issue.record("accepted \(request)")
+            } catch let error as ProviderError {
+                #expect(error.description.contains(text), "\(error)")
+            }
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: provider.snapshotsDirectory).isEmpty)
+        await #expect(throws: ProviderError.self) { try await provider.restore("lg-nope", disk: "one", to: .inPlace) }
+    }
+}
+
+/// The check later work uses to test level claims: an ext4 image cloned while
+/// its filesystem is frozen has a clean journal; cloned while mounted and
+/// unfrozen, it needs recovery.
+@Suite("Honesty", .enabled(if: LoopDevices.available, "needs root for loop devices"))
+struct HonestyTests {
+    func needsRecovery(_ image: String) throws -> Bool {
+        let header = try run("dumpe2fs", "-h", image)
+        let features = header.split(separator: "\n").first { $0.hasPrefix("Filesystem features:") } ?? ""
+        return features.contains("needs_recovery")
+    }
+
+    @Test("an ext4 clone taken while frozen has no needs_recovery; one taken while written to has it")
+    func needsRecoveryFlag() async throws {
+        let loops = try LoopDevices()
+        defer { loops.cleanUp() }
+        let pool = try loops.mount("pool", fsType: "xfs", sizeMiB: 512, mkfsOptions: ["-m", "reflink=1"])
+        let provider = try LocalProvider(pool: pool.mountPoint)
+        let image = try provider.diskPath("guest")
+        FileManager.default.createFile(atPath: image, contents: nil)
+        try run("truncate", "-s", "96M", image)
+        try run("mkfs.ext4", "-q", "-F", image)
+        #expect(try !self.needsRecovery(image))
+        let device = try loops.attach(image)
+        let mountPoint = try loops.mountDevice(device, at: "guest")
+        FileManager.default.createFile(atPath: mountPoint + "/busy", contents: nil)
+        try writeRandom(mountPoint + "/busy", offset: 0, count: 8 << 20)
+
+        let unfrozen = try await provider.createGroup(CreateGroupRequest(disks: ["guest"], idempotencyToken: "unfrozen"))
+        #expect(try self.needsRecovery(provider.snapshotPath(group: unfrozen.id, disk: "guest")))
+
+        try run("fsfreeze", "--freeze", mountPoint)
+        let frozen: SnapshotGroup
+        do {
+            frozen = try await provider.createGroup(CreateGroupRequest(disks: ["guest"], idempotencyToken: "frozen"))
+            try run("fsfreeze", "--unfreeze", mountPoint)
+        } catch {
+            try? run("fsfreeze", "--unfreeze", mountPoint)
+            throw error
+        }
+        #expect(try !self.needsRecovery(provider.snapshotPath(group: frozen.id, disk: "guest")))
+        try loops.unmount(mountPoint)
+    }
+}
