@@ -109,7 +109,7 @@ let package = Package(
         .executableTarget(
             name: "quiesce-bench",
             dependencies: [
-                "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire",
+                "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire", "QuiesceLocalProvider",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

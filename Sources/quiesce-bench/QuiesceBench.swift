@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import QuiesceAgent
 import QuiesceCore
+import QuiesceLocalProvider
 import QuiescePKI
 import QuiesceWire
 
@@ -13,7 +14,7 @@ struct QuiesceBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quiesce-bench",
         abstract: "Load generators behind scripts/bench-*.sh.",
-        subcommands: [Sessions.self])
+        subcommands: [Sessions.self, Snapshot.self])
 }
 
 struct Sessions: AsyncParsableCommand {
@@ -88,6 +89,59 @@ struct Sessions: AsyncParsableCommand {
 
     func emit(_ object: [String: Any]) {
         let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+        FileHandle.standardOutput.write(data + Data("\n".utf8))
+    }
+}
+
+struct Snapshot: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Time local-provider snapshots of one sparse disk image.",
+        discussion: """
+            Makes POOL/disks/bench.img of --size-gib with --data-mib of random data in 64 extents (once), \
+            then times --runs group creates (one disk each), deleting each group after. Prints one JSON line.
+            """)
+
+    @Option(help: ArgumentHelp("The pool directory.", valueName: "dir"))
+    var pool: String
+    @Option(help: "Logical size of the image in GiB.")
+    var sizeGib = 1
+    @Option(help: "MiB of data in the image, spread over 64 extents.")
+    var dataMib = 64
+    @Option(help: "How many snapshots to time.")
+    var runs = 20
+
+    func run() async throws {
+        let provider = try LocalProvider(pool: self.pool)
+        let path = try provider.diskPath("bench")
+        let size = UInt64(self.sizeGib) << 30
+        if !FileManager.default.fileExists(atPath: path) {
+            FileManager.default.createFile(atPath: path, contents: nil)
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+            let random = try FileHandle(forReadingFrom: URL(fileURLWithPath: "/dev/urandom"))
+            let extent = (self.dataMib << 20) / 64
+            for index in 0..<64 {
+                try handle.seek(toOffset: UInt64(index) * (size / 64))
+                try handle.write(contentsOf: try random.read(upToCount: extent) ?? Data())
+            }
+            try handle.truncate(atOffset: size)
+            try handle.synchronize()
+            try handle.close()
+        }
+        var samples: [Double] = []
+        var method = ""
+        for run in 0..<self.runs {
+            let group = try await provider.createGroup(CreateGroupRequest(disks: ["bench"], idempotencyToken: "bench-\(getpid())-\(run)"))
+            samples.append(Double(group.spanUs) / 1000)
+            method = group.disks[0].method.rawValue
+            try await provider.delete(group.id)
+        }
+        samples.sort()
+        func percentile(_ p: Double) -> Double { samples[min(samples.count - 1, Int((Double(samples.count - 1) * p).rounded()))] }
+        let line: [String: Any] = [
+            "method": method, "size_gib": self.sizeGib, "data_mib": self.dataMib, "runs": self.runs,
+            "p50_ms": percentile(0.5), "p99_ms": percentile(0.99), "max_ms": samples.last ?? 0,
+        ]
+        let data = try JSONSerialization.data(withJSONObject: line, options: [.sortedKeys])
         FileHandle.standardOutput.write(data + Data("\n".utf8))
     }
 }
