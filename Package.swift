@@ -22,6 +22,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
     ],
     targets: [
         // Types, levels, versions and errors. No I/O.
@@ -42,6 +43,11 @@ let package = Package(
         .target(
             name: "QuiesceLocalProvider",
             dependencies: ["QuiesceCore", "CQuiesceLinux", .product(name: "Crypto", package: "swift-crypto")]
+        ),
+        // The catalog: every run, group, disk snapshot, level and reason (SQLite via GRDB).
+        .target(
+            name: "QuiesceCatalog",
+            dependencies: ["QuiesceCore", .product(name: "GRDB", package: "GRDB.swift")]
         ),
         // The engine's CA: key pairs, certificates, on-disk layout.
         .target(
@@ -109,7 +115,7 @@ let package = Package(
         .executableTarget(
             name: "quiesce-bench",
             dependencies: [
-                "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire", "QuiesceLocalProvider",
+                "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire", "QuiesceLocalProvider", "QuiesceCatalog",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -118,6 +124,7 @@ let package = Package(
         .target(name: "QuiesceTestSupport", path: "Tests/Support"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
+        .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCore", "QuiesceCatalog"]),
         .testTarget(name: "QuiesceLocalProviderTests", dependencies: ["QuiesceCore", "QuiesceLocalProvider", "CQuiesceLinux", "QuiesceTestSupport"]),
         .testTarget(
             name: "QuiesceEngineTests",

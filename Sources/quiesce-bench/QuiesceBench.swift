@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import QuiesceAgent
+import QuiesceCatalog
 import QuiesceCore
 import QuiesceLocalProvider
 import QuiescePKI
@@ -14,7 +15,7 @@ struct QuiesceBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quiesce-bench",
         abstract: "Load generators behind scripts/bench-*.sh.",
-        subcommands: [Sessions.self, Snapshot.self])
+        subcommands: [Sessions.self, Snapshot.self, CatalogWriter.self])
 }
 
 struct Sessions: AsyncParsableCommand {
@@ -115,7 +116,7 @@ struct Snapshot: AsyncParsableCommand {
         let path = try provider.diskPath("bench")
         let size = UInt64(self.sizeGib) << 30
         if !FileManager.default.fileExists(atPath: path) {
-            FileManager.default.createFile(atPath: path, contents: nil)
+            _ = FileManager.default.createFile(atPath: path, contents: nil)
             let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
             let random = try FileHandle(forReadingFrom: URL(fileURLWithPath: "/dev/urandom"))
             let extent = (self.dataMib << 20) / 64
@@ -143,5 +144,39 @@ struct Snapshot: AsyncParsableCommand {
         ]
         let data = try JSONSerialization.data(withJSONObject: line, options: [.sortedKeys])
         FileHandle.standardOutput.write(data + Data("\n".utf8))
+    }
+}
+
+struct CatalogWriter: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "catalog-writer",
+        abstract: "Write groups into a catalog as fast as possible (the crash test kills this with SIGKILL).",
+        discussion: "Begins a run, prints \"started\", then records two-disk groups until --groups are written or it is killed.")
+
+    @Option(help: ArgumentHelp("The catalog file.", valueName: "path"))
+    var catalog: String
+    @Option(name: .customLong("run"), help: "The run id.")
+    var runID: String
+    @Option(help: "Stop after this many groups (0: never).")
+    var groups = 0
+
+    func run() throws {
+        let store = try SQLiteCatalog(path: self.catalog)
+        try store.beginRun(RunRecord(id: self.runID, source: "catalog-writer"))
+        print("started")
+        fflush(nil)
+        var index = 0
+        while self.groups == 0 || index < self.groups {
+            index += 1
+            let disks = ["root", "data"].map {
+                DiskSnapshot(diskID: $0, snapshotID: "\(index)/\($0)", sizeBytes: 1 << 30, dataBytes: 1 << 20, method: .reflink, durationUs: 500)
+            }
+            try store.record(GroupRecord(
+                id: "\(self.runID)-g\(index)", runID: self.runID, instanceID: "i-\(index % 7)", provider: "local",
+                providerGroupID: "lg-\(index)", idempotencyToken: "\(self.runID)/\(index)", wantedLevel: .application,
+                achievedLevel: .filesystem, reasons: [Reason(code: "scripts-missing", message: "no prescript")], state: .ready,
+                createdAt: Date(), frozenUs: 1200, disks: disks))
+        }
+        try store.finishRun(self.runID, state: .succeeded)
     }
 }

@@ -1,0 +1,141 @@
+import Foundation
+import QuiesceCore
+
+/// How a run ended (or that it has not).
+public enum RunState: String, Sendable, Codable, CaseIterable {
+    case running
+    /// Every instance reached its wanted level.
+    case succeeded
+    /// Some downgraded, none below its minimum.
+    case degraded
+    /// Some instance failed.
+    case failed
+    /// The engine stopped (crash, kill -9) before the run finished.
+    case interrupted
+}
+
+/// One fleet backup run.
+public struct RunRecord: Sendable, Codable, Hashable {
+    public var id: String
+    public var startedAt: Date
+    public var finishedAt: Date?
+    public var state: RunState
+    /// Where the run came from (a fleet file path, "demo", "cli").
+    public var source: String
+    /// The engine process that owns the run, for telling a live run from an interrupted one.
+    public var enginePID: Int32
+    public var engineStartTicks: UInt64
+
+    public init(id: String, startedAt: Date = Date(), finishedAt: Date? = nil, state: RunState = .running, source: String,
+                enginePID: Int32 = getpid(), engineStartTicks: UInt64 = ProcessIdentity.startTicks(of: getpid()) ?? 0) {
+        self.id = id
+        self.startedAt = startedAt
+        self.finishedAt = finishedAt
+        self.state = state
+        self.source = source
+        self.enginePID = enginePID
+        self.engineStartTicks = engineStartTicks
+    }
+}
+
+/// A reason a group got less than it wanted, or failed: a stable code and words for people.
+public struct Reason: Sendable, Codable, Hashable {
+    public var code: String
+    public var message: String
+    public init(code: String, message: String) {
+        self.code = code
+        self.message = message
+    }
+}
+
+/// One instance's snapshot group as the catalog records it.
+public struct GroupRecord: Sendable, Codable, Hashable {
+    public var id: String
+    public var runID: String?
+    public var instanceID: String
+    public var provider: String
+    public var providerGroupID: String
+    public var idempotencyToken: String
+    public var wantedLevel: ConsistencyLevel
+    public var achievedLevel: ConsistencyLevel
+    public var reasons: [Reason]
+    public var state: SnapshotState
+    public var createdAt: Date
+    /// Frozen window on the guest (first freeze → last thaw), microseconds.
+    public var frozenUs: UInt64?
+    /// The application's stall as its freeze script reported it, microseconds.
+    public var applicationStallUs: UInt64?
+    /// Per-step timings, e.g. ["prescript": 1200, "freeze": 300, "snapshot": 900].
+    public var stepTimingsUs: [String: UInt64]
+    public var tags: [String: String]
+    public var disks: [DiskSnapshot]
+
+    public init(id: String, runID: String?, instanceID: String, provider: String, providerGroupID: String, idempotencyToken: String,
+                wantedLevel: ConsistencyLevel, achievedLevel: ConsistencyLevel, reasons: [Reason], state: SnapshotState,
+                createdAt: Date, frozenUs: UInt64? = nil, applicationStallUs: UInt64? = nil, stepTimingsUs: [String: UInt64] = [:],
+                tags: [String: String] = [:], disks: [DiskSnapshot]) {
+        self.id = id
+        self.runID = runID
+        self.instanceID = instanceID
+        self.provider = provider
+        self.providerGroupID = providerGroupID
+        self.idempotencyToken = idempotencyToken
+        self.wantedLevel = wantedLevel
+        self.achievedLevel = achievedLevel
+        self.reasons = reasons
+        self.state = state
+        self.createdAt = createdAt
+        self.frozenUs = frozenUs
+        self.applicationStallUs = applicationStallUs
+        self.stepTimingsUs = stepTimingsUs
+        self.tags = tags
+        self.disks = disks
+    }
+}
+
+/// Which groups to list.
+public struct GroupFilter: Sendable, Hashable {
+    public var instanceID: String?
+    public var runID: String?
+    public var level: ConsistencyLevel?
+    public var createdBefore: Date?
+    public var createdAfter: Date?
+
+    public init(instanceID: String? = nil, runID: String? = nil, level: ConsistencyLevel? = nil, createdBefore: Date? = nil, createdAfter: Date? = nil) {
+        self.instanceID = instanceID
+        self.runID = runID
+        self.level = level
+        self.createdBefore = createdBefore
+        self.createdAfter = createdAfter
+    }
+}
+
+/// Where the catalog lives: SQLite here, PostgreSQL when several engines share a fleet.
+public protocol CatalogStore: Sendable {
+    func beginRun(_ run: RunRecord) throws
+    func finishRun(_ id: String, state: RunState, at date: Date) throws
+    func run(_ id: String) throws -> RunRecord?
+    func runs() throws -> [RunRecord]
+    /// Inserts or replaces a group (and its disks) in one transaction.
+    func record(_ group: GroupRecord) throws
+    func group(_ id: String) throws -> GroupRecord?
+    /// Newest first.
+    func groups(_ filter: GroupFilter) throws -> [GroupRecord]
+    func deleteGroup(_ id: String) throws
+}
+
+/// Identifies a process across pid reuse: its start time in clock ticks since boot.
+public enum ProcessIdentity {
+    public static func startTicks(of pid: Int32) -> UInt64? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return nil }
+        // Fields after the command name: state is field 3, starttime is field 22.
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        return fields.count > 19 ? UInt64(fields[19]) : nil
+    }
+
+    public static func isAlive(pid: Int32, startTicks: UInt64) -> Bool {
+        guard let ticks = self.startTicks(of: pid) else { return false }
+        return ticks == startTicks
+    }
+}

@@ -1,0 +1,271 @@
+import Foundation
+import GRDB
+import QuiesceCore
+
+/// The embedded catalog: one SQLite file in WAL mode, migrated on open.
+///
+/// Opening also settles runs left `running` by an engine that is gone (a
+/// crash or `kill -9`): they become `interrupted`. A run is still live only if
+/// its engine process, identified by pid *and* start time, is still running.
+public final class SQLiteCatalog: CatalogStore {
+    public let path: String
+    private let database: DatabasePool
+
+    /// Runs marked interrupted when this catalog was opened.
+    public let interruptedOnOpen: [String]
+
+    public init(path: String) throws {
+        self.path = path
+        let directory = (path as NSString).deletingLastPathComponent
+        if !directory.isEmpty {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        }
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        configuration.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+        }
+        let database: DatabasePool
+        do {
+            database = try DatabasePool(path: path, configuration: configuration)
+            try Self.migrator.migrate(database)
+        } catch {
+            throw CatalogError.unusable(path: path, detail: "\(error)")
+        }
+        self.database = database
+        self.interruptedOnOpen = try Self.settleInterruptedRuns(database)
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1: runs, groups, disks") { db in
+            try db.execute(sql: """
+                CREATE TABLE runs (
+                  id TEXT PRIMARY KEY,
+                  started_at REAL NOT NULL,
+                  finished_at REAL,
+                  state TEXT NOT NULL,
+                  source TEXT NOT NULL,
+                  engine_pid INTEGER NOT NULL,
+                  engine_start_ticks INTEGER NOT NULL
+                );
+                CREATE TABLE snapshot_groups (
+                  id TEXT PRIMARY KEY,
+                  run_id TEXT REFERENCES runs(id),
+                  instance_id TEXT NOT NULL,
+                  provider TEXT NOT NULL,
+                  provider_group_id TEXT NOT NULL,
+                  idempotency_token TEXT NOT NULL UNIQUE,
+                  wanted_level TEXT NOT NULL,
+                  achieved_level TEXT NOT NULL,
+                  reasons TEXT NOT NULL,
+                  state TEXT NOT NULL,
+                  created_at REAL NOT NULL,
+                  frozen_us INTEGER,
+                  application_stall_us INTEGER,
+                  step_timings_us TEXT NOT NULL,
+                  tags TEXT NOT NULL
+                );
+                CREATE INDEX snapshot_groups_instance ON snapshot_groups(instance_id, created_at);
+                CREATE INDEX snapshot_groups_run ON snapshot_groups(run_id);
+                CREATE TABLE disk_snapshots (
+                  group_id TEXT NOT NULL REFERENCES snapshot_groups(id) ON DELETE CASCADE,
+                  position INTEGER NOT NULL,
+                  disk_id TEXT NOT NULL,
+                  snapshot_id TEXT NOT NULL,
+                  size_bytes INTEGER NOT NULL,
+                  data_bytes INTEGER NOT NULL,
+                  method TEXT NOT NULL,
+                  duration_us INTEGER NOT NULL,
+                  sha256 TEXT,
+                  PRIMARY KEY (group_id, disk_id)
+                );
+                """)
+        }
+        return migrator
+    }
+
+    private static func settleInterruptedRuns(_ database: DatabasePool) throws -> [String] {
+        try database.write { db in
+            let rows = try Row.fetchAll(db, sql: "SELECT id, engine_pid, engine_start_ticks FROM runs WHERE state = 'running'")
+            var settled: [String] = []
+            for row in rows {
+                let pid: Int32 = row["engine_pid"]
+                let ticks: Int64 = row["engine_start_ticks"]
+                if !ProcessIdentity.isAlive(pid: pid, startTicks: UInt64(ticks)) {
+                    let id: String = row["id"]
+                    try db.execute(sql: "UPDATE runs SET state = 'interrupted', finished_at = ? WHERE id = ?",
+                                   arguments: [Date().timeIntervalSince1970, id])
+                    settled.append(id)
+                }
+            }
+            return settled
+        }
+    }
+
+    // MARK: runs
+
+    public func beginRun(_ run: RunRecord) throws {
+        try self.write { db in
+            try db.execute(sql: """
+                INSERT INTO runs (id, started_at, finished_at, state, source, engine_pid, engine_start_ticks)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [run.id, run.startedAt.timeIntervalSince1970, run.finishedAt?.timeIntervalSince1970,
+                                 run.state.rawValue, run.source, run.enginePID, Int64(run.engineStartTicks)])
+        }
+    }
+
+    public func finishRun(_ id: String, state: RunState, at date: Date = Date()) throws {
+        try self.write { db in
+            try db.execute(sql: "UPDATE runs SET state = ?, finished_at = ? WHERE id = ?",
+                           arguments: [state.rawValue, date.timeIntervalSince1970, id])
+            guard db.changesCount == 1 else { throw CatalogError.notFound("no run \"\(id)\"") }
+        }
+    }
+
+    public func run(_ id: String) throws -> RunRecord? {
+        try self.database.read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM runs WHERE id = ?", arguments: [id]).map(Self.runRecord)
+        }
+    }
+
+    public func runs() throws -> [RunRecord] {
+        try self.database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM runs ORDER BY started_at DESC").map(Self.runRecord)
+        }
+    }
+
+    static func runRecord(_ row: Row) -> RunRecord {
+        let finished: Double? = row["finished_at"]
+        let ticks: Int64 = row["engine_start_ticks"]
+        return RunRecord(
+            id: row["id"], startedAt: Date(timeIntervalSince1970: row["started_at"]),
+            finishedAt: finished.map(Date.init(timeIntervalSince1970:)),
+            state: RunState(rawValue: row["state"]) ?? .interrupted, source: row["source"],
+            enginePID: row["engine_pid"], engineStartTicks: UInt64(ticks))
+    }
+
+    // MARK: groups
+
+    public func record(_ group: GroupRecord) throws {
+        try self.write { db in
+            try db.execute(sql: "DELETE FROM disk_snapshots WHERE group_id = ?", arguments: [group.id])
+            try db.execute(sql: """
+                INSERT INTO snapshot_groups
+                  (id, run_id, instance_id, provider, provider_group_id, idempotency_token, wanted_level, achieved_level,
+                   reasons, state, created_at, frozen_us, application_stall_us, step_timings_us, tags)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT(id) DO UPDATE SET
+                  run_id = excluded.run_id, instance_id = excluded.instance_id, provider = excluded.provider,
+                  provider_group_id = excluded.provider_group_id, idempotency_token = excluded.idempotency_token,
+                  wanted_level = excluded.wanted_level, achieved_level = excluded.achieved_level, reasons = excluded.reasons,
+                  state = excluded.state, created_at = excluded.created_at, frozen_us = excluded.frozen_us,
+                  application_stall_us = excluded.application_stall_us, step_timings_us = excluded.step_timings_us,
+                  tags = excluded.tags
+                """, arguments: [
+                    group.id, group.runID, group.instanceID, group.provider, group.providerGroupID, group.idempotencyToken,
+                    group.wantedLevel.name, group.achievedLevel.name, try Self.json(group.reasons), group.state.rawValue,
+                    group.createdAt.timeIntervalSince1970, group.frozenUs.map(Int64.init), group.applicationStallUs.map(Int64.init),
+                    try Self.json(group.stepTimingsUs), try Self.json(group.tags),
+                ])
+            for (position, disk) in group.disks.enumerated() {
+                try db.execute(sql: """
+                    INSERT INTO disk_snapshots (group_id, position, disk_id, snapshot_id, size_bytes, data_bytes, method, duration_us, sha256)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    """, arguments: [group.id, position, disk.diskID, disk.snapshotID, Int64(disk.sizeBytes), Int64(disk.dataBytes),
+                                     disk.method.rawValue, Int64(disk.durationUs), disk.sha256])
+            }
+        }
+    }
+
+    public func group(_ id: String) throws -> GroupRecord? {
+        try self.database.read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM snapshot_groups WHERE id = ?", arguments: [id]).map { try Self.groupRecord($0, db) }
+        }
+    }
+
+    public func groups(_ filter: GroupFilter) throws -> [GroupRecord] {
+        var clauses: [String] = []
+        var arguments: StatementArguments = []
+        if let id = filter.instanceID { clauses.append("instance_id = ?"); _ = arguments.append(contentsOf: [id]) }
+        if let id = filter.runID { clauses.append("run_id = ?"); _ = arguments.append(contentsOf: [id]) }
+        if let level = filter.level { clauses.append("achieved_level = ?"); _ = arguments.append(contentsOf: [level.name]) }
+        if let date = filter.createdBefore { clauses.append("created_at < ?"); _ = arguments.append(contentsOf: [date.timeIntervalSince1970]) }
+        if let date = filter.createdAfter { clauses.append("created_at >= ?"); _ = arguments.append(contentsOf: [date.timeIntervalSince1970]) }
+        let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
+        return try self.database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM snapshot_groups \(whereClause) ORDER BY created_at DESC, id", arguments: arguments)
+                .map { try Self.groupRecord($0, db) }
+        }
+    }
+
+    public func deleteGroup(_ id: String) throws {
+        try self.write { db in
+            try db.execute(sql: "DELETE FROM disk_snapshots WHERE group_id = ?", arguments: [id])
+            try db.execute(sql: "DELETE FROM snapshot_groups WHERE id = ?", arguments: [id])
+            guard db.changesCount == 1 else { throw CatalogError.notFound("no snapshot group \"\(id)\" in the catalog") }
+        }
+    }
+
+    static func groupRecord(_ row: Row, _ db: Database) throws -> GroupRecord {
+        let id: String = row["id"]
+        let disks = try Row.fetchAll(db, sql: "SELECT * FROM disk_snapshots WHERE group_id = ? ORDER BY position", arguments: [id]).map { disk in
+            let size: Int64 = disk["size_bytes"], data: Int64 = disk["data_bytes"], duration: Int64 = disk["duration_us"]
+            return DiskSnapshot(
+                diskID: disk["disk_id"], snapshotID: disk["snapshot_id"], sizeBytes: UInt64(size), dataBytes: UInt64(data),
+                method: SnapshotMethod(rawValue: disk["method"]) ?? .provider, durationUs: UInt64(duration), sha256: disk["sha256"])
+        }
+        let frozen: Int64? = row["frozen_us"], stall: Int64? = row["application_stall_us"]
+        return GroupRecord(
+            id: id, runID: row["run_id"], instanceID: row["instance_id"], provider: row["provider"],
+            providerGroupID: row["provider_group_id"], idempotencyToken: row["idempotency_token"],
+            wantedLevel: ConsistencyLevel(name: row["wanted_level"]) ?? .crash,
+            achievedLevel: ConsistencyLevel(name: row["achieved_level"]) ?? .crash,
+            reasons: try Self.decode([Reason].self, row["reasons"]), state: SnapshotState(rawValue: row["state"]) ?? .failed,
+            createdAt: Date(timeIntervalSince1970: row["created_at"]), frozenUs: frozen.map(UInt64.init),
+            applicationStallUs: stall.map(UInt64.init), stepTimingsUs: try Self.decode([String: UInt64].self, row["step_timings_us"]),
+            tags: try Self.decode([String: String].self, row["tags"]), disks: disks)
+    }
+
+    // MARK: helpers
+
+    private func write(_ body: (Database) throws -> Void) throws {
+        do {
+            try self.database.write(body)
+        } catch let error as CatalogError {
+            throw error
+        } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
+            throw CatalogError.conflict(error.message ?? "\(error)")
+        }
+    }
+
+    static func json<T: Encodable>(_ value: T) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return String(decoding: try encoder.encode(value), as: UTF8.self)
+    }
+
+    static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
+        do {
+            return try JSONDecoder().decode(type, from: Data(text.utf8))
+        } catch {
+            throw CatalogError.corrupt("expected JSON for \(type), found \"\(text.prefix(60))\": \(error)")
+        }
+    }
+}
+
+public enum CatalogError: Error, CustomStringConvertible, Sendable {
+    case unusable(path: String, detail: String)
+    case notFound(String)
+    case conflict(String)
+    case corrupt(String)
+
+    public var description: String {
+        switch self {
+        case .unusable(let path, let detail): "catalog \(path): cannot open: \(detail)"
+        case .notFound(let detail): detail
+        case .conflict(let detail): "conflict: \(detail)"
+        case .corrupt(let detail): "catalog is damaged: \(detail)"
+        }
+    }
+}

@@ -1,0 +1,126 @@
+import Foundation
+import QuiesceCatalog
+import QuiesceCore
+import Testing
+
+func scratchCatalog() -> String {
+    FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-catalog-\(UUID().uuidString.prefix(8))/catalog.db").path
+}
+
+func sampleGroup(_ id: String, run: String?, instance: String, level: ConsistencyLevel, at date: Date) -> GroupRecord {
+    GroupRecord(
+        id: id, runID: run, instanceID: instance, provider: "local", providerGroupID: "lg-\(id)", idempotencyToken: "tok-\(id)",
+        wantedLevel: .application, achievedLevel: level,
+        reasons: level == .application ? [] : [Reason(code: "hook-wrong-mode", message: "/tmp/prescript.sh has mode 0755; expected 0700")],
+        state: .ready, createdAt: date, frozenUs: 850, applicationStallUs: 1200, stepTimingsUs: ["freeze": 300, "snapshot": 500],
+        tags: ["level": level.tagValue],
+        disks: [DiskSnapshot(diskID: "root", snapshotID: "\(id)/root", sizeBytes: 1 << 30, dataBytes: 1 << 24, method: .reflink, durationUs: 400, sha256: String(repeating: "a", count: 64))])
+}
+
+@Suite("Catalog")
+struct CatalogTests {
+    @Test("records groups with their disks and finds them by instance, run, level and age")
+    func roundTrip() throws {
+        let path = scratchCatalog()
+        defer { try? FileManager.default.removeItem(atPath: (path as NSString).deletingLastPathComponent) }
+        let catalog = try SQLiteCatalog(path: path)
+        try catalog.beginRun(RunRecord(id: "r1", source: "test"))
+        let now = Date()
+        try catalog.record(sampleGroup("g1", run: "r1", instance: "i-1", level: .application, at: now.addingTimeInterval(-7200)))
+        try catalog.record(sampleGroup("g2", run: "r1", instance: "i-2", level: .filesystem, at: now.addingTimeInterval(-60)))
+        try catalog.record(sampleGroup("g3", run: nil, instance: "i-1", level: .crash, at: now))
+        try catalog.finishRun("r1", state: .degraded)
+
+        let g2 = try #require(try catalog.group("g2"))
+        #expect(g2 == sampleGroup("g2", run: "r1", instance: "i-2", level: .filesystem, at: g2.createdAt))
+        #expect(g2.reasons.first?.code == "hook-wrong-mode")
+        #expect(try catalog.groups(GroupFilter()).map(\.id) == ["g3", "g2", "g1"])
+        #expect(try catalog.groups(GroupFilter(instanceID: "i-1")).map(\.id) == ["g3", "g1"])
+        #expect(try catalog.groups(GroupFilter(runID: "r1")).map(\.id) == ["g2", "g1"])
+        #expect(try catalog.groups(GroupFilter(level: .filesystem)).map(\.id) == ["g2"])
+        #expect(try catalog.groups(GroupFilter(createdBefore: now.addingTimeInterval(-3600))).map(\.id) == ["g1"])
+        #expect(try catalog.run("r1")?.state == .degraded)
+
+        // Re-recording replaces (e.g. pending → ready), never duplicates.
+        var updated = g2
+        updated.disks[0].sha256 = String(repeating: "b", count: 64)
+        try catalog.record(updated)
+        #expect(try catalog.group("g2")?.disks.map(\.sha256) == [String(repeating: "b", count: 64)])
+        #expect(try catalog.groups(GroupFilter()).count == 3)
+
+        // The idempotency token is unique: a second group for the same token is a conflict.
+        var duplicate = sampleGroup("g4", run: "r1", instance: "i-1", level: .crash, at: now)
+        duplicate.idempotencyToken = "tok-g1"
+        #expect(throws: CatalogError.self) { try catalog.record(duplicate) }
+
+        try catalog.deleteGroup("g1")
+        #expect(try catalog.group("g1") == nil)
+        #expect(throws: CatalogError.self) { try catalog.deleteGroup("g1") }
+    }
+
+    @Test("reopening keeps everything; a finished run stays finished")
+    func reopen() throws {
+        let path = scratchCatalog()
+        defer { try? FileManager.default.removeItem(atPath: (path as NSString).deletingLastPathComponent) }
+        do {
+            let catalog = try SQLiteCatalog(path: path)
+            try catalog.beginRun(RunRecord(id: "r1", source: "test"))
+            try catalog.record(sampleGroup("g1", run: "r1", instance: "i-1", level: .application, at: Date()))
+            try catalog.finishRun("r1", state: .succeeded)
+        }
+        let again = try SQLiteCatalog(path: path)
+        #expect(again.interruptedOnOpen.isEmpty)
+        #expect(try again.run("r1")?.state == .succeeded)
+        #expect(try again.groups(GroupFilter()).count == 1)
+        // This process is alive: its own running run is not interrupted by another open.
+        try again.beginRun(RunRecord(id: "r2", source: "test"))
+        #expect(try SQLiteCatalog(path: path).interruptedOnOpen.isEmpty)
+    }
+
+    @Test("a file that is not a catalog is an error naming it")
+    func notACatalog() throws {
+        let path = scratchCatalog()
+        let directory = (path as NSString).deletingLastPathComponent
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try Data(repeating: 0x41, count: 8192).write(to: URL(fileURLWithPath: path))
+        do {
+            _ = try SQLiteCatalog(path: path)
+            Issue.record("opened garbage as a catalog")
+        } catch let error as CatalogError {
+            #expect(error.description.contains(path))
+        }
+    }
+
+    @Test("kill -9 of a writer mid-run: the catalog opens consistent and the run is interrupted")
+    func killedWriter() async throws {
+        let path = scratchCatalog()
+        defer { try? FileManager.default.removeItem(atPath: (path as NSString).deletingLastPathComponent) }
+        let writer = Process()
+        writer.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("quiesce-bench")
+        writer.arguments = ["catalog-writer", "--catalog", path, "--run", "r-killed"]
+        let output = Pipe()
+        writer.standardOutput = output
+        try writer.run()
+        defer { if writer.isRunning { kill(writer.processIdentifier, SIGKILL) } }
+        let started = output.fileHandleForReading.availableData
+        #expect(String(decoding: started, as: UTF8.self).contains("started"))
+        // Let it write a while (reading alongside, as `quiesce snapshots` would), then
+        // kill it, mid-transaction as likely as not.
+        let deadline = ContinuousClock.now + .seconds(20)
+        while try SQLiteCatalog(path: path).groups(GroupFilter(runID: "r-killed")).count < 20, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(try SQLiteCatalog(path: path).interruptedOnOpen.isEmpty, "a live writer's run must not be marked interrupted")
+        kill(writer.processIdentifier, SIGKILL)
+        writer.waitUntilExit()
+        #expect(writer.terminationReason == .uncaughtSignal)
+
+        let catalog = try SQLiteCatalog(path: path)
+        #expect(catalog.interruptedOnOpen == ["r-killed"])
+        #expect(try catalog.run("r-killed")?.state == .interrupted)
+        let groups = try catalog.groups(GroupFilter(runID: "r-killed"))
+        #expect(groups.count > 5, "the writer wrote too little to make the test meaningful")
+        #expect(groups.allSatisfy { $0.disks.map(\.diskID) == ["root", "data"] }, "a group without all its disks: a torn transaction")
+    }
+}
