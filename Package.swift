@@ -49,6 +49,12 @@ let package = Package(
             name: "QuiesceCatalog",
             dependencies: ["QuiesceCore", .product(name: "GRDB", package: "GRDB.swift")]
         ),
+        // Snapshots as an operator sees them: the catalog joined with the provider
+        // (list, show, restore, prune, verify).
+        .target(
+            name: "QuiesceInventory",
+            dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceLocalProvider"]
+        ),
         // The engine's CA: key pairs, certificates, on-disk layout.
         .target(
             name: "QuiescePKI",
@@ -98,7 +104,8 @@ let package = Package(
         .executableTarget(
             name: "quiesce",
             dependencies: [
-                "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceWire", "QuiesceDemo",
+                "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceWire", "QuiesceDemo", "QuiesceInventory",
+                "QuiesceCatalog", "QuiesceLocalProvider",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -125,6 +132,10 @@ let package = Package(
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
         .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCore", "QuiesceCatalog"]),
+        .testTarget(
+            name: "QuiesceInventoryTests",
+            dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceLocalProvider", "QuiesceInventory", "QuiesceTestSupport"]
+        ),
         .testTarget(name: "QuiesceLocalProviderTests", dependencies: ["QuiesceCore", "QuiesceLocalProvider", "CQuiesceLinux", "QuiesceTestSupport"]),
         .testTarget(
             name: "QuiesceEngineTests",

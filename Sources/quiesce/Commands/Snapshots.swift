@@ -1,0 +1,230 @@
+import ArgumentParser
+import Foundation
+import QuiesceCatalog
+import QuiesceCore
+import QuiesceInventory
+import QuiesceLocalProvider
+
+/// Where snapshots and their records live.
+struct StoreOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The catalog (default: $QUIESCE_HOME/catalog.db).", valueName: "path"))
+    var catalog: String?
+    @Option(help: ArgumentHelp("The local provider's pool (default: $QUIESCE_HOME/pool).", valueName: "dir"))
+    var pool: String?
+
+    func inventory() throws -> Inventory {
+        do {
+            let catalog = try SQLiteCatalog(path: self.catalog ?? defaultStateDirectory() + "/catalog.db")
+            let provider = try LocalProvider(pool: self.pool ?? defaultStateDirectory() + "/pool")
+            return Inventory(catalog: catalog, provider: provider)
+        } catch {
+            printError("\(error)")
+            throw ExitStatus.failure
+        }
+    }
+}
+
+/// Runs `body`, turning the errors operators can act on into a message and exit 1.
+func operatorErrors<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let error as ExitCode {
+        throw error
+    } catch {
+        printError("\(error)")
+        throw ExitStatus.failure
+    }
+}
+
+func encodeJSON<T: Encodable>(_ value: T) throws -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    encoder.dateEncodingStrategy = .iso8601
+    return String(decoding: try encoder.encode(value), as: UTF8.self)
+}
+
+func milliseconds(_ us: UInt64?) -> String { us.map { String(format: "%.1f ms", Double($0) / 1000) } ?? "-" }
+
+struct Snapshots: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List snapshot groups from the catalog, newest first.")
+
+    @OptionGroup var store: StoreOptions
+    @Option(help: "Only this instance.")
+    var instance: String?
+    @Option(help: "Only groups that reached this level: crash, filesystem, application.")
+    var level: String?
+    @Option(help: "Only this run.")
+    var run: String?
+    @Option(help: ArgumentHelp("Only groups older than this (e.g. 7d, 12h).", valueName: "duration"))
+    var olderThan: String?
+    @Option(help: ArgumentHelp("Only groups newer than this (e.g. 30m).", valueName: "duration"))
+    var newerThan: String?
+    @Option(help: "Output format: table or json.")
+    var output: OutputFormat = .table
+
+    func validate() throws {
+        if let level, ConsistencyLevel(name: level) == nil {
+            throw ValidationError("expected --level crash, filesystem or application, found \"\(level)\"")
+        }
+        for (flag, value) in [("--older-than", self.olderThan), ("--newer-than", self.newerThan)] {
+            if let value, parseDuration(value) == nil {
+                throw ValidationError("expected \(flag) as a number with s, m, h, d or w (e.g. 7d), found \"\(value)\"")
+            }
+        }
+    }
+
+    func run() async throws {
+        let inventory = try self.store.inventory()
+        let now = Date()
+        let filter = GroupFilter(
+            instanceID: self.instance, runID: self.run, level: self.level.flatMap(ConsistencyLevel.init(name:)),
+            createdBefore: self.olderThan.flatMap(parseDuration).map { now.addingTimeInterval(-$0.timeInterval) },
+            createdAfter: self.newerThan.flatMap(parseDuration).map { now.addingTimeInterval(-$0.timeInterval) })
+        let groups = try await operatorErrors { try inventory.groups(filter) }
+        if self.output == .json {
+            print(try encodeJSON(groups))
+            return
+        }
+        guard !groups.isEmpty else {
+            print("no snapshot groups match")
+            return
+        }
+        var table = TextTable(headers: ["GROUP", "INSTANCE", "CREATED", "WANTED", "ACHIEVED", "FROZEN", "DISKS", "STATE", "REASON"])
+        let formatter = ISO8601DateFormatter()
+        for group in groups {
+            table.append([
+                group.id, group.instanceID, formatter.string(from: group.createdAt), group.wantedLevel.name, group.achievedLevel.name,
+                milliseconds(group.frozenUs), "\(group.disks.count)", group.state.rawValue, group.reasons.first?.code ?? "",
+            ])
+        }
+        print(table.render())
+    }
+}
+
+struct Show: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show one snapshot group: levels, reasons, timings, disks.")
+
+    @Argument(help: "The group id.")
+    var group: String
+    @OptionGroup var store: StoreOptions
+    @Option(help: "Output format: table or json.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let inventory = try self.store.inventory()
+        let group = try await operatorErrors { try inventory.group(self.group) }
+        if self.output == .json {
+            print(try encodeJSON(group))
+            return
+        }
+        print("""
+            group       \(group.id)  (\(group.provider) \(group.providerGroupID))
+            instance    \(group.instanceID)\(group.runID.map { "  run \($0)" } ?? "")
+            created     \(ISO8601DateFormatter().string(from: group.createdAt))  state \(group.state.rawValue)
+            level       \(group.achievedLevel.name) (wanted \(group.wantedLevel.name))
+            frozen      \(milliseconds(group.frozenUs)); application stall \(milliseconds(group.applicationStallUs))
+            """)
+        for reason in group.reasons { print("reason      \(reason.code): \(reason.message)") }
+        for (step, us) in group.stepTimingsUs.sorted(by: { $0.key < $1.key }) { print("step        \(step) \(milliseconds(us))") }
+        if !group.tags.isEmpty { print("tags        " + group.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) }
+        print("")
+        var table = TextTable(headers: ["DISK", "SNAPSHOT", "SIZE", "DATA", "METHOD", "TOOK", "SHA256"])
+        for disk in group.disks {
+            table.append([
+                disk.diskID, disk.snapshotID, formatBytes(disk.sizeBytes), formatBytes(disk.dataBytes), disk.method.rawValue,
+                milliseconds(disk.durationUs), disk.sha256.map { String($0.prefix(16)) + "…" } ?? "(pending)",
+            ])
+        }
+        print(table.render())
+    }
+}
+
+struct Restore: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Restore a group's disks as new disks, or in place over disks nothing has attached.")
+
+    @Argument(help: "The group id.")
+    var group: String
+    @OptionGroup var store: StoreOptions
+    @Option(help: "Only this disk.")
+    var disk: String?
+    @Flag(help: "Write new disks named DISK-restored-GROUP.")
+    var asNew = false
+    @Flag(help: "Overwrite the original disks (refused while a disk is attached or mounted).")
+    var inPlace = false
+
+    func validate() throws {
+        guard self.asNew != self.inPlace else { throw ValidationError("expected exactly one of --as-new or --in-place") }
+    }
+
+    func run() async throws {
+        let inventory = try self.store.inventory()
+        let restored = try await operatorErrors {
+            try await inventory.restore(self.group, disk: self.disk, inPlace: self.inPlace, newSuffix: "restored-\(self.group)")
+        }
+        for (disk, target) in restored {
+            print("restored \(disk) → \(try inventory.provider.diskPath(target))")
+        }
+    }
+}
+
+struct Prune: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Delete old snapshot groups, per instance, keeping the newest N and everything recent.")
+
+    @OptionGroup var store: StoreOptions
+    @Option(help: "Keep at least this many newest groups per instance.")
+    var keepLast: Int
+    @Option(help: ArgumentHelp("Also keep every group newer than this (e.g. 7d).", valueName: "duration"))
+    var keepWithin: String?
+    @Option(help: "Only this instance.")
+    var instance: String?
+    @Flag(help: "Show what would be deleted; delete nothing.")
+    var dryRun = false
+
+    func validate() throws {
+        guard self.keepLast >= 0 else { throw ValidationError("expected --keep-last 0 or more, found \(self.keepLast)") }
+        if let value = self.keepWithin, parseDuration(value) == nil {
+            throw ValidationError("expected --keep-within as a number with s, m, h, d or w (e.g. 7d), found \"\(value)\"")
+        }
+    }
+
+    func run() async throws {
+        let inventory = try self.store.inventory()
+        let policy = PrunePolicy(keepLast: self.keepLast, keepWithin: self.keepWithin.flatMap(parseDuration))
+        let plan = try await operatorErrors { try await inventory.prune(policy, instanceID: self.instance, dryRun: self.dryRun) }
+        for group in plan.delete {
+            print("\(self.dryRun ? "would delete" : "deleted") \(group.id) (\(group.instanceID), \(ISO8601DateFormatter().string(from: group.createdAt)))")
+        }
+        print("\(self.dryRun ? "would keep" : "kept") \(plan.keep.count), \(self.dryRun ? "would delete" : "deleted") \(plan.delete.count)")
+    }
+}
+
+struct Verify: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check a group's snapshots against the checksums recorded at creation.",
+        discussion: "With --deep, also fsck each disk on a throw-away copy (needs root for XFS). Exit 1 when any disk fails.")
+
+    @Argument(help: "The group id.")
+    var group: String
+    @OptionGroup var store: StoreOptions
+    @Flag(help: "Also check each disk's filesystem on a copy.")
+    var deep = false
+    @Option(help: "Output format: table or json.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let inventory = try self.store.inventory()
+        let checks = try await operatorErrors { try await inventory.verify(self.group, deep: self.deep) }
+        if self.output == .json {
+            let rows = checks.map { ["disk": $0.disk, "outcome": $0.outcome.rawValue, "filesystem": $0.filesystem ?? "", "detail": $0.detail] }
+            print(try encodeJSON(rows))
+        } else {
+            var table = TextTable(headers: ["DISK", "RESULT", "FILESYSTEM", "DETAIL"])
+            for check in checks { table.append([check.disk, check.outcome.rawValue, check.filesystem ?? "-", check.detail]) }
+            print(table.render())
+        }
+        if checks.contains(where: { $0.outcome != .ok && $0.outcome != .okAfterRecovery }) { throw ExitStatus.failure }
+    }
+}
