@@ -93,6 +93,43 @@ public struct GroupRecord: Sendable, Codable, Hashable {
     }
 }
 
+/// What happened to one instance in one run, with or without a snapshot group
+/// (an agent that never connected still gets a record, with its reason).
+public struct InstanceRecord: Sendable, Codable, Hashable {
+    public enum State: String, Sendable, Codable, CaseIterable {
+        case pending, running
+        /// At the wanted level.
+        case succeeded
+        /// Below the wanted level, at or above the minimum.
+        case downgraded
+        case failed
+        case skipped
+    }
+
+    public var runID: String
+    public var instanceID: String
+    public var state: State
+    public var wantedLevel: ConsistencyLevel
+    public var minimumLevel: ConsistencyLevel
+    public var achievedLevel: ConsistencyLevel?
+    public var reasons: [Reason]
+    public var groupID: String?
+    public var durationUs: UInt64?
+
+    public init(runID: String, instanceID: String, state: State, wantedLevel: ConsistencyLevel, minimumLevel: ConsistencyLevel,
+                achievedLevel: ConsistencyLevel? = nil, reasons: [Reason] = [], groupID: String? = nil, durationUs: UInt64? = nil) {
+        self.runID = runID
+        self.instanceID = instanceID
+        self.state = state
+        self.wantedLevel = wantedLevel
+        self.minimumLevel = minimumLevel
+        self.achievedLevel = achievedLevel
+        self.reasons = reasons
+        self.groupID = groupID
+        self.durationUs = durationUs
+    }
+}
+
 /// Which groups to list.
 public struct GroupFilter: Sendable, Hashable {
     public var instanceID: String?
@@ -122,6 +159,10 @@ public protocol CatalogStore: Sendable {
     /// Newest first.
     func groups(_ filter: GroupFilter) throws -> [GroupRecord]
     func deleteGroup(_ id: String) throws
+    /// Inserts or replaces one instance's outcome in a run.
+    func record(_ instance: InstanceRecord) throws
+    /// The instances of a run, by id.
+    func instances(ofRun runID: String) throws -> [InstanceRecord]
 }
 
 /// Identifies a process across pid reuse: its start time in clock ticks since boot.

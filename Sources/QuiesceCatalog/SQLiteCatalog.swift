@@ -82,6 +82,22 @@ public final class SQLiteCatalog: CatalogStore {
                 );
                 """)
         }
+        migrator.registerMigration("v2: instances") { db in
+            try db.execute(sql: """
+                CREATE TABLE instances (
+                  run_id TEXT NOT NULL REFERENCES runs(id),
+                  instance_id TEXT NOT NULL,
+                  state TEXT NOT NULL,
+                  wanted_level TEXT NOT NULL,
+                  minimum_level TEXT NOT NULL,
+                  achieved_level TEXT,
+                  reasons TEXT NOT NULL,
+                  group_id TEXT,
+                  duration_us INTEGER,
+                  PRIMARY KEY (run_id, instance_id)
+                );
+                """)
+        }
         return migrator
     }
 
@@ -204,6 +220,35 @@ public final class SQLiteCatalog: CatalogStore {
             try db.execute(sql: "DELETE FROM disk_snapshots WHERE group_id = ?", arguments: [id])
             try db.execute(sql: "DELETE FROM snapshot_groups WHERE id = ?", arguments: [id])
             guard db.changesCount == 1 else { throw CatalogError.notFound("no snapshot group \"\(id)\" in the catalog") }
+        }
+    }
+
+    // MARK: instances
+
+    public func record(_ instance: InstanceRecord) throws {
+        try self.write { db in
+            try db.execute(sql: """
+                INSERT OR REPLACE INTO instances
+                  (run_id, instance_id, state, wanted_level, minimum_level, achieved_level, reasons, group_id, duration_us)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [
+                    instance.runID, instance.instanceID, instance.state.rawValue, instance.wantedLevel.name, instance.minimumLevel.name,
+                    instance.achievedLevel?.name, try Self.json(instance.reasons), instance.groupID, instance.durationUs.map(Int64.init),
+                ])
+        }
+    }
+
+    public func instances(ofRun runID: String) throws -> [InstanceRecord] {
+        try self.database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE run_id = ? ORDER BY instance_id", arguments: [runID]).map { row in
+                let achieved: String? = row["achieved_level"], duration: Int64? = row["duration_us"]
+                return InstanceRecord(
+                    runID: row["run_id"], instanceID: row["instance_id"], state: InstanceRecord.State(rawValue: row["state"]) ?? .failed,
+                    wantedLevel: ConsistencyLevel(name: row["wanted_level"]) ?? .crash,
+                    minimumLevel: ConsistencyLevel(name: row["minimum_level"]) ?? .crash,
+                    achievedLevel: achieved.flatMap(ConsistencyLevel.init(name:)), reasons: try Self.decode([Reason].self, row["reasons"]),
+                    groupID: row["group_id"], durationUs: duration.map(UInt64.init))
+            }
         }
     }
 

@@ -58,6 +58,26 @@ struct CatalogTests {
         #expect(throws: CatalogError.self) { try catalog.deleteGroup("g1") }
     }
 
+    @Test("instances are recorded per run, with or without a group")
+    func instances() throws {
+        let path = scratchCatalog()
+        defer { try? FileManager.default.removeItem(atPath: (path as NSString).deletingLastPathComponent) }
+        let catalog = try SQLiteCatalog(path: path)
+        try catalog.beginRun(RunRecord(id: "r1", source: "test"))
+        let missing = InstanceRecord(runID: "r1", instanceID: "i-2", state: .failed, wantedLevel: .application, minimumLevel: .filesystem,
+                                     reasons: [Reason(code: "agent-not-connected", message: "no session within 60 s")])
+        try catalog.record(missing)
+        var done = InstanceRecord(runID: "r1", instanceID: "i-1", state: .running, wantedLevel: .application, minimumLevel: .crash)
+        try catalog.record(done)
+        done.state = .downgraded
+        done.achievedLevel = .filesystem
+        done.groupID = "g1"
+        done.durationUs = 4200
+        try catalog.record(done)
+        #expect(try catalog.instances(ofRun: "r1") == [done, missing])
+        #expect(try catalog.instances(ofRun: "r2").isEmpty)
+    }
+
     @Test("reopening keeps everything; a finished run stays finished")
     func reopen() throws {
         let path = scratchCatalog()
