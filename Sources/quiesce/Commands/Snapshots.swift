@@ -137,6 +137,10 @@ struct Show: AsyncParsableCommand {
             ])
         }
         print(table.render())
+        if group.disks.contains(where: { $0.method == .sparseCopy }) {
+            print("\nnote: sparse copy, not reflink: the pool's filesystem cannot share extents, so the copy time "
+                + "fell inside the freeze window. An XFS pool made with `mkfs.xfs -m reflink=1` avoids this.")
+        }
     }
 }
 
