@@ -91,6 +91,7 @@ let package = Package(
             name: "QuiesceAgent",
             dependencies: [
                 "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "Logging", package: "swift-log"),

@@ -19,4 +19,26 @@ extension Quiesce_Agent_V1_Facts {
         }
         return table.render()
     }
+
+    /// The seed scripts and hooks, with whether each may run or why not.
+    public func hookTable() -> String {
+        var table = TextTable(headers: ["HOOK", "PATH", "OWNER", "MODE", "SIZE", "RUNS?"])
+        for hook in self.hooks {
+            let refusal: String = switch hook.refusal {
+            case .none: "yes"
+            case .missing: "no: missing"
+            case .notRegular: "no: not a regular file"
+            case .wrongOwner: "no: owner is not root"
+            case .wrongMode: "no: mode must be 0700 or stricter"
+            case .hashMismatch: "no: content changed"
+            case .unknownHook: "no: unknown hook"
+            case .UNRECOGNIZED(let value): "no (\(value))"
+            }
+            table.append([
+                hook.name, hook.path, hook.exists ? "\(hook.ownerUid)" : "-", hook.exists ? String(hook.mode, radix: 8) : "-",
+                hook.exists ? formatBytes(hook.sizeBytes) : "-", refusal,
+            ])
+        }
+        return table.render()
+    }
 }

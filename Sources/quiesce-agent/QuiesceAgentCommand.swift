@@ -102,5 +102,7 @@ struct Facts: AsyncParsableCommand {
         }
         print(facts.summary + "\n")
         print(facts.mountTable())
+        print("")
+        print(facts.hookTable())
     }
 }

@@ -18,19 +18,21 @@ public struct FactsCollector: Sendable {
 
     public var mountInfoPath: String
     public var osReleasePath: String
+    public var hooks: HookLocations
 
-    public init(mountInfoPath: String = "/proc/self/mountinfo", osReleasePath: String = "/etc/os-release") {
+    public init(mountInfoPath: String = "/proc/self/mountinfo", osReleasePath: String = "/etc/os-release", hooks: HookLocations = .defaults) {
         self.mountInfoPath = mountInfoPath
         self.osReleasePath = osReleasePath
+        self.hooks = hooks
     }
 
     /// Collects on a dedicated thread: `statvfs` on a hung network mount blocks.
     public func collect(includeHookHashes: Bool = false) async throws -> Facts {
         let collector = self
-        return try await DedicatedThread.run(name: "quiesce-facts") { try collector.collectBlocking() }
+        return try await DedicatedThread.run(name: "quiesce-facts") { try collector.collectBlocking(includeHookHashes: includeHookHashes) }
     }
 
-    public func collectBlocking() throws -> Facts {
+    public func collectBlocking(includeHookHashes: Bool = false) throws -> Facts {
         var facts = Facts()
         facts.osFamily = "linux"
         let release = Self.parseOSRelease((try? String(contentsOfFile: self.osReleasePath, encoding: .utf8)) ?? "")
@@ -53,6 +55,7 @@ public struct FactsCollector: Sendable {
             throw FactsError.unreadable(source: self.mountInfoPath, detail: "cannot read the mount table")
         }
         facts.mounts = Self.mounts(from: try MountInfoEntry.parse(text))
+        facts.hooks = HookInspector.facts(self.hooks, hashes: includeHookHashes)
         return facts
     }
 

@@ -65,6 +65,8 @@ struct FactsCommand: AsyncParsableCommand {
         case .table:
             print("\(self.instance): \(facts.summary)\n")
             print(facts.mountTable())
+            print("")
+            print(facts.hookTable())
         }
     }
 }
