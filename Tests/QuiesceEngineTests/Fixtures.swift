@@ -46,6 +46,18 @@ final class Fleet: Sendable {
         self.engineTask = task
     }
 
+    /// For `defer`: begins the engine's shutdown and removes the test's files now,
+    /// without waiting (a `defer` cannot await, and a Task might outlive the test run).
+    func discard() {
+        self.engine.shutdown()
+        self.engineTask.cancel()
+        // The engine unlinks its admin socket as it stops, racing the removal: retry briefly.
+        for _ in 0..<50 where FileManager.default.fileExists(atPath: self.directory) {
+            try? FileManager.default.removeItem(atPath: self.directory)
+            usleep(20_000)
+        }
+    }
+
     /// Stops the engine; keeps the directory when `keepFiles` (an engine restart test).
     func stop(keepFiles: Bool = false) async {
         self.engine.shutdown()

@@ -26,7 +26,7 @@ struct RefusalTests {
     @Test("a client with no certificate is refused in the handshake")
     func noCertificate() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, error) = try await fleet.rawSession(
             .tls { $0.trustRoots = .certificates([.file(path: fleet.ca.caCertificatePath, format: .pem)]) },
             sending: [try hello("i-anon").bytes])
@@ -38,7 +38,7 @@ struct RefusalTests {
     @Test("plaintext is refused")
     func plaintext() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, error) = try await fleet.rawSession(.plaintext, sending: [try hello("i-plain").bytes])
         #expect(error?.code == .unavailable)
         #expect(await fleet.engine.registry.count == 0)
@@ -47,7 +47,7 @@ struct RefusalTests {
     @Test("a certificate from another CA is refused")
     func otherCA() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let stranger = try CertificateAuthority.create(commonName: "Some other CA")
         let files = try fleet.customIdentity("stranger", authority: stranger, request: .agent(instanceID: "i-stranger"))
         let error = try await self.attempt(fleet, files: files)
@@ -58,7 +58,7 @@ struct RefusalTests {
     @Test("an expired certificate is refused")
     func expired() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let files = try fleet.customIdentity("expired", request: .init(
             commonName: "i-expired", role: .agent, notBefore: Date().addingTimeInterval(-10 * 86_400), validity: .seconds(86_400)))
         let certificate = try CADirectory.readCertificate(files.certificatePath)
@@ -70,7 +70,7 @@ struct RefusalTests {
     @Test("a server-only certificate presented as a client is refused")
     func serverOnlyCertificate() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let files = try fleet.customIdentity("server-only", request: .init(
             commonName: "i-server", role: .agent, extendedKeyUsage: [.serverAuth]))
         _ = try await self.attempt(fleet, files: files)
@@ -86,7 +86,7 @@ struct RefusalTests {
     @Test("a hello whose instance id differs from the certificate's is closed with the reason")
     func instanceMismatch() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let error = try await self.attempt(fleet, files: try fleet.agentFiles("i-real"), instanceID: "i-pretend")
         #expect(error.contains("permissionDenied") || error.contains("permission"))
         #expect(error.contains("\"i-pretend\"") && error.contains("\"i-real\""))
@@ -96,7 +96,7 @@ struct RefusalTests {
     @Test("an operator certificate cannot open an agent session")
     func operatorCertificate() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let files = try fleet.customIdentity("alice", request: .operator(name: "alice"))
         let error = try await self.attempt(fleet, files: files, instanceID: "alice")
         #expect(error.contains("role 'operator'"))
@@ -105,7 +105,7 @@ struct RefusalTests {
     @Test("a major protocol mismatch is refused naming both versions")
     func protocolMismatch() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (replies, error) = try await fleet.rawSession(fleet.mTLS(try fleet.agentFiles("i-future")), sending: [try hello("i-future", major: 9).bytes])
         #expect(replies.isEmpty)
         #expect(error?.code == .failedPrecondition)
@@ -124,7 +124,7 @@ struct BadInputTests {
     @Test("a garbage first message")
     func garbage() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, task) = try await fleet.connect("i-bystander")
         defer { task.cancel() }
         let (replies, error) = try await fleet.rawSession(
@@ -138,7 +138,7 @@ struct BadInputTests {
     @Test("a first message that is not a hello")
     func notHello() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         var heartbeat = AgentMessage()
         heartbeat.heartbeat.sequence = 1
         let (_, error) = try await fleet.rawSession(fleet.mTLS(try fleet.agentFiles("i-rude")), sending: [try heartbeat.bytes])
@@ -149,7 +149,7 @@ struct BadInputTests {
     @Test("an oversized message")
     func oversized() async throws {
         let fleet = try await Fleet.start(limits: .defaults { $0.maxMessageBytes = 64 * 1024 })
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, task) = try await fleet.connect("i-bystander")
         defer { task.cancel() }
         var big = hello("i-big")
@@ -166,7 +166,7 @@ struct BadInputTests {
     @Test("a result for a command that was never sent")
     func unknownResult() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, task) = try await fleet.connect("i-bystander")
         defer { task.cancel() }
         var bogus = AgentMessage()
@@ -186,7 +186,7 @@ struct BadInputTests {
     @Test("an agent that sends no hello is dropped after the hello timeout")
     func silentAgent() async throws {
         let fleet = try await Fleet.start(limits: .defaults { $0.helloTimeout = .milliseconds(300) })
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, error) = try await fleet.rawSession(fleet.mTLS(try fleet.agentFiles("i-mute")), sending: [])
         #expect(error?.code == .deadlineExceeded)
         #expect(error?.message.contains("no hello") == true)

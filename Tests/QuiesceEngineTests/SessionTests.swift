@@ -13,7 +13,7 @@ struct SessionTests {
     @Test("a valid agent certificate opens a session that answers facts")
     func establishes() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (runner, task) = try await fleet.connect("i-good")
         defer { task.cancel() }
 
@@ -35,7 +35,7 @@ struct SessionTests {
     @Test("answers may come out of order; each caller gets its own")
     func outOfOrder() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         // Command 1 is slow, command 2 fast.
         let handler = ScriptedHandler { $0.id == 1 ? .milliseconds(800) : .milliseconds(10) }
         let (_, task) = try await fleet.connect("i-order", handler: handler)
@@ -54,7 +54,7 @@ struct SessionTests {
     @Test("a command past its deadline fails and the agent is told to cancel it")
     func deadline() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let handler = ScriptedHandler { _ in .seconds(30) }
         let (_, task) = try await fleet.connect("i-slow", handler: handler)
         defer { task.cancel() }
@@ -68,7 +68,7 @@ struct SessionTests {
     @Test("cancelling the caller cancels the command on the agent")
     func cancel() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let handler = ScriptedHandler { _ in .seconds(30) }
         let (_, task) = try await fleet.connect("i-cancel", handler: handler)
         defer { task.cancel() }
@@ -82,7 +82,7 @@ struct SessionTests {
     @Test("a caller that is already cancelled fails at once, not at its deadline")
     func cancelledBeforeSending() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, task) = try await fleet.connect("i-early", handler: ScriptedHandler { _ in .seconds(30) })
         defer { task.cancel() }
         let clock = ContinuousClock()
@@ -98,7 +98,7 @@ struct SessionTests {
     @Test("an engine shut down before it ran says so instead of hanging")
     func shutdownBeforeRun() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let engine = try Engine(configuration: EngineConfiguration(
             listen: ListenAddress(host: .ipv4("127.0.0.1"), port: 0), identity: fleet.ca.engineFiles,
             adminSocketPath: nil, limits: .defaults))
@@ -110,7 +110,7 @@ struct SessionTests {
     @Test("a dropped session fails its pending commands at once")
     func droppedSessionFailsPending() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let handler = ScriptedHandler { _ in .seconds(60) }
         let (_, task) = try await fleet.connect("i-drop", handler: handler)
         let clock = ContinuousClock()
@@ -132,7 +132,7 @@ struct SessionTests {
     @Test("an unknown command is answered UNIMPLEMENTED and the session stays open")
     func unknownCommand() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, task) = try await fleet.connect("i-old")
         defer { task.cancel() }
         let freeze = try await fleet.engine.send(.freeze(.init()), to: "i-old", deadline: .seconds(5))
@@ -154,7 +154,7 @@ struct SessionTests {
         try await waitUntil { if case .connected = runner.phase { false } else { true } }
 
         let second = try await Fleet.start(port: port, directory: first.directory)
-        defer { Task { await second.stop() } }
+        defer { second.discard() }
         #expect(await second.engine.registry.waitFor(["i-back"], timeout: .seconds(10)).isEmpty)
         try await waitUntil { runner.sessionsOpened == 2 }
         #expect(try await second.engine.facts(of: "i-back").osFamily == "linux")
@@ -163,7 +163,7 @@ struct SessionTests {
     @Test("a second session for the same instance replaces the first")
     func replaced() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, task) = try await fleet.connect("i-twice")
         defer { task.cancel() }
         let firstID = try #require(await fleet.engine.registry.session(for: "i-twice")).sessionID
@@ -178,7 +178,7 @@ struct SessionTests {
     @Test("the admin socket is mode 0600 and lists the agents")
     func adminSocket() async throws {
         let fleet = try await Fleet.start()
-        defer { Task { await fleet.stop() } }
+        defer { fleet.discard() }
         let (_, task) = try await fleet.connect("i-listed")
         defer { task.cancel() }
         var info = stat()

@@ -2,6 +2,7 @@
 proto/ with stock grpcio-tools, and a running `quiesce serve` with its own CA."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,8 @@ def stubs():
 
     s = Stubs()
     s.session_pb2, s.session_pb2_grpc, s.actions_pb2 = session_pb2, session_pb2_grpc, actions_pb2
-    return s
+    yield s
+    shutil.rmtree(out, ignore_errors=True)
 
 
 class Engine:
