@@ -94,7 +94,7 @@ public struct Inventory: Sendable {
             guard let expected, expected == sum.actual else {
                 checks.append(DiskCheck(
                     disk: disk.diskID, outcome: .checksumMismatch, filesystem: nil,
-                    detail: "expected sha256 \(disk.sha256 ?? sum.recorded ?? "(none recorded)"), found \(sum.actual)"))
+                    detail: "expected sha256 \(expected ?? "(none recorded)"), found \(sum.actual)"))
                 continue
             }
             if deep {

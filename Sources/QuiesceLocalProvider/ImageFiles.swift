@@ -21,12 +21,15 @@ enum ImageFiles {
         let target = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard target >= 0 else { throw posixError("create", destination) }
         defer { close(target) }
-        if allowReflink && quiesce_ficlone(target, source) == 0 {
-            return CloneResult(method: .reflink, dataBytes: try dataBytes(source, size: size), sizeBytes: size)
-        }
-        let reason = errno
-        guard [EOPNOTSUPP, EXDEV, EINVAL, ENOTTY, ENOSYS, EPERM].contains(reason) || !allowReflink else {
-            throw posixError("FICLONE", destination, code: reason)
+        if allowReflink {
+            if quiesce_ficlone(target, source) == 0 {
+                return CloneResult(method: .reflink, dataBytes: try dataBytes(source, size: size), sizeBytes: size)
+            }
+            // "Cannot share extents here" falls back to copying; anything else is a real failure.
+            let reason = errno
+            guard [EOPNOTSUPP, EXDEV, EINVAL, ENOTTY, ENOSYS, EPERM].contains(reason) else {
+                throw posixError("FICLONE", destination, code: reason)
+            }
         }
         let copied = try sparseCopy(from: source, to: target, size: size, path: destination)
         return CloneResult(method: .sparseCopy, dataBytes: copied, sizeBytes: size)
