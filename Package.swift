@@ -11,6 +11,7 @@ let package = Package(
         .executable(name: "quiesce", targets: ["quiesce"]),
         .executable(name: "quiesce-agent", targets: ["quiesce-agent"]),
         .executable(name: "quiesce-bench", targets: ["quiesce-bench"]),
+        .executable(name: "quiesce-thaw-guard", targets: ["quiesce-thaw-guard"]),
     ],
     dependencies: [
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
@@ -90,7 +91,7 @@ let package = Package(
         .target(
             name: "QuiesceAgent",
             dependencies: [
-                "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire",
+                "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire", "CQuiesceLinux",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -119,6 +120,10 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The thaw guard (C, no runtime): owns every FIFREEZE/FITHAW of the agent and
+        // thaws when the agent dies, the budget runs out or it is asked. Installed
+        // next to quiesce-agent.
+        .executableTarget(name: "quiesce-thaw-guard"),
         // Load generators for scripts/bench-*.sh.
         .executableTarget(
             name: "quiesce-bench",

@@ -1,6 +1,13 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <unistd.h>
+#include <signal.h>
+#include <spawn.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include "quiesce_linux.h"
 
 int quiesce_syncfs(int fd) { return syncfs(fd); }
@@ -15,3 +22,86 @@ long quiesce_copy_file_range(int src, long long *src_off, int dst, long long *ds
 
 long long quiesce_seek_data(int fd, long long offset) { return lseek(fd, offset, SEEK_DATA); }
 long long quiesce_seek_hole(int fd, long long offset) { return lseek(fd, offset, SEEK_HOLE); }
+
+long quiesce_send_with_fds(int sock, const void *data, unsigned long length, const int *fds, int count) {
+    struct iovec iov = {.iov_base = (void *)data, .iov_len = length};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    char control[CMSG_SPACE(sizeof(int) * 64)];
+    if (count > 64) { errno = E2BIG; return -1; }
+    if (count > 0) {
+        memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * count);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * count);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * count);
+    }
+    return (long)sendmsg(sock, &msg, MSG_NOSIGNAL);
+}
+
+long quiesce_receive(int sock, void *buffer, unsigned long capacity) {
+    struct iovec iov = {.iov_base = buffer, .iov_len = capacity};
+    char control[CMSG_SPACE(sizeof(int) * 64)];
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+    ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (n >= 0) {
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                for (int i = 0; i < count; i++) {
+                    int fd;
+                    memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                    close(fd);
+                }
+            }
+        }
+    }
+    return (long)n;
+}
+
+int quiesce_pidfd_open(int pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+int quiesce_spawn(const char *path, char *const argv[], char *const envp[], int keep_fd, int map_from, int map_to,
+                  int stdin_fd, int stdout_fd, int stderr_fd, int new_group, int *pid) {
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawnattr_init(&attributes);
+    short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    posix_spawnattr_setsigmask(&attributes, &none);
+    posix_spawnattr_setsigdefault(&attributes, &all);
+    if (new_group) {
+        flags |= POSIX_SPAWN_SETPGROUP;
+        posix_spawnattr_setpgroup(&attributes, 0);
+    }
+    posix_spawnattr_setflags(&attributes, flags);
+    if (stdin_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stdin_fd, 0);
+    if (stdout_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stdout_fd, 1);
+    if (stderr_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stderr_fd, 2);
+    // dup2(fd, fd) clears close-on-exec (glibc >= 2.29).
+    if (keep_fd >= 0) posix_spawn_file_actions_adddup2(&actions, keep_fd, keep_fd);
+    if (map_from >= 0 && map_to >= 0) posix_spawn_file_actions_adddup2(&actions, map_from, map_to);
+    pid_t child = 0;
+    int result = posix_spawn(&child, path, &actions, &attributes, argv, envp);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+    if (result == 0) *pid = child;
+    return result;
+}
+
+int quiesce_set_child_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); }
+
+int quiesce_lock_memory(void) {
+#ifdef MCL_ONFAULT
+    return mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT);
+#else
+    return mlockall(MCL_CURRENT | MCL_FUTURE);
+#endif
+}
+
+int quiesce_pipe(int fds[2], int nonblock) { return pipe2(fds, O_CLOEXEC | (nonblock ? O_NONBLOCK : 0)); }

@@ -1,3 +1,4 @@
+import CQuiesceLinux
 import QuiesceCore
 import QuiescePKI
 import QuiesceWire
@@ -29,3 +30,6 @@ public struct AgentConfiguration: Sendable {
         self.healthySession = healthySession
     }
 }
+
+/// Locks the process's memory (current and future pages, faulted in on first use).
+public func quiesceLockMemory() -> Int32 { quiesce_lock_memory() }

@@ -65,11 +65,16 @@ public final class AgentRunner: Sendable {
     public func run() async throws {
         _ = try self.configuration.identity.validate()
         var backoff = self.configuration.backoff
+        await self.handler.prepare()
         defer { self.setPhase(.stopped) }
         while !Task.isCancelled {
             self.setPhase(.connecting(attempt: backoff.attempt))
             let end = await self.runSession()
-            if Task.isCancelled { return }
+            if Task.isCancelled {
+                // Thaw, release holds and end the guard before returning, even though we are cancelled.
+                await Task.detached { await self.handler.shutdown() }.value
+                return
+            }
             if end.established && end.duration >= self.configuration.healthySession { backoff.reset() }
             let wait = backoff.next()
             let why = end.error.map(Self.describe) ?? "the engine closed the session"
@@ -90,9 +95,15 @@ public final class AgentRunner: Sendable {
         do {
             let instanceID = try self.instanceID()
             let transport = SecureTransports.agentDialer(engine: self.configuration.engine, identity: self.configuration.identity)
-            try await withGRPCClient(transport: transport) { client in
-                try await self.session(client: client, instanceID: instanceID, established: established)
+            do {
+                try await withGRPCClient(transport: transport) { client in
+                    try await self.session(client: client, instanceID: instanceID, established: established)
+                }
+            } catch {
+                await Task.detached { await self.handler.sessionEnded() }.value
+                throw error
             }
+            await Task.detached { await self.handler.sessionEnded() }.value
             return SessionEnd(established: established.isSet, duration: clock.now - began, error: nil)
         } catch {
             return SessionEnd(established: established.isSet, duration: clock.now - began, error: error)
@@ -151,6 +162,11 @@ public final class AgentRunner: Sendable {
                 ? .milliseconds(Int64(engineHello.heartbeatIntervalMs)) : self.configuration.limits.idleHeartbeat
             let running = RunningCommands()
             defer { running.cancelAll() }
+            self.handler.sessionOpened { event in
+                var message = AgentMessage()
+                message.event = event
+                outboundContinuation.yield(message)
+            }
 
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
@@ -167,6 +183,7 @@ public final class AgentRunner: Sendable {
                 group.addTask {
                     var iterator = remaining.value
                     while let message = try await iterator.next() {
+                        self.handler.engineHeard()
                         switch message.kind {
                         case .command(let command):
                             self.start(command, running: running, reply: outboundContinuation)

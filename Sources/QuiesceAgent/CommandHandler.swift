@@ -13,19 +13,75 @@ public protocol CommandHandling: Sendable {
     /// Performs one command. Called on a task that is cancelled when the
     /// engine cancels the command or its deadline passes.
     func perform(_ command: AgentCommand) async -> CommandResult
+
+    /// Called once before the first session (starts the thaw guard).
+    func prepare() async
+    /// A session is open; `events` sends unsolicited events on it.
+    func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)
+    /// Any message arrived from the engine.
+    func engineHeard()
+    /// The session ended (anything frozen must be thawed: nobody is watching).
+    func sessionEnded() async
+    /// The agent stops.
+    func shutdown() async
 }
 
-/// The built-in actions this agent version implements: facts. Freeze, thaw,
-/// hooks, holds and VSS answer UNIMPLEMENTED with reason "not-implemented",
-/// so an engine can tell an old agent from a failed action.
+extension CommandHandling {
+    public func prepare() async {}
+    public func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void) {}
+    public func engineHeard() {}
+    public func sessionEnded() async {}
+    public func shutdown() async {}
+}
+
+/// The built-in actions: facts, hooks, freeze and thaw through the thaw
+/// guard, freeze status, holds. VSS answers UNIMPLEMENTED with reason
+/// "not-implemented" (that is the Windows agent's), so an engine can tell
+/// an agent without an action from a failed action.
 public struct BuiltinCommandHandler: CommandHandling {
     public let facts: FactsCollector
+    public let hooks: HookRunner
+    public let freezer: FreezeController
+    public let holds: Holds
+    /// Whether `prepare()` starts the thaw guard (without it every freeze is refused).
+    public let startsGuard: Bool
 
-    public init(facts: FactsCollector = FactsCollector()) {
+    public init(
+        facts: FactsCollector = FactsCollector(), hooks: HookRunner? = nil, guardExecutable: String? = nil,
+        silenceLimit: Duration = .seconds(1), startsGuard: Bool = true
+    ) {
         self.facts = facts
+        self.startsGuard = startsGuard
+        let hooks = hooks ?? HookRunner(locations: facts.hooks)
+        self.hooks = hooks
+        let holds = Holds(runner: hooks)
+        self.holds = holds
+        self.freezer = FreezeController(guardExecutable: guardExecutable, silenceLimit: silenceLimit, holdStates: { holds.states() })
     }
 
-    public var capabilities: [String] { ["facts"] }
+    public var capabilities: [String] { ["facts", "hooks", "fsfreeze", "holds"] }
+
+    public func prepare() async {
+        // Without a guard the agent still serves facts and hooks; freezes are refused ("guard-missing").
+        if self.startsGuard { try? await self.freezer.startGuard() }
+    }
+
+    public func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void) {
+        self.freezer.attach(events: events)
+        self.freezer.engineHeard()
+    }
+
+    public func engineHeard() { self.freezer.engineHeard() }
+
+    public func sessionEnded() async {
+        self.freezer.attach(events: nil)
+        await self.freezer.thawAll(cause: .engineSilent, detail: "the session to the engine ended")
+    }
+
+    public func shutdown() async {
+        await self.freezer.stop()
+        await self.holds.releaseAll()
+    }
 
     public func perform(_ command: AgentCommand) async -> CommandResult {
         var result = CommandResult()
@@ -33,20 +89,56 @@ public struct BuiltinCommandHandler: CommandHandling {
         switch command.action {
         case .facts(let request):
             do {
-                result.facts = try await self.facts.collect(includeHookHashes: request.includeHookHashes)
+                var facts = try await self.facts.collect(includeHookHashes: request.includeHookHashes)
+                facts.guardReady = self.freezer.guardReady
+                result.facts = facts
                 result.status = .ok
             } catch {
                 result.status = .init(code: .internalError, message: "could not collect facts: \(error)", reason: "facts-failed")
             }
+        case .runHook(let request):
+            if let refusal = self.refuseWhileFrozen("run-hook") {
+                result.status = refusal
+                return result
+            }
+            let hook = await self.hooks.run(request)
+            result.runHook = hook
+            if !hook.ran {
+                let reason = hook.refusal == .none ? "hook-spawn-failed" : "hook-" + hook.refusal.reasonCode
+                result.status = .init(code: hook.refusal == .none ? .internalError : .failedPrecondition, message: hook.refusalDetail, reason: reason)
+            } else {
+                result.status = .ok
+            }
+        case .freeze(let request):
+            (result.status, result.freeze) = await self.freezer.freeze(request)
+        case .thaw(let request):
+            (result.status, result.thaw) = await self.freezer.thaw(request)
+        case .freezeStatus:
+            result.freezeStatus = self.freezer.status()
+            result.status = .ok
+        case .hold(let request):
+            if let refusal = self.refuseWhileFrozen("hold") {
+                result.status = refusal
+                return result
+            }
+            (result.status, result.hold) = await self.holds.start(request)
+        case .release(let request):
+            (result.status, result.release) = await self.holds.release(request.holdID)
         case .some(let action):
             result.status = .init(
                 code: .unimplemented,
-                message: "\(action.name) is not implemented by agent \(QuiesceVersion.software)",
+                message: "\(action.name) is not implemented by the Linux agent \(QuiesceVersion.software)",
                 reason: "not-implemented")
         case nil:
             let detail = command.unknownFields.data.isEmpty ? "no action set" : "an action this agent does not know (is the engine newer?)"
             result.status = .init(code: .unimplemented, message: "unknown command: \(detail)", reason: "unknown-command")
         }
         return result
+    }
+
+    /// Nothing starts from disk while frozen (invariant 1).
+    private func refuseWhileFrozen(_ action: String) -> AgentStatus? {
+        guard let status = Optional(self.freezer.status()), status.frozen else { return nil }
+        return .init(code: .failedPrecondition, message: "\(action) refused: freeze \(status.freezeID) is in progress and nothing is started while frozen", reason: "frozen")
     }
 }

@@ -37,6 +37,9 @@ public final class AgentSession: Sendable {
         var lastHeardDate: Date
         var closeReason: RPCError?
         var heartbeatSequence: UInt64 = 0
+        /// Freezes in progress on this agent: each has a 250 ms heartbeat task.
+        var freezeHeartbeats: [String: Task<Void, Never>] = [:]
+        var events: [Quiesce_Agent_V1_AgentEvent] = []
     }
 
     init(
@@ -166,8 +169,43 @@ public final class AgentSession: Sendable {
         }
     }
 
-    func sendHeartbeat() {
+    /// While anything is frozen the agent must hear from the engine at least
+    /// every second (it thaws otherwise): heartbeats every `interval` until
+    /// ``endFreezeHeartbeats(_:)`` or `limit` (budget plus slack) passes.
+    func beginFreezeHeartbeats(_ freezeID: String, interval: Duration = .milliseconds(250), limit: Duration) {
+        let task = Task { [weak self] in
+            let until = ContinuousClock.now + limit
+            while !Task.isCancelled, ContinuousClock.now < until {
+                guard let self, !self.isClosed else { return }
+                self.sendHeartbeat(freezeID: freezeID)
+                try? await Task.sleep(for: interval)
+            }
+        }
+        let previous = self.state.withLock { state in
+            defer { state.freezeHeartbeats[freezeID] = task }
+            return state.freezeHeartbeats[freezeID]
+        }
+        previous?.cancel()
+    }
+
+    func endFreezeHeartbeats(_ freezeID: String) {
+        self.state.withLock { $0.freezeHeartbeats.removeValue(forKey: freezeID) }?.cancel()
+    }
+
+    /// Events the agent sent unasked (a thaw by budget, a hold that died), oldest first; the last 100.
+    public var events: [Quiesce_Agent_V1_AgentEvent] { self.state.withLock { $0.events } }
+
+    func record(_ event: Quiesce_Agent_V1_AgentEvent) {
+        self.state.withLock { state in
+            state.events.append(event)
+            if state.events.count > 100 { state.events.removeFirst(state.events.count - 100) }
+        }
+        if event.kind == .thawed, !event.freezeID.isEmpty { self.endFreezeHeartbeats(event.freezeID) }
+    }
+
+    func sendHeartbeat(freezeID: String = "") {
         var message = EngineMessage()
+        message.heartbeat.freezeID = freezeID
         message.heartbeat.sequence = self.state.withLock {
             $0.heartbeatSequence += 1
             return $0.heartbeatSequence
@@ -184,6 +222,10 @@ public final class AgentSession: Sendable {
             defer { state.pending.removeAll() }
             return Array(state.pending.values)
         }
+        for task in self.state.withLock({ state -> [Task<Void, Never>] in
+            defer { state.freezeHeartbeats.removeAll() }
+            return Array(state.freezeHeartbeats.values)
+        }) { task.cancel() }
         let error = RPCError(
             code: .unavailable, message: "session with \(self.instanceID) ended: \(reason.message)", cause: reason)
         for entry in pending {

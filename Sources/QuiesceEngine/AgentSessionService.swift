@@ -182,6 +182,7 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
         case .heartbeat:
             break
         case .event(let event):
+            session.record(event)
             logger.notice("agent event", metadata: [
                 "instance": "\(session.instanceID)", "kind": "\(event.kind)", "message": "\(event.message)",
             ])

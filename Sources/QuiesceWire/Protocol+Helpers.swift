@@ -7,6 +7,7 @@ public typealias EngineMessage = Quiesce_Agent_V1_EngineMessage
 public typealias AgentCommand = Quiesce_Agent_V1_Command
 public typealias CommandResult = Quiesce_Agent_V1_CommandResult
 public typealias Facts = Quiesce_Agent_V1_Facts
+public typealias AgentStatus = Quiesce_Agent_V1_Status
 
 extension Quiesce_Agent_V1_ProtocolVersion {
     public init(_ number: ProtocolVersionNumber) {

@@ -40,6 +40,16 @@ struct Run: AsyncParsableCommand {
     var instanceID: String?
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
+    @Option(help: ArgumentHelp("The seed's freeze script (run before the freeze).", valueName: "path"))
+    var prescript: String = HookLocations.defaults.prescript
+    @Option(help: ArgumentHelp("The seed's thaw script (run after the thaw).", valueName: "path"))
+    var postscript: String = HookLocations.defaults.postscript
+    @Option(help: ArgumentHelp("Directory of named hooks (root-owned, mode 0700 files).", valueName: "path"))
+    var hookDir: String = HookLocations.defaults.hookDirectory
+    @Option(help: ArgumentHelp("The thaw guard executable (default: quiesce-thaw-guard next to this program).", valueName: "path"))
+    var thawGuard: String?
+    @Flag(help: "Do not lock the agent's memory (mlockall). Locking keeps it able to thaw when / is frozen.")
+    var noMemoryLock = false
 
     func validate() throws {
         guard Logger.Level(rawValue: self.logLevel) != nil else {
@@ -50,16 +60,24 @@ struct Run: AsyncParsableCommand {
 
     func run() async throws {
         let level = Logger.Level(rawValue: self.logLevel) ?? .info
+        // Logs go through the gate: held in memory while anything is frozen.
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler = GatedLogHandler(label: label)
             handler.logLevel = level
             return handler
         }
+        if !self.noMemoryLock && quiesceLockMemory() != 0 {
+            Logger(label: "quiesce.agent").warning("could not lock memory (mlockall); the agent may page while / is frozen")
+        }
         let engine = try ListenAddress(parsing: self.engine)
-        let runner = AgentRunner(configuration: AgentConfiguration(
-            engine: engine,
-            identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
-            instanceID: self.instanceID))
+        let locations = HookLocations(prescript: self.prescript, postscript: self.postscript, hookDirectory: self.hookDir)
+        let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard)
+        let runner = AgentRunner(
+            configuration: AgentConfiguration(
+                engine: engine,
+                identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
+                instanceID: self.instanceID),
+            handler: handler)
         let task = Task { try await runner.run() }
         let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
             signal(number, SIG_IGN)

@@ -51,7 +51,10 @@ struct Sessions: AsyncParsableCommand {
         var logger = Logger(label: "bench")
         logger.logLevel = .error
         let runners = ids.map { id in
-            AgentRunner(configuration: AgentConfiguration(engine: address, identity: ca.agentFiles(instanceID: id)), logger: logger)
+            AgentRunner(
+                configuration: AgentConfiguration(engine: address, identity: ca.agentFiles(instanceID: id)),
+                // Session load only: no thaw guard process per simulated agent.
+                handler: BuiltinCommandHandler(startsGuard: false), logger: logger)
         }
         let clock = ContinuousClock()
         let start = clock.now

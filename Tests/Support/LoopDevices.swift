@@ -50,6 +50,9 @@ public final class LoopDevices: @unchecked Sendable {
     }
 
     public func cleanUp() {
+        // Thaw first: a test that failed while frozen must not leave a frozen
+        // filesystem behind (EINVAL from a mount that is not frozen is fine).
+        for mount in self.mounts.reversed() { _ = try? run("fsfreeze", "--unfreeze", mount) }
         for mount in self.mounts.reversed() { _ = try? run("umount", "-l", mount) }
         for device in self.devices.reversed() { _ = try? run("losetup", "-d", device) }
         self.mounts = []

@@ -28,4 +28,30 @@ long quiesce_copy_file_range(int src, long long *src_off, int dst, long long *ds
 long long quiesce_seek_data(int fd, long long offset);
 long long quiesce_seek_hole(int fd, long long offset);
 
+/// Sends one SOCK_SEQPACKET message with `count` descriptors attached (SCM_RIGHTS).
+long quiesce_send_with_fds(int sock, const void *data, unsigned long length, const int *fds, int count);
+
+/// Receives one message; descriptors that came with it are closed (the agent never expects any).
+long quiesce_receive(int sock, void *buffer, unsigned long capacity);
+
+/// A pidfd for `pid` (readable when the process exits), or -1.
+int quiesce_pidfd_open(int pid);
+
+/// Starts `path` with posix_spawn. `keep_fd` (>= 0) stays open in the child
+/// at the same number (needed to run a script from /proc/self/fd/N);
+/// `map_from`/`map_to` (>= 0) dup2s one more descriptor. stdin/stdout/stderr
+/// become the given descriptors. `new_group` puts the child in a process
+/// group of its own. Returns 0 and sets *pid, or an errno value.
+int quiesce_spawn(const char *path, char *const argv[], char *const envp[], int keep_fd, int map_from, int map_to,
+                  int stdin_fd, int stdout_fd, int stderr_fd, int new_group, int *pid);
+
+/// pipe2 with O_CLOEXEC (and O_NONBLOCK when `nonblock`).
+int quiesce_pipe(int fds[2], int nonblock);
+
+/// Makes this process a child subreaper: orphaned descendants are re-parented to it.
+int quiesce_set_child_subreaper(void);
+
+/// Locks current and future memory, faulting pages in only when first used.
+int quiesce_lock_memory(void);
+
 #endif

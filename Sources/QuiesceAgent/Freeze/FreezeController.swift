@@ -1,0 +1,478 @@
+import CQuiesceLinux
+import Foundation
+import GRPCCore
+import Logging
+import QuiesceCore
+import QuiesceProto
+import QuiesceWire
+import Synchronization
+
+/// Freezes and thaws this instance's filesystems through the thaw guard,
+/// and thaws by itself when the engine falls silent or the session ends.
+///
+/// The guard performs every FIFREEZE and FITHAW on descriptors the agent
+/// opened before anything was frozen; the agent keeps its own copies so it
+/// can still thaw if the guard itself disappears. While frozen the agent
+/// writes nothing (logs go to ``LogGate``) and starts nothing.
+public final class FreezeController: Sendable {
+    public static let defaultBudget: Duration = .seconds(10)
+    /// Without a message from the engine for this long while frozen, thaw.
+    public let silenceLimit: Duration
+    public let guardExecutable: String
+    private let mountInfoPath: String
+    private let logger: Logger
+    private let state = Mutex(State())
+    /// Current holds, for the thaw reply.
+    let holdStates: @Sendable () -> [Quiesce_Agent_V1_HoldState]
+
+    struct Active {
+        var id: String
+        var mountPoints: [String]
+        /// The agent's own descriptors, freeze order.
+        var descriptors: [Int32]
+        var frozenAt: ContinuousClock.Instant
+        var budget: Duration
+        var watchdog: Task<Void, Never>?
+    }
+
+    private struct State {
+        var guardProcess: ThawGuard?
+        var guardProblem: String? = "not started"
+        var active: Active?
+        /// A freeze or thaw request is being handled.
+        var busy = false
+        var lastThaw: Quiesce_Agent_V1_ThawResult?
+        var lastEngineMessage = ContinuousClock.now
+        var events: (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?
+        var stopped = false
+    }
+
+    public init(
+        guardExecutable: String? = nil, silenceLimit: Duration = .seconds(1), mountInfoPath: String = "/proc/self/mountinfo",
+        holdStates: @escaping @Sendable () -> [Quiesce_Agent_V1_HoldState] = { [] },
+        logger: Logger = Logger(label: "quiesce.agent.freeze")
+    ) {
+        self.guardExecutable = guardExecutable ?? ThawGuard.defaultExecutable()
+        self.silenceLimit = silenceLimit
+        self.mountInfoPath = mountInfoPath
+        self.holdStates = holdStates
+        self.logger = logger
+    }
+
+    // MARK: guard
+
+    /// Starts the guard if it is not running (never while frozen: that would start a program from disk).
+    public func startGuard() async throws {
+        let running = self.state.withLock { $0.guardProcess?.isAlive == true || $0.active != nil || $0.stopped }
+        if running { return }
+        do {
+            let started = try await ThawGuard.start(executable: self.guardExecutable) { [weak self] message in
+                self?.guardSaid(message)
+            }
+            if !started.oomAdjusted || !started.memoryLocked {
+                self.logger.warning("thaw guard started without full protection", metadata: [
+                    "oom_score_adj": "\(started.oomAdjusted ? "-1000" : "unchanged")", "memory_locked": "\(started.memoryLocked)",
+                ])
+            }
+            self.state.withLock {
+                $0.guardProcess = started
+                $0.guardProblem = nil
+            }
+            self.logger.info("thaw guard ready", metadata: ["pid": "\(started.pid)", "executable": "\(started.executable)"])
+        } catch {
+            self.state.withLock { $0.guardProblem = "\(error)" }
+            throw error
+        }
+    }
+
+    /// Whether the guard is alive and armed (facts, refusals).
+    public var guardReady: Bool { self.state.withLock { $0.guardProcess?.isAlive == true } }
+    public var guardPID: Int32? { self.state.withLock { $0.guardProcess?.isAlive == true ? $0.guardProcess?.pid : nil } }
+    public var isFrozen: Bool { self.state.withLock { $0.active != nil } }
+
+    /// Where agent events (a thaw nobody asked for) go; set per session.
+    public func attach(events: (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?) {
+        self.state.withLock { $0.events = events }
+    }
+
+    /// Any message from the engine proves it is alive.
+    public func engineHeard() {
+        self.state.withLock { $0.lastEngineMessage = .now }
+    }
+
+    // MARK: freeze
+
+    public func freeze(_ request: Quiesce_Agent_V1_FreezeRequest) async -> (AgentStatus, Quiesce_Agent_V1_FreezeResult) {
+        var result = Quiesce_Agent_V1_FreezeResult()
+        result.freezeID = request.freezeID
+        let budget: Duration = request.budgetMs > 0 ? .milliseconds(Int64(request.budgetMs)) : Self.defaultBudget
+        result.budgetMs = UInt32(budget.milliseconds)
+        guard !request.freezeID.isEmpty, !request.freezeID.contains(where: { $0 == " " || $0 == "\n" }), request.freezeID.utf8.count <= 100 else {
+            return (.init(code: .invalidArgument, message: "expected a freeze id (1-100 characters, no spaces), found \"\(request.freezeID)\"", reason: "bad-request"), result)
+        }
+        guard !request.mountPoints.isEmpty else {
+            return (.init(code: .invalidArgument, message: "freeze \(request.freezeID) names no mount points", reason: "bad-request"), result)
+        }
+        // Mount points must be distinct filesystems that are mounted now.
+        let entries: [MountInfoEntry]
+        do {
+            entries = try MountInfoEntry.parse(String(contentsOfFile: self.mountInfoPath, encoding: .utf8))
+        } catch {
+            return (.init(code: .internalError, message: "could not read \(self.mountInfoPath): \(error)", reason: "facts-failed"), result)
+        }
+        var seenDevices: [String: String] = [:]
+        var ordered: [String] = []
+        for path in request.mountPoints {
+            guard let entry = entries.last(where: { $0.mountPoint == path }) else {
+                return (.init(code: .invalidArgument, message: "\(path) is not a mount point on this instance", reason: "not-a-mount"), result)
+            }
+            if let other = seenDevices[entry.deviceNumber] {
+                return (.init(code: .invalidArgument, message: "\(path) and \(other) are the same filesystem (\(entry.deviceNumber)); name it once", reason: "same-filesystem"), result)
+            }
+            if entry.readOnly {
+                return (.init(code: .invalidArgument, message: "\(path) is mounted read-only; there is nothing to freeze", reason: "read-only"), result)
+            }
+            seenDevices[entry.deviceNumber] = path
+            ordered.append(path)
+        }
+        // "/" last: the agent lives there; it is thawed first.
+        ordered.sort { ($0 == "/" ? 1 : 0) < ($1 == "/" ? 1 : 0) }
+
+        // One freeze at a time, and never without the guard.
+        let refusal: AgentStatus? = self.state.withLock { state in
+            if let active = state.active {
+                return .init(code: .failedPrecondition, message: "freeze \(active.id) is in progress; thaw it first", reason: "already-frozen")
+            }
+            if state.busy { return .init(code: .failedPrecondition, message: "another freeze or thaw is being handled", reason: "busy") }
+            guard state.guardProcess?.isAlive == true else {
+                return .init(code: .failedPrecondition, message: "the thaw guard is not running (\(state.guardProblem ?? "it exited")); the agent does not freeze without it", reason: "guard-missing")
+            }
+            state.busy = true
+            return nil
+        }
+        if let refusal { return (refusal, result) }
+        defer { self.state.withLock { $0.busy = false } }
+
+        // Open every mount before anything is frozen.
+        var descriptors: [Int32] = []
+        for path in ordered {
+            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if fd < 0 {
+                let code = errno
+                descriptors.forEach { close($0) }
+                return (.init(code: .failedPrecondition, message: "could not open \(path): \(String(cString: strerror(code)))", reason: "open-failed"), result)
+            }
+            descriptors.append(fd)
+        }
+        guard let guardProcess = self.state.withLock({ $0.guardProcess }) else {
+            descriptors.forEach { close($0) }
+            return (.init(code: .failedPrecondition, message: "the thaw guard is not running", reason: "guard-missing"), result)
+        }
+
+        LogGate.shared.close()
+        self.state.withLock { $0.lastEngineMessage = .now }
+        let id = request.freezeID
+        let replies: [GuardMessage]
+        do {
+            replies = try await guardProcess.request(
+                "FREEZE \(id) \(budget.milliseconds) \(request.skipSyncfs ? 0 : 1)", descriptors: descriptors,
+                accepts: { $0.freezeID == id || $0.freezeID == "-" },
+                finishes: { message in
+                    switch message {
+                    case .frozen(_, let all, _, _): all
+                    case .thawed, .error: true
+                    default: false
+                    }
+                })
+        } catch {
+            LogGate.shared.open()
+            descriptors.forEach { close($0) }
+            return (.init(code: .unavailable, message: "the thaw guard did not answer the freeze: \(error)", reason: "guard-missing"), result)
+        }
+        var frozen: (all: Bool, mounts: [GuardMessage.MountFrozen])?
+        for reply in replies {
+            switch reply {
+            case .frozen(_, let all, _, let mounts): frozen = (all, mounts)
+            case .error(_, let reason, let detail):
+                LogGate.shared.open()
+                descriptors.forEach { close($0) }
+                return (.init(code: .failedPrecondition, message: "the thaw guard refused: \(detail)", reason: reason), result)
+            default: break
+            }
+        }
+        guard let frozen, frozen.mounts.count == ordered.count else {
+            LogGate.shared.open()
+            descriptors.forEach { close($0) }
+            return (.init(code: .internalError, message: "the thaw guard's answer did not match the request", reason: "guard-protocol"), result)
+        }
+        var firstFailure: (String, Int32)?
+        for (path, mount) in zip(ordered, frozen.mounts) {
+            var entry = Quiesce_Agent_V1_MountFreeze()
+            entry.mountPoint = path
+            entry.frozen = mount.frozen
+            entry.syncfsUs = mount.syncfsMicros
+            entry.freezeUs = mount.freezeMicros
+            if mount.errno != 0 {
+                entry.reason = Self.freezeReason(mount.errno)
+                if firstFailure == nil { firstFailure = (path, mount.errno) }
+            }
+            result.mounts.append(entry)
+        }
+        guard frozen.all else {
+            // The guard has already thawed what this attempt froze (all or nothing).
+            LogGate.shared.open()
+            descriptors.forEach { close($0) }
+            for index in result.mounts.indices { result.mounts[index].frozen = false }
+            let (path, code) = firstFailure ?? ("?", 0)
+            let why = code == EBUSY
+                ? "\(path) is already frozen by another owner (EBUSY); nothing of theirs was thawed"
+                : "could not freeze \(path): \(String(cString: strerror(code)))"
+            self.logger.warning("freeze failed", metadata: ["freeze_id": "\(id)", "mount": "\(path)", "reason": "\(Self.freezeReason(code))"])
+            return (.init(code: .aborted, message: why, reason: Self.freezeReason(code)), result)
+        }
+        result.allFrozen = true
+        let frozenAt = ContinuousClock.now
+        self.state.withLock { state in
+            state.active = Active(id: id, mountPoints: ordered, descriptors: descriptors, frozenAt: frozenAt, budget: budget, watchdog: nil)
+        }
+        self.startWatchdog(id: id)
+        if Task.isCancelled {
+            // Cancelling a freeze thaws whatever it froze.
+            let thaw = await self.thaw(id: id, cause: .cancelled)
+            _ = thaw
+            return (.init(code: .cancelled, message: "freeze \(id) was cancelled; thawed", reason: "cancelled"), result)
+        }
+        return (.ok, result)
+    }
+
+    static func freezeReason(_ code: Int32) -> String {
+        switch code {
+        case EBUSY: "freeze-ebusy"
+        case EOPNOTSUPP: "freeze-unsupported"
+        case EPERM, EACCES: "freeze-permission"
+        default: "freeze-failed-errno-\(code)"
+        }
+    }
+
+    /// While frozen: thaw when the engine has been silent for `silenceLimit`.
+    private func startWatchdog(id: String) {
+        let limit = self.silenceLimit
+        let task = Task.detached { [weak self] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(50))
+                guard let self else { return }
+                let (silent, still) = self.state.withLock { state in
+                    (ContinuousClock.now - state.lastEngineMessage, state.active?.id == id)
+                }
+                guard still else { return }
+                if silent >= limit {
+                    _ = await self.thaw(id: id, cause: .engineSilent, detail: "no message from the engine for \(silent.milliseconds) ms")
+                    return
+                }
+            }
+        }
+        self.state.withLock { state in
+            if state.active?.id == id { state.active?.watchdog = task } else { task.cancel() }
+        }
+    }
+
+    // MARK: thaw
+
+    /// Thaws freeze `id` (or reports how it already ended).
+    public func thaw(_ request: Quiesce_Agent_V1_ThawRequest) async -> (AgentStatus, Quiesce_Agent_V1_ThawResult) {
+        let result = await self.thaw(id: request.freezeID, cause: .command)
+        guard let result else {
+            let current = self.state.withLock { $0.active?.id }
+            let message = current.map { "freeze \"\(request.freezeID)\" is not the one in progress (\($0))" }
+                ?? "no freeze \"\(request.freezeID)\" is in progress or recently ended"
+            return (.init(code: .notFound, message: message, reason: "unknown-freeze"), Quiesce_Agent_V1_ThawResult())
+        }
+        return (.ok, result)
+    }
+
+    /// Thaws the active freeze if it is `id`. When it already ended, returns how it ended; nil if unknown.
+    @discardableResult
+    func thaw(id: String, cause: Quiesce_Agent_V1_ThawCause, detail: String = "") async -> Quiesce_Agent_V1_ThawResult? {
+        // Wait for a freeze or thaw in flight (the guard answers one request at a time).
+        while true {
+            let decision: Int = self.state.withLock { state in
+                if state.busy { return 0 }
+                guard let active = state.active, active.id == id else { return 1 }
+                state.busy = true
+                return 2
+            }
+            if decision == 1 {
+                return self.state.withLock { state in state.lastThaw?.freezeID == id ? state.lastThaw : nil }
+            }
+            if decision == 2 { break }
+            try? await Task.sleep(for: .milliseconds(1))
+        }
+        defer { self.state.withLock { $0.busy = false } }
+        let holds = self.holdStates()
+        let guardProcess = self.state.withLock { $0.guardProcess }
+        var replies: [GuardMessage] = []
+        if let guardProcess, guardProcess.isAlive {
+            replies = (try? await guardProcess.request(
+                "THAW \(id) \(Self.causeWord(cause))",
+                accepts: { $0.freezeID == id },
+                finishes: { _ in true })) ?? []
+        }
+        if case .thawed(_, let word, let micros, let within, let mounts)? = replies.first {
+            return self.finish(id: id, cause: Self.cause(word) ?? cause, frozenMicros: micros, withinBudget: within, mounts: mounts, holds: holds, detail: detail)
+        }
+        if self.state.withLock({ $0.active?.id != id }) {
+            // The guard thawed it first (budget) and our THAW found nothing: report that thaw.
+            return self.state.withLock { $0.lastThaw?.freezeID == id ? $0.lastThaw : nil }
+        }
+        // No guard to ask (it died): thaw with our own descriptors.
+        return self.thawOurselves(id: id, cause: cause, holds: holds, detail: detail.isEmpty ? "the thaw guard was gone; the agent thawed" : detail)
+    }
+
+    /// The guard is gone while frozen: FITHAW with the agent's descriptors, "/" first.
+    private func thawOurselves(id: String, cause: Quiesce_Agent_V1_ThawCause, holds: [Quiesce_Agent_V1_HoldState], detail: String) -> Quiesce_Agent_V1_ThawResult? {
+        guard let active = self.state.withLock({ $0.active }), active.id == id else { return nil }
+        var mounts: [GuardMessage.MountThawed] = Array(repeating: .init(thawed: false, errno: 0), count: active.descriptors.count)
+        for index in active.descriptors.indices.reversed() {
+            if quiesce_fithaw(active.descriptors[index]) == 0 {
+                mounts[index] = .init(thawed: true, errno: 0)
+            } else {
+                mounts[index] = .init(thawed: false, errno: errno)
+            }
+        }
+        let elapsed = ContinuousClock.now - active.frozenAt
+        return self.finish(
+            id: id, cause: cause, frozenMicros: UInt64(max(elapsed.nanoseconds / 1000, 0)), withinBudget: elapsed <= active.budget,
+            mounts: mounts, holds: holds, detail: detail)
+    }
+
+    /// Records how freeze `id` ended, opens the log gate and tells the engine when it did not ask.
+    private func finish(
+        id: String, cause: Quiesce_Agent_V1_ThawCause, frozenMicros: UInt64, withinBudget: Bool, mounts: [GuardMessage.MountThawed],
+        holds: [Quiesce_Agent_V1_HoldState], detail: String
+    ) -> Quiesce_Agent_V1_ThawResult? {
+        let (active, events): (Active?, (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?) = self.state.withLock { state in
+            guard let active = state.active, active.id == id else { return (nil, nil) }
+            state.active = nil
+            return (active, state.events)
+        }
+        guard let active else { return self.state.withLock { $0.lastThaw?.freezeID == id ? $0.lastThaw : nil } }
+        active.watchdog?.cancel()
+        var result = Quiesce_Agent_V1_ThawResult()
+        result.freezeID = id
+        result.cause = cause
+        result.frozenUs = frozenMicros
+        result.withinBudget = withinBudget
+        result.holds = holds
+        for (path, mount) in zip(active.mountPoints, mounts) {
+            var entry = Quiesce_Agent_V1_MountThaw()
+            entry.mountPoint = path
+            // EINVAL from FITHAW: it was no longer frozen (someone thawed it under us).
+            entry.thawed = mount.thawed
+            if mount.errno == EINVAL { entry.reason = "already-thawed-by-someone-else" } else if mount.errno != 0 { entry.reason = "thaw-failed-errno-\(mount.errno)" }
+            result.mounts.append(entry)
+        }
+        active.descriptors.forEach { close($0) }
+        self.state.withLock { $0.lastThaw = result }
+        LogGate.shared.open()
+        let how = Self.causeWord(cause)
+        self.logger.info("thawed", metadata: [
+            "freeze_id": "\(id)", "cause": "\(how)", "frozen_ms": "\(Double(frozenMicros) / 1000)", "within_budget": "\(withinBudget)",
+            "detail": "\(detail)",
+        ])
+        if cause != .command {
+            var event = Quiesce_Agent_V1_AgentEvent()
+            event.kind = .thawed
+            event.freezeID = id
+            event.message = "freeze \(id) thawed by \(how)\(detail.isEmpty ? "" : ": \(detail)")"
+            event.thaw = result
+            events?(event)
+        }
+        return result
+    }
+
+    /// The guard spoke unasked (a budget thaw) or died (nil).
+    private func guardSaid(_ message: GuardMessage?) {
+        switch message {
+        case .thawed(let id, let word, let micros, let within, let mounts)?:
+            let holds = self.holdStates()
+            let cause = Self.cause(word) ?? .guard
+            _ = self.finish(id: id, cause: cause, frozenMicros: micros, withinBudget: within, mounts: mounts, holds: holds,
+                            detail: cause == .budget ? "the freeze budget ran out" : "")
+        case nil:
+            let (active, events) = self.state.withLock { state -> (String?, (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?) in
+                state.guardProblem = "it exited"
+                return (state.active?.id, state.events)
+            }
+            var event = Quiesce_Agent_V1_AgentEvent()
+            event.kind = .guardLost
+            event.message = "the thaw guard process exited" + (active.map { " during freeze \($0); the agent thaws itself" } ?? "")
+            events?(event)
+            self.logger.error("thaw guard lost", metadata: ["freeze_id": "\(active ?? "-")"])
+            Task.detached { [weak self] in
+                guard let self else { return }
+                if let active { _ = await self.thaw(id: active, cause: .guard, detail: "the thaw guard exited; the agent thawed with its own descriptors") }
+                // Start a new one once nothing is frozen.
+                try? await Task.sleep(for: .milliseconds(100))
+                try? await self.startGuard()
+            }
+        default:
+            break  // a late reply to a request already answered
+        }
+    }
+
+    /// Status for FreezeStatusRequest.
+    public func status() -> Quiesce_Agent_V1_FreezeStatus {
+        self.state.withLock { state in
+            var status = Quiesce_Agent_V1_FreezeStatus()
+            if let active = state.active {
+                status.frozen = true
+                status.freezeID = active.id
+                status.mountPoints = active.mountPoints
+                status.frozenForUs = UInt64(max((ContinuousClock.now - active.frozenAt).nanoseconds / 1000, 0))
+            }
+            if let last = state.lastThaw { status.lastThaw = last }
+            return status
+        }
+    }
+
+    /// Thaws whatever is frozen (the session ended, the agent stops).
+    public func thawAll(cause: Quiesce_Agent_V1_ThawCause, detail: String) async {
+        if let id = self.state.withLock({ $0.active?.id }) {
+            await self.thaw(id: id, cause: cause, detail: detail)
+        }
+    }
+
+    /// Thaws, then ends the guard.
+    public func stop() async {
+        await self.thawAll(cause: .agentShutdown, detail: "the agent is stopping")
+        let guardProcess = self.state.withLock { state -> ThawGuard? in
+            state.stopped = true
+            return state.guardProcess
+        }
+        guardProcess?.shutdown()
+    }
+
+    static func causeWord(_ cause: Quiesce_Agent_V1_ThawCause) -> String {
+        switch cause {
+        case .command: "command"
+        case .budget: "budget"
+        case .guard: "guard"
+        case .engineSilent: "engine-silent"
+        case .cancelled: "cancelled"
+        case .agentShutdown: "agent-shutdown"
+        default: "unspecified"
+        }
+    }
+
+    static func cause(_ word: String) -> Quiesce_Agent_V1_ThawCause? {
+        switch word {
+        case "command": .command
+        case "budget": .budget
+        case "guard": .guard
+        case "engine-silent": .engineSilent
+        case "cancelled": .cancelled
+        case "agent-shutdown": .agentShutdown
+        default: nil
+        }
+    }
+}

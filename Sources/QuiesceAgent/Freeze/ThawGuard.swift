@@ -1,0 +1,280 @@
+import CQuiesceLinux
+import Foundation
+import QuiesceCore
+import Synchronization
+
+/// What the thaw guard process says (see Sources/quiesce-thaw-guard/main.c).
+enum GuardMessage: Sendable, Equatable {
+    struct MountFrozen: Sendable, Equatable {
+        var frozen: Bool
+        var errno: Int32
+        var syncfsMicros: UInt64
+        var freezeMicros: UInt64
+    }
+    struct MountThawed: Sendable, Equatable {
+        var thawed: Bool
+        var errno: Int32
+    }
+    case ready(pid: Int32, oomAdjusted: Bool, memoryLocked: Bool)
+    case pong(pid: Int32, frozen: Bool, freezeID: String)
+    case frozen(id: String, all: Bool, budgetMs: UInt32, mounts: [MountFrozen])
+    case thawed(id: String, cause: String, frozenMicros: UInt64, withinBudget: Bool, mounts: [MountThawed])
+    case error(id: String, reason: String, detail: String)
+
+    /// Parses one packet; nil for anything malformed.
+    init?(parsing text: String) {
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        guard !lines.isEmpty else { return nil }
+        let head = lines.removeFirst().split(separator: " ", maxSplits: 3).map(String.init)
+        func fields(_ line: String) -> [String] { line.split(separator: " ").map(String.init) }
+        switch head.first {
+        case "READY" where head.count >= 4:
+            guard let pid = Int32(head[1]) else { return nil }
+            self = .ready(pid: pid, oomAdjusted: head[2] == "1", memoryLocked: head[3] == "1")
+        case "PONG" where head.count >= 4:
+            guard let pid = Int32(head[1]) else { return nil }
+            self = .pong(pid: pid, frozen: head[2] == "1", freezeID: head[3])
+        case "FROZEN":
+            let all = fields(text.split(separator: "\n").first.map(String.init) ?? "")
+            guard all.count == 5, let budget = UInt32(all[3]), let count = Int(all[4]), lines.count == count else { return nil }
+            var mounts: [MountFrozen] = []
+            for line in lines {
+                let f = fields(line)
+                guard f.count == 4, let e = Int32(f[1]), let s = UInt64(f[2]), let z = UInt64(f[3]) else { return nil }
+                mounts.append(MountFrozen(frozen: f[0] == "1", errno: e, syncfsMicros: s, freezeMicros: z))
+            }
+            self = .frozen(id: all[1], all: all[2] == "1", budgetMs: budget, mounts: mounts)
+        case "THAWED":
+            let all = fields(text.split(separator: "\n").first.map(String.init) ?? "")
+            guard all.count == 6, let micros = UInt64(all[3]), let count = Int(all[5]), lines.count == count else { return nil }
+            var mounts: [MountThawed] = []
+            for line in lines {
+                let f = fields(line)
+                guard f.count == 2, let e = Int32(f[1]) else { return nil }
+                mounts.append(MountThawed(thawed: f[0] == "1", errno: e))
+            }
+            self = .thawed(id: all[1], cause: all[2], frozenMicros: micros, withinBudget: all[4] == "1", mounts: mounts)
+        case "ERROR" where head.count >= 3:
+            self = .error(id: head[1], reason: head[2], detail: head.count > 3 ? head[3] : "")
+        default:
+            return nil
+        }
+    }
+
+    var freezeID: String? {
+        switch self {
+        case .frozen(let id, _, _, _), .thawed(let id, _, _, _, _), .error(let id, _, _): id
+        case .ready, .pong: nil
+        }
+    }
+}
+
+public enum ThawGuardError: Error, CustomStringConvertible {
+    case notFound(String)
+    case spawnFailed(String, Int32)
+    case notReady(String)
+    case lost
+    case protocolError(String)
+
+    public var description: String {
+        switch self {
+        case .notFound(let path): "the thaw guard executable \(path) does not exist or is not executable"
+        case .spawnFailed(let path, let code): "could not start the thaw guard \(path): \(String(cString: strerror(code)))"
+        case .notReady(let detail): "the thaw guard did not report ready: \(detail)"
+        case .lost: "the thaw guard process is gone"
+        case .protocolError(let detail): "the thaw guard sent something unexpected: \(detail)"
+        }
+    }
+}
+
+/// The agent's end of the thaw guard: a separate process (started before
+/// anything is frozen) that owns every FIFREEZE and FITHAW. Requests are
+/// answered in order; one request is outstanding at a time.
+final class ThawGuard: Sendable {
+    let pid: Int32
+    let executable: String
+    let oomAdjusted: Bool
+    let memoryLocked: Bool
+    private let socket: Int32
+    private let state = Mutex(State())
+    /// Messages nobody asked for (a budget thaw), and the guard's loss.
+    private let unsolicited: @Sendable (GuardMessage?) -> Void
+
+    private struct Pending {
+        /// Returns true when `message` completes the request; the message is collected either way if it belongs.
+        var accepts: @Sendable (GuardMessage) -> Bool
+        var finishes: @Sendable (GuardMessage) -> Bool
+        var collected: [GuardMessage] = []
+        var continuation: CheckedContinuation<[GuardMessage], any Error>
+    }
+
+    private struct State {
+        var alive = true
+        var pending: Pending?
+    }
+
+    /// The guard next to the running executable (or the test bundle).
+    static func defaultExecutable() -> String {
+        let own = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        let candidates = [
+            own.appendingPathComponent("quiesce-thaw-guard").path,
+            URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("quiesce-thaw-guard").path,
+        ]
+        return candidates.first { access($0, X_OK) == 0 } ?? candidates[0]
+    }
+
+    /// Starts the guard and waits for its READY.
+    static func start(executable: String, unsolicited: @escaping @Sendable (GuardMessage?) -> Void) async throws -> ThawGuard {
+        guard access(executable, X_OK) == 0 else { throw ThawGuardError.notFound(executable) }
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw ThawGuardError.spawnFailed(executable, errno)
+        }
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { if null >= 0 { close(null) } }
+        var pid: Int32 = 0
+        let arguments = [executable, "3"]
+        let environment = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+        let result = withCStrings(arguments) { argv in
+            withCStrings(environment) { envp in
+                quiesce_spawn(executable, argv, envp, -1, pair[1], 3, null, null, null, 0, &pid)
+            }
+        }
+        close(pair[1])
+        guard result == 0 else {
+            close(pair[0])
+            throw ThawGuardError.spawnFailed(executable, result)
+        }
+        // The first packet is READY; read it before handing the socket to the reader thread.
+        let socketFD = pair[0]
+        let childPID = pid
+        let first: String? = try await DedicatedThread.run(name: "quiesce-guard-start") {
+            var descriptor = pollfd(fd: socketFD, events: Int16(POLLIN), revents: 0)
+            guard poll(&descriptor, 1, 5000) == 1 else { return nil }
+            return Self.receive(socketFD)
+        }
+        guard let text = first, case .ready(_, let oom, let locked)? = GuardMessage(parsing: text) else {
+            close(pair[0])
+            kill(pid, SIGKILL)
+            _ = try? await DedicatedThread.run { var status: Int32 = 0; waitpid(childPID, &status, 0) }
+            throw ThawGuardError.notReady(first.map { "first message was \"\($0)\"" } ?? "nothing within 5 s")
+        }
+        let guardProcess = ThawGuard(pid: pid, executable: executable, socket: pair[0], oomAdjusted: oom, memoryLocked: locked, unsolicited: unsolicited)
+        guardProcess.startReader()
+        return guardProcess
+    }
+
+    private init(pid: Int32, executable: String, socket: Int32, oomAdjusted: Bool, memoryLocked: Bool, unsolicited: @escaping @Sendable (GuardMessage?) -> Void) {
+        self.pid = pid
+        self.executable = executable
+        self.socket = socket
+        self.oomAdjusted = oomAdjusted
+        self.memoryLocked = memoryLocked
+        self.unsolicited = unsolicited
+    }
+
+    var isAlive: Bool { self.state.withLock { $0.alive } }
+
+    private static func receive(_ socket: Int32) -> String? {
+        var buffer = [UInt8](repeating: 0, count: 8192)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { quiesce_receive(socket, $0.baseAddress, UInt($0.count)) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return nil }
+            return String(decoding: buffer[0..<n], as: UTF8.self)
+        }
+    }
+
+    /// A plain thread (not the cooperative pool) reads the guard for the agent's lifetime.
+    private func startReader() {
+        let thread = Thread { [self] in
+            while let text = Self.receive(self.socket) {
+                guard let message = GuardMessage(parsing: text) else { continue }
+                self.deliver(message)
+            }
+            self.lost()
+        }
+        thread.name = "quiesce-guard-reader"
+        thread.stackSize = 1 << 18
+        thread.start()
+    }
+
+    private func deliver(_ message: GuardMessage) {
+        enum Outcome { case finished(CheckedContinuation<[GuardMessage], any Error>, [GuardMessage]), collected, unsolicited }
+        let outcome: Outcome = self.state.withLock { state in
+            guard var pending = state.pending, pending.accepts(message) else { return .unsolicited }
+            pending.collected.append(message)
+            if pending.finishes(message) {
+                state.pending = nil
+                return .finished(pending.continuation, pending.collected)
+            }
+            state.pending = pending
+            return .collected
+        }
+        switch outcome {
+        case .finished(let continuation, let messages): continuation.resume(returning: messages)
+        case .collected: break
+        case .unsolicited: self.unsolicited(message)
+        }
+    }
+
+    private func lost() {
+        let pending = self.state.withLock { state -> Pending? in
+            state.alive = false
+            defer { state.pending = nil }
+            return state.pending
+        }
+        pending?.continuation.resume(throwing: ThawGuardError.lost)
+        close(self.socket)
+        // Reap it (it is our child) without blocking the cooperative pool.
+        let pid = self.pid
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        self.unsolicited(nil)
+    }
+
+    /// Sends one request and collects replies until `finishes` says so.
+    /// Not cancellable on purpose: a freeze in flight must be answered.
+    func request(
+        _ text: String, descriptors: [Int32] = [],
+        accepts: @escaping @Sendable (GuardMessage) -> Bool, finishes: @escaping @Sendable (GuardMessage) -> Bool
+    ) async throws -> [GuardMessage] {
+        try await withCheckedThrowingContinuation { continuation in
+            let problem: (any Error)? = self.state.withLock { state in
+                guard state.alive else { return ThawGuardError.lost }
+                guard state.pending == nil else { return ThawGuardError.protocolError("a request is already outstanding") }
+                state.pending = Pending(accepts: accepts, finishes: finishes, continuation: continuation)
+                let bytes = Array(text.utf8)
+                let sent = bytes.withUnsafeBytes { raw in
+                    descriptors.withUnsafeBufferPointer { fds in
+                        quiesce_send_with_fds(self.socket, raw.baseAddress, UInt(raw.count), fds.baseAddress, Int32(fds.count))
+                    }
+                }
+                if sent < 0 {
+                    state.pending = nil
+                    return ThawGuardError.protocolError("send failed: \(String(cString: strerror(errno)))")
+                }
+                return nil
+            }
+            if let problem { continuation.resume(throwing: problem) }
+        }
+    }
+
+    func ping() async throws -> GuardMessage {
+        let replies = try await self.request("PING", accepts: { if case .pong = $0 { true } else { false } }, finishes: { _ in true })
+        return replies[0]
+    }
+
+    /// Ends the guard (the agent is stopping): closing our end is end-of-file for it.
+    func shutdown() {
+        _ = Glibc.shutdown(self.socket, Int32(SHUT_RDWR))
+    }
+}
+
+/// Calls `body` with a NULL-terminated C array of the strings.
+func withCStrings<R>(_ strings: [String], _ body: ([UnsafeMutablePointer<CChar>?]) -> R) -> R {
+    var pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
+    pointers.append(nil)
+    defer { for pointer in pointers { free(pointer) } }
+    return body(pointers)
+}
