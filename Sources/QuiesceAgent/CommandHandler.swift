@@ -54,9 +54,17 @@ public struct BuiltinCommandHandler: CommandHandling {
         self.startsGuard = startsGuard
         let hooks = hooks ?? HookRunner(locations: facts.hooks)
         self.hooks = hooks
-        let holds = Holds(runner: hooks)
+        let sink = EventSink()
+        let holds = Holds(runner: hooks) { id, message in
+            var event = Quiesce_Agent_V1_AgentEvent()
+            event.kind = .holdDied
+            event.message = message
+            sink.emit(event)
+        }
         self.holds = holds
-        self.freezer = FreezeController(guardExecutable: guardExecutable, silenceLimit: silenceLimit, holdStates: { holds.states() })
+        let freezer = FreezeController(guardExecutable: guardExecutable, silenceLimit: silenceLimit, holdStates: { holds.states() })
+        sink.freezer = freezer
+        self.freezer = freezer
     }
 
     public var capabilities: [String] { ["facts", "hooks", "fsfreeze", "holds"] }
@@ -141,4 +149,10 @@ public struct BuiltinCommandHandler: CommandHandling {
         guard let status = Optional(self.freezer.status()), status.frozen else { return nil }
         return .init(code: .failedPrecondition, message: "\(action) refused: freeze \(status.freezeID) is in progress and nothing is started while frozen", reason: "frozen")
     }
+}
+
+/// Routes hold events through the freeze controller's per-session event sink.
+private final class EventSink: @unchecked Sendable {
+    weak var freezer: FreezeController?
+    func emit(_ event: Quiesce_Agent_V1_AgentEvent) { self.freezer?.emit(event) }
 }

@@ -95,6 +95,11 @@ public final class FreezeController: Sendable {
         self.state.withLock { $0.events = events }
     }
 
+    /// Sends an event on the current session, if there is one.
+    public func emit(_ event: Quiesce_Agent_V1_AgentEvent) {
+        self.state.withLock { $0.events }?(event)
+    }
+
     /// Any message from the engine proves it is alive.
     public func engineHeard() {
         self.state.withLock { $0.lastEngineMessage = .now }
