@@ -83,9 +83,19 @@ int quiesce_spawn(const char *path, char *const argv[], char *const envp[], int 
     if (stdin_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stdin_fd, 0);
     if (stdout_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stdout_fd, 1);
     if (stderr_fd >= 0) posix_spawn_file_actions_adddup2(&actions, stderr_fd, 2);
-    // dup2(fd, fd) clears close-on-exec (glibc >= 2.29).
-    if (keep_fd >= 0) posix_spawn_file_actions_adddup2(&actions, keep_fd, keep_fd);
-    if (map_from >= 0 && map_to >= 0) posix_spawn_file_actions_adddup2(&actions, map_from, map_to);
+    // The kept descriptor becomes 3 (the caller runs /proc/self/fd/3), or
+    // `map_from` becomes `map_to`; every other descriptor is closed, so a hook
+    // or the guard never holds the agent's (or a test process's) sockets.
+    int highest = 2;
+    if (keep_fd >= 0) {
+        posix_spawn_file_actions_adddup2(&actions, keep_fd, 3);
+        highest = 3;
+    }
+    if (map_from >= 0 && map_to >= 0) {
+        posix_spawn_file_actions_adddup2(&actions, map_from, map_to);
+        if (map_to > highest) highest = map_to;
+    }
+    posix_spawn_file_actions_addclosefrom_np(&actions, highest + 1);
     pid_t child = 0;
     int result = posix_spawn(&child, path, &actions, &attributes, argv, envp);
     posix_spawn_file_actions_destroy(&actions);

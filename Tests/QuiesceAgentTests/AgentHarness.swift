@@ -88,11 +88,11 @@ final class Writer: @unchecked Sendable {
     }
 
     /// Waits up to `limit` for the writer to finish; returns when it did (nil: still blocked).
-    func finished(within limit: Duration) -> ContinuousClock.Instant? {
+    func finished(within limit: Duration) async -> ContinuousClock.Instant? {
         let until = ContinuousClock.now + limit
         while ContinuousClock.now < until {
             if !self.process.isRunning { return .now }
-            usleep(2000)
+            try? await Task.sleep(for: .milliseconds(1))
         }
         return self.process.isRunning ? nil : .now
     }

@@ -12,227 +12,229 @@ import Testing
 struct FreezeTests {
     @Test("ext4 and XFS: a write from another process blocks while frozen and completes after the thaw; the thaw reply proves it")
     func freezeBlocksWrites() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let ext4 = try loops.mount("ext4", fsType: "ext4", sizeMiB: 64).mountPoint
-        let xfs = try loops.mount("xfs", fsType: "xfs", sizeMiB: 300).mountPoint
-        let agent = await AgentHarness(directory: loops.directory)
-        defer { Task { await agent.close() } }
-        #expect(agent.handler.freezer.guardReady)
-        agent.startHeartbeats()
+        try await withLoopDevices { loops in
+            let ext4 = try await blocking { try loops.mount("ext4", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let xfs = try await blocking { try loops.mount("xfs", fsType: "xfs", sizeMiB: 300).mountPoint }
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            #expect(agent.handler.freezer.guardReady)
+            agent.startHeartbeats()
 
-        let frozen = await agent.freeze("f1", [xfs, ext4])
-        #expect(frozen.status.isOK, "\(frozen.status.message)")
-        #expect(frozen.freeze.allFrozen && frozen.freeze.mounts.map(\.mountPoint) == [xfs, ext4])
-        #expect(frozen.freeze.mounts.allSatisfy { $0.frozen })
-        #expect(frozen.freeze.budgetMs == 10_000)
+            let frozen = await agent.freeze("f1", [xfs, ext4])
+            #expect(frozen.status.isOK, "\(frozen.status.message)")
+            #expect(frozen.freeze.allFrozen && frozen.freeze.mounts.map(\.mountPoint) == [xfs, ext4])
+            #expect(frozen.freeze.mounts.allSatisfy { $0.frozen })
+            #expect(frozen.freeze.budgetMs == 10_000)
 
-        let writers = try [Writer(ext4 + "/a"), Writer(xfs + "/b")]
-        try await Task.sleep(for: .milliseconds(300))
-        for writer in writers { #expect(writer.process.isRunning, "a write completed on a frozen filesystem") }
-        let status = await agent.perform(.freezeStatus(.init()))
-        #expect(status.freezeStatus.frozen && status.freezeStatus.freezeID == "f1")
+            let writers = try [Writer(ext4 + "/a"), Writer(xfs + "/b")]
+            try await Task.sleep(for: .milliseconds(300))
+            for writer in writers { #expect(writer.process.isRunning, "a write completed on a frozen filesystem") }
+            let status = await agent.perform(.freezeStatus(.init()))
+            #expect(status.freezeStatus.frozen && status.freezeStatus.freezeID == "f1")
 
-        let thawed = await agent.thaw("f1")
-        #expect(thawed.status.isOK)
-        #expect(thawed.thaw.cause == .command && thawed.thaw.freezeID == "f1" && thawed.thaw.withinBudget)
-        #expect(thawed.thaw.frozenUs >= 300_000 && thawed.thaw.frozenUs < 5_000_000)
-        #expect(thawed.thaw.mounts.allSatisfy { $0.thawed })
-        for writer in writers { #expect(writer.finished(within: .seconds(5)) != nil, "the write did not complete after the thaw") }
-        #expect(try String(contentsOfFile: ext4 + "/a", encoding: .utf8) == "written\n")
-        // A thaw of a finished freeze says how it ended; an unknown one is NOT_FOUND.
-        let again = await agent.thaw("f1")
-        #expect(again.status.isOK && again.thaw.cause == .command)
-        let unknown = await agent.thaw("nope")
-        #expect(unknown.status.reason == "unknown-freeze")
-        #expect(agent.events.all.isEmpty)
+            let thawed = await agent.thaw("f1")
+            #expect(thawed.status.isOK)
+            #expect(thawed.thaw.cause == .command && thawed.thaw.freezeID == "f1" && thawed.thaw.withinBudget)
+            #expect(thawed.thaw.frozenUs >= 300_000 && thawed.thaw.frozenUs < 5_000_000)
+            #expect(thawed.thaw.mounts.allSatisfy { $0.thawed })
+            for writer in writers { #expect(await writer.finished(within: .seconds(5)) != nil, "the write did not complete after the thaw") }
+            #expect(try String(contentsOfFile: ext4 + "/a", encoding: .utf8) == "written\n")
+            // A thaw of a finished freeze says how it ended; an unknown one is NOT_FOUND.
+            let again = await agent.thaw("f1")
+            #expect(again.status.isOK && again.thaw.cause == .command)
+            let unknown = await agent.thaw("nope")
+            #expect(unknown.status.reason == "unknown-freeze")
+            #expect(agent.events.all.isEmpty)
+        }
     }
 
     @Test("EBUSY from a second freezer downgrades the attempt and never thaws the first owner's freeze")
     func ebusy() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mine = try loops.mount("mine", fsType: "ext4", sizeMiB: 64).mountPoint
-        let theirs = try loops.mount("theirs", fsType: "xfs", sizeMiB: 300).mountPoint
-        // Another owner (util-linux fsfreeze) holds a freeze on `theirs`.
-        try run("fsfreeze", "--freeze", theirs)
-        defer { _ = try? run("fsfreeze", "--unfreeze", theirs) }
-        let agent = await AgentHarness(directory: loops.directory)
-        defer { Task { await agent.close() } }
-        agent.startHeartbeats()
+        try await withLoopDevices { loops in
+            let mine = try await blocking { try loops.mount("mine", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let theirs = try await blocking { try loops.mount("theirs", fsType: "xfs", sizeMiB: 300).mountPoint }
+            // Another owner (util-linux fsfreeze) holds a freeze on `theirs`.
+            try run("fsfreeze", "--freeze", theirs)
+            defer { _ = try? run("fsfreeze", "--unfreeze", theirs) }
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
 
-        let result = await agent.freeze("f2", [mine, theirs])
-        #expect(!result.status.isOK)
-        #expect(result.status.reason == "freeze-ebusy")
-        #expect(result.status.message.contains(theirs) && result.status.message.contains("another owner"))
-        #expect(!result.freeze.allFrozen)
-        #expect(result.freeze.mounts.first { $0.mountPoint == theirs }?.reason == "freeze-ebusy")
-        // Ours was thawed again (all or nothing) ...
-        #expect(try Writer(mine + "/x").finished(within: .seconds(3)) != nil)
-        // ... and theirs is still frozen: nothing of the other owner's was thawed.
-        let blocked = try Writer(theirs + "/y")
-        #expect(blocked.finished(within: .milliseconds(300)) == nil)
-        try run("fsfreeze", "--unfreeze", theirs)
-        #expect(blocked.finished(within: .seconds(3)) != nil)
-        #expect(!agent.handler.freezer.isFrozen)
+            let result = await agent.freeze("f2", [mine, theirs])
+            #expect(!result.status.isOK)
+            #expect(result.status.reason == "freeze-ebusy")
+            #expect(result.status.message.contains(theirs) && result.status.message.contains("another owner"))
+            #expect(!result.freeze.allFrozen)
+            #expect(result.freeze.mounts.first { $0.mountPoint == theirs }?.reason == "freeze-ebusy")
+            // Ours was thawed again (all or nothing) ...
+            #expect(try await Writer(mine + "/x").finished(within: .seconds(3)) != nil)
+            // ... and theirs is still frozen: nothing of the other owner's was thawed.
+            let blocked = try Writer(theirs + "/y")
+            #expect(await blocked.finished(within: .milliseconds(300)) == nil)
+            try run("fsfreeze", "--unfreeze", theirs)
+            #expect(await blocked.finished(within: .seconds(3)) != nil)
+            #expect(!agent.handler.freezer.isFrozen)
+        }
     }
 
     @Test("the budget runs out: the guard thaws, the agent reports an event, and the thaw reply says budget")
     func budget() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint
-        let agent = await AgentHarness(directory: loops.directory)
-        defer { Task { await agent.close() } }
-        agent.startHeartbeats()
-        let frozen = await agent.freeze("f3", [mount], budgetMs: 400)
-        #expect(frozen.status.isOK && frozen.freeze.budgetMs == 400)
-        let writer = try Writer(mount + "/x")
-        let done = writer.finished(within: .seconds(3))
-        #expect(done != nil)
-        if let done { #expect(done - writer.started < .milliseconds(700), "thawed \(done - writer.started) after the write began") }
-        try await Task.sleep(for: .milliseconds(100))
-        let thawed = await agent.thaw("f3")
-        #expect(thawed.status.isOK)
-        #expect(thawed.thaw.cause == .budget)
-        #expect(thawed.thaw.frozenUs >= 400_000 && thawed.thaw.frozenUs < 600_000, "\(thawed.thaw.frozenUs)")
-        #expect(agent.events.all.contains { $0.kind == .thawed && $0.freezeID == "f3" && $0.thaw.cause == .budget })
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
+            let frozen = await agent.freeze("f3", [mount], budgetMs: 400)
+            #expect(frozen.status.isOK && frozen.freeze.budgetMs == 400)
+            let writer = try Writer(mount + "/x")
+            let done = await writer.finished(within: .seconds(3))
+            #expect(done != nil)
+            if let done { #expect(done - writer.started < .milliseconds(700), "thawed \(done - writer.started) after the write began") }
+            try await Task.sleep(for: .milliseconds(100))
+            let thawed = await agent.thaw("f3")
+            #expect(thawed.status.isOK)
+            #expect(thawed.thaw.cause == .budget)
+            #expect(thawed.thaw.frozenUs >= 400_000 && thawed.thaw.frozenUs < 600_000, "\(thawed.thaw.frozenUs)")
+            #expect(agent.events.all.contains { $0.kind == .thawed && $0.freezeID == "f3" && $0.thaw.cause == .budget })
+        }
     }
 
     @Test("without engine heartbeats the agent thaws after 1 s and says the engine fell silent")
     func engineSilent() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("fs", fsType: "xfs", sizeMiB: 300).mountPoint
-        let agent = await AgentHarness(directory: loops.directory)
-        defer { Task { await agent.close() } }
-        agent.handler.engineHeard()
-        let frozen = await agent.freeze("f4", [mount])
-        #expect(frozen.status.isOK)
-        let writer = try Writer(mount + "/x")
-        let done = writer.finished(within: .seconds(4))
-        #expect(done != nil)
-        if let done {
-            let after = done - writer.started
-            #expect(after > .milliseconds(800) && after < .milliseconds(1600), "thawed \(after) after the freeze")
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("fs", fsType: "xfs", sizeMiB: 300).mountPoint }
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            agent.handler.engineHeard()
+            let began = ContinuousClock.now
+            let frozen = await agent.freeze("f4", [mount])
+            #expect(frozen.status.isOK)
+            let writer = try Writer(mount + "/x")
+            let done = await writer.finished(within: .seconds(4))
+            #expect(done != nil)
+            if let done {
+                // Silence is counted from the freeze; the write cannot finish before the thaw.
+                let after = done - began
+                #expect(after > .milliseconds(900) && after < .milliseconds(2000), "thawed \(after) after the freeze began")
+            }
+            let status = await agent.perform(.freezeStatus(.init()))
+            #expect(!status.freezeStatus.frozen)
+            #expect(status.freezeStatus.lastThaw.cause == .engineSilent)
+            #expect(agent.events.all.contains { $0.kind == .thawed && $0.thaw.cause == .engineSilent })
         }
-        let status = await agent.perform(.freezeStatus(.init()))
-        #expect(!status.freezeStatus.frozen)
-        #expect(status.freezeStatus.lastThaw.cause == .engineSilent)
-        #expect(agent.events.all.contains { $0.kind == .thawed && $0.thaw.cause == .engineSilent })
     }
 
     @Test("the agent refuses to freeze without its guard, a second freeze, a non-mount and the same filesystem twice")
     func refusals() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint
-        let bind = try loops.bind(mount, at: "bind")
-        let unguarded = await AgentHarness(directory: loops.directory, guardExecutable: loops.directory + "/no-such-guard")
-        let noGuard = await unguarded.freeze("g", [mount])
-        #expect(noGuard.status.reason == "guard-missing")
-        #expect(noGuard.status.message.contains("no-such-guard"))
-        await unguarded.close()
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let bind = try await blocking { try loops.bind(mount, at: "bind") }
+            let unguarded = await AgentHarness(directory: loops.directory, guardExecutable: loops.directory + "/no-such-guard")
+            let noGuard = await unguarded.freeze("g", [mount])
+            #expect(noGuard.status.reason == "guard-missing")
+            #expect(noGuard.status.message.contains("no-such-guard"))
+            await unguarded.close()
 
-        let agent = await AgentHarness(directory: loops.directory)
-        defer { Task { await agent.close() } }
-        agent.startHeartbeats()
-        #expect(await agent.freeze("g", [loops.directory]).status.reason == "not-a-mount")
-        #expect(await agent.freeze("g", [mount, bind]).status.reason == "same-filesystem")
-        #expect(await agent.freeze("bad id", [mount]).status.reason == "bad-request")
-        #expect(await agent.freeze("g1", [mount]).status.isOK)
-        let second = await agent.freeze("g2", [mount])
-        #expect(second.status.reason == "already-frozen" && second.status.message.contains("g1"))
-        // Nothing starts from disk while frozen.
-        var hook = Quiesce_Agent_V1_RunHookRequest()
-        hook.hook.seed = .prescript
-        #expect(await agent.perform(.runHook(hook)).status.reason == "frozen")
-        #expect(await agent.thaw("g1").thaw.cause == .command)
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
+            #expect(await agent.freeze("g", [loops.directory]).status.reason == "not-a-mount")
+            #expect(await agent.freeze("g", [mount, bind]).status.reason == "same-filesystem")
+            #expect(await agent.freeze("bad id", [mount]).status.reason == "bad-request")
+            #expect(await agent.freeze("g1", [mount]).status.isOK)
+            let second = await agent.freeze("g2", [mount])
+            #expect(second.status.reason == "already-frozen" && second.status.message.contains("g1"))
+            // Nothing starts from disk while frozen.
+            var hook = Quiesce_Agent_V1_RunHookRequest()
+            hook.hook.seed = .prescript
+            #expect(await agent.perform(.runHook(hook)).status.reason == "frozen")
+            #expect(await agent.thaw("g1").thaw.cause == .command)
+        }
     }
 
     @Test("the guard killed while frozen: the agent thaws with its own descriptors and starts a new guard")
     func guardLost() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint
-        let agent = await AgentHarness(directory: loops.directory)
-        defer { Task { await agent.close() } }
-        agent.startHeartbeats()
-        #expect(await agent.freeze("h1", [mount]).status.isOK)
-        let guardPID = try #require(agent.handler.freezer.guardPID)
-        let writer = try Writer(mount + "/x")
-        kill(guardPID, SIGKILL)
-        #expect(writer.finished(within: .seconds(3)) != nil)
-        let status = await agent.perform(.freezeStatus(.init()))
-        #expect(status.freezeStatus.lastThaw.cause == .guard)
-        #expect(agent.events.all.contains { $0.kind == .guardLost })
-        for _ in 0..<100 where agent.handler.freezer.guardPID == nil || agent.handler.freezer.guardPID == guardPID {
-            try await Task.sleep(for: .milliseconds(20))
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
+            #expect(await agent.freeze("h1", [mount]).status.isOK)
+            let guardPID = try #require(agent.handler.freezer.guardPID)
+            let writer = try Writer(mount + "/x")
+            kill(guardPID, SIGKILL)
+            #expect(await writer.finished(within: .seconds(3)) != nil)
+            let status = await agent.perform(.freezeStatus(.init()))
+            #expect(status.freezeStatus.lastThaw.cause == .guard)
+            #expect(agent.events.all.contains { $0.kind == .guardLost })
+            for _ in 0..<100 where agent.handler.freezer.guardPID == nil || agent.handler.freezer.guardPID == guardPID {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            let replacement = try #require(agent.handler.freezer.guardPID)
+            #expect(replacement != guardPID)
+            #expect(await agent.freeze("h2", [mount]).status.isOK)
+            #expect(await agent.thaw("h2").thaw.cause == .command)
         }
-        let replacement = try #require(agent.handler.freezer.guardPID)
-        #expect(replacement != guardPID)
-        #expect(await agent.freeze("h2", [mount]).status.isOK)
-        #expect(await agent.thaw("h2").thaw.cause == .command)
     }
 
     @Test("holds: ready on their line, alive at thaw, released with their children; one that dies early is reported")
     func holds() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint
-        let agent = await AgentHarness(directory: loops.directory)
-        defer { Task { await agent.close() } }
-        agent.startHeartbeats()
-        let hooks = loops.directory + "/hooks.d"
-        try writeScript(hooks + "/lock", mode: 0o700, body: """
-            #!/bin/sh
-            sleep 600 &
-            echo $! > '\(loops.directory)/lock-child'
-            echo "locking tables"
-            echo LOCKED
-            wait
-            """)
-        try writeScript(hooks + "/fragile", mode: 0o700, body: "#!/bin/sh\necho LOCKED\nsleep 0.2\nexit 3\n")
-        func hold(_ id: String, _ name: String) -> Quiesce_Agent_V1_HoldRequest {
-            var request = Quiesce_Agent_V1_HoldRequest()
-            request.holdID = id
-            request.hook.name = name
-            request.readyLine = "LOCKED"
-            request.readyTimeoutMs = 5000
-            return request
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
+            let hooks = loops.directory + "/hooks.d"
+            try writeScript(hooks + "/lock", mode: 0o700, body: """
+                #!/bin/sh
+                sleep 600 &
+                echo $! > '\(loops.directory)/lock-child'
+                echo "locking tables"
+                echo LOCKED
+                wait
+                """)
+            try writeScript(hooks + "/fragile", mode: 0o700, body: "#!/bin/sh\necho LOCKED\nsleep 0.2\nexit 3\n")
+            func hold(_ id: String, _ name: String) -> Quiesce_Agent_V1_HoldRequest {
+                var request = Quiesce_Agent_V1_HoldRequest()
+                request.holdID = id
+                request.hook.name = name
+                request.readyLine = "LOCKED"
+                request.readyTimeoutMs = 5000
+                return request
+            }
+            let lock = await agent.perform(.hold(hold("db", "lock")))
+            #expect(lock.status.isOK && lock.hold.ready, "\(lock.status.message)")
+            let fragile = await agent.perform(.hold(hold("weak", "fragile")))
+            #expect(fragile.status.isOK && fragile.hold.ready)
+            #expect(await agent.perform(.hold(hold("db", "lock"))).status.reason == "hold-exists")
+
+            #expect(await agent.freeze("k1", [mount]).status.isOK)
+            try await Task.sleep(for: .milliseconds(500))
+            let thawed = await agent.thaw("k1")
+            #expect(thawed.thaw.cause == .command)
+            let states = Dictionary(uniqueKeysWithValues: thawed.thaw.holds.map { ($0.holdID, $0.aliveAtThaw) })
+            #expect(states == ["db": true, "weak": false])
+            #expect(agent.events.all.contains { $0.kind == .holdDied && $0.message.contains("weak") && $0.message.contains("exit code 3") })
+
+            var release = Quiesce_Agent_V1_ReleaseRequest()
+            release.holdID = "db"
+            let released = await agent.perform(.release(release))
+            #expect(released.status.isOK && released.release.aliveAtRelease)
+            #expect(String(decoding: released.release.outputTail, as: UTF8.self).contains("locking tables"))
+            let child = Int32(try String(contentsOfFile: loops.directory + "/lock-child", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))!
+            #expect(!processExists(child), "the hold's child survived its release")
+            release.holdID = "weak"
+            let weak = await agent.perform(.release(release))
+            #expect(weak.status.isOK && !weak.release.aliveAtRelease && weak.release.exited && weak.release.exitCode == 3)
+
+            // A hold that never prints its line is killed at its ready timeout; a refused hook says why.
+            try writeScript(hooks + "/mute", mode: 0o700, body: "#!/bin/sh\nsleep 600\n")
+            var mute = hold("mute", "mute")
+            mute.readyTimeoutMs = 300
+            #expect(await agent.perform(.hold(mute)).status.reason == "hold-not-ready")
+            try writeScript(hooks + "/open", mode: 0o755, body: "#!/bin/sh\necho LOCKED\n")
+            let refused = await agent.perform(.hold(hold("open", "open")))
+            #expect(refused.status.reason == "hook-wrong-mode" && refused.hold.refusal == .wrongMode)
         }
-        let lock = await agent.perform(.hold(hold("db", "lock")))
-        #expect(lock.status.isOK && lock.hold.ready, "\(lock.status.message)")
-        let fragile = await agent.perform(.hold(hold("weak", "fragile")))
-        #expect(fragile.status.isOK && fragile.hold.ready)
-        #expect(await agent.perform(.hold(hold("db", "lock"))).status.reason == "hold-exists")
-
-        #expect(await agent.freeze("k1", [mount]).status.isOK)
-        try await Task.sleep(for: .milliseconds(500))
-        let thawed = await agent.thaw("k1")
-        #expect(thawed.thaw.cause == .command)
-        let states = Dictionary(uniqueKeysWithValues: thawed.thaw.holds.map { ($0.holdID, $0.aliveAtThaw) })
-        #expect(states == ["db": true, "weak": false])
-        #expect(agent.events.all.contains { $0.kind == .holdDied && $0.message.contains("weak") && $0.message.contains("exit code 3") })
-
-        var release = Quiesce_Agent_V1_ReleaseRequest()
-        release.holdID = "db"
-        let released = await agent.perform(.release(release))
-        #expect(released.status.isOK && released.release.aliveAtRelease)
-        #expect(String(decoding: released.release.outputTail, as: UTF8.self).contains("locking tables"))
-        let child = Int32(try String(contentsOfFile: loops.directory + "/lock-child", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))!
-        #expect(!processExists(child), "the hold's child survived its release")
-        release.holdID = "weak"
-        let weak = await agent.perform(.release(release))
-        #expect(weak.status.isOK && !weak.release.aliveAtRelease && weak.release.exited && weak.release.exitCode == 3)
-
-        // A hold that never prints its line is killed at its ready timeout; a refused hook says why.
-        try writeScript(hooks + "/mute", mode: 0o700, body: "#!/bin/sh\nsleep 600\n")
-        var mute = hold("mute", "mute")
-        mute.readyTimeoutMs = 300
-        #expect(await agent.perform(.hold(mute)).status.reason == "hold-not-ready")
-        try writeScript(hooks + "/open", mode: 0o755, body: "#!/bin/sh\necho LOCKED\n")
-        let refused = await agent.perform(.hold(hold("open", "open")))
-        #expect(refused.status.reason == "hook-wrong-mode" && refused.hold.refusal == .wrongMode)
     }
 }

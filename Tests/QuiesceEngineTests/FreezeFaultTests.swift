@@ -48,13 +48,10 @@ final class AgentProcess: @unchecked Sendable {
 
     var log: String { (try? String(contentsOfFile: self.logPath, encoding: .utf8)) ?? "" }
 
-    func stop() {
-        if self.process.isRunning {
-            kill(self.pid, SIGTERM)
-            for _ in 0..<200 where self.process.isRunning { usleep(10_000) }
-            if self.process.isRunning { kill(self.pid, SIGKILL) }
-        }
-        self.process.waitUntilExit()
+    /// Asks the agent to stop (it thaws, ends its holds and its guard) without
+    /// waiting: for `defer`, which must not block the cooperative pool.
+    func terminate() {
+        if self.process.isRunning { kill(self.pid, SIGTERM) }
     }
 }
 
@@ -67,11 +64,11 @@ private final class BlockedWrite: @unchecked Sendable {
         try self.process.run()
     }
     /// When the write finished, waiting up to `limit`.
-    func finished(within limit: Duration) -> ContinuousClock.Instant? {
+    func finished(within limit: Duration) async -> ContinuousClock.Instant? {
         let until = ContinuousClock.now + limit
         while ContinuousClock.now < until {
             if !self.process.isRunning { return .now }
-            usleep(1000)
+            try? await Task.sleep(for: .milliseconds(1))
         }
         return nil
     }
@@ -109,144 +106,144 @@ private func freePort() -> Int {
 struct FreezeFaultTests {
     @Test("SIGKILL the agent while frozen: its guard thaws within 200 ms")
     func agentKilled() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("data", fsType: "ext4", sizeMiB: 64).mountPoint
-        let fleet = try await Fleet.start()
-        defer { fleet.discard() }
-        let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-kill"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
-        defer { agent.stop() }
-        #expect(await fleet.engine.registry.waitFor(Set(["vm-kill"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("data", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-kill"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
+            defer { agent.terminate() }
+            #expect(await fleet.engine.registry.waitFor(Set(["vm-kill"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
 
-        let frozen = try await fleet.engine.freeze(freezeRequest("k", [mount]), on: "vm-kill")
-        #expect(frozen.isOK && frozen.payload?.allFrozen == true, "\(frozen.status.message)")
-        let guards = agent.children
-        #expect(guards.count == 1)
-        let write = try BlockedWrite(mount + "/x")
-        #expect(write.finished(within: .milliseconds(300)) == nil, "a write completed while frozen")
+            let frozen = try await fleet.engine.freeze(freezeRequest("k", [mount]), on: "vm-kill")
+            #expect(frozen.isOK && frozen.payload?.allFrozen == true, "\(frozen.status.message)")
+            let guards = agent.children
+            #expect(guards.count == 1)
+            let write = try BlockedWrite(mount + "/x")
+            #expect(await write.finished(within: .milliseconds(300)) == nil, "a write completed while frozen")
 
-        let killed = ContinuousClock.now
-        kill(agent.pid, SIGKILL)
-        let done = try #require(write.finished(within: .seconds(3)), "still frozen 3 s after the agent was killed")
-        #expect(done - killed < .milliseconds(200), "thawed \(done - killed) after SIGKILL")
-        for pid in guards {
-            for _ in 0..<100 where !gone(pid) { usleep(10_000) }
-            #expect(gone(pid), "the guard outlived its agent")
+            let killed = ContinuousClock.now
+            kill(agent.pid, SIGKILL)
+            let done = try #require(await write.finished(within: .seconds(3)), "still frozen 3 s after the agent was killed")
+            #expect(done - killed < .milliseconds(200), "thawed \(done - killed) after SIGKILL")
+            for pid in guards {
+                for _ in 0..<100 where !gone(pid) { usleep(10_000) }
+                #expect(gone(pid), "the guard outlived its agent")
+            }
         }
     }
 
     @Test("SIGSTOP a proxy between engine and agent while frozen: the agent thaws after about 1 s and says why")
     func engineSilent() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("data", fsType: "xfs", sizeMiB: 300).mountPoint
-        let fleet = try await Fleet.start()
-        defer { fleet.discard() }
-        let port = freePort()
-        let proxy = Process()
-        proxy.executableURL = URL(fileURLWithPath: "/usr/bin/socat")
-        proxy.arguments = ["TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr", "TCP:127.0.0.1:\(fleet.address.port)"]
-        try proxy.run()
-        defer {
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("data", fsType: "xfs", sizeMiB: 300).mountPoint }
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            let port = freePort()
+            let proxy = Process()
+            proxy.executableURL = URL(fileURLWithPath: "/usr/bin/socat")
+            proxy.arguments = ["TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr", "TCP:127.0.0.1:\(fleet.address.port)"]
+            try proxy.run()
+            defer {
+                kill(proxy.processIdentifier, SIGCONT)
+                proxy.terminate()
+                proxy.waitUntilExit()
+            }
+            try await Task.sleep(for: .milliseconds(200))
+            let agent = try AgentProcess(engine: "127.0.0.1:\(port)", files: try fleet.agentFiles("vm-quiet"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
+            defer { agent.terminate() }
+            #expect(await fleet.engine.registry.waitFor(Set(["vm-quiet"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
+
+            let frozen = try await fleet.engine.freeze(freezeRequest("s", [mount]), on: "vm-quiet")
+            #expect(frozen.isOK)
+            // Heartbeats every 250 ms keep it frozen while the engine is heard.
+            try await Task.sleep(for: .milliseconds(1500))
+            let write = try BlockedWrite(mount + "/x")
+            #expect(await write.finished(within: .milliseconds(200)) == nil, "thawed although the engine was sending heartbeats")
+
+            let stopped = ContinuousClock.now
+            kill(proxy.processIdentifier, SIGSTOP)
+            let done = try #require(await write.finished(within: .seconds(4)), "still frozen 4 s after the engine fell silent")
+            let after = done - stopped
+            #expect(after > .milliseconds(700) && after < .milliseconds(1600), "thawed \(after) after the proxy stopped")
             kill(proxy.processIdentifier, SIGCONT)
-            proxy.terminate()
-            proxy.waitUntilExit()
+            // The agent logged how the freeze ended (buffered while frozen, written after the thaw).
+            var log = ""
+            for _ in 0..<100 {
+                log = agent.log
+                if log.contains("cause=engine-silent") { break }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            #expect(log.contains("cause=engine-silent"), "\(log.suffix(2000))")
         }
-        try await Task.sleep(for: .milliseconds(200))
-        let agent = try AgentProcess(engine: "127.0.0.1:\(port)", files: try fleet.agentFiles("vm-quiet"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
-        defer { agent.stop() }
-        #expect(await fleet.engine.registry.waitFor(Set(["vm-quiet"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
-
-        let frozen = try await fleet.engine.freeze(freezeRequest("s", [mount]), on: "vm-quiet")
-        #expect(frozen.isOK)
-        // Heartbeats every 250 ms keep it frozen while the engine is heard.
-        try await Task.sleep(for: .milliseconds(1500))
-        let write = try BlockedWrite(mount + "/x")
-        #expect(write.finished(within: .milliseconds(200)) == nil, "thawed although the engine was sending heartbeats")
-
-        let stopped = ContinuousClock.now
-        kill(proxy.processIdentifier, SIGSTOP)
-        let done = try #require(write.finished(within: .seconds(4)), "still frozen 4 s after the engine fell silent")
-        let after = done - stopped
-        #expect(after > .milliseconds(700) && after < .milliseconds(1600), "thawed \(after) after the proxy stopped")
-        kill(proxy.processIdentifier, SIGCONT)
-        // The agent logged how the freeze ended (buffered while frozen, written after the thaw).
-        var log = ""
-        for _ in 0..<100 {
-            log = agent.log
-            if log.contains("cause=engine-silent") { break }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-        #expect(log.contains("cause=engine-silent"), "\(log.suffix(2000))")
     }
 
     @Test("budget expiry over the wire: thawed by the guard, the event reaches the engine, the thaw reply says budget")
     func budget() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let mount = try loops.mount("data", fsType: "ext4", sizeMiB: 64).mountPoint
-        let fleet = try await Fleet.start()
-        defer { fleet.discard() }
-        let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-budget"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
-        defer { agent.stop() }
-        #expect(await fleet.engine.registry.waitFor(Set(["vm-budget"]), timeout: .seconds(20)).isEmpty)
-        let frozen = try await fleet.engine.freeze(freezeRequest("b", [mount], budgetMs: 500), on: "vm-budget")
-        #expect(frozen.isOK && frozen.payload?.budgetMs == 500)
-        let write = try BlockedWrite(mount + "/x")
-        #expect(write.finished(within: .seconds(3)) != nil)
-        try await Task.sleep(for: .milliseconds(200))
-        let thawed = try await fleet.engine.thaw("b", on: "vm-budget")
-        #expect(thawed.isOK)
-        #expect(thawed.payload?.cause == .budget)
-        #expect(thawed.payload?.withinBudget == false || (thawed.payload?.frozenUs ?? 0) >= 500_000)
-        let events = await fleet.engine.events(of: "vm-budget")
-        #expect(events.contains { $0.kind == .thawed && $0.freezeID == "b" && $0.thaw.cause == .budget }, "\(events)")
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("data", fsType: "ext4", sizeMiB: 64).mountPoint }
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-budget"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
+            defer { agent.terminate() }
+            #expect(await fleet.engine.registry.waitFor(Set(["vm-budget"]), timeout: .seconds(20)).isEmpty)
+            let frozen = try await fleet.engine.freeze(freezeRequest("b", [mount], budgetMs: 500), on: "vm-budget")
+            #expect(frozen.isOK && frozen.payload?.budgetMs == 500)
+            let write = try BlockedWrite(mount + "/x")
+            #expect(await write.finished(within: .seconds(3)) != nil)
+            try await Task.sleep(for: .milliseconds(200))
+            let thawed = try await fleet.engine.thaw("b", on: "vm-budget")
+            #expect(thawed.isOK)
+            #expect(thawed.payload?.cause == .budget)
+            #expect(thawed.payload?.withinBudget == false || (thawed.payload?.frozenUs ?? 0) >= 500_000)
+            let events = await fleet.engine.events(of: "vm-budget")
+            #expect(events.contains { $0.kind == .thawed && $0.freezeID == "b" && $0.thaw.cause == .budget }, "\(events)")
+        }
     }
 
     @Test("the agent's binary, guard, certificates and log on a filesystem it freezes: it still answers and thaws")
     func agentOnFrozenFilesystem() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let home = try loops.mount("agent-home", fsType: "ext4", sizeMiB: 600).mountPoint
-        let data = try loops.mount("data", fsType: "xfs", sizeMiB: 300).mountPoint
-        let fleet = try await Fleet.start()
-        defer { fleet.discard() }
-        for name in ["quiesce-agent", "quiesce-thaw-guard"] {
-            try run("cp", AgentProcess.buildDirectory + "/" + name, home + "/" + name)
-        }
-        let source = try fleet.agentFiles("vm-self")
-        let files = TLSFiles(certificatePath: home + "/agent.pem", keyPath: home + "/agent.key", trustRootsPath: home + "/ca.pem")
-        try FileManager.default.copyItem(atPath: source.certificatePath, toPath: files.certificatePath)
-        try FileManager.default.copyItem(atPath: source.keyPath, toPath: files.keyPath)
-        try FileManager.default.copyItem(atPath: source.trustRootsPath, toPath: files.trustRootsPath)
-        try FileManager.default.createDirectory(atPath: home + "/hooks.d", withIntermediateDirectories: true)
-        let agent = try AgentProcess(executable: home + "/quiesce-agent", engine: "\(fleet.address)", files: files, logPath: home + "/agent.log", hookDirectory: home + "/hooks.d")
-        defer { agent.stop() }
-        #expect(await fleet.engine.registry.waitFor(Set(["vm-self"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
-        #expect(agent.children.count == 1, "the guard runs from the agent's filesystem too")
+        try await withLoopDevices { loops in
+            let home = try await blocking { try loops.mount("agent-home", fsType: "ext4", sizeMiB: 600).mountPoint }
+            let data = try await blocking { try loops.mount("data", fsType: "xfs", sizeMiB: 300).mountPoint }
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            for name in ["quiesce-agent", "quiesce-thaw-guard"] {
+                try run("cp", AgentProcess.buildDirectory + "/" + name, home + "/" + name)
+            }
+            let source = try fleet.agentFiles("vm-self")
+            let files = TLSFiles(certificatePath: home + "/agent.pem", keyPath: home + "/agent.key", trustRootsPath: home + "/ca.pem")
+            try FileManager.default.copyItem(atPath: source.certificatePath, toPath: files.certificatePath)
+            try FileManager.default.copyItem(atPath: source.keyPath, toPath: files.keyPath)
+            try FileManager.default.copyItem(atPath: source.trustRootsPath, toPath: files.trustRootsPath)
+            try FileManager.default.createDirectory(atPath: home + "/hooks.d", withIntermediateDirectories: true)
+            let agent = try AgentProcess(executable: home + "/quiesce-agent", engine: "\(fleet.address)", files: files, logPath: home + "/agent.log", hookDirectory: home + "/hooks.d")
+            defer { agent.terminate() }
+            #expect(await fleet.engine.registry.waitFor(Set(["vm-self"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
+            #expect(agent.children.count == 1, "the guard runs from the agent's filesystem too")
 
-        let frozen = try await fleet.engine.freeze(freezeRequest("self", [home, data]), on: "vm-self")
-        #expect(frozen.isOK, "\(frozen.status.message)")
-        let logSize = agent.log.utf8.count
-        // While its own filesystem is frozen the agent answers commands (debug logging on: all held in memory) ...
-        let facts = try await fleet.engine.facts(of: "vm-self")
-        #expect(facts.guardReady)
-        #expect(facts.mounts.contains { $0.mountPoint == home })
-        let status = try await fleet.engine.freezeStatus(of: "vm-self")
-        #expect(status.payload?.frozen == true && status.payload?.mountPoints == [home, data])
-        var hook = Quiesce_Agent_V1_RunHookRequest()
-        hook.hook.name = "anything"
-        let refused = try await fleet.engine.runHook(hook, on: "vm-self")
-        #expect(refused.reason == "frozen")
-        try await Task.sleep(for: .milliseconds(300))
-        #expect(agent.log.utf8.count == logSize, "the agent wrote its log to a frozen filesystem")
-        // ... and thaws on command.
-        let thawed = try await fleet.engine.thaw("self", on: "vm-self")
-        #expect(thawed.isOK && thawed.payload?.cause == .command, "\(thawed.status.message)")
-        #expect(thawed.payload?.mounts.map(\.mountPoint) == [home, data])
-        #expect(thawed.payload?.mounts.allSatisfy { $0.thawed } == true)
-        try await Task.sleep(for: .milliseconds(200))
-        #expect(agent.log.utf8.count > logSize, "the buffered log was not written after the thaw")
-        #expect(agent.log.contains("freeze_id=self"))
+            let frozen = try await fleet.engine.freeze(freezeRequest("self", [home, data]), on: "vm-self")
+            #expect(frozen.isOK, "\(frozen.status.message)")
+            let logSize = agent.log.utf8.count
+            // While its own filesystem is frozen the agent answers commands (debug logging on: all held in memory) ...
+            let facts = try await fleet.engine.facts(of: "vm-self")
+            #expect(facts.guardReady)
+            #expect(facts.mounts.contains { $0.mountPoint == home })
+            let status = try await fleet.engine.freezeStatus(of: "vm-self")
+            #expect(status.payload?.frozen == true && status.payload?.mountPoints == [home, data])
+            var hook = Quiesce_Agent_V1_RunHookRequest()
+            hook.hook.name = "anything"
+            let refused = try await fleet.engine.runHook(hook, on: "vm-self")
+            #expect(refused.reason == "frozen")
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(agent.log.utf8.count == logSize, "the agent wrote its log to a frozen filesystem")
+            // ... and thaws on command.
+            let thawed = try await fleet.engine.thaw("self", on: "vm-self")
+            #expect(thawed.isOK && thawed.payload?.cause == .command, "\(thawed.status.message)")
+            #expect(thawed.payload?.mounts.map(\.mountPoint) == [home, data])
+            #expect(thawed.payload?.mounts.allSatisfy { $0.thawed } == true)
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(agent.log.utf8.count > logSize, "the buffered log was not written after the thaw")
+            #expect(agent.log.contains("freeze_id=self"))
+        }
     }
 }

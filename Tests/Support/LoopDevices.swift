@@ -112,3 +112,29 @@ public func run(_ arguments: Any...) throws -> String {
 public struct CommandFailed: Error, CustomStringConvertible {
     public var description: String
 }
+
+/// Runs blocking set-up (mkfs, mount, losetup) on a thread of its own, so
+/// tests running in parallel do not starve Swift's cooperative pool — which
+/// the engine and agent under test depend on for their heartbeats.
+public func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread { continuation.resume(with: Result { try work() }) }
+        thread.stackSize = 1 << 20
+        thread.start()
+    }
+}
+
+/// Runs `body` with fresh loop devices and cleans them up afterwards (thaw,
+/// unmount, detach) on a thread of its own — also when `body` throws.
+public func withLoopDevices<T: Sendable>(_ body: (LoopDevices) async throws -> T) async throws -> T {
+    let loops = try LoopDevices()
+    let value: T
+    do {
+        value = try await body(loops)
+    } catch {
+        _ = try? await blocking { loops.cleanUp() }
+        throw error
+    }
+    _ = try? await blocking { loops.cleanUp() }
+    return value
+}

@@ -37,9 +37,9 @@ long quiesce_receive(int sock, void *buffer, unsigned long capacity);
 /// A pidfd for `pid` (readable when the process exits), or -1.
 int quiesce_pidfd_open(int pid);
 
-/// Starts `path` with posix_spawn. `keep_fd` (>= 0) stays open in the child
-/// at the same number (needed to run a script from /proc/self/fd/N);
-/// `map_from`/`map_to` (>= 0) dup2s one more descriptor. stdin/stdout/stderr
+/// Starts `path` with posix_spawn. `keep_fd` (>= 0) becomes descriptor 3 in
+/// the child (run a script as /proc/self/fd/3); `map_from`/`map_to` (>= 0)
+/// dup2s one more descriptor. All other descriptors above 2 are closed. stdin/stdout/stderr
 /// become the given descriptors. `new_group` puts the child in a process
 /// group of its own. Returns 0 and sets *pid, or an errno value.
 int quiesce_spawn(const char *path, char *const argv[], char *const envp[], int keep_fd, int map_from, int map_to,

@@ -32,7 +32,6 @@ public final class FreezeController: Sendable {
         var descriptors: [Int32]
         var frozenAt: ContinuousClock.Instant
         var budget: Duration
-        var watchdog: Task<Void, Never>?
     }
 
     private struct State {
@@ -45,6 +44,8 @@ public final class FreezeController: Sendable {
         var lastEngineMessage = ContinuousClock.now
         var events: (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?
         var stopped = false
+        /// Why a thaw that the guard will report was requested (engine silence), by freeze id.
+        var pendingDetail: [String: String] = [:]
     }
 
     public init(
@@ -238,7 +239,7 @@ public final class FreezeController: Sendable {
         result.allFrozen = true
         let frozenAt = ContinuousClock.now
         self.state.withLock { state in
-            state.active = Active(id: id, mountPoints: ordered, descriptors: descriptors, frozenAt: frozenAt, budget: budget, watchdog: nil)
+            state.active = Active(id: id, mountPoints: ordered, descriptors: descriptors, frozenAt: frozenAt, budget: budget)
         }
         self.startWatchdog(id: id)
         if Task.isCancelled {
@@ -260,25 +261,36 @@ public final class FreezeController: Sendable {
     }
 
     /// While frozen: thaw when the engine has been silent for `silenceLimit`.
+    /// A plain thread, not a task: a busy cooperative pool must not delay a
+    /// thaw. It only sends THAW to the guard; the guard's THAWED is recorded by
+    /// the guard's reader thread (or, with no guard, it thaws directly).
     private func startWatchdog(id: String) {
         let limit = self.silenceLimit
-        let task = Task.detached { [weak self] in
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .milliseconds(50))
+        let thread = Thread { [weak self] in
+            while true {
+                usleep(20_000)
                 guard let self else { return }
-                let (silent, still) = self.state.withLock { state in
-                    (ContinuousClock.now - state.lastEngineMessage, state.active?.id == id)
+                let (silent, active, guardProcess) = self.state.withLock { state in
+                    (ContinuousClock.now - state.lastEngineMessage, state.active?.id == id, state.guardProcess)
                 }
-                guard still else { return }
+                guard active else { return }
                 if silent >= limit {
-                    _ = await self.thaw(id: id, cause: .engineSilent, detail: "no message from the engine for \(silent.milliseconds) ms")
+                    let detail = "no message from the engine for \(silent.milliseconds) ms"
+                    self.state.withLock { $0.pendingDetail[id] = detail }
+                    if let guardProcess, guardProcess.isAlive, guardProcess.post("THAW \(id) engine-silent") {
+                        // Wait for the reader thread to record it (bounded), then stop watching.
+                        for _ in 0..<250 where self.state.withLock({ $0.active?.id == id }) { usleep(2_000) }
+                    }
+                    if self.state.withLock({ $0.active?.id == id }) {
+                        _ = self.thawOurselves(id: id, cause: .engineSilent, holds: self.holdStates(), detail: detail)
+                    }
                     return
                 }
             }
         }
-        self.state.withLock { state in
-            if state.active?.id == id { state.active?.watchdog = task } else { task.cancel() }
-        }
+        thread.name = "quiesce-freeze-watchdog"
+        thread.stackSize = 1 << 18
+        thread.start()
     }
 
     // MARK: thaw
@@ -361,7 +373,6 @@ public final class FreezeController: Sendable {
             return (active, state.events)
         }
         guard let active else { return self.state.withLock { $0.lastThaw?.freezeID == id ? $0.lastThaw : nil } }
-        active.watchdog?.cancel()
         var result = Quiesce_Agent_V1_ThawResult()
         result.freezeID = id
         result.cause = cause
@@ -401,8 +412,9 @@ public final class FreezeController: Sendable {
         case .thawed(let id, let word, let micros, let within, let mounts)?:
             let holds = self.holdStates()
             let cause = Self.cause(word) ?? .guard
+            let pending = self.state.withLock { $0.pendingDetail.removeValue(forKey: id) }
             _ = self.finish(id: id, cause: cause, frozenMicros: micros, withinBudget: within, mounts: mounts, holds: holds,
-                            detail: cause == .budget ? "the freeze budget ran out" : "")
+                            detail: cause == .budget ? "the freeze budget ran out" : pending ?? "")
         case nil:
             let (active, events) = self.state.withLock { state -> (String?, (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?) in
                 state.guardProblem = "it exited"
@@ -413,9 +425,12 @@ public final class FreezeController: Sendable {
             event.message = "the thaw guard process exited" + (active.map { " during freeze \($0); the agent thaws itself" } ?? "")
             events?(event)
             self.logger.error("thaw guard lost", metadata: ["freeze_id": "\(active ?? "-")"])
+            // On this (the reader's) thread, now: no task needs to be scheduled for the thaw.
+            if let active {
+                _ = self.thawOurselves(id: active, cause: .guard, holds: self.holdStates(), detail: "the thaw guard exited; the agent thawed with its own descriptors")
+            }
             Task.detached { [weak self] in
                 guard let self else { return }
-                if let active { _ = await self.thaw(id: active, cause: .guard, detail: "the thaw guard exited; the agent thawed with its own descriptors") }
                 // Start a new one once nothing is frozen.
                 try? await Task.sleep(for: .milliseconds(100))
                 try? await self.startGuard()

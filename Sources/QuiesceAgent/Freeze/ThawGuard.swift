@@ -260,6 +260,12 @@ final class ThawGuard: Sendable {
         }
     }
 
+    /// Sends a request whose answer nobody waits for (it arrives as unsolicited). Safe from any thread.
+    func post(_ text: String) -> Bool {
+        let bytes = Array(text.utf8)
+        return bytes.withUnsafeBytes { raw in quiesce_send_with_fds(self.socket, raw.baseAddress, UInt(raw.count), nil, 0) } >= 0
+    }
+
     func ping() async throws -> GuardMessage {
         let replies = try await self.request("PING", accepts: { if case .pong = $0 { true } else { false } }, finishes: { _ in true })
         return replies[0]

@@ -63,8 +63,8 @@ final class ChildProcess: @unchecked Sendable {
         let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
         defer { if null >= 0 { close(null) } }
         // Executed from the descriptor: the kernel runs the script's
-        // interpreter on /proc/self/fd/N, the very file that was checked.
-        let path = "/proc/self/fd/\(descriptor)"
+        // interpreter on /proc/self/fd/3 (the descriptor, moved to 3 in the child), the very file that was checked.
+        let path = "/proc/self/fd/3"
         var pid: Int32 = 0
         let result = withCStrings([name] + arguments) { argv in
             withCStrings(environment) { envp in
