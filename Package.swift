@@ -129,6 +129,7 @@ let package = Package(
             name: "quiesce-bench",
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire", "QuiesceLocalProvider", "QuiesceCatalog",
+                "QuiesceEngine", "QuiesceProto", "CQuiesceLinux",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -33,3 +33,8 @@ public struct AgentConfiguration: Sendable {
 
 /// Locks the process's memory (current and future pages, faulted in on first use).
 public func quiesceLockMemory() -> Int32 { quiesce_lock_memory() }
+
+/// Unblocks SIGINT/SIGTERM/SIGHUP in the calling thread: a parent (a test
+/// harness, a supervisor) may have started the agent with them blocked, and
+/// then a stop request would never arrive.
+public func quiesceUnblockStopSignals() { quiesce_unblock_stop_signals() }

@@ -79,6 +79,7 @@ struct Run: AsyncParsableCommand {
                 instanceID: self.instanceID),
             handler: handler)
         let task = Task { try await runner.run() }
+        quiesceUnblockStopSignals()
         let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number)

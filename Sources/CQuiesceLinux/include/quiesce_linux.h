@@ -48,6 +48,9 @@ int quiesce_spawn(const char *path, char *const argv[], char *const envp[], int 
 /// pipe2 with O_CLOEXEC (and O_NONBLOCK when `nonblock`).
 int quiesce_pipe(int fds[2], int nonblock);
 
+/// Unblocks SIGINT, SIGTERM and SIGHUP in the calling thread (a parent may have started us with them blocked).
+void quiesce_unblock_stop_signals(void);
+
 /// Makes this process a child subreaper: orphaned descendants are re-parented to it.
 int quiesce_set_child_subreaper(void);
 

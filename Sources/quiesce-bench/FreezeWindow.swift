@@ -1,0 +1,277 @@
+import ArgumentParser
+import CQuiesceLinux
+import Foundation
+import Logging
+import QuiesceCore
+import QuiesceEngine
+import QuiescePKI
+import QuiesceProto
+import QuiesceWire
+
+/// The freeze window, side by side: the raw floor (FIFREEZE + FICLONE +
+/// FITHAW in this process), qemu-guest-agent over its unix socket, and
+/// Quiesce (engine here, the real quiesce-agent and its guard as processes,
+/// mutual TLS on loopback). Each run: freeze the guest mount, fdatasync and
+/// reflink-clone its disk image (which lives on another, unfrozen filesystem,
+/// as a provider's disk would), thaw. Prints one JSON line per (load, method).
+struct FreezeWindow: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "freeze",
+        abstract: "Time freeze → clone → thaw windows: raw floor, qemu-guest-agent, Quiesce; idle and with a writer.")
+
+    @Option(help: ArgumentHelp("The guest filesystem's mount point (a loop device on --image). Only it is frozen.", valueName: "dir"))
+    var mount: String
+    @Option(help: ArgumentHelp("The disk image behind --mount, on a reflink-capable filesystem that is not frozen.", valueName: "path"))
+    var image: String
+    @Option(help: "Runs per method and load.")
+    var runs = 200
+    @Option(help: ArgumentHelp("Scratch directory (CA, sockets, logs, clones go next to the image).", valueName: "dir"))
+    var work: String
+    @Option(help: ArgumentHelp("quiesce-agent to start (its quiesce-thaw-guard next to it).", valueName: "path"))
+    var agent: String
+    @Option(help: ArgumentHelp("qemu-ga binary; empty skips qemu-guest-agent.", valueName: "path"))
+    var qemuGA = "/usr/sbin/qemu-ga"
+    @Option(help: "Loads to measure: idle, busy (a background writer on the guest filesystem), or both.")
+    var load = "both"
+
+    struct Sample { var windowMs: Double; var frozenMs: Double; var syncfsMs: Double = .nan }
+
+    func run() async throws {
+        let loads = self.load == "both" ? ["idle", "busy"] : [self.load]
+        let clone = (self.image as NSString).deletingLastPathComponent + "/bench-clone.img"
+        let mount = self.mount
+        let image = self.image
+        // The unfrozen pool's image, as a provider would clone it.
+        let snapshot: @Sendable () throws -> Void = {
+            let source = open(image, O_RDONLY | O_CLOEXEC)
+            guard source >= 0 else { throw ValidationError("cannot open \(image): \(String(cString: strerror(errno)))") }
+            defer { close(source) }
+            fdatasync(source)
+            let target = open(clone, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard target >= 0 else { throw ValidationError("cannot create \(clone)") }
+            defer { close(target) }
+            guard quiesce_ficlone(target, source) == 0 else {
+                throw ValidationError("FICLONE \(image) failed: \(String(cString: strerror(errno))) (the pool must support reflink)")
+            }
+        }
+
+        // Quiesce: an engine here, the agent as its own process.
+        var silent = Logger(label: "bench")
+        silent.logLevel = .critical
+        let ca = CADirectory(path: self.work + "/ca")
+        if !ca.exists { try ca.initialize(names: ["localhost"], ipAddresses: ["127.0.0.1"]) }
+        try ca.issue(.agent(instanceID: "bench-guest"))
+        let engine = try Engine(
+            configuration: EngineConfiguration(
+                listen: ListenAddress(host: .ipv4("127.0.0.1"), port: 0), identity: ca.engineFiles,
+                adminSocketPath: self.work + "/admin.sock", limits: .defaults),
+            logger: silent)
+        let engineTask = Task { try await engine.run() }
+        defer { engine.shutdown(); engineTask.cancel() }
+        let address = try await engine.listeningAddress()
+        let files = ca.agentFiles(instanceID: "bench-guest")
+        let agentProcess = try Self.start(self.agent, [
+            "run", "--engine", "\(address)", "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
+            "--hook-dir", self.work + "/hooks.d", "--log-level", "warning",
+        ], log: self.work + "/agent.log")
+        defer { kill(agentProcess.processIdentifier, SIGTERM); agentProcess.waitUntilExit() }  // the agent unblocks SIGTERM itself
+        guard await engine.registry.waitFor(["bench-guest"], timeout: .seconds(30)).isEmpty else {
+            throw ValidationError("the agent did not connect; see \(self.work)/agent.log")
+        }
+
+        // qemu-guest-agent on a unix socket, its state in the scratch directory.
+        var qga: (Process, QGAClient)?
+        var qgaProcess: Process?
+        // SIGKILL: a child started from here may inherit a blocked SIGTERM.
+        defer { if let process = qgaProcess { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() } }
+        if !self.qemuGA.isEmpty && FileManager.default.isExecutableFile(atPath: self.qemuGA) {
+            try FileManager.default.createDirectory(atPath: self.work + "/qga-state", withIntermediateDirectories: true)
+            let socketPath = self.work + "/qga.sock"
+            let process = try Self.start(self.qemuGA, [
+                "-m", "unix-listen", "-p", socketPath, "-t", self.work + "/qga-state", "-f", self.work + "/qga.pid",
+                "-l", self.work + "/qga.log",
+            ], log: self.work + "/qga.out")
+            qgaProcess = process
+            var client: QGAClient?
+            for _ in 0..<100 where client == nil {
+                client = try? QGAClient(path: socketPath)
+                if client == nil { try await Task.sleep(for: .milliseconds(50)) }
+            }
+            guard let client else { throw ValidationError("qemu-ga did not open \(socketPath); see \(self.work)/qga.log") }
+            try client.sync()
+            qga = (process, client)
+        }
+
+        for load in loads {
+            let writer = load == "busy" ? try Self.start("/bin/bash", ["-c", """
+                i=0; while :; do dd if=/dev/urandom of='\(mount)/bench-writer.dat' bs=1M count=4 seek=$(( (i % 64) * 4 )) conv=notrunc status=none; i=$((i+1)); sleep 0.005; done
+                """], log: "/dev/null") : nil
+            defer { if let writer { kill(writer.processIdentifier, SIGKILL); writer.waitUntilExit() } }
+            if writer != nil { try await Task.sleep(for: .milliseconds(500)) }
+
+            // Raw floor.
+            let runs = self.runs
+            let floor: [Sample] = try await DedicatedThread.run(name: "bench-floor") {
+                let fd = open(mount, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+                guard fd >= 0 else { throw ValidationError("cannot open \(mount)") }
+                defer { close(fd) }
+                var samples: [Sample] = []
+                for _ in 0..<runs {
+                    let t0 = ContinuousClock.now
+                    // Frozen from the FIFREEZE call on, as the guard counts it.
+                    let frozenAt = t0
+                    guard quiesce_fifreeze(fd) == 0 else { throw ValidationError("FIFREEZE \(mount): \(String(cString: strerror(errno)))") }
+                    let cloned = Result { try snapshot() }
+                    quiesce_fithaw(fd)
+                    let t1 = ContinuousClock.now
+                    try cloned.get()
+                    samples.append(Sample(windowMs: (t1 - t0).ms, frozenMs: (t1 - frozenAt).ms))
+                    unlink(clone)
+                    usleep(2000)
+                }
+                return samples
+            }
+            Self.report(load: load, method: "raw floor", samples: floor)
+
+            if let (_, client) = qga {
+                let samples: [Sample] = try await DedicatedThread.run(name: "bench-qga") {
+                    var samples: [Sample] = []
+                    for _ in 0..<runs {
+                        let t0 = ContinuousClock.now
+                        let frozen = try client.call(#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["\#(mount)"]}}"#)
+                        guard frozen == "1" else {
+                            _ = try? client.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+                            throw ValidationError("qemu-ga froze \(frozen) filesystems, expected 1")
+                        }
+                        let cloned = Result { try snapshot() }
+                        let thawed = try client.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+                        let t1 = ContinuousClock.now
+                        try cloned.get()
+                        guard thawed == "1" else { throw ValidationError("qemu-ga thawed \(thawed) filesystems, expected 1") }
+                        samples.append(Sample(windowMs: (t1 - t0).ms, frozenMs: .nan))
+                        unlink(clone)
+                        usleep(2000)
+                    }
+                    return samples
+                }
+                Self.report(load: load, method: "qemu-guest-agent", samples: samples)
+            }
+
+            var samples: [Sample] = []
+            for run in 0..<runs {
+                var request = Quiesce_Agent_V1_FreezeRequest()
+                request.freezeID = "bench-\(load)-\(run)"
+                request.mountPoints = [mount]
+                let t0 = ContinuousClock.now
+                let frozen = try await engine.freeze(request, on: "bench-guest")
+                guard frozen.isOK else { throw ValidationError("freeze failed: \(frozen.status.message)") }
+                let cloned = Result { try snapshot() }
+                let thawed = try await engine.thaw(request.freezeID, on: "bench-guest")
+                let t1 = ContinuousClock.now
+                try cloned.get()
+                guard thawed.isOK, let proof = thawed.payload, proof.cause == .command else {
+                    throw ValidationError("thaw did not prove the freeze: \(thawed.status.message) \(String(describing: thawed.payload?.cause))")
+                }
+                samples.append(Sample(
+                    windowMs: (t1 - t0).ms, frozenMs: Double(proof.frozenUs) / 1000,
+                    syncfsMs: Double(frozen.payload?.mounts.first?.syncfsUs ?? 0) / 1000))
+                unlink(clone)
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            Self.report(load: load, method: "quiesce (mTLS)", samples: samples)
+        }
+    }
+
+    static func start(_ path: String, _ arguments: [String], log: String) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+        return process
+    }
+
+    static func report(load: String, method: String, samples: [Sample]) {
+        func stats(_ values: [Double]) -> [String: Double] {
+            let sorted = values.filter { !$0.isNaN }.sorted()
+            guard !sorted.isEmpty else { return [:] }
+            func at(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int((Double(sorted.count - 1) * p).rounded()))] }
+            return ["p50": at(0.5), "p99": at(0.99), "max": sorted.last!]
+        }
+        let line: [String: Any] = [
+            "load": load, "method": method, "runs": samples.count,
+            "window_ms": stats(samples.map(\.windowMs)), "frozen_ms": stats(samples.map(\.frozenMs)),
+            "syncfs_ms": stats(samples.map(\.syncfsMs)),
+        ]
+        if let data = try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]) {
+            FileHandle.standardOutput.write(data + Data("\n".utf8))
+        }
+    }
+}
+
+extension Duration {
+    fileprivate var ms: Double { Double(self.nanoseconds) / 1_000_000 }
+}
+
+/// A minimal QMP-style client for qemu-ga: one JSON command per line, one reply per line.
+final class QGAClient: @unchecked Sendable {
+    private let fd: Int32
+    private var buffer: [UInt8] = []
+
+    init(path: String) throws {
+        self.fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+        }
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard result == 0 else {
+            close(self.fd)
+            throw ValidationError("cannot connect to \(path)")
+        }
+    }
+
+    deinit { close(self.fd) }
+
+    /// Sends a command and returns the JSON text of its "return" value.
+    func call(_ json: String) throws -> String {
+        let bytes = Array((json + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(self.fd, $0.baseAddress, $0.count) }
+        let line = try self.readLine()
+        guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+            throw ValidationError("qemu-ga sent \(line)")
+        }
+        if let error = object["error"] { throw ValidationError("qemu-ga error: \(error)") }
+        guard let value = object["return"] else { throw ValidationError("qemu-ga sent \(line)") }
+        return "\(value)"
+    }
+
+    /// guest-sync-delimited: the reply comes after a 0xFF byte, which ends anything stale.
+    func sync() throws {
+        let id = Int.random(in: 1...1_000_000)
+        let got = try self.call(#"{"execute":"guest-sync-delimited","arguments":{"id":\#(id)}}"#)
+        guard got == "\(id)" else { throw ValidationError("qemu-ga guest-sync answered \(got), expected \(id)") }
+    }
+
+    private func readLine() throws -> String {
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            if let newline = self.buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                var line = Array(self.buffer[..<newline])
+                self.buffer.removeFirst(newline + 1)
+                line.removeAll { $0 == 0xFF }
+                if line.isEmpty { continue }
+                return String(decoding: line, as: UTF8.self)
+            }
+            let n = chunk.withUnsafeMutableBytes { read(self.fd, $0.baseAddress, $0.count) }
+            guard n > 0 else { throw ValidationError("qemu-ga closed the connection") }
+            self.buffer.append(contentsOf: chunk[0..<n])
+        }
+    }
+}

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The freeze window side by side: the raw floor (FIFREEZE + FICLONE + FITHAW
+# in one process), qemu-guest-agent over its unix socket
+# (guest-fsfreeze-freeze-list on the test mount only), and Quiesce (engine →
+# quiesce-agent → thaw guard, mutual TLS on loopback); idle and with a
+# background writer dirtying the guest filesystem. Needs root.
+#
+# The guest filesystem is ext4 on a loop device whose 1 GiB image lives in an
+# XFS (reflink=1) pool, also on a loop device: each run freezes the guest,
+# reflink-clones its image in the pool (what the local provider does), thaws.
+# Nothing else is frozen.
+#
+#   scripts/bench-freeze.sh           release build, 200 runs per row
+#   scripts/bench-freeze.sh --quick   debug build, 10 runs, 256 MiB image (CI smoke pass)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench-freeze: needs root (loop devices, mount, FIFREEZE)" >&2; exit 1; }
+
+config=release; runs=${RUNS:-200}; image_mib=1024
+if [ "${1:-}" = "--quick" ]; then config=debug; runs=10; image_mib=256; fi
+
+# SWIFT_BUILD_PATH: build elsewhere than .build (a release build next to a debug one).
+build=(swift build -c "$config" ${SWIFT_BUILD_PATH:+--build-path "$SWIFT_BUILD_PATH"})
+for product in quiesce-bench quiesce-agent quiesce-thaw-guard; do "${build[@]}" --product "$product" >/dev/null; done
+bin=$("${build[@]}" --show-bin-path)
+qga=/usr/sbin/qemu-ga
+[ -x "$qga" ] || { echo "bench-freeze: $qga not found (apt-get install qemu-guest-agent); its row is skipped" >&2; qga=""; }
+
+work=$(mktemp -d /tmp/quiesce-bench-freeze.XXXXXX)
+cleanup() {
+  # Thaw before anything else, whatever happened (EINVAL when not frozen is fine).
+  if mountpoint -q "$work/guest"; then fsfreeze --unfreeze "$work/guest" 2>/dev/null || true; umount "$work/guest"; fi
+  # The guest's loop device holds the pool's image open: detach it before unmounting the pool.
+  [ -n "${guest_dev:-}" ] && losetup -d "$guest_dev" 2>/dev/null || true
+  mountpoint -q "$work/pool" && umount "$work/pool"
+  [ -n "${pool_dev:-}" ] && losetup -d "$pool_dev" 2>/dev/null || true
+  # Only remove the scratch tree once nothing is mounted under it.
+  if ! grep -q " $work/" /proc/mounts; then rm -rf "$work"; else echo "bench-freeze: left $work mounted" >&2; fi
+}
+trap cleanup EXIT
+
+truncate -s 8G "$work/pool.img"
+mkfs.xfs -q -f -m reflink=1 "$work/pool.img"
+pool_dev=$(losetup --find --show "$work/pool.img")
+mkdir -p "$work/pool" "$work/guest" "$work/scratch"
+mount "$pool_dev" "$work/pool"
+truncate -s "${image_mib}M" "$work/pool/disk.img"
+mkfs.ext4 -q -F "$work/pool/disk.img"
+guest_dev=$(losetup --find --show "$work/pool/disk.img")
+mount "$guest_dev" "$work/guest"
+dd if=/dev/urandom of="$work/guest/data.bin" bs=1M count=$((image_mib / 4)) status=none
+sync
+
+results="$work/results.jsonl"
+"$bin/quiesce-bench" freeze --mount "$work/guest" --image "$work/pool/disk.img" --work "$work/scratch" \
+  --agent "$bin/quiesce-agent" --qemu-ga "$qga" --runs "$runs" >"$results"
+
+python3 - "$results" "$config" "$image_mib" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+print(f"bench-freeze: freeze sent -> thaw answered, one reflink clone of a {sys.argv[3]} MiB image in between; {sys.argv[2]} build")
+floor = {r["load"]: r["window_ms"]["p50"] for r in rows if r["method"] == "raw floor"}
+header = ["LOAD", "METHOD", "RUNS", "WINDOW P50", "P99", "MAX", "P50 - FLOOR", "FROZEN P50", "FROZEN P99", "SYNCFS P50"]
+def ms(v): return f"{v:.2f} ms" if v is not None else "-"
+table = []
+for r in rows:
+    w, f = r["window_ms"], r.get("frozen_ms") or {}
+    table.append([r["load"], r["method"], str(r["runs"]), ms(w["p50"]), ms(w["p99"]), ms(w["max"]),
+                  "" if r["method"] == "raw floor" else f"{w['p50'] - floor[r['load']]:+.2f} ms",
+                  ms(f.get("p50")), ms(f.get("p99")), ms((r.get("syncfs_ms") or {}).get("p50"))])
+widths = [max(len(x) for x in col) for col in zip(header, *table)]
+for line in [header] + table:
+    print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+print("FROZEN: FIFREEZE -> last FITHAW as measured on the guest (the floor: in-process; Quiesce: the guard's own clock;")
+print("qemu-guest-agent does not report it). SYNCFS: Quiesce flushes the filesystem just before FIFREEZE (writes still")
+print("flow during it); that time is inside WINDOW but not inside FROZEN.")
+PY
