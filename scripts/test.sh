@@ -20,3 +20,4 @@ QUIESCE_BIN="$(swift build --show-bin-path)" python3 -m pytest -q Tests/interop
 echo "== benchmark smoke"
 scripts/bench-sessions.sh --quick
 scripts/bench-snapshot.sh --quick
+scripts/bench-freeze.sh --quick

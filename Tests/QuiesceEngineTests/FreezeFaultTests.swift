@@ -125,6 +125,7 @@ struct FreezeFaultTests {
             kill(agent.pid, SIGKILL)
             let done = try #require(await write.finished(within: .seconds(3)), "still frozen 3 s after the agent was killed")
             #expect(done - killed < .milliseconds(200), "thawed \(done - killed) after SIGKILL")
+            print("measured: a blocked write completed \((done - killed).milliseconds) ms after SIGKILL of the frozen agent")
             for pid in guards {
                 for _ in 0..<100 where !gone(pid) { usleep(10_000) }
                 #expect(gone(pid), "the guard outlived its agent")
@@ -138,7 +139,8 @@ struct FreezeFaultTests {
             let mount = try await blocking { try loops.mount("data", fsType: "xfs", sizeMiB: 300).mountPoint }
             let fleet = try await Fleet.start()
             defer { fleet.discard() }
-            let port = freePort()
+            try #require(FileManager.default.isExecutableFile(atPath: "/usr/bin/socat"), "this test needs socat (apt-get install socat; .ci/run does)")
+        let port = freePort()
             let proxy = Process()
             proxy.executableURL = URL(fileURLWithPath: "/usr/bin/socat")
             proxy.arguments = ["TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr", "TCP:127.0.0.1:\(fleet.address.port)"]
@@ -165,6 +167,7 @@ struct FreezeFaultTests {
             let done = try #require(await write.finished(within: .seconds(4)), "still frozen 4 s after the engine fell silent")
             let after = done - stopped
             #expect(after > .milliseconds(700) && after < .milliseconds(1600), "thawed \(after) after the proxy stopped")
+            print("measured: a blocked write completed \(after.milliseconds) ms after the proxy was SIGSTOPped")
             kill(proxy.processIdentifier, SIGCONT)
             // The agent logged how the freeze ended (buffered while frozen, written after the thaw).
             var log = ""

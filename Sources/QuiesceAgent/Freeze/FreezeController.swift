@@ -22,6 +22,7 @@ public final class FreezeController: Sendable {
     private let mountInfoPath: String
     private let logger: Logger
     private let state = Mutex(State())
+    private let watchdogStarted = Mutex(false)
     /// Current holds, for the thaw reply.
     let holdStates: @Sendable () -> [Quiesce_Agent_V1_HoldState]
 
@@ -64,6 +65,7 @@ public final class FreezeController: Sendable {
 
     /// Starts the guard if it is not running (never while frozen: that would start a program from disk).
     public func startGuard() async throws {
+        self.ensureWatchdog()
         let running = self.state.withLock { $0.guardProcess?.isAlive == true || $0.active != nil || $0.stopped }
         if running { return }
         do {
@@ -241,7 +243,6 @@ public final class FreezeController: Sendable {
         self.state.withLock { state in
             state.active = Active(id: id, mountPoints: ordered, descriptors: descriptors, frozenAt: frozenAt, budget: budget)
         }
-        self.startWatchdog(id: id)
         if Task.isCancelled {
             // Cancelling a freeze thaws whatever it froze.
             let thaw = await self.thaw(id: id, cause: .cancelled)
@@ -261,30 +262,33 @@ public final class FreezeController: Sendable {
     }
 
     /// While frozen: thaw when the engine has been silent for `silenceLimit`.
-    /// A plain thread, not a task: a busy cooperative pool must not delay a
-    /// thaw. It only sends THAW to the guard; the guard's THAWED is recorded by
-    /// the guard's reader thread (or, with no guard, it thaws directly).
-    private func startWatchdog(id: String) {
+    /// One plain thread for the controller's lifetime, not a task: a busy
+    /// cooperative pool must not delay a thaw, and no thread is created on the
+    /// freeze path. It only sends THAW to the guard; the guard's THAWED is
+    /// recorded by the guard's reader thread (with no guard, it thaws directly).
+    private func ensureWatchdog() {
+        let first = self.watchdogStarted.withLock { started -> Bool in
+            defer { started = true }
+            return !started
+        }
+        guard first else { return }
         let limit = self.silenceLimit
         let thread = Thread { [weak self] in
             while true {
                 usleep(20_000)
                 guard let self else { return }
-                let (silent, active, guardProcess) = self.state.withLock { state in
-                    (ContinuousClock.now - state.lastEngineMessage, state.active?.id == id, state.guardProcess)
+                let (silent, id, guardProcess) = self.state.withLock { state in
+                    (ContinuousClock.now - state.lastEngineMessage, state.active?.id, state.guardProcess)
                 }
-                guard active else { return }
-                if silent >= limit {
-                    let detail = "no message from the engine for \(silent.milliseconds) ms"
-                    self.state.withLock { $0.pendingDetail[id] = detail }
-                    if let guardProcess, guardProcess.isAlive, guardProcess.post("THAW \(id) engine-silent") {
-                        // Wait for the reader thread to record it (bounded), then stop watching.
-                        for _ in 0..<250 where self.state.withLock({ $0.active?.id == id }) { usleep(2_000) }
-                    }
-                    if self.state.withLock({ $0.active?.id == id }) {
-                        _ = self.thawOurselves(id: id, cause: .engineSilent, holds: self.holdStates(), detail: detail)
-                    }
-                    return
+                guard let id, silent >= limit else { continue }
+                let detail = "no message from the engine for \(silent.milliseconds) ms"
+                self.state.withLock { $0.pendingDetail[id] = detail }
+                if let guardProcess, guardProcess.isAlive, guardProcess.post("THAW \(id) engine-silent") {
+                    // Wait (bounded) for the reader thread to record the guard's answer.
+                    for _ in 0..<250 where self.state.withLock({ $0.active?.id == id }) { usleep(2_000) }
+                }
+                if self.state.withLock({ $0.active?.id == id }) {
+                    _ = self.thawOurselves(id: id, cause: .engineSilent, holds: self.holdStates(), detail: detail)
                 }
             }
         }
