@@ -69,9 +69,13 @@ extension LoopDevices {
         return device
     }
 
+    /// Detaches and waits until the kernel has let go: while anything still
+    /// has the device open, LOOP_CLR_FD only marks it for auto-clear.
     public func detach(_ device: String) throws {
         try run("losetup", "-d", device)
         self.devices.removeAll { $0 == device }
+        let backing = "/sys/block/\((device as NSString).lastPathComponent)/loop/backing_file"
+        for _ in 0..<200 where FileManager.default.fileExists(atPath: backing) { usleep(10_000) }
     }
 
     public func mountDevice(_ device: String, at name: String, options: [String] = []) throws -> String {
