@@ -62,6 +62,8 @@ print(f"bench-freeze: freeze sent -> thaw answered, one reflink clone of a {sys.
 floor = {r["load"]: r["window_ms"]["p50"] for r in rows if r["method"] == "raw floor"}
 header = ["LOAD", "METHOD", "RUNS", "WINDOW P50", "P99", "MAX", "P50 - FLOOR", "FROZEN P50", "FROZEN P99", "SYNCFS P50"]
 def ms(v): return f"{v:.2f} ms" if v is not None else "-"
+rtt = [r for r in rows if r["method"] == "command round trip"]
+rows = [r for r in rows if r["method"] != "command round trip"]
 table = []
 for r in rows:
     w, f = r["window_ms"], r.get("frozen_ms") or {}
@@ -71,6 +73,15 @@ for r in rows:
 widths = [max(len(x) for x in col) for col in zip(header, *table)]
 for line in [header] + table:
     print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+for r in rtt:
+    print(f"engine -> agent -> engine round trip of a command that does no work (freeze status): "
+          f"p50 {r['window_ms']['p50']:.2f} ms, p99 {r['window_ms']['p99']:.2f} ms over {r['runs']}")
+for r in rows:
+    b = r.get("breakdown_p50_ms") or {}
+    if b:
+        print(f"{r['load']} quiesce p50 breakdown: freeze call {b['freeze_call']:.2f} ms (agent {b['freeze_agent']:.2f}), "
+              f"clone {b['clone']:.2f} ms, thaw call {b['thaw_call']:.2f} ms (agent {b['thaw_agent']:.2f})  [{r['method']}]")
+print("'quiesce, no syncfs' sets FreezeRequest.skip_syncfs (the default flushes each filesystem just before FIFREEZE).")
 print("FROZEN: FIFREEZE -> last FITHAW as measured on the guest (the floor: in-process; Quiesce: the guard's own clock;")
 print("qemu-guest-agent does not report it). SYNCFS: Quiesce flushes the filesystem just before FIFREEZE (writes still")
 print("flow during it); that time is inside WINDOW but not inside FROZEN.")

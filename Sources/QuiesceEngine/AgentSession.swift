@@ -175,10 +175,11 @@ public final class AgentSession: Sendable {
     func beginFreezeHeartbeats(_ freezeID: String, interval: Duration = .milliseconds(250), limit: Duration) {
         let task = Task { [weak self] in
             let until = ContinuousClock.now + limit
+            // The freeze command itself is the first sign of life; beat from then on.
             while !Task.isCancelled, ContinuousClock.now < until {
-                guard let self, !self.isClosed else { return }
-                self.sendHeartbeat(freezeID: freezeID)
                 try? await Task.sleep(for: interval)
+                guard !Task.isCancelled, let self, !self.isClosed else { return }
+                self.sendHeartbeat(freezeID: freezeID)
             }
         }
         let previous = self.state.withLock { state in

@@ -34,7 +34,17 @@ struct FreezeWindow: AsyncParsableCommand {
     @Option(help: "Loads to measure: idle, busy (a background writer on the guest filesystem), or both.")
     var load = "both"
 
-    struct Sample { var windowMs: Double; var frozenMs: Double; var syncfsMs: Double = .nan }
+    struct Sample {
+        var windowMs: Double
+        var frozenMs: Double
+        var syncfsMs: Double = .nan
+        /// Engine-side round trips and the agent's own time for each command.
+        var freezeCallMs: Double = .nan
+        var freezeAgentMs: Double = .nan
+        var cloneMs: Double = .nan
+        var thawCallMs: Double = .nan
+        var thawAgentMs: Double = .nan
+    }
 
     func run() async throws {
         let loads = self.load == "both" ? ["idle", "busy"] : [self.load]
@@ -102,9 +112,18 @@ struct FreezeWindow: AsyncParsableCommand {
             qga = (process, client)
         }
 
+        // The bare command round trip (no filesystem work): freeze status.
+        var statusSamples: [Sample] = []
+        for _ in 0..<max(self.runs, 20) {
+            let t0 = ContinuousClock.now
+            let reply = try await engine.freezeStatus(of: "bench-guest")
+            statusSamples.append(Sample(windowMs: (ContinuousClock.now - t0).ms, frozenMs: .nan, freezeAgentMs: reply.elapsed.ms))
+        }
+        Self.report(load: "idle", method: "command round trip", samples: statusSamples)
+
         for load in loads {
             let writer = load == "busy" ? try Self.start("/bin/bash", ["-c", """
-                i=0; while :; do dd if=/dev/urandom of='\(mount)/bench-writer.dat' bs=1M count=4 seek=$(( (i % 64) * 4 )) conv=notrunc status=none; i=$((i+1)); sleep 0.005; done
+                i=0; while :; do dd if=/dev/zero of='\(mount)/bench-writer.dat' bs=1M count=4 seek=$(( (i % 64) * 4 )) conv=notrunc status=none; i=$((i+1)); sleep 0.005; done
                 """], log: "/dev/null") : nil
             defer { if let writer { kill(writer.processIdentifier, SIGKILL); writer.waitUntilExit() } }
             if writer != nil { try await Task.sleep(for: .milliseconds(500)) }
@@ -157,15 +176,20 @@ struct FreezeWindow: AsyncParsableCommand {
                 Self.report(load: load, method: "qemu-guest-agent", samples: samples)
             }
 
+            // With the default syncfs just before FIFREEZE, and without it (FreezeRequest.skip_syncfs).
+            for skipSyncfs in [false, true] {
             var samples: [Sample] = []
             for run in 0..<runs {
                 var request = Quiesce_Agent_V1_FreezeRequest()
-                request.freezeID = "bench-\(load)-\(run)"
+                request.freezeID = "bench-\(load)-\(skipSyncfs)-\(run)"
                 request.mountPoints = [mount]
+                request.skipSyncfs = skipSyncfs
                 let t0 = ContinuousClock.now
                 let frozen = try await engine.freeze(request, on: "bench-guest")
+                let tFrozen = ContinuousClock.now
                 guard frozen.isOK else { throw ValidationError("freeze failed: \(frozen.status.message)") }
                 let cloned = Result { try snapshot() }
+                let tCloned = ContinuousClock.now
                 let thawed = try await engine.thaw(request.freezeID, on: "bench-guest")
                 let t1 = ContinuousClock.now
                 try cloned.get()
@@ -174,11 +198,14 @@ struct FreezeWindow: AsyncParsableCommand {
                 }
                 samples.append(Sample(
                     windowMs: (t1 - t0).ms, frozenMs: Double(proof.frozenUs) / 1000,
-                    syncfsMs: Double(frozen.payload?.mounts.first?.syncfsUs ?? 0) / 1000))
+                    syncfsMs: Double(frozen.payload?.mounts.first?.syncfsUs ?? 0) / 1000,
+                    freezeCallMs: (tFrozen - t0).ms, freezeAgentMs: frozen.elapsed.ms, cloneMs: (tCloned - tFrozen).ms,
+                    thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms))
                 unlink(clone)
                 try await Task.sleep(for: .milliseconds(2))
             }
-            Self.report(load: load, method: "quiesce (mTLS)", samples: samples)
+            Self.report(load: load, method: skipSyncfs ? "quiesce, no syncfs" : "quiesce (mTLS)", samples: samples)
+            }
         }
     }
 
@@ -205,6 +232,11 @@ struct FreezeWindow: AsyncParsableCommand {
             "load": load, "method": method, "runs": samples.count,
             "window_ms": stats(samples.map(\.windowMs)), "frozen_ms": stats(samples.map(\.frozenMs)),
             "syncfs_ms": stats(samples.map(\.syncfsMs)),
+            "breakdown_p50_ms": [
+                "freeze_call": stats(samples.map(\.freezeCallMs))["p50"] ?? .nan, "freeze_agent": stats(samples.map(\.freezeAgentMs))["p50"] ?? .nan,
+                "clone": stats(samples.map(\.cloneMs))["p50"] ?? .nan, "thaw_call": stats(samples.map(\.thawCallMs))["p50"] ?? .nan,
+                "thaw_agent": stats(samples.map(\.thawAgentMs))["p50"] ?? .nan,
+            ].filter { !$0.value.isNaN },
         ]
         if let data = try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]) {
             FileHandle.standardOutput.write(data + Data("\n".utf8))

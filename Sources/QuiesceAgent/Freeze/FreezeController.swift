@@ -345,8 +345,9 @@ public final class FreezeController: Sendable {
             // The guard thawed it first (budget) and our THAW found nothing: report that thaw.
             return self.state.withLock { $0.lastThaw?.freezeID == id ? $0.lastThaw : nil }
         }
-        // No guard to ask (it died): thaw with our own descriptors.
-        return self.thawOurselves(id: id, cause: cause, holds: holds, detail: detail.isEmpty ? "the thaw guard was gone; the agent thawed" : detail)
+        // No guard to ask (it died): thaw with our own descriptors, on a thread of its own (FITHAW blocks).
+        let why = detail.isEmpty ? "the thaw guard was gone; the agent thawed" : detail
+        return (try? await DedicatedThread.run(name: "quiesce-thaw") { self.thawOurselves(id: id, cause: cause, holds: holds, detail: why) }) ?? nil
     }
 
     /// The guard is gone while frozen: FITHAW with the agent's descriptors, "/" first.
