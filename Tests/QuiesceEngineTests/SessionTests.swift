@@ -155,6 +155,8 @@ struct SessionTests {
         defer { task.cancel() }
         #expect(await first.engine.registry.waitFor(["i-back"], timeout: .seconds(10)).isEmpty)
         await first.stop(keepFiles: true)
+        // If the second engine cannot start, the kept files must still go.
+        defer { try? FileManager.default.removeItem(atPath: first.directory) }
         try await waitUntil { if case .connected = runner.phase { false } else { true } }
 
         let second = try await Fleet.start(port: port, directory: first.directory)
