@@ -51,6 +51,9 @@ int quiesce_pipe(int fds[2], int nonblock);
 /// Unblocks SIGINT, SIGTERM and SIGHUP in the calling thread (a parent may have started us with them blocked).
 void quiesce_unblock_stop_signals(void);
 
+/// Whether the directory `fd` is the root of a mount (statx STATX_ATTR_MOUNT_ROOT): 1, 0, or -1 with errno.
+int quiesce_is_mount_root(int fd);
+
 /// Makes this process a child subreaper: orphaned descendants are re-parented to it.
 int quiesce_set_child_subreaper(void);
 

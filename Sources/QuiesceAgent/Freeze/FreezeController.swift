@@ -19,7 +19,6 @@ public final class FreezeController: Sendable {
     /// Without a message from the engine for this long while frozen, thaw.
     public let silenceLimit: Duration
     public let guardExecutable: String
-    private let mountInfoPath: String
     private let logger: Logger
     private let state = Mutex(State())
     private let watchdogStarted = Mutex(false)
@@ -50,13 +49,12 @@ public final class FreezeController: Sendable {
     }
 
     public init(
-        guardExecutable: String? = nil, silenceLimit: Duration = .seconds(1), mountInfoPath: String = "/proc/self/mountinfo",
+        guardExecutable: String? = nil, silenceLimit: Duration = .seconds(1),
         holdStates: @escaping @Sendable () -> [Quiesce_Agent_V1_HoldState] = { [] },
         logger: Logger = Logger(label: "quiesce.agent.freeze")
     ) {
         self.guardExecutable = guardExecutable ?? ThawGuard.defaultExecutable()
         self.silenceLimit = silenceLimit
-        self.mountInfoPath = mountInfoPath
         self.holdStates = holdStates
         self.logger = logger
     }
@@ -121,30 +119,46 @@ public final class FreezeController: Sendable {
         guard !request.mountPoints.isEmpty else {
             return (.init(code: .invalidArgument, message: "freeze \(request.freezeID) names no mount points", reason: "bad-request"), result)
         }
-        // Mount points must be distinct filesystems that are mounted now.
-        let entries: [MountInfoEntry]
-        do {
-            entries = try MountInfoEntry.parse(String(contentsOfFile: self.mountInfoPath, encoding: .utf8))
-        } catch {
-            return (.init(code: .internalError, message: "could not read \(self.mountInfoPath): \(error)", reason: "facts-failed"), result)
+        // Mount points must be mount roots now, of distinct read-write filesystems:
+        // checked on descriptors opened before anything is frozen (statx, fstat,
+        // fstatvfs — no mount-table parsing on the freeze path).
+        var opened: [(path: String, fd: Int32)] = []
+        func refuse(_ code: RPCError.Code, _ message: String, _ reason: String) -> (AgentStatus, Quiesce_Agent_V1_FreezeResult) {
+            opened.forEach { close($0.fd) }
+            return (.init(code: code, message: message, reason: reason), result)
         }
-        var seenDevices: [String: String] = [:]
-        var ordered: [String] = []
+        var seenDevices: [UInt64: String] = [:]
         for path in request.mountPoints {
-            guard let entry = entries.last(where: { $0.mountPoint == path }) else {
-                return (.init(code: .invalidArgument, message: "\(path) is not a mount point on this instance", reason: "not-a-mount"), result)
+            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard fd >= 0 else {
+                let code = errno
+                if code == ENOENT || code == ENOTDIR {
+                    return refuse(.invalidArgument, "\(path) is not a mount point on this instance (\(String(cString: strerror(code))))", "not-a-mount")
+                }
+                return refuse(.failedPrecondition, "could not open \(path): \(String(cString: strerror(code)))", "open-failed")
             }
-            if let other = seenDevices[entry.deviceNumber] {
-                return (.init(code: .invalidArgument, message: "\(path) and \(other) are the same filesystem (\(entry.deviceNumber)); name it once", reason: "same-filesystem"), result)
+            opened.append((path, fd))
+            guard quiesce_is_mount_root(fd) == 1 else {
+                return refuse(.invalidArgument, "\(path) is not a mount point on this instance", "not-a-mount")
             }
-            if entry.readOnly {
-                return (.init(code: .invalidArgument, message: "\(path) is mounted read-only; there is nothing to freeze", reason: "read-only"), result)
+            var info = stat()
+            var fs = statvfs()
+            guard fstat(fd, &info) == 0, fstatvfs(fd, &fs) == 0 else {
+                return refuse(.failedPrecondition, "could not stat \(path): \(String(cString: strerror(errno)))", "open-failed")
             }
-            seenDevices[entry.deviceNumber] = path
-            ordered.append(path)
+            let device = UInt64(info.st_dev)
+            if let other = seenDevices[device] {
+                return refuse(.invalidArgument, "\(path) and \(other) are the same filesystem (device \(info.st_dev)); name it once", "same-filesystem")
+            }
+            if fs.f_flag & UInt(ST_RDONLY) != 0 {
+                return refuse(.invalidArgument, "\(path) is mounted read-only; there is nothing to freeze", "read-only")
+            }
+            seenDevices[device] = path
         }
         // "/" last: the agent lives there; it is thawed first.
-        ordered.sort { ($0 == "/" ? 1 : 0) < ($1 == "/" ? 1 : 0) }
+        opened.sort { ($0.path == "/" ? 1 : 0) < ($1.path == "/" ? 1 : 0) }
+        let ordered = opened.map(\.path)
+        let descriptors = opened.map(\.fd)
 
         // One freeze at a time, and never without the guard.
         let refusal: AgentStatus? = self.state.withLock { state in
@@ -158,20 +172,12 @@ public final class FreezeController: Sendable {
             state.busy = true
             return nil
         }
-        if let refusal { return (refusal, result) }
+        if let refusal {
+            descriptors.forEach { close($0) }
+            return (refusal, result)
+        }
         defer { self.state.withLock { $0.busy = false } }
 
-        // Open every mount before anything is frozen.
-        var descriptors: [Int32] = []
-        for path in ordered {
-            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            if fd < 0 {
-                let code = errno
-                descriptors.forEach { close($0) }
-                return (.init(code: .failedPrecondition, message: "could not open \(path): \(String(cString: strerror(code)))", reason: "open-failed"), result)
-            }
-            descriptors.append(fd)
-        }
         guard let guardProcess = self.state.withLock({ $0.guardProcess }) else {
             descriptors.forEach { close($0) }
             return (.init(code: .failedPrecondition, message: "the thaw guard is not running", reason: "guard-missing"), result)
