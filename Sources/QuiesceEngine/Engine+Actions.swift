@@ -45,9 +45,7 @@ extension Engine {
     public func freeze(_ request: Quiesce_Agent_V1_FreezeRequest, on instanceID: String, deadline: Duration = .seconds(30)) async throws
         -> AgentReply<Quiesce_Agent_V1_FreezeResult>
     {
-        guard let session = await self.registry.session(for: instanceID) else {
-            throw EngineError.noSession(instanceID: instanceID, lastEnd: await self.registry.endedSessions().last { $0.instanceID == instanceID }?.reason)
-        }
+        let session = try await self.liveSession(for: instanceID)
         let budget: Duration = request.budgetMs > 0 ? .milliseconds(Int64(request.budgetMs)) : .seconds(10)
         session.beginFreezeHeartbeats(request.freezeID, limit: deadline + budget + .seconds(2))
         do {

@@ -171,10 +171,16 @@ public final class Engine: Sendable {
     public func send(_ action: AgentCommand.OneOf_Action, to instanceID: String, deadline: Duration? = nil) async throws
         -> CommandResult
     {
+        try await self.liveSession(for: instanceID).send(action, deadline: deadline ?? self.configuration.limits.defaultCommandDeadline)
+    }
+
+    /// The instance's live session.
+    /// - Throws: `EngineError.noSession`, with how its last session ended if it had one.
+    func liveSession(for instanceID: String) async throws -> AgentSession {
         guard let session = await self.registry.session(for: instanceID) else {
             throw EngineError.noSession(instanceID: instanceID, lastEnd: await self.registry.endedSessions().last { $0.instanceID == instanceID }?.reason)
         }
-        return try await session.send(action, deadline: deadline ?? self.configuration.limits.defaultCommandDeadline)
+        return session
     }
 
     /// Asks an agent for its facts.

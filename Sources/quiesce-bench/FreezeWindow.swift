@@ -90,7 +90,7 @@ struct FreezeWindow: AsyncParsableCommand {
         }
 
         // qemu-guest-agent on a unix socket, its state in the scratch directory.
-        var qga: (Process, QGAClient)?
+        var qga: QGAClient?
         var qgaProcess: Process?
         // SIGKILL: a child started from here may inherit a blocked SIGTERM.
         defer { if let process = qgaProcess { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() } }
@@ -109,7 +109,7 @@ struct FreezeWindow: AsyncParsableCommand {
             }
             guard let client else { throw ValidationError("qemu-ga did not open \(socketPath); see \(self.work)/qga.log") }
             try client.sync()
-            qga = (process, client)
+            qga = client
         }
 
         // The bare command round trip (no filesystem work): freeze status.
@@ -152,7 +152,7 @@ struct FreezeWindow: AsyncParsableCommand {
             }
             Self.report(load: load, method: "raw floor", samples: floor)
 
-            if let (_, client) = qga {
+            if let client = qga {
                 let samples: [Sample] = try await DedicatedThread.run(name: "bench-qga") {
                     var samples: [Sample] = []
                     for _ in 0..<runs {

@@ -76,28 +76,6 @@ final class EventLog: @unchecked Sendable {
     var all: [Quiesce_Agent_V1_AgentEvent] { self.lock.withLock { self.items } }
 }
 
-/// A process that writes to a file: it blocks while the filesystem is frozen.
-final class Writer: @unchecked Sendable {
-    let process = Process()
-    let started = ContinuousClock.now
-
-    init(_ path: String) throws {
-        self.process.executableURL = URL(fileURLWithPath: "/bin/sh")
-        self.process.arguments = ["-c", "echo written > '\(path)'"]
-        try self.process.run()
-    }
-
-    /// Waits up to `limit` for the writer to finish; returns when it did (nil: still blocked).
-    func finished(within limit: Duration) async -> ContinuousClock.Instant? {
-        let until = ContinuousClock.now + limit
-        while ContinuousClock.now < until {
-            if !self.process.isRunning { return .now }
-            try? await Task.sleep(for: .milliseconds(1))
-        }
-        return self.process.isRunning ? nil : .now
-    }
-}
-
 /// Writes a hook script owned by root with `mode`.
 @discardableResult
 func writeScript(_ path: String, mode: Int, owner: uid_t = 0, body: String) throws -> String {
@@ -109,11 +87,4 @@ func writeScript(_ path: String, mode: Int, owner: uid_t = 0, body: String) thro
 
 func sha256sum(_ path: String) throws -> String {
     String(try run("sha256sum", path).prefix(64))
-}
-
-func processExists(_ pid: Int32) -> Bool {
-    guard kill(pid, 0) == 0 else { return false }
-    // A zombie is gone for our purposes.
-    let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
-    return !stat.contains(") Z ")
 }

@@ -14,15 +14,7 @@ struct HookInspectorTests {
     }
 
     func script(_ name: String, mode: Int, owner: uid_t = 0, body: String = "#!/bin/sh\necho ready\n") throws -> String {
-        let path = "\(self.directory)/\(name)"
-        try body.write(toFile: path, atomically: false, encoding: .utf8)
-        chown(path, owner, 0)  // before chmod: chown clears set-id bits
-        chmod(path, mode_t(mode))
-        return path
-    }
-
-    func sha256sum(_ path: String) throws -> String {
-        String(try run("sha256sum", path).prefix(64))
+        try writeScript("\(self.directory)/\(name)", mode: mode, owner: owner, body: body)
     }
 
     @Test("a root-owned 0700 script passes; its hash is read from the open descriptor")
@@ -33,8 +25,8 @@ struct HookInspectorTests {
         #expect(checked.fact.refusal == .none)
         #expect(checked.descriptor >= 0)
         #expect(checked.fact.regularFile && checked.fact.ownerUid == 0 && checked.fact.mode == 0o700)
-        #expect(checked.fact.sha256 == (try self.sha256sum(path)))
-        #expect(HookInspector.check(name: "x", path: path, pinnedSHA256: try self.sha256sum(path)).fact.refusal == .none)
+        #expect(checked.fact.sha256 == (try sha256sum(path)))
+        #expect(HookInspector.check(name: "x", path: path, pinnedSHA256: try sha256sum(path)).fact.refusal == .none)
         #expect(HookInspector.check(name: "x", path: try self.script("strict.sh", mode: 0o500)).fact.refusal == .none)
     }
 
@@ -72,12 +64,12 @@ struct HookInspectorTests {
     func swapAfterCheck() throws {
         defer { try? FileManager.default.removeItem(atPath: self.directory) }
         let path = try self.script("hook.sh", mode: 0o700, body: "#!/bin/sh\necho original\n")
-        let original = try self.sha256sum(path)
+        let original = try sha256sum(path)
         let checked = HookInspector.check(name: "hook.sh", path: path, pinnedSHA256: original)
         #expect(checked.fact.refusal == .none)
         let evil = try self.script("evil.sh", mode: 0o700, body: "#!/bin/sh\necho replaced\n")
         #expect(rename(evil, path) == 0)
-        #expect(try self.sha256sum(path) != original)
+        #expect(try sha256sum(path) != original)
         let read = try FileHandle(fileDescriptor: checked.descriptor, closeOnDealloc: false).readToEnd()
         let content = try #require(read)
         #expect(String(decoding: content, as: UTF8.self).contains("original"))

@@ -55,31 +55,6 @@ final class AgentProcess: @unchecked Sendable {
     }
 }
 
-/// A process that writes to a file: it blocks while the filesystem is frozen.
-private final class BlockedWrite: @unchecked Sendable {
-    let process = Process()
-    init(_ path: String) throws {
-        self.process.executableURL = URL(fileURLWithPath: "/bin/sh")
-        self.process.arguments = ["-c", "echo written > '\(path)'"]
-        try self.process.run()
-    }
-    /// When the write finished, waiting up to `limit`.
-    func finished(within limit: Duration) async -> ContinuousClock.Instant? {
-        let until = ContinuousClock.now + limit
-        while ContinuousClock.now < until {
-            if !self.process.isRunning { return .now }
-            try? await Task.sleep(for: .milliseconds(1))
-        }
-        return nil
-    }
-}
-
-private func gone(_ pid: Int32) -> Bool {
-    guard kill(pid, 0) == 0 else { return true }
-    let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
-    return stat.contains(") Z ")
-}
-
 private func freezeRequest(_ id: String, _ mounts: [String], budgetMs: UInt32 = 0) -> Quiesce_Agent_V1_FreezeRequest {
     var request = Quiesce_Agent_V1_FreezeRequest()
     request.freezeID = id
@@ -118,7 +93,7 @@ struct FreezeFaultTests {
             #expect(frozen.isOK && frozen.payload?.allFrozen == true, "\(frozen.status.message)")
             let guards = agent.children
             #expect(guards.count == 1)
-            let write = try BlockedWrite(mount + "/x")
+            let write = try Writer(mount + "/x")
             #expect(await write.finished(within: .milliseconds(300)) == nil, "a write completed while frozen")
 
             let killed = ContinuousClock.now
@@ -127,8 +102,8 @@ struct FreezeFaultTests {
             #expect(done - killed < .milliseconds(200), "thawed \(done - killed) after SIGKILL")
             print("measured: a blocked write completed \((done - killed).milliseconds) ms after SIGKILL of the frozen agent")
             for pid in guards {
-                for _ in 0..<100 where !gone(pid) { usleep(10_000) }
-                #expect(gone(pid), "the guard outlived its agent")
+                for _ in 0..<100 where processExists(pid) { usleep(10_000) }
+                #expect(!processExists(pid), "the guard outlived its agent")
             }
         }
     }
@@ -159,7 +134,7 @@ struct FreezeFaultTests {
             #expect(frozen.isOK)
             // Heartbeats every 250 ms keep it frozen while the engine is heard.
             try await Task.sleep(for: .milliseconds(1500))
-            let write = try BlockedWrite(mount + "/x")
+            let write = try Writer(mount + "/x")
             #expect(await write.finished(within: .milliseconds(200)) == nil, "thawed although the engine was sending heartbeats")
 
             let stopped = ContinuousClock.now
@@ -191,7 +166,7 @@ struct FreezeFaultTests {
             #expect(await fleet.engine.registry.waitFor(Set(["vm-budget"]), timeout: .seconds(20)).isEmpty)
             let frozen = try await fleet.engine.freeze(freezeRequest("b", [mount], budgetMs: 500), on: "vm-budget")
             #expect(frozen.isOK && frozen.payload?.budgetMs == 500)
-            let write = try BlockedWrite(mount + "/x")
+            let write = try Writer(mount + "/x")
             #expect(await write.finished(within: .seconds(3)) != nil)
             try await Task.sleep(for: .milliseconds(200))
             let thawed = try await fleet.engine.thaw("b", on: "vm-budget")

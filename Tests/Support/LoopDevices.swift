@@ -142,3 +142,33 @@ public func withLoopDevices<T: Sendable>(_ body: (LoopDevices) async throws -> T
     _ = try? await blocking { loops.cleanUp() }
     return value
 }
+
+/// A process that writes to a file: it blocks while the filesystem is frozen.
+public final class Writer: @unchecked Sendable {
+    public let process = Process()
+    public let started = ContinuousClock.now
+
+    public init(_ path: String) throws {
+        self.process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        self.process.arguments = ["-c", "echo written > '\(path)'"]
+        try self.process.run()
+    }
+
+    /// Waits up to `limit` for the writer to finish; returns when it did (nil: still blocked).
+    public func finished(within limit: Duration) async -> ContinuousClock.Instant? {
+        let until = ContinuousClock.now + limit
+        while ContinuousClock.now < until {
+            if !self.process.isRunning { return .now }
+            try? await Task.sleep(for: .milliseconds(1))
+        }
+        return self.process.isRunning ? nil : .now
+    }
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+public func processExists(_ pid: Int32) -> Bool {
+    guard kill(pid, 0) == 0 else { return false }
+    // A zombie is gone for our purposes.
+    let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+    return !stat.contains(") Z ")
+}

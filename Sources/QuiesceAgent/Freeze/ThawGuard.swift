@@ -16,7 +16,6 @@ enum GuardMessage: Sendable, Equatable {
         var errno: Int32
     }
     case ready(pid: Int32, oomAdjusted: Bool, memoryLocked: Bool)
-    case pong(pid: Int32, frozen: Bool, freezeID: String)
     case frozen(id: String, all: Bool, budgetMs: UInt32, mounts: [MountFrozen])
     case thawed(id: String, cause: String, frozenMicros: UInt64, withinBudget: Bool, mounts: [MountThawed])
     case error(id: String, reason: String, detail: String)
@@ -25,37 +24,35 @@ enum GuardMessage: Sendable, Equatable {
     init?(parsing text: String) {
         var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
         guard !lines.isEmpty else { return nil }
-        let head = lines.removeFirst().split(separator: " ", maxSplits: 3).map(String.init)
+        let first = lines.removeFirst()
         func fields(_ line: String) -> [String] { line.split(separator: " ").map(String.init) }
+        let head = fields(first)
         switch head.first {
-        case "READY" where head.count >= 4:
+        case "READY" where head.count == 4:
             guard let pid = Int32(head[1]) else { return nil }
             self = .ready(pid: pid, oomAdjusted: head[2] == "1", memoryLocked: head[3] == "1")
-        case "PONG" where head.count >= 4:
-            guard let pid = Int32(head[1]) else { return nil }
-            self = .pong(pid: pid, frozen: head[2] == "1", freezeID: head[3])
-        case "FROZEN":
-            let all = fields(text.split(separator: "\n").first.map(String.init) ?? "")
-            guard all.count == 5, let budget = UInt32(all[3]), let count = Int(all[4]), lines.count == count else { return nil }
+        case "FROZEN" where head.count == 5:
+            guard let budget = UInt32(head[3]), let count = Int(head[4]), lines.count == count else { return nil }
             var mounts: [MountFrozen] = []
             for line in lines {
                 let f = fields(line)
                 guard f.count == 4, let e = Int32(f[1]), let s = UInt64(f[2]), let z = UInt64(f[3]) else { return nil }
                 mounts.append(MountFrozen(frozen: f[0] == "1", errno: e, syncfsMicros: s, freezeMicros: z))
             }
-            self = .frozen(id: all[1], all: all[2] == "1", budgetMs: budget, mounts: mounts)
-        case "THAWED":
-            let all = fields(text.split(separator: "\n").first.map(String.init) ?? "")
-            guard all.count == 6, let micros = UInt64(all[3]), let count = Int(all[5]), lines.count == count else { return nil }
+            self = .frozen(id: head[1], all: head[2] == "1", budgetMs: budget, mounts: mounts)
+        case "THAWED" where head.count == 6:
+            guard let micros = UInt64(head[3]), let count = Int(head[5]), lines.count == count else { return nil }
             var mounts: [MountThawed] = []
             for line in lines {
                 let f = fields(line)
                 guard f.count == 2, let e = Int32(f[1]) else { return nil }
                 mounts.append(MountThawed(thawed: f[0] == "1", errno: e))
             }
-            self = .thawed(id: all[1], cause: all[2], frozenMicros: micros, withinBudget: all[4] == "1", mounts: mounts)
+            self = .thawed(id: head[1], cause: head[2], frozenMicros: micros, withinBudget: head[4] == "1", mounts: mounts)
         case "ERROR" where head.count >= 3:
-            self = .error(id: head[1], reason: head[2], detail: head.count > 3 ? head[3] : "")
+            // The detail is free text: everything after the reason.
+            let detail = first.split(separator: " ", maxSplits: 3).dropFirst(3).first.map(String.init) ?? ""
+            self = .error(id: head[1], reason: head[2], detail: detail)
         default:
             return nil
         }
@@ -64,7 +61,7 @@ enum GuardMessage: Sendable, Equatable {
     var freezeID: String? {
         switch self {
         case .frozen(let id, _, _, _), .thawed(let id, _, _, _, _), .error(let id, _, _): id
-        case .ready, .pong: nil
+        case .ready: nil
         }
     }
 }
@@ -264,11 +261,6 @@ final class ThawGuard: Sendable {
     func post(_ text: String) -> Bool {
         let bytes = Array(text.utf8)
         return bytes.withUnsafeBytes { raw in quiesce_send_with_fds(self.socket, raw.baseAddress, UInt(raw.count), nil, 0) } >= 0
-    }
-
-    func ping() async throws -> GuardMessage {
-        let replies = try await self.request("PING", accepts: { if case .pong = $0 { true } else { false } }, finishes: { _ in true })
-        return replies[0]
     }
 
     /// Ends the guard (the agent is stopping): closing our end is end-of-file for it.

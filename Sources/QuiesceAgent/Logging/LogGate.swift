@@ -33,8 +33,6 @@ public final class LogGate: Sendable {
         for write in held { write() }
     }
 
-    public var isClosed: Bool { self.state.withLock { $0.closed } }
-
     /// Runs `write` now, or later if the gate is closed.
     func submit(_ write: @escaping @Sendable () -> Void) {
         let now = self.state.withLock { state -> Bool in
