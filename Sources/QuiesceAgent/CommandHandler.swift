@@ -1,5 +1,6 @@
 import Foundation
 import GRPCCore
+import Logging
 import QuiesceCore
 import QuiesceProto
 import QuiesceWire
@@ -48,7 +49,7 @@ public struct BuiltinCommandHandler: CommandHandling {
 
     public init(
         facts: FactsCollector = FactsCollector(), hooks: HookRunner? = nil, guardExecutable: String? = nil,
-        silenceLimit: Duration = .seconds(1), startsGuard: Bool = true
+        silenceLimit: Duration = .seconds(1), startsGuard: Bool = true, logger: Logger = Logger(label: "quiesce.agent.freeze")
     ) {
         self.facts = facts
         self.startsGuard = startsGuard
@@ -62,7 +63,8 @@ public struct BuiltinCommandHandler: CommandHandling {
             sink.emit(event)
         }
         self.holds = holds
-        let freezer = FreezeController(guardExecutable: guardExecutable, silenceLimit: silenceLimit, holdStates: { holds.states() })
+        let freezer = FreezeController(
+            guardExecutable: guardExecutable, silenceLimit: silenceLimit, holdStates: { holds.states() }, logger: logger)
         sink.freezer = freezer
         self.freezer = freezer
     }

@@ -53,7 +53,7 @@ public struct Demo: Sendable {
         let agents = ids.map { id in
             AgentRunner(
                 configuration: AgentConfiguration(engine: address, identity: ca.agentFiles(instanceID: id)),
-                logger: silent)
+                handler: BuiltinCommandHandler(logger: silent), logger: silent)
         }
         let agentTasks = agents.map { agent in Task { try await agent.run() } }
         defer { for task in agentTasks { task.cancel() } }

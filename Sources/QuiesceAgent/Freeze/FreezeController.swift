@@ -427,10 +427,12 @@ public final class FreezeController: Sendable {
             _ = self.finish(id: id, cause: cause, frozenMicros: micros, withinBudget: within, mounts: mounts, holds: holds,
                             detail: cause == .budget ? "the freeze budget ran out" : pending ?? "")
         case nil:
-            let (active, events) = self.state.withLock { state -> (String?, (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?) in
+            let (stopped, active, events) = self.state.withLock { state -> (Bool, String?, (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?) in
                 state.guardProblem = "it exited"
-                return (state.active?.id, state.events)
+                return (state.stopped, state.active?.id, state.events)
             }
+            // `stop()` ended it on purpose (after thawing): nothing was lost.
+            if stopped { return }
             var event = Quiesce_Agent_V1_AgentEvent()
             event.kind = .guardLost
             event.message = "the thaw guard process exited" + (active.map { " during freeze \($0); the agent thaws itself" } ?? "")
