@@ -12,6 +12,13 @@ let package = Package(
         .executable(name: "quiesce-agent", targets: ["quiesce-agent"]),
         .executable(name: "quiesce-bench", targets: ["quiesce-bench"]),
         .executable(name: "quiesce-thaw-guard", targets: ["quiesce-thaw-guard"]),
+        .executable(name: "quiesce-plugin-host", targets: ["quiesce-plugin-host"]),
+        // The built-in plugins, loaded with dlopen like any third party's.
+        .library(name: "quiesce-plugin-crash", type: .dynamic, targets: ["QuiescePluginCrash"]),
+        .library(name: "quiesce-plugin-linux-freeze", type: .dynamic, targets: ["QuiescePluginLinuxFreeze"]),
+        // The plugin ABI header and the Swift kit, for plugin authors.
+        .library(name: "CQuiescePlugin", targets: ["CQuiescePlugin"]),
+        .library(name: "QuiescePluginKit", targets: ["QuiescePluginKit"]),
     ],
     dependencies: [
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
@@ -37,6 +44,27 @@ let package = Package(
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
             ],
             exclude: ["MANIFEST"]
+        ),
+        // The plugin ABI (C header only): a versioned table, protobuf bytes across it.
+        .target(name: "CQuiescePlugin"),
+        // Generated messages of proto/quiesce/plugin/v1 (no gRPC: plugins link only SwiftProtobuf).
+        .target(
+            name: "QuiescePluginProto",
+            dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]
+        ),
+        // Writing a plugin in Swift: the C table from a protocol, option readers, step builders.
+        .target(name: "QuiescePluginKit", dependencies: ["CQuiescePlugin", "QuiescePluginProto"]),
+        .target(name: "QuiescePluginCrash", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/crash"),
+        .target(name: "QuiescePluginLinuxFreeze", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/linux-freeze"),
+        // Loads one plugin with dlopen and answers over a pipe (C, no runtime of its own).
+        .executableTarget(
+            name: "quiesce-plugin-host", dependencies: ["CQuiescePlugin"],
+            linkerSettings: [.linkedLibrary("dl")]
+        ),
+        // The engine's side of plugins: host processes, discovery, option and plan validation.
+        .target(
+            name: "QuiescePlugins",
+            dependencies: ["QuiesceCore", "QuiescePluginProto", "CQuiesceLinux", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
         // Linux calls Swift cannot name directly (FICLONE, FIFREEZE, SEEK_DATA …).
         .target(name: "CQuiesceLinux"),
@@ -81,7 +109,7 @@ let package = Package(
         .target(
             name: "QuiesceEngine",
             dependencies: [
-                "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire",
+                "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire", "QuiescePlugins", "QuiescePluginProto",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "Logging", package: "swift-log"),
@@ -137,6 +165,7 @@ let package = Package(
         // Real loop devices and filesystems for tests (root only).
         .target(name: "QuiesceTestSupport", path: "Tests/Support"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
+        .testTarget(name: "QuiescePluginsTests", dependencies: ["QuiesceCore", "QuiescePlugins", "QuiescePluginProto"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
         .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCore", "QuiesceCatalog"]),
         .testTarget(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Checks that the generated code in Sources/QuiesceProto matches proto/ and the
+# Checks that the generated code in Sources/QuiesceProto and
+# Sources/QuiescePluginProto matches proto/ and the
 # generator versions recorded in its MANIFEST, without building the generators.
 # With --write, rewrites the MANIFEST instead (scripts/gen-proto.sh does this).
 set -euo pipefail
@@ -17,8 +18,10 @@ render() {
   echo "grpc-swift-protobuf $(pkgver grpc-swift-protobuf)"
   (cd proto && find . -name '*.proto' | sed 's|^\./||' | LC_ALL=C sort | while read -r f; do
     echo "proto $(sha256sum "$f" | cut -c1-64) $f"; done)
-  (cd Sources/QuiesceProto && ls *.swift | LC_ALL=C sort | while read -r f; do
-    echo "generated $(sha256sum "$f" | cut -c1-64) $f"; done)
+  for dir in Sources/QuiesceProto Sources/QuiescePluginProto; do
+    (cd "$dir" && ls *.swift | LC_ALL=C sort | while read -r f; do
+      echo "generated $(sha256sum "$f" | cut -c1-64) $(basename "$dir")/$f"; done)
+  done
 }
 
 if [ "${1:-}" = "--write" ]; then
@@ -29,7 +32,7 @@ fi
 
 # protoc's version is recorded for the record but not compared: CI need not install the same one.
 if ! diff <(grep -v '^protoc ' "$manifest") <(render | grep -v '^protoc '); then
-  echo "check-proto: proto/ or Sources/QuiesceProto drifted from $manifest." >&2
+  echo "check-proto: proto/ or the generated Swift drifted from $manifest." >&2
   echo "  Expected: the lines marked '<' (the committed manifest). Found: the lines marked '>'." >&2
   echo "  Fix: run scripts/gen-proto.sh and commit the result." >&2
   exit 1

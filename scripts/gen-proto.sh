@@ -12,9 +12,19 @@ swift build --product protoc-gen-swift >/dev/null
 swift build --product protoc-gen-grpc-swift-2 >/dev/null
 bin=$(swift build --show-bin-path)
 
+# The plugin contract goes to its own target with messages only (no gRPC), so
+# plugins written in Swift link SwiftProtobuf and nothing else.
+plugin_out=Sources/QuiescePluginProto
+rm -f "$plugin_out"/*.pb.swift
+mapfile -t plugin_protos < <(cd proto && find quiesce/plugin -name '*.proto' | LC_ALL=C sort)
+protoc --proto_path=proto \
+  --plugin=protoc-gen-swift="$bin/protoc-gen-swift" \
+  --swift_out="$plugin_out" --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores \
+  "${plugin_protos[@]}"
+
 out=Sources/QuiesceProto
 rm -f "$out"/*.pb.swift "$out"/*.grpc.swift
-mapfile -t protos < <(cd proto && find . -name '*.proto' | sed 's|^\./||' | LC_ALL=C sort)
+mapfile -t protos < <(cd proto && find . -name '*.proto' -not -path './quiesce/plugin/*' | sed 's|^\./||' | LC_ALL=C sort)
 protoc --proto_path=proto \
   --plugin=protoc-gen-swift="$bin/protoc-gen-swift" \
   --swift_out="$out" --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores \

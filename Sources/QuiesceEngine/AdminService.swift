@@ -21,7 +21,7 @@ struct AdminService: Quiesce_Admin_V1_Admin.SimpleServiceProtocol {
     {
         let timeout: Duration = request.timeoutMs == 0 ? .seconds(10) : .milliseconds(Int64(request.timeoutMs))
         var response = Quiesce_Admin_V1_GetFactsResponse()
-        response.facts = try await self.engine.facts(of: request.instanceID, timeout: timeout)
+        response.facts = try await self.engine.facts(of: request.instanceID, includeHookHashes: request.includeHookHashes, timeout: timeout)
         return response
     }
 

@@ -183,9 +183,9 @@ public final class Engine: Sendable {
         return session
     }
 
-    /// Asks an agent for its facts.
-    public func facts(of instanceID: String, timeout: Duration = .seconds(10)) async throws -> Facts {
-        let result = try await self.send(.facts(.init()), to: instanceID, deadline: timeout)
+    /// Asks an agent for its facts; `includeHookHashes` has it hash every hook (what plans pin).
+    public func facts(of instanceID: String, includeHookHashes: Bool = false, timeout: Duration = .seconds(10)) async throws -> Facts {
+        let result = try await self.send(.facts(.with { $0.includeHookHashes = includeHookHashes }), to: instanceID, deadline: timeout)
         guard result.status.isOK, case .facts(let facts) = result.payload else {
             throw EngineError.commandFailed(
                 instanceID: instanceID, action: "facts", code: result.status.rpcCode.description, message: result.status.message)

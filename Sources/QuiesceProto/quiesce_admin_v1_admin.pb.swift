@@ -87,6 +87,9 @@ public nonisolated struct Quiesce_Admin_V1_GetFactsRequest: Sendable {
 
   public var timeoutMs: UInt32 = 0
 
+  /// Also hash every hook (what plans pin); costs the agent a read of each file.
+  public var includeHookHashes: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -273,7 +276,7 @@ nonisolated extension Quiesce_Admin_V1_ListAgentsResponse: SwiftProtobuf.Message
 
 nonisolated extension Quiesce_Admin_V1_GetFactsRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GetFactsRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{3}timeout_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{3}timeout_ms\0\u{3}include_hook_hashes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -283,6 +286,7 @@ nonisolated extension Quiesce_Admin_V1_GetFactsRequest: SwiftProtobuf.Message, S
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.instanceID) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutMs) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.includeHookHashes) }()
       default: break
       }
     }
@@ -295,12 +299,16 @@ nonisolated extension Quiesce_Admin_V1_GetFactsRequest: SwiftProtobuf.Message, S
     if self.timeoutMs != 0 {
       try visitor.visitSingularUInt32Field(value: self.timeoutMs, fieldNumber: 2)
     }
+    if self.includeHookHashes != false {
+      try visitor.visitSingularBoolField(value: self.includeHookHashes, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Quiesce_Admin_V1_GetFactsRequest, rhs: Quiesce_Admin_V1_GetFactsRequest) -> Bool {
     if lhs.instanceID != rhs.instanceID {return false}
     if lhs.timeoutMs != rhs.timeoutMs {return false}
+    if lhs.includeHookHashes != rhs.includeHookHashes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

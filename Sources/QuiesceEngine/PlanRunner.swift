@@ -1,0 +1,311 @@
+import Foundation
+import QuiesceCore
+import QuiescePlugins
+import QuiescePluginProto
+import QuiesceProto
+import QuiesceWire
+
+/// What happened when a plan ran on one instance.
+public struct PlanOutcome: Sendable {
+    public struct StepRecord: Sendable {
+        public var phase: String
+        public var id: String
+        public var action: String
+        public var ok: Bool
+        /// "exit 3", "freeze-ebusy: …", "timed out", "" when it worked.
+        public var detail: String
+        public var elapsed: Duration
+        public var attempt: Int
+    }
+
+    public var instanceID: String
+    public var plugin: String
+    /// What the plan expected if every step worked.
+    public var planned: ConsistencyLevel
+    /// What the thaw reply proves (invariant 3), never more than planned.
+    public var achieved: ConsistencyLevel
+    /// A `fail` step failed, the snapshot failed, or `achieved` is below the policy's minimum.
+    public var failed: Bool
+    /// Why `achieved` is below the policy's wanted level, or why it failed, each "code: detail".
+    public var reasons: [String]
+    /// Problems after the snapshot that do not change its level (a thaw script that failed).
+    public var warnings: [String]
+    public var steps: [StepRecord]
+    public var snapshotTaken: Bool
+    public var freezeID: String
+    /// The agent's thaw reply, when a freeze was thawed.
+    public var thaw: Quiesce_Agent_V1_ThawResult?
+    /// The filesystems' frozen window, measured on the guest.
+    public var frozen: Duration?
+    /// From the start of the first blocking step to the end of the last one (the application's stall), measured by the engine.
+    public var blocked: Duration?
+}
+
+/// Runs a validated plan against a connected agent: prepare, quiesce, the
+/// snapshot (a closure), thaw, cleanup. The level it records is the one the
+/// thaw reply proves: thawed by command, same freeze id, within budget, every
+/// hold alive at thaw (ARCHITECTURE.md, invariant 3).
+public struct PlanRunner: Sendable {
+    public var engine: Engine
+    public var instanceID: String
+    public var policy: PlanPolicy
+    /// Unique per run and instance; the thaw must name it.
+    public var freezeID: String
+
+    public init(engine: Engine, instanceID: String, policy: PlanPolicy, freezeID: String) {
+        self.engine = engine
+        self.instanceID = instanceID
+        self.policy = policy
+        self.freezeID = freezeID
+    }
+
+    var budget: Duration { .milliseconds(Int64(self.policy.freezeBudgetMs == 0 ? 10_000 : self.policy.freezeBudgetMs)) }
+
+    /// Runs `plan`; `snapshot` is called once, after the quiesce phase, unless the instance already failed.
+    public func run(_ plan: Plan, snapshot: @Sendable () async throws -> Void) async -> PlanOutcome {
+        let planned = ConsistencyLevel(plan.expected) ?? .crash
+        var state = RunState(
+            outcome: PlanOutcome(
+                instanceID: self.instanceID, plugin: plan.plugin, planned: planned, achieved: planned, failed: false,
+                reasons: plan.reasons, warnings: [], steps: [], snapshotTaken: false, freezeID: self.freezeID))
+
+        for step in plan.prepare {
+            let result = await self.execute(step, phase: "prepare", state: &state)
+            if !result.ok { self.apply(step, result, to: &state) }
+            if state.outcome.failed { break }
+        }
+
+        // Quiesce, with retries of the whole phase.
+        var started: [PlanStep] = []
+        if !state.outcome.failed {
+            let attempts = Int(plan.quiesceRetries) + 1
+            var backoff = Backoff(base: .milliseconds(200), cap: .seconds(2), floor: .milliseconds(50))
+            let levelBefore = state.outcome.achieved, reasonsBefore = state.outcome.reasons
+            for attempt in 1...attempts {
+                state.attempt = attempt
+                started = []
+                var failure: (PlanStep, StepResult)?
+                for step in plan.quiesce {
+                    started.append(step)
+                    let result = await self.execute(step, phase: "quiesce", state: &state)
+                    if !result.ok {
+                        if attempt < attempts { failure = (step, result); break }
+                        self.apply(step, result, to: &state)
+                        if state.outcome.failed { break }
+                    }
+                }
+                guard let failure, attempt < attempts else { break }
+                // Undo what started, wait (never while frozen: everything is undone), try again.
+                await self.undo(started, plan: plan, state: &state, label: "retry")
+                state.outcome.warnings.append("quiesce attempt \(attempt) failed at \(failure.0.id): \(failure.1.detail); retrying")
+                state.outcome.achieved = levelBefore
+                state.outcome.reasons = reasonsBefore
+                state.frozen = false
+                state.heldIDs = []
+                try? await Task.sleep(for: backoff.next())
+            }
+        }
+
+        if !state.outcome.failed {
+            let begin = ContinuousClock.now
+            do {
+                try await snapshot()
+                state.outcome.snapshotTaken = true
+            } catch {
+                state.outcome.failed = true
+                state.outcome.reasons.append("snapshot-failed: \(error)")
+            }
+            state.outcome.steps.append(.init(phase: "snapshot", id: "snapshot", action: "snapshot", ok: state.outcome.snapshotTaken,
+                                             detail: state.outcome.snapshotTaken ? "" : "\(state.outcome.reasons.last ?? "")",
+                                             elapsed: .now - begin, attempt: state.attempt))
+        }
+
+        await self.undo(started, plan: plan, state: &state, label: "thaw")
+        for step in plan.cleanup {
+            let result = await self.execute(step, phase: "cleanup", state: &state)
+            if !result.ok { state.outcome.warnings.append("\(step.id) failed: \(result.detail)") }
+        }
+        self.prove(&state)
+        return state.outcome
+    }
+
+    // MARK: - Steps
+
+    struct RunState {
+        var outcome: PlanOutcome
+        var attempt = 1
+        var frozen = false
+        var heldIDs: [String] = []
+        var firstBlock: ContinuousClock.Instant?
+        var lastBlockEnd: ContinuousClock.Instant?
+        var freezeMounts: [String] = []
+    }
+
+    struct StepResult {
+        var ok: Bool
+        var detail: String
+    }
+
+    /// Runs the thaw-phase steps that undo the started quiesce steps (and those that undo nothing), in plan order.
+    private func undo(_ started: [PlanStep], plan: Plan, state: inout RunState, label: String) async {
+        let startedUndos = Set(started.map(\.undo))
+        let allUndos = Set(plan.quiesce.map(\.undo))
+        for step in plan.thaw where startedUndos.contains(step.id) || (!allUndos.contains(step.id) && label == "thaw") {
+            let result = await self.execute(step, phase: label == "thaw" ? "thaw" : "undo", state: &state)
+            if !result.ok { state.outcome.warnings.append("\(step.id) failed: \(result.detail)") }
+        }
+    }
+
+    private func apply(_ step: PlanStep, _ result: StepResult, to state: inout RunState) {
+        let reason = step.onFailure.reason.isEmpty ? "\(step.id)-failed" : step.onFailure.reason
+        switch step.onFailure.outcome {
+        case .downgradeTo(let level)?:
+            let level = ConsistencyLevel(level) ?? .crash
+            if level < state.outcome.achieved { state.outcome.achieved = level }
+            state.outcome.reasons.append("\(reason): \(result.detail)")
+        case .fail?, nil:
+            state.outcome.failed = true
+            state.outcome.reasons.append("\(reason): \(result.detail)")
+        }
+    }
+
+    private func execute(_ step: PlanStep, phase: String, state: inout RunState) async -> StepResult {
+        let begin = ContinuousClock.now
+        if step.blocking && state.firstBlock == nil { state.firstBlock = begin }
+        let timeout = Duration.milliseconds(Int64(step.timeoutMs))
+        let result: StepResult
+        do {
+            result = try await self.perform(step, timeout: timeout, state: &state)
+        } catch {
+            result = StepResult(ok: false, detail: "no answer: \(error)")
+        }
+        let end = ContinuousClock.now
+        if step.blocking { state.lastBlockEnd = end }
+        state.outcome.steps.append(.init(phase: phase, id: step.id, action: step.actionSummary, ok: result.ok, detail: result.detail,
+                                         elapsed: end - begin, attempt: state.attempt))
+        return result
+    }
+
+    private func perform(_ step: PlanStep, timeout: Duration, state: inout RunState) async throws -> StepResult {
+        let slack: Duration = .seconds(2)
+        switch step.action.kind {
+        case .runHook(let action)?:
+            let reply = try await self.engine.runHook(.with {
+                $0.hook = .init(action.hook)
+                $0.args = action.args
+                $0.timeoutMs = step.timeoutMs
+            }, on: self.instanceID, deadline: timeout + slack)
+            guard reply.isOK, let hook = reply.payload else { return .init(ok: false, detail: Self.describe(reply.status)) }
+            if !hook.ran { return .init(ok: false, detail: "\(hook.refusal.reasonCode): \(hook.refusalDetail)") }
+            if hook.timedOut { return .init(ok: false, detail: "timed out after \(step.timeoutMs) ms (killed)") }
+            if hook.signal != 0 { return .init(ok: false, detail: "killed by signal \(hook.signal)") }
+            if hook.exitCode != 0 {
+                let stderr = String(decoding: hook.stderrTail, as: UTF8.self).split(separator: "\n").last.map { ": \($0)" } ?? ""
+                return .init(ok: false, detail: "exit \(hook.exitCode)\(stderr)")
+            }
+            return .init(ok: true, detail: "")
+        case .freeze(let action)?:
+            // The budget counts from the first step that blocked writes, not from the FIFREEZE.
+            let spent = state.firstBlock.map { ContinuousClock.now - $0 } ?? .zero
+            let remaining = max(self.budget - spent, .milliseconds(100))
+            let reply = try await self.engine.freeze(.with {
+                $0.freezeID = self.freezeID
+                $0.mountPoints = action.mountPoints
+                $0.budgetMs = UInt32(remaining.milliseconds)
+                $0.skipSyncfs = action.skipSyncfs
+            }, on: self.instanceID, deadline: timeout)
+            guard reply.isOK, let freeze = reply.payload, freeze.allFrozen else {
+                let failed = reply.payload?.mounts.first { !$0.frozen && !$0.reason.isEmpty }
+                let detail = failed.map { "\($0.reason) on \($0.mountPoint)" } ?? Self.describe(reply.status)
+                return .init(ok: false, detail: detail)
+            }
+            state.frozen = true
+            state.freezeMounts = action.mountPoints
+            return .init(ok: true, detail: "")
+        case .thaw?:
+            let reply = try await self.engine.thaw(self.freezeID, on: self.instanceID, deadline: timeout)
+            if let thaw = reply.payload, reply.isOK {
+                state.outcome.thaw = thaw
+                state.outcome.frozen = .microseconds(Int64(thaw.frozenUs))
+                state.frozen = false
+                return .init(ok: true, detail: "")
+            }
+            if reply.reason == "unknown-freeze" && !state.frozen { return .init(ok: true, detail: "nothing was frozen") }
+            return .init(ok: false, detail: Self.describe(reply.status))
+        case .hold(let action)?:
+            let reply = try await self.engine.hold(.with {
+                $0.holdID = action.holdID
+                $0.hook = .init(action.hook)
+                $0.args = action.args
+                $0.readyLine = action.readyLine
+                $0.readyTimeoutMs = step.timeoutMs
+                $0.maxHoldMs = UInt32(self.budget.milliseconds)
+            }, on: self.instanceID, deadline: timeout + slack)
+            guard reply.isOK, let hold = reply.payload, hold.ready else {
+                return .init(ok: false, detail: reply.payload.map { "\($0.refusal.reasonCode.isEmpty ? "not-ready" : $0.refusal.reasonCode): \($0.detail)" }
+                    ?? Self.describe(reply.status))
+            }
+            state.heldIDs.append(action.holdID)
+            return .init(ok: true, detail: "")
+        case .release(let action)?:
+            let reply = try await self.engine.release(action.holdID, on: self.instanceID, deadline: timeout + slack)
+            guard reply.isOK, let release = reply.payload else { return .init(ok: false, detail: Self.describe(reply.status)) }
+            if !release.aliveAtRelease { return .init(ok: false, detail: "hold \(action.holdID) had already ended") }
+            return .init(ok: true, detail: "")
+        case nil:
+            return .init(ok: false, detail: "unknown action")
+        }
+    }
+
+    /// Invariant 3: above crash only with a thaw reply that proves the freeze held.
+    private func prove(_ state: inout RunState) {
+        if let first = state.firstBlock, let last = state.lastBlockEnd { state.outcome.blocked = last - first }
+        let froze = state.outcome.steps.contains { $0.phase == "quiesce" && $0.ok && $0.action.hasPrefix("freeze") }
+        if state.outcome.achieved > .crash {
+            var broken: String?
+            if !froze {
+                broken = "not-frozen: no freeze held across the snapshot"
+            } else if let thaw = state.outcome.thaw {
+                if thaw.freezeID != self.freezeID {
+                    broken = "thaw-mismatch: the thaw reply names freeze \(thaw.freezeID), not \(self.freezeID)"
+                } else if thaw.cause != .command {
+                    broken = "thawed-by-\(Self.causeName(thaw.cause)): the freeze ended before the engine asked (frozen \(thaw.frozenUs / 1000) ms)"
+                } else if !thaw.withinBudget {
+                    broken = "over-budget: frozen \(thaw.frozenUs / 1000) ms, beyond the budget"
+                } else if let dead = thaw.holds.first(where: { !$0.aliveAtThaw }) {
+                    broken = "hold-died: hold \(dead.holdID) had ended before the thaw"
+                } else if let missing = state.heldIDs.first(where: { id in !thaw.holds.contains { $0.holdID == id } }) {
+                    broken = "hold-died: hold \(missing) was gone at the thaw"
+                }
+            } else {
+                broken = "thaw-unproven: no thaw reply for freeze \(self.freezeID)"
+            }
+            if let broken, state.outcome.snapshotTaken {
+                state.outcome.achieved = .crash
+                state.outcome.reasons.append(broken)
+            }
+        }
+        if !state.outcome.snapshotTaken { state.outcome.achieved = min(state.outcome.achieved, .crash) }
+        if let minimum = ConsistencyLevel(self.policy.minimum), state.outcome.achieved < minimum, !state.outcome.failed {
+            state.outcome.failed = true
+            state.outcome.reasons.append("below-minimum: reached \(state.outcome.achieved.name), the policy needs at least \(minimum.name)")
+        }
+    }
+
+    static func causeName(_ cause: Quiesce_Agent_V1_ThawCause) -> String {
+        switch cause {
+        case .command: "command"
+        case .budget: "budget"
+        case .guard: "guard"
+        case .engineSilent: "engine-silent"
+        case .cancelled: "cancelled"
+        case .agentShutdown: "agent-shutdown"
+        case .unspecified, .UNRECOGNIZED: "unknown"
+        }
+    }
+
+    static func describe(_ status: AgentStatus) -> String {
+        let reason = status.reason.isEmpty ? status.rpcCode.description : status.reason
+        return status.message.isEmpty ? reason : "\(reason): \(status.message)"
+    }
+}
