@@ -135,7 +135,7 @@ let package = Package(
             name: "quiesce",
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceWire", "QuiesceDemo", "QuiesceInventory",
-                "QuiesceCatalog", "QuiesceLocalProvider",
+                "QuiesceCatalog", "QuiesceLocalProvider", "QuiescePlugins", "QuiescePluginProto", "QuiesceProto",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -177,6 +177,7 @@ let package = Package(
             name: "QuiesceEngineTests",
             dependencies: [
                 "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire", "QuiesceEngine", "QuiesceAgent", "QuiesceTestSupport",
+                "QuiescePlugins", "QuiescePluginProto",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]

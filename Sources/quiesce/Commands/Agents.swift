@@ -48,6 +48,8 @@ struct FactsCommand: AsyncParsableCommand {
 
     @Argument(help: "The instance id.")
     var instance: String
+    @Flag(name: .customLong("hook-hashes"), help: "Also hash every hook (what `quiesce plan --facts` pins).")
+    var hookHashes = false
     @OptionGroup var admin: AdminOptions
     @Option(help: "Output format: table or json.")
     var output: OutputFormat = .table
@@ -56,6 +58,7 @@ struct FactsCommand: AsyncParsableCommand {
         let response = try await withAdminClient(self.admin) { client in
             var request = Quiesce_Admin_V1_GetFactsRequest()
             request.instanceID = self.instance
+            request.includeHookHashes = self.hookHashes
             return try await client.getFacts(request)
         }
         let facts = response.facts
