@@ -157,7 +157,7 @@ let package = Package(
             name: "quiesce-bench",
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire", "QuiesceLocalProvider", "QuiesceCatalog",
-                "QuiesceEngine", "QuiesceProto", "CQuiesceLinux",
+                "QuiesceEngine", "QuiesceProto", "CQuiesceLinux", "QuiescePlugins", "QuiescePluginProto",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

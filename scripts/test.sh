@@ -10,6 +10,7 @@ scripts/check-proto.sh
 
 echo "== build"
 swift build --build-tests
+make -s -C Plugins/example-c   # the C example plugin (libprotobuf-c), loaded by the tests
 
 echo "== swift tests"
 swift test --skip-build --parallel --num-workers 2
@@ -21,3 +22,4 @@ echo "== benchmark smoke"
 scripts/bench-sessions.sh --quick
 scripts/bench-snapshot.sh --quick
 scripts/bench-freeze.sh --quick
+scripts/bench-plan.sh --quick
