@@ -214,14 +214,14 @@ public final class PluginRegistry: Sendable {
             for await result in group { results.append(result) }
             return results.sorted { $0.0 < $1.0 }.map(\.1)
         }
-        var plugins: [Plugin] = [], failures = searchErrors
+        var plugins: [Plugin] = [], failures = searchErrors, ignored: [Plugin] = []
         for result in results {
             switch result {
             case .success(let plugin):
                 if let first = plugins.first(where: { $0.name == plugin.name }) {
                     failures.append(PluginError(.duplicateName, plugin: plugin.name, path: plugin.path,
                                                 "a plugin named \(plugin.name) is already loaded from \(first.path); this one is ignored"))
-                    Task { await plugin.shutdown() }
+                    ignored.append(plugin)
                 } else {
                     plugins.append(plugin)
                 }
@@ -229,6 +229,7 @@ public final class PluginRegistry: Sendable {
                 failures.append(error)
             }
         }
+        for plugin in ignored { await plugin.shutdown() }
         return PluginRegistry(plugins: plugins.sorted { $0.name < $1.name }, failures: failures)
     }
 

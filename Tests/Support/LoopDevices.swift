@@ -144,24 +144,46 @@ public func withLoopDevices<T: Sendable>(_ body: (LoopDevices) async throws -> T
 }
 
 /// A process that writes to a file: it blocks while the filesystem is frozen.
+///
+/// A thread of its own waits for it (waitpid) and notes the instant it exited,
+/// so a measured thaw latency does not include the time a busy cooperative
+/// pool takes to notice.
 public final class Writer: @unchecked Sendable {
-    public let process = Process()
+    public let pid: pid_t
     public let started = ContinuousClock.now
+    private let lock = NSLock()
+    private var exitedAt: ContinuousClock.Instant?
 
     public init(_ path: String) throws {
-        self.process.executableURL = URL(fileURLWithPath: "/bin/sh")
-        self.process.arguments = ["-c", "echo written > '\(path)'"]
-        try self.process.run()
+        var pid: pid_t = 0
+        let arguments = ["/bin/sh", "-c", "echo written > '\(path)'"]
+        var pointers: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        defer { for pointer in pointers { free(pointer) } }
+        let result = posix_spawn(&pid, "/bin/sh", nil, nil, &pointers, environ)
+        guard result == 0 else { throw CommandFailed(description: "cannot start the writer: \(String(cString: strerror(result)))") }
+        self.pid = pid
+        let child = pid
+        let thread = Thread { [lock] in
+            var status: Int32 = 0
+            while waitpid(child, &status, 0) < 0 && errno == EINTR {}
+            let now = ContinuousClock.now
+            lock.withLock { self.exitedAt = now }
+        }
+        thread.stackSize = 1 << 18
+        thread.start()
     }
+
+    /// Whether the write has not completed yet.
+    public var isRunning: Bool { self.lock.withLock { self.exitedAt == nil } }
 
     /// Waits up to `limit` for the writer to finish; returns when it did (nil: still blocked).
     public func finished(within limit: Duration) async -> ContinuousClock.Instant? {
         let until = ContinuousClock.now + limit
         while ContinuousClock.now < until {
-            if !self.process.isRunning { return .now }
+            if let exitedAt = self.lock.withLock({ self.exitedAt }) { return exitedAt }
             try? await Task.sleep(for: .milliseconds(1))
         }
-        return self.process.isRunning ? nil : .now
+        return self.lock.withLock { self.exitedAt }
     }
 }
 
