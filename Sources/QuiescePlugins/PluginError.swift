@@ -5,6 +5,7 @@ public struct PluginError: Error, Sendable, CustomStringConvertible, Equatable {
     public enum Code: String, Sendable, CaseIterable {
         // Loading (from the host process).
         case notFound = "not-found"
+        case unsafePermissions = "unsafe-permissions"
         case notASharedObject = "not-a-shared-object"
         case loadFailed = "load-failed"
         case noEntrySymbol = "no-entry-symbol"

@@ -129,13 +129,15 @@ public struct PluginSearchPath: Sendable {
 
     /// The built-ins next to the running executable (so no plugin can take a
     /// built-in's name), then `--plugin-path` entries, then `QUIESCE_PLUGIN_PATH`
-    /// (colon-separated), then /usr/local/lib/quiesce/plugins and /usr/lib/quiesce/plugins.
+    /// (colon-separated), then ../lib/quiesce/plugins beside the executable,
+    /// /usr/local/lib/quiesce/plugins and /usr/lib/quiesce/plugins.
     public static func standard(extra: [String] = [], environment: [String: String] = ProcessInfo.processInfo.environment) -> Self {
         var entries = [Entry(path: Self.executableDirectory, explicit: false, prefix: "libquiesce-plugin-")]
         entries += extra.map { Entry(path: $0, explicit: true, prefix: "") }
         for path in (environment["QUIESCE_PLUGIN_PATH"] ?? "").split(separator: ":") where !path.isEmpty {
             entries.append(Entry(path: String(path), explicit: true, prefix: ""))
         }
+        entries.append(Entry(path: Self.executableDirectory + "/../lib/quiesce/plugins", explicit: false, prefix: ""))
         entries.append(Entry(path: "/usr/local/lib/quiesce/plugins", explicit: false, prefix: ""))
         entries.append(Entry(path: "/usr/lib/quiesce/plugins", explicit: false, prefix: ""))
         return Self(entries: entries)
@@ -233,7 +235,23 @@ public final class PluginRegistry: Sendable {
         return PluginRegistry(plugins: plugins.sorted { $0.name < $1.name }, failures: failures)
     }
 
+    /// A plugin runs with the engine's privileges: refuse one that someone else could have replaced.
+    static func checkOwnership(_ path: String) -> PluginError? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }  // dlopen reports it
+        let mode = String(info.st_mode & 0o7777, radix: 8)
+        if info.st_mode & 0o022 != 0 {
+            return PluginError(.unsafePermissions, path: path,
+                               "the file is writable by group or others (mode 0\(mode)); a plugin runs with the engine's privileges (chmod go-w)")
+        }
+        if info.st_uid != 0 && info.st_uid != geteuid() {
+            return PluginError(.unsafePermissions, path: path, "the file is owned by uid \(info.st_uid), neither root nor the engine's user (uid \(geteuid()))")
+        }
+        return nil
+    }
+
     static func loadOne(_ path: String, hostExecutable: String, timeout: Duration) async -> Result<Plugin, PluginError> {
+        if let problem = Self.checkOwnership(path) { return .failure(problem) }
         do {
             let (host, hello) = try await PluginHostProcess.start(executable: hostExecutable, pluginPath: path, timeout: timeout)
             let info: PluginInfo

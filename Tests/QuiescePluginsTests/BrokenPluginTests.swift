@@ -106,6 +106,7 @@ struct BrokenPluginTests {
         ("invalid-plan", ["INVALID_PLAN", "NAME=\"invalid-plan\""]),
         ("prints", ["PRINTS", "NAME=\"prints\""]),
         ("crash-again", ["NAME=\"crash\""]),  // a second plugin named crash
+        ("world-writable", ["NAME=\"world-writable\""]),  // valid, but chmod 0666 below
     ]
 
     @Test("not ELF, no symbol, wrong ABI, small struct, NULL function, undecodable info, duplicate name: each a clear load error")
@@ -130,6 +131,8 @@ struct BrokenPluginTests {
         let duplicate = try #require(failures["crash-again.so"])
         #expect(duplicate.code == .duplicateName && duplicate.detail.contains("libquiesce-plugin-crash.so"), "\(duplicate)")
         #expect(failures["missing-dir"]?.code == .notFound)
+        let writable = try #require(failures["world-writable.so"])
+        #expect(writable.code == .unsafePermissions && writable.detail.contains("mode 0666"), "\(writable)")
 
         // The others loaded: the built-ins first (they come first on the path), and the
         // plugins that only fail when they plan.
@@ -214,6 +217,7 @@ struct BrokenPluginTests {
         for variant in Self.variants {
             _ = try PluginFixtures.compile(brokenSource, name: variant.file, in: directory, defines: variant.defines)
         }
+        chmod(directory + "/world-writable.so", 0o666)
         return directory
     }
 }

@@ -23,9 +23,11 @@ set -- "$MYSQL" --no-defaults
 [ -r "$DEFAULTS" ] && set -- "$MYSQL" --defaults-extra-file="$DEFAULTS"
 
 # `system` runs on the client, inside the session that holds the lock: the
-# file appears only once FLUSH TABLES WITH READ LOCK has returned.
-setsid "$@" --batch --skip-column-names \
-    -e "FLUSH TABLES WITH READ LOCK; system touch $STATE/locked; DO SLEEP($LOCK_SECONDS);" \
+# file appears only once FLUSH TABLES WITH READ LOCK has returned. The session's
+# id goes first into the output: postscript.sh ends the session with KILL (the
+# server does not notice a client that merely went away while it SLEEPs).
+setsid "$@" --batch --skip-column-names --unbuffered \
+    -e "SELECT CONNECTION_ID(); FLUSH TABLES WITH READ LOCK; system touch $STATE/locked; DO SLEEP($LOCK_SECONDS);" \
     </dev/null >"$STATE/out" 2>&1 &
 echo $! >"$STATE/pid"
 

@@ -41,8 +41,10 @@ struct Plugins: AsyncParsableCommand {
             Plugins are shared objects behind the C ABI of quiesce_plugin.h, each loaded \
             in a plugin host process of its own. The built-ins (crash, linux-freeze) sit next \
             to the quiesce executable; --plugin-path and QUIESCE_PLUGIN_PATH add more, then \
-            /usr/local/lib/quiesce/plugins and /usr/lib/quiesce/plugins. A plugin that cannot \
-            be loaded is listed with the reason; the others still load.
+            ../lib/quiesce/plugins beside the executable, /usr/local/lib/quiesce/plugins and \
+            /usr/lib/quiesce/plugins. A plugin must not be writable by group or others and must \
+            be owned by root or the engine's user: it runs with the engine's privileges. A plugin \
+            that cannot be loaded is listed with the reason; the others still load.
 
             Exit codes: 0 every plugin loaded; 1 at least one could not be loaded (listed).
             """)
