@@ -29,7 +29,7 @@ public enum PlanValidator {
             } else if option.type == .unspecified {
                 problems.append("option \(option.name) has no type")
             } else if !matches {
-                problems.append("option \(option.name): default \(option.defaultValue.text) is not a \(option.typeName)")
+                problems.append("option \(option.name): default \(option.defaultValue.text) does not match its type (\(option.typeName))")
             }
         }
         return problems
