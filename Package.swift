@@ -31,6 +31,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
     ],
     targets: [
         // Types, levels, versions and errors. No I/O.
@@ -65,6 +66,11 @@ let package = Package(
         .target(
             name: "QuiescePlugins",
             dependencies: ["QuiesceCore", "QuiescePluginProto", "CQuiesceLinux", .product(name: "SwiftProtobuf", package: "swift-protobuf")]
+        ),
+        // Fleet files (YAML): providers, policies, instances, checked with file, line and field.
+        .target(
+            name: "QuiesceFleet",
+            dependencies: ["QuiesceCore", "QuiescePlugins", .product(name: "Yams", package: "Yams")]
         ),
         // Linux calls Swift cannot name directly (FICLONE, FIFREEZE, SEEK_DATA …).
         .target(name: "CQuiesceLinux"),
@@ -165,6 +171,7 @@ let package = Package(
         // Real loop devices and filesystems for tests (root only).
         .target(name: "QuiesceTestSupport", path: "Tests/Support"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
+        .testTarget(name: "QuiesceFleetTests", dependencies: ["QuiesceCore", "QuiesceFleet", "QuiescePlugins"]),
         .testTarget(name: "QuiescePluginsTests", dependencies: ["QuiesceCore", "QuiescePlugins", "QuiescePluginProto"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
         .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCore", "QuiesceCatalog"]),

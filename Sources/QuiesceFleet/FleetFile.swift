@@ -1,0 +1,400 @@
+import Foundation
+import QuiesceCore
+import QuiescePlugins
+import Yams
+
+/// A fleet file: providers, policies, instances. Everything an operator wrote
+/// is checked before anything runs; each problem names the file, the line and
+/// the field, and says what was expected and what was found.
+///
+///     providers:
+///       pool: { kind: local, pool: /var/lib/quiesce/pool, burst: 20, per_second: 50 }
+///     policies:
+///       app:
+///         plugin: linux-freeze
+///         wanted: application
+///         minimum: filesystem
+///         freeze_budget_ms: 10000
+///         retries: 2
+///         options: { skip_mounts: [/boot/efi] }
+///     instances:
+///       - { id: web-1, policy: app, provider: pool, disks: [web-1-root, web-1-data] }
+///     run: { concurrency: 16, agent_wait_s: 60 }
+public struct FleetFile: Sendable {
+    public struct Provider: Sendable, Equatable {
+        public var name: String
+        public var kind: String
+        public var pool: String
+        public var burst: Int
+        public var perSecond: Double
+        public var line: Int
+    }
+
+    public struct Policy: Sendable, Equatable {
+        public var name: String
+        public var plugin: String
+        public var wanted: ConsistencyLevel
+        public var minimum: ConsistencyLevel
+        public var freezeBudgetMs: UInt32
+        /// Extra attempts for transient provider errors (throttling), with jitter; never while frozen.
+        public var retries: Int
+        public var options: [String: OptionInput]
+        /// Where each option was written, for errors found against the plugin's schema.
+        public var optionLines: [String: Int]
+        public var line: Int
+    }
+
+    public struct Instance: Sendable, Equatable {
+        public var id: String
+        public var policy: String
+        public var provider: String
+        public var disks: [String]
+        public var line: Int
+    }
+
+    public var path: String
+    public var providers: [Provider]
+    public var policies: [Policy]
+    public var instances: [Instance]
+    /// Instances snapshotted at once.
+    public var concurrency: Int
+    /// How long to wait for every instance's agent before running without the missing ones.
+    public var agentWaitSeconds: Int
+
+    public func policy(named name: String) -> Policy? { self.policies.first { $0.name == name } }
+    public func provider(named name: String) -> Provider? { self.providers.first { $0.name == name } }
+}
+
+/// One problem in a fleet file: "fleet.yaml:12:7: instances[1].disks: expected a list of disk ids, found a number (3)".
+public struct FleetProblem: Sendable, Equatable, CustomStringConvertible {
+    public var file: String
+    public var line: Int
+    public var column: Int
+    public var field: String
+    public var message: String
+
+    public var description: String { "\(self.file):\(self.line):\(self.column): \(self.field): \(self.message)" }
+}
+
+public struct FleetFileError: Error, Sendable, CustomStringConvertible {
+    public var problems: [FleetProblem]
+    public var description: String { self.problems.map(\.description).joined(separator: "\n") }
+}
+
+extension FleetFile {
+    /// Reads and checks `path`. Plugin options are checked too when `plugins` is given.
+    public static func load(_ path: String, plugins: PluginRegistry? = nil) throws -> FleetFile {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw FleetFileError(problems: [FleetProblem(file: path, line: 0, column: 0, field: "(file)", message: "cannot read the fleet file")])
+        }
+        return try Self.parse(String(decoding: data, as: UTF8.self), path: path, plugins: plugins)
+    }
+
+    public static func parse(_ text: String, path: String, plugins: PluginRegistry? = nil) throws -> FleetFile {
+        var reader = Reader(file: path)
+        let root: Node?
+        do {
+            root = try Yams.compose(yaml: text)
+        } catch let error as YamlError {
+            throw FleetFileError(problems: [reader.yamlProblem(error)])
+        }
+        guard let root, case .mapping(let top) = root else {
+            throw FleetFileError(problems: [FleetProblem(file: path, line: 1, column: 1, field: "(top level)",
+                                                         message: "expected a mapping with providers, policies and instances, found \(Reader.kind(root))")])
+        }
+        var fleet = FleetFile(path: path, providers: [], policies: [], instances: [], concurrency: 16, agentWaitSeconds: 60)
+        let fields = reader.fields(top, at: "(top level)", allowed: ["providers", "policies", "instances", "run", "groups"])
+
+        if let providers = fields["providers"], let mapping = reader.mapping(providers, at: "providers") {
+            for (key, value) in mapping {
+                guard let name = reader.name(key, at: "providers") else { continue }
+                let field = "providers.\(name)"
+                guard let body = reader.mapping(value, at: field) else { continue }
+                let f = reader.fields(body, at: field, allowed: ["kind", "pool", "burst", "per_second"])
+                let kind = reader.string(f["kind"], at: field + ".kind", required: true) ?? ""
+                if !kind.isEmpty && kind != "local" {
+                    reader.problem(f["kind"]!, field + ".kind", "expected a provider kind this engine has (local), found \"\(kind)\"")
+                }
+                let pool = reader.string(f["pool"], at: field + ".pool", required: kind == "local") ?? ""
+                if !pool.isEmpty && !pool.hasPrefix("/") { reader.problem(f["pool"]!, field + ".pool", "expected an absolute path, found \"\(pool)\"") }
+                let burst = reader.int(f["burst"], at: field + ".burst", range: 1...10_000) ?? 20
+                let perSecond = reader.double(f["per_second"], at: field + ".per_second", range: 0.01...100_000) ?? 50
+                fleet.providers.append(.init(name: name, kind: kind, pool: pool, burst: burst, perSecond: perSecond, line: Reader.line(key)))
+            }
+        } else if fields["providers"] == nil {
+            reader.problem(root, "providers", "missing: a fleet needs at least one provider")
+        }
+
+        if let policies = fields["policies"], let mapping = reader.mapping(policies, at: "policies") {
+            for (key, value) in mapping {
+                guard let name = reader.name(key, at: "policies") else { continue }
+                let field = "policies.\(name)"
+                guard let body = reader.mapping(value, at: field) else { continue }
+                let f = reader.fields(body, at: field, allowed: ["plugin", "wanted", "minimum", "freeze_budget_ms", "retries", "options"])
+                let plugin = reader.string(f["plugin"], at: field + ".plugin", required: true) ?? ""
+                let wanted = reader.level(f["wanted"], at: field + ".wanted") ?? .application
+                let minimum = reader.level(f["minimum"], at: field + ".minimum") ?? .crash
+                if minimum > wanted, let node = f["minimum"] {
+                    reader.problem(node, field + ".minimum", "expected a level at or below wanted (\(wanted.name)), found \(minimum.name)")
+                }
+                let budget = reader.int(f["freeze_budget_ms"], at: field + ".freeze_budget_ms", range: 100...600_000) ?? 10_000
+                let retries = reader.int(f["retries"], at: field + ".retries", range: 0...10) ?? 2
+                var options: [String: OptionInput] = [:], optionLines: [String: Int] = [:], optionNodes: [String: (key: Node, value: Node)] = [:]
+                if let optionNode = f["options"], let optionMap = reader.mapping(optionNode, at: field + ".options") {
+                    for (optionKey, optionValue) in optionMap {
+                        guard let optionName = reader.name(optionKey, at: field + ".options") else { continue }
+                        if let input = reader.optionInput(optionValue, at: "\(field).options.\(optionName)") {
+                            options[optionName] = input
+                            optionLines[optionName] = Reader.line(optionValue)
+                            optionNodes[optionName] = (optionKey, optionValue)
+                        }
+                    }
+                }
+                fleet.policies.append(.init(name: name, plugin: plugin, wanted: wanted, minimum: minimum, freezeBudgetMs: UInt32(budget),
+                                            retries: retries, options: options, optionLines: optionLines, line: Reader.line(key)))
+                // Against the plugin's schema, when the plugins are known.
+                if let plugins, !plugin.isEmpty {
+                    if let loaded = plugins.plugin(named: plugin) {
+                        let accepted = loaded.info.options.map(\.name).sorted()
+                        for name in options.keys.sorted() {
+                            let nodes = optionNodes[name]!
+                            guard accepted.contains(name) else {
+                                reader.problem(nodes.key, "\(field).options.\(name)",
+                                               "unknown option (\(plugin) accepts \(accepted.isEmpty ? "no options" : accepted.joined(separator: ", ")))")
+                                continue
+                            }
+                            do {
+                                _ = try loaded.resolveOptions([name: options[name]!])
+                            } catch let error as PluginError {
+                                let detail = error.detail.replacingOccurrences(of: "option \(name): ", with: "")
+                                reader.problem(nodes.value, "\(field).options.\(name)", detail)
+                            } catch {}
+                        }
+                    } else {
+                        let known = plugins.plugins.map(\.name).joined(separator: ", ")
+                        reader.problem(f["plugin"]!, field + ".plugin", "expected a loaded plugin (\(known.isEmpty ? "none loaded" : known)), found \"\(plugin)\"")
+                    }
+                }
+            }
+        } else if fields["policies"] == nil {
+            reader.problem(root, "policies", "missing: a fleet needs at least one policy")
+        }
+
+        if let instances = fields["instances"], let sequence = reader.sequence(instances, at: "instances") {
+            var seen: [String: Int] = [:]
+            for (index, item) in sequence.enumerated() {
+                let field = "instances[\(index)]"
+                guard let body = reader.mapping(item, at: field) else { continue }
+                let f = reader.fields(body, at: field, allowed: ["id", "policy", "provider", "disks", "group"])
+                let id = reader.string(f["id"], at: field + ".id", required: true) ?? ""
+                if !id.isEmpty {
+                    if !Reader.isName(id) {
+                        reader.problem(f["id"]!, field + ".id", "expected letters, digits, '.', '_' or '-' (at most 64), found \"\(id)\"")
+                    } else if let first = seen[id] {
+                        reader.problem(f["id"]!, field + ".id", "instance \(id) is listed twice (first at line \(first))")
+                    } else {
+                        seen[id] = Reader.line(f["id"]!)
+                    }
+                }
+                let policy = reader.string(f["policy"], at: field + ".policy", required: true) ?? ""
+                if !policy.isEmpty, fleet.policy(named: policy) == nil, fields["policies"] != nil {
+                    reader.problem(f["policy"]!, field + ".policy",
+                                   "expected a policy defined under policies (\(fleet.policies.map(\.name).joined(separator: ", "))), found \"\(policy)\"")
+                }
+                var provider = reader.string(f["provider"], at: field + ".provider", required: false) ?? ""
+                if provider.isEmpty {
+                    if fleet.providers.count == 1 { provider = fleet.providers[0].name }
+                    else if fleet.providers.count > 1 { reader.problem(body.mark.map { _ in item } ?? item, field + ".provider", "missing: the fleet has several providers, name one") }
+                } else if fleet.provider(named: provider) == nil {
+                    reader.problem(f["provider"]!, field + ".provider",
+                                   "expected a provider defined under providers (\(fleet.providers.map(\.name).joined(separator: ", "))), found \"\(provider)\"")
+                }
+                let disks = reader.stringList(f["disks"], at: field + ".disks") ?? []
+                if let node = f["disks"], case .sequence = node, disks.isEmpty { reader.problem(f["disks"]!, field + ".disks", "expected at least one disk id, found an empty list") }
+                if f["disks"] == nil { reader.problem(item, field + ".disks", "missing: list the instance's disks (provider disk ids)") }
+                for disk in disks where !Reader.isName(disk) {
+                    reader.problem(f["disks"]!, field + ".disks", "expected disk ids (letters, digits, '.', '_', '-'), found \"\(disk)\"")
+                }
+                if let group = f["group"] {
+                    reader.problem(group, field + ".group", "multi-instance consistency groups are not supported yet; remove the key")
+                }
+                fleet.instances.append(.init(id: id, policy: policy, provider: provider, disks: disks, line: Reader.line(item)))
+            }
+        } else if fields["instances"] == nil {
+            reader.problem(root, "instances", "missing: list the instances to back up")
+        }
+
+        if let run = fields["run"], let body = reader.mapping(run, at: "run") {
+            let f = reader.fields(body, at: "run", allowed: ["concurrency", "agent_wait_s"])
+            fleet.concurrency = reader.int(f["concurrency"], at: "run.concurrency", range: 1...1000) ?? fleet.concurrency
+            fleet.agentWaitSeconds = reader.int(f["agent_wait_s"], at: "run.agent_wait_s", range: 0...3600) ?? fleet.agentWaitSeconds
+        }
+        if let groups = fields["groups"] {
+            reader.problem(groups, "groups", "multi-instance consistency groups are not supported yet; remove the key")
+        }
+        guard reader.problems.isEmpty else { throw FleetFileError(problems: reader.problems) }
+        return fleet
+    }
+}
+
+/// Walks Yams nodes, collecting problems instead of stopping at the first.
+struct Reader {
+    let file: String
+    var problems: [FleetProblem] = []
+
+    init(file: String) { self.file = file }
+
+    static func line(_ node: Node?) -> Int { node?.mark?.line ?? 0 }
+
+    mutating func problem(_ node: Node, _ field: String, _ message: String) {
+        self.problems.append(FleetProblem(file: self.file, line: node.mark?.line ?? 0, column: node.mark?.column ?? 0, field: field, message: message))
+    }
+
+    func yamlProblem(_ error: YamlError) -> FleetProblem {
+        switch error {
+        case .scanner(_, let problem, let mark, _), .parser(_, let problem, let mark, _), .composer(_, let problem, let mark, _):
+            return FleetProblem(file: self.file, line: mark.line, column: mark.column, field: "(yaml)", message: "not valid YAML: \(problem)")
+        default:
+            return FleetProblem(file: self.file, line: 0, column: 0, field: "(yaml)", message: "not valid YAML: \(error)")
+        }
+    }
+
+    static func kind(_ node: Node?) -> String {
+        switch node {
+        case nil: return "an empty document"
+        case .mapping?: return "a mapping"
+        case .sequence?: return "a list"
+        case .alias?: return "an alias"
+        case .scalar(let scalar)?:
+            if node?.tag == Tag(.null) { return "nothing (null)" }
+            if node?.tag == Tag(.int) { return "a number (\(scalar.string))" }
+            if node?.tag == Tag(.bool) { return "a bool (\(scalar.string))" }
+            if node?.tag == Tag(.float) { return "a number (\(scalar.string))" }
+            return "\"\(scalar.string)\""
+        }
+    }
+
+    /// The mapping's keys as fields; unknown keys are problems naming the allowed ones.
+    mutating func fields(_ mapping: Node.Mapping, at field: String, allowed: [String]) -> [String: Node] {
+        var fields: [String: Node] = [:]
+        for (key, value) in mapping {
+            guard let name = key.string else {
+                self.problem(key, field, "expected a key, found \(Self.kind(key))")
+                continue
+            }
+            if !allowed.contains(name) {
+                self.problem(key, field.hasPrefix("(") ? name : "\(field).\(name)", "unknown key (expected one of \(allowed.joined(separator: ", ")))")
+            } else if fields[name] != nil {
+                self.problem(key, "\(field).\(name)", "given twice")
+            } else {
+                fields[name] = value
+            }
+        }
+        return fields
+    }
+
+    mutating func mapping(_ node: Node, at field: String) -> Node.Mapping? {
+        if case .mapping(let mapping) = node { return mapping }
+        self.problem(node, field, "expected a mapping, found \(Self.kind(node))")
+        return nil
+    }
+
+    mutating func sequence(_ node: Node, at field: String) -> Node.Sequence? {
+        if case .sequence(let sequence) = node { return sequence }
+        self.problem(node, field, "expected a list, found \(Self.kind(node))")
+        return nil
+    }
+
+    mutating func name(_ node: Node, at field: String) -> String? {
+        guard case .scalar = node, let name = node.string, Self.isName(name) else {
+            self.problem(node, field, "expected a name (letters, digits, '.', '_', '-'), found \(Self.kind(node))")
+            return nil
+        }
+        return name
+    }
+
+    mutating func string(_ node: Node?, at field: String, required: Bool) -> String? {
+        guard let node else {
+            if required { self.problems.append(FleetProblem(file: self.file, line: 0, column: 0, field: field, message: "missing")) }
+            return nil
+        }
+        guard case .scalar = node, node.tag == Tag(.str), let text = node.string else {
+            self.problem(node, field, "expected a string, found \(Self.kind(node))")
+            return nil
+        }
+        return text
+    }
+
+    mutating func int(_ node: Node?, at field: String, range: ClosedRange<Int>) -> Int? {
+        guard let node else { return nil }
+        guard case .scalar = node, node.tag == Tag(.int), let value = node.int else {
+            self.problem(node, field, "expected a whole number from \(range.lowerBound) to \(range.upperBound), found \(Self.kind(node))")
+            return nil
+        }
+        guard range.contains(value) else {
+            self.problem(node, field, "expected a whole number from \(range.lowerBound) to \(range.upperBound), found \(value)")
+            return nil
+        }
+        return value
+    }
+
+    mutating func double(_ node: Node?, at field: String, range: ClosedRange<Double>) -> Double? {
+        guard let node else { return nil }
+        guard case .scalar = node, node.tag == Tag(.int) || node.tag == Tag(.float), let value = node.float else {
+            self.problem(node, field, "expected a number, found \(Self.kind(node))")
+            return nil
+        }
+        guard range.contains(value) else {
+            self.problem(node, field, "expected a number from \(range.lowerBound) to \(range.upperBound), found \(value)")
+            return nil
+        }
+        return value
+    }
+
+    mutating func level(_ node: Node?, at field: String) -> ConsistencyLevel? {
+        guard let node else { return nil }
+        guard case .scalar = node, let text = node.string, let level = ConsistencyLevel(name: text) else {
+            self.problem(node, field, "expected crash, filesystem or application, found \(Self.kind(node))")
+            return nil
+        }
+        return level
+    }
+
+    mutating func stringList(_ node: Node?, at field: String) -> [String]? {
+        guard let node else { return nil }
+        guard case .sequence(let sequence) = node else {
+            self.problem(node, field, "expected a list of strings, found \(Self.kind(node))")
+            return nil
+        }
+        var values: [String] = []
+        for item in sequence {
+            guard case .scalar = item, item.tag == Tag(.str), let text = item.string else {
+                self.problem(item, field, "expected a string, found \(Self.kind(item))")
+                continue
+            }
+            values.append(text)
+        }
+        return values
+    }
+
+    mutating func optionInput(_ node: Node, at field: String) -> OptionInput? {
+        switch node {
+        case .scalar:
+            if node.tag == Tag(.bool), let value = node.bool { return .bool(value) }
+            if node.tag == Tag(.int), let value = node.int { return .int(Int64(value)) }
+            if node.tag == Tag(.str), let value = node.string { return .string(value) }
+            self.problem(node, field, "expected a bool, a whole number, a string or a list of strings, found \(Self.kind(node))")
+            return nil
+        case .sequence:
+            return self.stringList(node, at: field).map { .list($0) }
+        default:
+            self.problem(node, field, "expected a bool, a whole number, a string or a list of strings, found \(Self.kind(node))")
+            return nil
+        }
+    }
+
+    static func isName(_ text: String) -> Bool {
+        !text.isEmpty && text.utf8.count <= 64
+            && text.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) && $0.isASCII || "._-".unicodeScalars.contains($0) }
+    }
+}
