@@ -132,6 +132,14 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Fleet runs: per instance facts → plan → provider slot → quiesce → snapshot → thaw → record.
+        .target(
+            name: "QuiesceCoordinator",
+            dependencies: [
+                "QuiesceCore", "QuiesceEngine", "QuiesceFleet", "QuiescePlugins", "QuiescePluginProto", "QuiesceCatalog",
+                "QuiesceLocalProvider",
+            ]
+        ),
         // `quiesce demo`: a throw-away fleet on loopback.
         .target(
             name: "QuiesceDemo",
@@ -184,7 +192,7 @@ let package = Package(
             name: "QuiesceEngineTests",
             dependencies: [
                 "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire", "QuiesceEngine", "QuiesceAgent", "QuiesceTestSupport",
-                "QuiescePlugins", "QuiescePluginProto",
+                "QuiescePlugins", "QuiescePluginProto", "QuiesceCoordinator", "QuiesceFleet", "QuiesceCatalog", "QuiesceLocalProvider",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]

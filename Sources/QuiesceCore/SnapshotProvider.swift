@@ -161,4 +161,6 @@ public protocol SnapshotProvider: Sendable {
     func delete(_ groupID: String) async throws
     /// Restores one disk of a group; returns the id of the disk written.
     func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String
+    /// Adds (or replaces) tags on a group: the level tag is set once the thaw reply has proved it.
+    func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup
 }

@@ -49,6 +49,8 @@ public struct FleetFile: Sendable {
         public var policy: String
         public var provider: String
         public var disks: [String]
+        /// Options for this instance only, over its policy's (e.g. only_mounts).
+        public var options: [String: OptionInput]
         public var line: Int
     }
 
@@ -185,7 +187,7 @@ extension FleetFile {
             for (index, item) in sequence.enumerated() {
                 let field = "instances[\(index)]"
                 guard let body = reader.mapping(item, at: field) else { continue }
-                let f = reader.fields(body, at: field, allowed: ["id", "policy", "provider", "disks", "group"])
+                let f = reader.fields(body, at: field, allowed: ["id", "policy", "provider", "disks", "options", "group"])
                 let id = reader.string(f["id"], at: field + ".id", required: true) ?? ""
                 if !id.isEmpty {
                     if !Reader.isName(id) {
@@ -218,7 +220,24 @@ extension FleetFile {
                 if let group = f["group"] {
                     reader.problem(group, field + ".group", "multi-instance consistency groups are not supported yet; remove the key")
                 }
-                fleet.instances.append(.init(id: id, policy: policy, provider: provider, disks: disks, line: Reader.line(item)))
+                var options: [String: OptionInput] = [:]
+                if let optionNode = f["options"], let optionMap = reader.mapping(optionNode, at: field + ".options") {
+                    let plugin = fleet.policy(named: policy).flatMap { plugins?.plugin(named: $0.plugin) }
+                    for (optionKey, optionValue) in optionMap {
+                        guard let optionName = reader.name(optionKey, at: field + ".options"),
+                              let input = reader.optionInput(optionValue, at: "\(field).options.\(optionName)") else { continue }
+                        options[optionName] = input
+                        guard let plugin else { continue }
+                        if !plugin.info.options.contains(where: { $0.name == optionName }) {
+                            reader.problem(optionKey, "\(field).options.\(optionName)",
+                                           "unknown option (\(plugin.name) accepts \(plugin.info.options.map(\.name).sorted().joined(separator: ", ")))")
+                        } else if let error = Result(catching: { try plugin.resolveOptions([optionName: input]) }).failure {
+                            reader.problem(optionValue, "\(field).options.\(optionName)",
+                                           "\(error)".components(separatedBy: "option \(optionName): ").last ?? "\(error)")
+                        }
+                    }
+                }
+                fleet.instances.append(.init(id: id, policy: policy, provider: provider, disks: disks, options: options, line: Reader.line(item)))
             }
         } else if fields["instances"] == nil {
             reader.problem(root, "instances", "missing: list the instances to back up")
@@ -235,6 +254,10 @@ extension FleetFile {
         guard reader.problems.isEmpty else { throw FleetFileError(problems: reader.problems) }
         return fleet
     }
+}
+
+extension Result {
+    var failure: Failure? { if case .failure(let error) = self { error } else { nil } }
 }
 
 /// Walks Yams nodes, collecting problems instead of stopping at the first.

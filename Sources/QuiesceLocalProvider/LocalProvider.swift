@@ -132,6 +132,16 @@ public struct LocalProvider: SnapshotProvider {
         return group
     }
 
+    public func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup {
+        let provider = self
+        return try await DedicatedThread.run(name: "quiesce-local-tag") {
+            var group = try provider.readGroup(groupID)
+            group.tags.merge(tags) { $1 }
+            try provider.writeGroup(group, directory: "\(provider.snapshotsDirectory)/\(groupID)")
+            return group
+        }
+    }
+
     public func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup {
         let provider = self
         return try await withDeadline(timeout) {

@@ -1,0 +1,252 @@
+import Foundation
+import QuiesceCatalog
+import QuiesceCore
+import QuiesceEngine
+import QuiesceFleet
+import QuiescePluginProto
+import QuiescePlugins
+
+/// What happened to one instance in a run.
+public struct InstanceOutcome: Sendable {
+    public var instanceID: String
+    public var policy: String
+    public var wanted: ConsistencyLevel
+    public var minimum: ConsistencyLevel
+    /// The level the thaw reply proved; nil when no snapshot was taken.
+    public var achieved: ConsistencyLevel?
+    public var state: InstanceRecord.State
+    public var reasons: [String]
+    public var warnings: [String]
+    public var groupID: String?
+    public var disks: Int
+    /// The application's stall (first blocking step → last), and the filesystems' frozen window (guest clock).
+    public var stall: Duration?
+    public var frozen: Duration?
+    public var duration: Duration
+    public var attempts: Int
+}
+
+/// Progress, as it happens (for a progress bar or JSON lines).
+public enum RunEvent: Sendable {
+    case waitingForAgents(missing: [String])
+    case instanceStarted(String)
+    case instanceFinished(InstanceOutcome)
+}
+
+public struct RunReport: Sendable {
+    public var runID: String
+    public var instances: [InstanceOutcome]
+    public var makespan: Duration
+
+    /// 0 every instance at its wanted level; 2 some downgraded (none below its minimum); 3 some failed.
+    public var exitCode: Int32 {
+        if self.instances.contains(where: { $0.state == .failed }) { return 3 }
+        if self.instances.contains(where: { $0.state == .downgraded }) { return 2 }
+        return 0
+    }
+
+    public var runState: RunState {
+        switch self.exitCode {
+        case 0: .succeeded
+        case 2: .degraded
+        default: .failed
+        }
+    }
+}
+
+/// Runs a fleet backup: per instance, facts → plan from its plugin → a slot at
+/// its provider's token bucket → quiesce → snapshot group → thaw → record. The
+/// level recorded is the one the thaw reply proves (invariant 3), never the
+/// planned one; instances run with bounded concurrency.
+public final class Coordinator: Sendable {
+    public struct Provider: Sendable {
+        public var provider: any SnapshotProvider
+        public var bucket: TokenBucket
+        public init(provider: any SnapshotProvider, bucket: TokenBucket) {
+            self.provider = provider
+            self.bucket = bucket
+        }
+    }
+
+    let engine: Engine
+    let plugins: PluginRegistry
+    let providers: [String: Provider]
+    let catalog: (any CatalogStore)?
+    let fleet: FleetFile
+
+    public init(engine: Engine, plugins: PluginRegistry, providers: [String: Provider], catalog: (any CatalogStore)?, fleet: FleetFile) {
+        self.engine = engine
+        self.plugins = plugins
+        self.providers = providers
+        self.catalog = catalog
+        self.fleet = fleet
+    }
+
+    public func run(runID: String, agentWait: Duration? = nil, events: @escaping @Sendable (RunEvent) -> Void = { _ in }) async -> RunReport {
+        let started = ContinuousClock.now
+        try? self.catalog?.beginRun(RunRecord(id: runID, source: self.fleet.path))
+        // Agents that never connect are reported, not waited on forever.
+        let wanted = Set(self.fleet.instances.map(\.id))
+        let wait = agentWait ?? .seconds(self.fleet.agentWaitSeconds)
+        let missingAtStart = await self.engine.registry.waitFor(wanted, timeout: .zero)
+        if !missingAtStart.isEmpty {
+            events(.waitingForAgents(missing: missingAtStart.sorted()))
+            _ = await self.engine.registry.waitFor(wanted, timeout: wait)
+        }
+        let limit = max(1, self.fleet.concurrency)
+        let outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
+            var results: [InstanceOutcome] = []
+            var next = 0
+            func startNext() {
+                guard next < self.fleet.instances.count else { return }
+                let instance = self.fleet.instances[next]
+                next += 1
+                group.addTask {
+                    events(.instanceStarted(instance.id))
+                    let outcome = await self.backUp(instance, runID: runID)
+                    events(.instanceFinished(outcome))
+                    return outcome
+                }
+            }
+            for _ in 0..<limit { startNext() }
+            for await outcome in group {
+                results.append(outcome)
+                startNext()
+            }
+            return results
+        }
+        let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
+        let report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
+                               makespan: .now - started)
+        try? self.catalog?.finishRun(runID, state: report.runState, at: Date())
+        return report
+    }
+
+    /// One instance, start to record. Never throws: every failure is an outcome with its reason.
+    func backUp(_ instance: FleetFile.Instance, runID: String) async -> InstanceOutcome {
+        let started = ContinuousClock.now
+        let policy = self.fleet.policy(named: instance.policy)!
+        var outcome = InstanceOutcome(
+            instanceID: instance.id, policy: policy.name, wanted: policy.wanted, minimum: policy.minimum, achieved: nil, state: .failed,
+            reasons: [], warnings: [], groupID: nil, disks: instance.disks.count, stall: nil, frozen: nil, duration: .zero, attempts: 0)
+        defer { self.record(&outcome, runID: runID, started: started) }
+
+        guard await self.engine.registry.session(for: instance.id) != nil else {
+            outcome.reasons.append("agent-not-connected: no agent session for \(instance.id) after \(self.fleet.agentWaitSeconds) s")
+            return outcome
+        }
+        guard let plugin = self.plugins.plugin(named: policy.plugin) else {
+            outcome.reasons.append("plugin-missing: plugin \(policy.plugin) is not loaded")
+            return outcome
+        }
+        guard let provider = self.providers[instance.provider] else {
+            outcome.reasons.append("provider-missing: provider \(instance.provider) is not configured")
+            return outcome
+        }
+        let planPolicy: PlanPolicy
+        do {
+            planPolicy = try PlanPolicy.with {
+                $0.name = policy.name
+                $0.wanted = policy.wanted.planLevel
+                $0.minimum = policy.minimum.planLevel
+                $0.freezeBudgetMs = policy.freezeBudgetMs
+                $0.options = try plugin.resolveOptions(policy.options.merging(instance.options) { $1 })
+            }
+        } catch {
+            outcome.reasons.append("bad-options: \(error)")
+            return outcome
+        }
+
+        var backoff = Backoff(base: .milliseconds(200), cap: .seconds(5), floor: .milliseconds(50))
+        for attempt in 1...(policy.retries + 1) {
+            outcome.attempts = attempt
+            let plan: Plan
+            do {
+                let facts = try await self.engine.planFacts(of: instance.id)
+                plan = try await plugin.plan(facts: facts, policy: planPolicy)
+            } catch {
+                outcome.reasons = ["plan-failed: \(error)"]
+                return outcome
+            }
+            // The provider slot first: a queue at the provider never lengthens a freeze.
+            await provider.bucket.acquire()
+            let token = "\(runID)/\(instance.id)"
+            let created = Created()
+            let tags = ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name]
+            let runner = PlanRunner(engine: self.engine, instanceID: instance.id, policy: planPolicy, freezeID: "\(runID)-\(attempt)")
+            let result = await runner.run(plan) {
+                do {
+                    let group = try await provider.provider.createGroup(CreateGroupRequest(
+                        disks: instance.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)"))
+                    created.set(group)
+                } catch let error as ProviderError {
+                    created.setError(error)
+                    throw error
+                }
+            }
+            outcome.reasons = result.reasons
+            outcome.warnings = result.warnings
+            outcome.stall = result.blocked
+            outcome.frozen = result.frozen
+            // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a pause.
+            if !result.snapshotTaken, let error = created.error, error.isRetryable, attempt <= policy.retries {
+                outcome.warnings.append("attempt \(attempt): provider \(error); retrying after the thaw")
+                try? await Task.sleep(for: backoff.next())
+                continue
+            }
+            if let group = created.group, result.snapshotTaken {
+                outcome.achieved = result.achieved
+                outcome.groupID = group.id
+                // The level tag only now: the thaw reply has proved it.
+                _ = try? await provider.provider.tag(group.id, ["quiesce:level": result.achieved.name, "ConsistencyLevel": result.achieved.tagValue])
+                if let ready = try? await provider.provider.waitUntilReady(group.id, timeout: .seconds(600)) {
+                    created.set(ready)
+                }
+                outcome.state = result.failed ? .failed : (result.achieved < policy.wanted ? .downgraded : .succeeded)
+                self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy, steps: result.steps)
+            } else {
+                outcome.state = .failed
+            }
+            return outcome
+        }
+        return outcome
+    }
+
+    func recordGroup(_ group: SnapshotGroup, outcome: InstanceOutcome, runID: String, token: String, policy: FleetFile.Policy,
+                     steps: [PlanOutcome.StepRecord]) {
+        var timings: [String: UInt64] = [:]
+        for step in steps { timings[step.id, default: 0] += UInt64(max(step.elapsed.nanoseconds / 1000, 0)) }
+        let record = GroupRecord(
+            id: group.id, runID: runID, instanceID: outcome.instanceID, provider: group.provider, providerGroupID: group.id,
+            idempotencyToken: token, wantedLevel: policy.wanted, achievedLevel: outcome.achieved ?? .crash,
+            reasons: outcome.reasons.map(Self.reason), state: group.state, createdAt: group.createdAt,
+            frozenUs: outcome.frozen.map { UInt64(max($0.nanoseconds / 1000, 0)) },
+            applicationStallUs: outcome.stall.map { UInt64(max($0.nanoseconds / 1000, 0)) },
+            stepTimingsUs: timings, tags: group.tags, disks: group.disks)
+        try? self.catalog?.record(record)
+    }
+
+    func record(_ outcome: inout InstanceOutcome, runID: String, started: ContinuousClock.Instant) {
+        outcome.duration = .now - started
+        try? self.catalog?.record(InstanceRecord(
+            runID: runID, instanceID: outcome.instanceID, state: outcome.state, wantedLevel: outcome.wanted, minimumLevel: outcome.minimum,
+            achievedLevel: outcome.achieved, reasons: outcome.reasons.map(Self.reason), groupID: outcome.groupID,
+            durationUs: UInt64(max(outcome.duration.nanoseconds / 1000, 0))))
+    }
+
+    static func reason(_ text: String) -> Reason {
+        let parts = text.split(separator: ":", maxSplits: 1)
+        return Reason(code: String(parts.first ?? ""), message: parts.count > 1 ? parts[1].trimmingCharacters(in: .whitespaces) : text)
+    }
+}
+
+/// The group the snapshot closure made (or the provider's error), handed out of the closure.
+final class Created: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _group: SnapshotGroup?
+    private var _error: ProviderError?
+    var group: SnapshotGroup? { self.lock.withLock { self._group } }
+    var error: ProviderError? { self.lock.withLock { self._error } }
+    func set(_ group: SnapshotGroup) { self.lock.withLock { self._group = group } }
+    func setError(_ error: ProviderError) { self.lock.withLock { self._error = error } }
+}

@@ -1,0 +1,60 @@
+import Foundation
+import QuiesceCore
+
+/// A provider's rate limit: `burst` creates at once, `perSecond` sustained.
+/// A slot is taken *before* anything is frozen (invariant 4), so a queue at the
+/// provider never lengthens a freeze.
+public actor TokenBucket {
+    public let burst: Double
+    public let perSecond: Double
+    private var tokens: Double
+    private var updated: ContinuousClock.Instant
+    /// Callers waiting, in order (fair: first come, first served).
+    private var queue: [CheckedContinuation<Void, Never>] = []
+    private var draining = false
+
+    public init(burst: Int, perSecond: Double) {
+        self.burst = Double(max(burst, 1))
+        self.perSecond = max(perSecond, 0.001)
+        self.tokens = Double(max(burst, 1))
+        self.updated = .now
+    }
+
+    /// Waits for a slot and takes it.
+    public func acquire() async {
+        self.refill()
+        if self.queue.isEmpty && self.tokens >= 1 {
+            self.tokens -= 1
+            return
+        }
+        await withCheckedContinuation { continuation in
+            self.queue.append(continuation)
+            if !self.draining {
+                self.draining = true
+                Task { await self.drain() }
+            }
+        }
+    }
+
+    private func drain() async {
+        while !self.queue.isEmpty {
+            self.refill()
+            if self.tokens >= 1 {
+                self.tokens -= 1
+                self.queue.removeFirst().resume()
+                continue
+            }
+            let wait = (1 - self.tokens) / self.perSecond
+            try? await Task.sleep(for: .microseconds(Int64(wait * 1_000_000) + 1))
+        }
+        self.draining = false
+    }
+
+    private func refill() {
+        let now = ContinuousClock.now
+        let elapsed = now - self.updated
+        self.updated = now
+        self.tokens = min(self.burst, self.tokens + elapsed.timeInterval * self.perSecond)
+    }
+}
+

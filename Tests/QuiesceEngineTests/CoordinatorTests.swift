@@ -1,0 +1,144 @@
+import Foundation
+import QuiesceAgent
+import QuiesceCatalog
+import QuiesceCoordinator
+import QuiesceCore
+import QuiesceEngine
+import QuiesceFleet
+import QuiesceLocalProvider
+import QuiescePlugins
+import QuiesceTestSupport
+import Testing
+
+/// A demo-like fleet end to end: an XFS reflink pool on a loop device, disk
+/// images in it loop-mounted as ext4, one agent per instance over mutual TLS,
+/// a fleet file, the coordinator, the local provider and the SQLite catalog.
+@Suite("Fleet runs end to end", .enabled(if: getuid() == 0, "needs root for loop devices and FIFREEZE"), .serialized)
+struct CoordinatorTests {
+    @Test("three levels with their reasons, a missing agent reported, tags, catalog rows, everything thawed")
+    func fleetRun() async throws {
+        try await withLoopDevices { loops in
+            let pool = try await blocking { try loops.mount("pool", fsType: "xfs", sizeMiB: 400, mkfsOptions: ["-m", "reflink=1"]).mountPoint }
+            let provider = try LocalProvider(pool: pool + "/quiesce", createBurst: 20, createsPerSecond: 50)
+            #expect(provider.reflinkSupported)
+            var mounts: [String: String] = [:]
+            for id in ["app-1", "loose-1", "base-1"] {
+                let image = try provider.diskPath("\(id)-data")
+                let mountPoint = try await blocking {
+                    _ = try run("truncate", "-s", "64M", image)
+                    _ = try run("mkfs.ext4", "-q", "-F", image)
+                    return try loops.mountDevice(try loops.attach(image), at: id)
+                }
+                mounts[id] = mountPoint
+            }
+            // Seed scripts: valid on app-1, mode 0755 on loose-1, none on base-1.
+            var locations: [String: HookLocations] = [:]
+            for id in ["app-1", "loose-1", "base-1"] {
+                let dir = loops.directory + "/hooks-" + id
+                try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+                locations[id] = HookLocations(prescript: dir + "/prescript.sh", postscript: dir + "/postscript.sh", hookDirectory: dir)
+            }
+            try PluginPlanRunTests.writeHook(locations["app-1"]!.prescript, "#!/bin/sh\necho frozen-app\n")
+            try PluginPlanRunTests.writeHook(locations["app-1"]!.postscript, "#!/bin/sh\necho thawed-app\n")
+            try PluginPlanRunTests.writeHook(locations["loose-1"]!.prescript, "#!/bin/sh\nexit 0\n", mode: 0o755)
+            try PluginPlanRunTests.writeHook(locations["loose-1"]!.postscript, "#!/bin/sh\nexit 0\n")
+
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            var tasks: [Task<Void, any Error>] = []
+            var handlers: [BuiltinCommandHandler] = []
+            for id in ["app-1", "loose-1", "base-1"] {
+                let handler = BuiltinCommandHandler(
+                    facts: FactsCollector(hooks: locations[id]!), guardExecutable: AgentProcess.buildDirectory + "/quiesce-thaw-guard")
+                handlers.append(handler)
+                let runner = try fleet.agent(id, handler: handler)
+                tasks.append(Task { try await runner.run() })
+            }
+            defer { for task in tasks { task.cancel() } }
+
+            let registry = await PluginPlanRunTests.registry()
+            defer { Task { await registry.shutdown() } }
+            func instance(_ id: String, _ policy: String, scripts: Bool) -> String {
+                var options = "only_mounts: [\(mounts[id] ?? "/nonexistent")]"
+                if scripts {
+                    options += ", prescript_path: \(locations[id]!.prescript), postscript_path: \(locations[id]!.postscript)"
+                }
+                return "  - { id: \(id), policy: \(policy), disks: [\(id)-data], options: { \(options) } }\n"
+            }
+            let text = """
+                providers:
+                  pool: { kind: local, pool: \(provider.pool), burst: 20, per_second: 50 }
+                policies:
+                  app: { plugin: linux-freeze, wanted: application, minimum: crash, freeze_budget_ms: 10000 }
+                  baseline: { plugin: crash, wanted: crash }
+                instances:
+
+                """ + instance("app-1", "app", scripts: true) + instance("loose-1", "app", scripts: true)
+                + "  - { id: base-1, policy: baseline, disks: [base-1-data] }\n"
+                + "  - { id: ghost-1, policy: baseline, disks: [base-1-data] }\n"
+                + "run: { concurrency: 4, agent_wait_s: 2 }\n"
+            let file = try FleetFile.parse(text, path: "fleet.yaml", plugins: registry)
+            #expect(await fleet.engine.registry.waitFor(["app-1", "loose-1", "base-1"], timeout: .seconds(20)).isEmpty)
+
+            let catalog = try SQLiteCatalog(path: loops.directory + "/catalog.db")
+            let coordinator = Coordinator(
+                engine: fleet.engine, plugins: registry,
+                providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 20, perSecond: 50))], catalog: catalog, fleet: file)
+            let events = EventLog()
+            let report = await coordinator.run(runID: "r1") { events.append($0) }
+            let byID = Dictionary(uniqueKeysWithValues: report.instances.map { ($0.instanceID, $0) })
+
+            let app = try #require(byID["app-1"])
+            #expect(app.achieved == .application && app.state == .succeeded && app.reasons.isEmpty, "\(app.reasons) \(app.warnings)")
+            #expect((app.frozen ?? .zero) > .zero && (app.stall ?? .zero) >= (app.frozen ?? .zero))
+            let loose = try #require(byID["loose-1"])
+            #expect(loose.achieved == .filesystem && loose.state == .downgraded)
+            #expect(loose.reasons.first?.hasPrefix("prescript-wrong-mode: \(locations["loose-1"]!.prescript) has mode 0755") == true, "\(loose.reasons)")
+            let base = try #require(byID["base-1"])
+            #expect(base.achieved == .crash && base.state == .succeeded && base.reasons.isEmpty && base.frozen == nil)
+            let ghost = try #require(byID["ghost-1"])
+            #expect(ghost.state == .failed && ghost.achieved == nil && ghost.reasons.first?.hasPrefix("agent-not-connected") == true)
+            #expect(report.exitCode == 3)
+            #expect(report.instances.map(\.instanceID) == ["app-1", "loose-1", "base-1", "ghost-1"])
+            #expect(events.count == 9, "one waiting event (ghost-1), then started and finished per instance")
+
+            // The catalog and the provider agree; the level tag is the proven level.
+            let groups = try catalog.groups(GroupFilter(runID: "r1"))
+            #expect(Set(groups.map(\.instanceID)) == ["app-1", "loose-1", "base-1"])
+            for group in groups {
+                let outcome = byID[group.instanceID]!
+                #expect(group.achievedLevel == outcome.achieved && group.state == .ready && group.disks.count == 1)
+                let stored = try await provider.describe(group.providerGroupID)
+                #expect(stored.tags["quiesce:level"] == outcome.achieved?.name && stored.tags["quiesce:instance"] == group.instanceID)
+                #expect(stored.tags["ConsistencyLevel"] == outcome.achieved?.tagValue)
+                #expect(stored.disks.first?.method == .reflink)
+            }
+            #expect(groups.first { $0.instanceID == "loose-1" }?.reasons.first?.code == "prescript-wrong-mode")
+            let rows = try catalog.instances(ofRun: "r1")
+            #expect(Dictionary(uniqueKeysWithValues: rows.map { ($0.instanceID, $0.state) })
+                    == ["app-1": .succeeded, "loose-1": .downgraded, "base-1": .succeeded, "ghost-1": .failed])
+            #expect(try catalog.run("r1")?.state == .failed)
+
+            // Every filesystem is thawed: a write completes at once on each.
+            for (id, mount) in mounts {
+                let writer = try Writer(mount + "/after")
+                #expect(await writer.finished(within: .seconds(2)) != nil, "\(id) is still frozen")
+                let status = try await fleet.engine.freezeStatus(of: id)
+                #expect(status.payload?.frozen == false)
+            }
+            // A second run with the same run id makes no new groups (idempotency tokens).
+            let again = await coordinator.run(runID: "r1", agentWait: .zero)
+            #expect(again.instances.first { $0.instanceID == "app-1" }?.groupID == app.groupID)
+            let listed = try await provider.list(tags: ["quiesce:run": "r1"])
+            #expect(listed.count == 3)
+            for handler in handlers { await handler.shutdown() }
+        }
+    }
+}
+
+final class EventLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var events: [RunEvent] = []
+    func append(_ event: RunEvent) { self.lock.withLock { self.events.append(event) } }
+    var count: Int { self.lock.withLock { self.events.count } }
+}
