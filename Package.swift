@@ -149,7 +149,8 @@ let package = Package(
             name: "quiesce",
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceWire", "QuiesceDemo", "QuiesceInventory",
-                "QuiesceCatalog", "QuiesceLocalProvider", "QuiescePlugins", "QuiescePluginProto", "QuiesceProto",
+                "QuiesceCatalog", "QuiesceLocalProvider", "QuiescePlugins", "QuiescePluginProto", "QuiesceProto", "QuiesceFleet",
+                "QuiesceCoordinator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

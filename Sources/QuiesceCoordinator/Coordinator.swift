@@ -125,22 +125,35 @@ public final class Coordinator: Sendable {
     /// One instance, start to record. Never throws: every failure is an outcome with its reason.
     func backUp(_ instance: FleetFile.Instance, runID: String) async -> InstanceOutcome {
         let started = ContinuousClock.now
+        var outcome = await self.attempt(instance, runID: runID)
+        self.record(&outcome, runID: runID, started: started)
+        return outcome
+    }
+
+    private func attempt(_ instance: FleetFile.Instance, runID: String) async -> InstanceOutcome {
         let policy = self.fleet.policy(named: instance.policy)!
         var outcome = InstanceOutcome(
             instanceID: instance.id, policy: policy.name, wanted: policy.wanted, minimum: policy.minimum, achieved: nil, state: .failed,
             reasons: [], warnings: [], groupID: nil, disks: instance.disks.count, stall: nil, frozen: nil, duration: .zero, attempts: 0)
-        defer { self.record(&outcome, runID: runID, started: started) }
 
+        guard let provider = self.providers[instance.provider] else {
+            outcome.reasons.append("provider-missing: provider \(instance.provider) is not configured")
+            return outcome
+        }
         guard await self.engine.registry.session(for: instance.id) != nil else {
-            outcome.reasons.append("agent-not-connected: no agent session for \(instance.id) after \(self.fleet.agentWaitSeconds) s")
+            let missing = "agent-not-connected: no agent session for \(instance.id) after \(self.fleet.agentWaitSeconds) s"
+            // Without an agent nothing can be quiesced; a crash-consistent snapshot is still
+            // taken when the policy accepts one (its minimum is crash).
+            guard policy.minimum == .crash else {
+                outcome.reasons.append(missing + "; the policy needs at least \(policy.minimum.name)")
+                return outcome
+            }
+            outcome.reasons.append(missing + "; snapshot taken crash-consistent")
+            await self.crashSnapshot(instance, policy: policy, provider: provider, runID: runID, outcome: &outcome)
             return outcome
         }
         guard let plugin = self.plugins.plugin(named: policy.plugin) else {
             outcome.reasons.append("plugin-missing: plugin \(policy.plugin) is not loaded")
-            return outcome
-        }
-        guard let provider = self.providers[instance.provider] else {
-            outcome.reasons.append("provider-missing: provider \(instance.provider) is not configured")
             return outcome
         }
         let planPolicy: PlanPolicy
@@ -210,6 +223,30 @@ public final class Coordinator: Sendable {
             return outcome
         }
         return outcome
+    }
+
+    /// A snapshot with no guest action (no agent): crash-consistent by definition.
+    private func crashSnapshot(_ instance: FleetFile.Instance, policy: FleetFile.Policy, provider: Provider, runID: String,
+                               outcome: inout InstanceOutcome) async {
+        outcome.attempts = 1
+        await provider.bucket.acquire()
+        let token = "\(runID)/\(instance.id)"
+        let begin = ContinuousClock.now
+        do {
+            var group = try await provider.provider.createGroup(CreateGroupRequest(
+                disks: instance.disks, tags: ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name],
+                idempotencyToken: token, description: "quiesce run \(runID), \(instance.id) (no agent)"))
+            group = try await provider.provider.tag(group.id, ["quiesce:level": "crash", "ConsistencyLevel": ConsistencyLevel.crash.tagValue])
+            group = try await provider.provider.waitUntilReady(group.id, timeout: .seconds(600))
+            outcome.achieved = .crash
+            outcome.groupID = group.id
+            outcome.state = policy.wanted == .crash ? .succeeded : .downgraded
+            let step = PlanOutcome.StepRecord(phase: "snapshot", id: "snapshot", action: "snapshot", ok: true, detail: "", elapsed: .now - begin, attempt: 1)
+            self.recordGroup(group, outcome: outcome, runID: runID, token: token, policy: policy, steps: [step])
+        } catch {
+            outcome.reasons.append("snapshot-failed: \(error)")
+            outcome.state = .failed
+        }
     }
 
     func recordGroup(_ group: SnapshotGroup, outcome: InstanceOutcome, runID: String, token: String, policy: FleetFile.Policy,

@@ -16,6 +16,16 @@ public struct PlanOutcome: Sendable {
         public var detail: String
         public var elapsed: Duration
         public var attempt: Int
+
+        public init(phase: String, id: String, action: String, ok: Bool, detail: String, elapsed: Duration, attempt: Int) {
+            self.phase = phase
+            self.id = id
+            self.action = action
+            self.ok = ok
+            self.detail = detail
+            self.elapsed = elapsed
+            self.attempt = attempt
+        }
     }
 
     public var instanceID: String

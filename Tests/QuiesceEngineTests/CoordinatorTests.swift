@@ -71,11 +71,12 @@ struct CoordinatorTests {
                 policies:
                   app: { plugin: linux-freeze, wanted: application, minimum: crash, freeze_budget_ms: 10000 }
                   baseline: { plugin: crash, wanted: crash }
+                  strict: { plugin: linux-freeze, wanted: application, minimum: filesystem }
                 instances:
 
                 """ + instance("app-1", "app", scripts: true) + instance("loose-1", "app", scripts: true)
                 + "  - { id: base-1, policy: baseline, disks: [base-1-data] }\n"
-                + "  - { id: ghost-1, policy: baseline, disks: [base-1-data] }\n"
+                + "  - { id: ghost-1, policy: strict, disks: [ghost-1-data] }\n"
                 + "run: { concurrency: 4, agent_wait_s: 2 }\n"
             let file = try FleetFile.parse(text, path: "fleet.yaml", plugins: registry)
             #expect(await fleet.engine.registry.waitFor(["app-1", "loose-1", "base-1"], timeout: .seconds(20)).isEmpty)
@@ -97,7 +98,8 @@ struct CoordinatorTests {
             let base = try #require(byID["base-1"])
             #expect(base.achieved == .crash && base.state == .succeeded && base.reasons.isEmpty && base.frozen == nil)
             let ghost = try #require(byID["ghost-1"])
-            #expect(ghost.state == .failed && ghost.achieved == nil && ghost.reasons.first?.hasPrefix("agent-not-connected") == true)
+            #expect(ghost.state == .failed && ghost.achieved == nil && ghost.groupID == nil)
+            #expect(ghost.reasons.first?.hasPrefix("agent-not-connected") == true && ghost.reasons.first?.hasSuffix("needs at least filesystem") == true)
             #expect(report.exitCode == 3)
             #expect(report.instances.map(\.instanceID) == ["app-1", "loose-1", "base-1", "ghost-1"])
             #expect(events.count == 9, "one waiting event (ghost-1), then started and finished per instance")
