@@ -143,7 +143,10 @@ let package = Package(
         // `quiesce demo`: a throw-away fleet on loopback.
         .target(
             name: "QuiesceDemo",
-            dependencies: ["QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceAgent", "QuiesceWire"]
+            dependencies: [
+                "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceAgent", "QuiesceWire", "QuiesceCoordinator", "QuiesceFleet",
+                "QuiescePlugins", "QuiesceLocalProvider", "QuiesceCatalog",
+            ]
         ),
         .executableTarget(
             name: "quiesce",

@@ -230,7 +230,7 @@ extension FleetFile {
                         guard let plugin else { continue }
                         if !plugin.info.options.contains(where: { $0.name == optionName }) {
                             reader.problem(optionKey, "\(field).options.\(optionName)",
-                                           "unknown option (\(plugin.name) accepts \(plugin.info.options.map(\.name).sorted().joined(separator: ", ")))")
+                                           "unknown option (\(plugin.name) accepts \(plugin.info.options.isEmpty ? "no options" : plugin.info.options.map(\.name).sorted().joined(separator: ", ")))")
                         } else if let error = Result(catching: { try plugin.resolveOptions([optionName: input]) }).failure {
                             reader.problem(optionValue, "\(field).options.\(optionName)",
                                            "\(error)".components(separatedBy: "option \(optionName): ").last ?? "\(error)")

@@ -11,7 +11,7 @@ def run(bin_dir, *args, env=None):
 
 
 def test_demo_prints_the_fleet_as_json(bin_dir):
-    result = run(bin_dir, "quiesce", "demo", "--agents", "3", "--output", "json")
+    result = run(bin_dir, "quiesce", "demo", "--sessions-only", "--agents", "3", "--output", "json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [a["instance_id"] for a in report["agents"]] == ["demo-1", "demo-2", "demo-3"]
@@ -22,10 +22,32 @@ def test_demo_prints_the_fleet_as_json(bin_dir):
 
 
 def test_demo_table_and_cleanup(bin_dir, tmp_path):
-    result = run(bin_dir, "quiesce", "demo", "--agents", "2", env={"TMPDIR": str(tmp_path)})
+    result = run(bin_dir, "quiesce", "demo", "--sessions-only", "--agents", "2", env={"TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert "INSTANCE" in result.stdout and "demo-2" in result.stdout and "eligible" in result.stdout
     assert os.listdir(tmp_path) == [], "the demo left files behind"
+
+
+def test_full_demo_shows_three_levels_and_leaves_nothing(bin_dir):
+    if os.geteuid() != 0:
+        result = run(bin_dir, "quiesce", "demo", "--agents", "1")
+        assert "needs root" in result.stderr
+        return
+    before = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    result = run(bin_dir, "quiesce", "demo", "--output", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    levels = {i["instance"]: i["achieved"] for i in report["instances"]}
+    assert levels == {"web-1": "application", "web-2": "application", "db-1": "filesystem", "legacy-1": "crash", "cache-1": "crash"}
+    reasons = {i["instance"]: i["reasons"] for i in report["instances"]}
+    assert reasons["db-1"][0].startswith("prescript-wrong-mode") and reasons["legacy-1"][0].startswith("no-eligible-filesystem")
+    assert report["verification"].endswith("checksums match") and report["surprises"] == []
+    assert report["elapsed_ms"] < 60000
+    assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == before
+    with open("/proc/mounts") as mounts:
+        assert "quiesce-demo" not in mounts.read()
+    table = run(bin_dir, "quiesce", "demo")
+    assert table.returncode == 0 and "Every instance reached the level the demo expects" in table.stdout
 
 
 def test_unreachable_engine_exits_69(bin_dir, tmp_path):

@@ -125,14 +125,14 @@ struct Backup: AsyncParsableCommand {
                 if json { Self.printJSON(["event": "started", "instance": id]) }
                 progress.instanceStarted()
             case .instanceFinished(let outcome):
-                if json { Self.printJSON(["event": "finished"].merging(Self.describe(outcome)) { $1 }) }
+                if json { Self.printJSON(["event": "finished"].merging(outcome.json) { $1 }) }
                 progress.finished(outcome.state)
             }
         }
         progress.done()
         if json {
             Self.printJSON(["event": "report", "run": runID, "makespan_ms": report.makespan.milliseconds, "exit_code": Int(report.exitCode),
-                            "instances": report.instances.map(Self.describe)])
+                            "instances": report.instances.map(\.json)])
         } else {
             self.printTable(report)
         }
@@ -146,19 +146,6 @@ struct Backup: AsyncParsableCommand {
         return "run-\(formatter.string(from: Date()))-\(String(UInt32.random(in: 0...0xffff), radix: 16))"
     }
 
-    static func describe(_ outcome: InstanceOutcome) -> [String: Any] {
-        var item: [String: Any] = [
-            "instance": outcome.instanceID, "policy": outcome.policy, "wanted": outcome.wanted.name, "minimum": outcome.minimum.name,
-            "state": outcome.state.rawValue, "reasons": outcome.reasons, "warnings": outcome.warnings, "disks": outcome.disks,
-            "duration_ms": outcome.duration.milliseconds, "attempts": outcome.attempts,
-        ]
-        item["achieved"] = outcome.achieved?.name ?? NSNull()
-        item["group"] = outcome.groupID ?? NSNull()
-        item["stall_ms"] = outcome.stall.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
-        item["frozen_ms"] = outcome.frozen.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
-        return item
-    }
-
     static func printJSON(_ value: [String: Any]) {
         guard let data = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
         FileHandle.standardOutput.write(data + Data("\n".utf8))
@@ -168,25 +155,7 @@ struct Backup: AsyncParsableCommand {
         if self.output == .json { Self.printJSON(value) } else { FileHandle.standardError.write(Data((text + "\n").utf8)) }
     }
 
-    func printTable(_ report: RunReport) {
-        var table = TextTable(headers: ["INSTANCE", "POLICY", "WANTED", "ACHIEVED", "STATE", "STALL MS", "FROZEN MS", "DISKS", "DURATION", "WHY"])
-        for outcome in report.instances {
-            table.append([
-                outcome.instanceID, outcome.policy, outcome.wanted.name, outcome.achieved?.name ?? "-", outcome.state.rawValue,
-                outcome.stall.map { String(format: "%.1f", Double($0.nanoseconds) / 1e6) } ?? "-",
-                outcome.frozen.map { String(format: "%.1f", Double($0.nanoseconds) / 1e6) } ?? "-",
-                "\(outcome.disks)", String(format: "%.2f s", outcome.duration.timeInterval), outcome.reasons.first ?? "",
-            ])
-        }
-        print("Run \(report.runID): \(report.instances.count) instances in \(String(format: "%.1f", report.makespan.timeInterval)) s\n")
-        print(table.render())
-        for outcome in report.instances where outcome.reasons.count > 1 {
-            print("\n\(outcome.instanceID):")
-            for reason in outcome.reasons { print("  \(reason)") }
-        }
-        let counts = Dictionary(grouping: report.instances, by: \.state).mapValues(\.count)
-        print("\n" + ["succeeded", "downgraded", "failed"].map { "\(counts[InstanceRecord.State(rawValue: $0)!] ?? 0) \($0)" }.joined(separator: ", "))
-    }
+    func printTable(_ report: RunReport) { print(report.renderTable()) }
 }
 
 /// A one-line progress bar on a terminal: counts by state, rate, ETA.

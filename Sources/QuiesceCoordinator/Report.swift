@@ -1,0 +1,43 @@
+import Foundation
+import QuiesceCatalog
+import QuiesceCore
+
+extension InstanceOutcome {
+    /// The outcome as JSON (for `--output json`).
+    public var json: [String: Any] {
+        var item: [String: Any] = [
+            "instance": self.instanceID, "policy": self.policy, "wanted": self.wanted.name, "minimum": self.minimum.name,
+            "state": self.state.rawValue, "reasons": self.reasons, "warnings": self.warnings, "disks": self.disks,
+            "duration_ms": self.duration.milliseconds, "attempts": self.attempts,
+        ]
+        item["achieved"] = self.achieved?.name ?? NSNull()
+        item["group"] = self.groupID ?? NSNull()
+        item["stall_ms"] = self.stall.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
+        item["frozen_ms"] = self.frozen.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
+        return item
+    }
+}
+
+extension RunReport {
+    /// The final report: instance, wanted/achieved level, state, stall, frozen, disks, duration, why.
+    public func renderTable() -> String {
+        var table = TextTable(headers: ["INSTANCE", "POLICY", "WANTED", "ACHIEVED", "STATE", "STALL MS", "FROZEN MS", "DISKS", "DURATION", "WHY"])
+        for outcome in self.instances {
+            table.append([
+                outcome.instanceID, outcome.policy, outcome.wanted.name, outcome.achieved?.name ?? "-", outcome.state.rawValue,
+                outcome.stall.map { String(format: "%.1f", Double($0.nanoseconds) / 1e6) } ?? "-",
+                outcome.frozen.map { String(format: "%.1f", Double($0.nanoseconds) / 1e6) } ?? "-",
+                "\(outcome.disks)", String(format: "%.2f s", outcome.duration.timeInterval), outcome.reasons.first ?? "",
+            ])
+        }
+        var text = "Run \(self.runID): \(self.instances.count) instances in \(String(format: "%.1f", self.makespan.timeInterval)) s\n\n"
+        text += table.render()
+        for outcome in self.instances where outcome.reasons.count > 1 {
+            text += "\n\n\(outcome.instanceID):"
+            for reason in outcome.reasons { text += "\n  \(reason)" }
+        }
+        let counts = Dictionary(grouping: self.instances, by: \.state).mapValues(\.count)
+        text += "\n\n" + [InstanceRecord.State.succeeded, .downgraded, .failed].map { "\(counts[$0] ?? 0) \($0.rawValue)" }.joined(separator: ", ")
+        return text
+    }
+}
