@@ -116,6 +116,19 @@ struct CoordinatorTests {
                 #expect(stored.disks.first?.method == .reflink)
             }
             #expect(groups.first { $0.instanceID == "loose-1" }?.reasons.first?.code == "prescript-wrong-mode")
+
+            // Honesty on disk: the clone of a frozen ext4 has a clean journal (FIFREEZE flushed it and
+            // cleared needs_recovery); the crash-consistent clone of a mounted ext4 still needs recovery.
+            func needsRecovery(_ instance: String) throws -> Bool {
+                let group = try #require(groups.first { $0.instanceID == instance })
+                let image = provider.snapshotPath(group: group.providerGroupID, disk: "\(instance)-data")
+                let header = try run("dumpe2fs", "-h", image)
+                let features = header.split(separator: "\n").first { $0.hasPrefix("Filesystem features:") } ?? ""
+                return features.contains("needs_recovery")
+            }
+            #expect(try needsRecovery("app-1") == false, "the application-consistent clone needs journal recovery")
+            #expect(try needsRecovery("loose-1") == false, "the filesystem-consistent clone needs journal recovery")
+            #expect(try needsRecovery("base-1") == true, "the crash-consistent clone of a mounted ext4 should need recovery")
             let rows = try catalog.instances(ofRun: "r1")
             #expect(Dictionary(uniqueKeysWithValues: rows.map { ($0.instanceID, $0.state) })
                     == ["app-1": .succeeded, "loose-1": .downgraded, "base-1": .succeeded, "ghost-1": .failed])
@@ -143,4 +156,85 @@ final class EventLog: @unchecked Sendable {
     private var events: [RunEvent] = []
     func append(_ event: RunEvent) { self.lock.withLock { self.events.append(event) } }
     var count: Int { self.lock.withLock { self.events.count } }
+}
+
+/// The local provider with a delay before each create: a cloud API that is slow to answer.
+struct SlowProvider: SnapshotProvider {
+    let base: LocalProvider
+    let delay: Duration
+    var kind: String { self.base.kind }
+    var capabilities: ProviderCapabilities { self.base.capabilities }
+    func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup {
+        try await Task.sleep(for: self.delay)
+        return try await self.base.createGroup(request)
+    }
+    func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup { try await self.base.waitUntilReady(groupID, timeout: timeout) }
+    func describe(_ groupID: String) async throws -> SnapshotGroup { try await self.base.describe(groupID) }
+    func list(tags: [String: String]) async throws -> [SnapshotGroup] { try await self.base.list(tags: tags) }
+    func delete(_ groupID: String) async throws { try await self.base.delete(groupID) }
+    func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String {
+        try await self.base.restore(groupID, disk: disk, to: target)
+    }
+    func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup { try await self.base.tag(groupID, tags) }
+}
+
+extension CoordinatorTests {
+    @Test("a provider slower than the freeze budget: the guard thaws, the thaw reply says budget, the group is recorded crash-consistent")
+    func slowProvider() async throws {
+        try await withLoopDevices { loops in
+            let pool = try await blocking { try loops.mount("pool", fsType: "xfs", sizeMiB: 400, mkfsOptions: ["-m", "reflink=1"]).mountPoint }
+            let local = try LocalProvider(pool: pool + "/quiesce")
+            let image = try local.diskPath("slow-1-data")
+            let mount = try await blocking {
+                _ = try run("truncate", "-s", "64M", image)
+                _ = try run("mkfs.ext4", "-q", "-F", image)
+                return try loops.mountDevice(try loops.attach(image), at: "slow-1")
+            }
+            let hooks = loops.directory + "/hooks"
+            try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            try PluginPlanRunTests.writeHook(hooks + "/prescript.sh", "#!/bin/sh\nexit 0\n")
+            try PluginPlanRunTests.writeHook(hooks + "/postscript.sh", "#!/bin/sh\nexit 0\n")
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            let handler = BuiltinCommandHandler(
+                facts: FactsCollector(hooks: HookLocations(prescript: hooks + "/prescript.sh", postscript: hooks + "/postscript.sh", hookDirectory: hooks)),
+                guardExecutable: AgentProcess.buildDirectory + "/quiesce-thaw-guard")
+            let runner = try fleet.agent("slow-1", handler: handler)
+            let task = Task { try await runner.run() }
+            defer { task.cancel() }
+            let registry = await PluginPlanRunTests.registry()
+            defer { Task { await registry.shutdown() } }
+            let text = """
+                providers:
+                  slow: { kind: local, pool: \(local.pool) }
+                policies:
+                  tight:
+                    plugin: linux-freeze
+                    wanted: application
+                    minimum: crash
+                    freeze_budget_ms: 1200
+                    retries: 0
+                    options: { prescript_timeout_ms: 200, postscript_timeout_ms: 200, freeze_timeout_ms: 300, thaw_timeout_ms: 300 }
+                instances:
+                  - { id: slow-1, policy: tight, disks: [slow-1-data], options: { only_mounts: [\(mount)], prescript_path: \(hooks)/prescript.sh, postscript_path: \(hooks)/postscript.sh } }
+                """
+            let file = try FleetFile.parse(text, path: "slow.yaml", plugins: registry)
+            #expect(await fleet.engine.registry.waitFor(["slow-1"], timeout: .seconds(20)).isEmpty)
+            let catalog = try SQLiteCatalog(path: loops.directory + "/catalog.db")
+            let coordinator = Coordinator(
+                engine: fleet.engine, plugins: registry,
+                providers: ["slow": .init(provider: SlowProvider(base: local, delay: .milliseconds(1600)), bucket: TokenBucket(burst: 1, perSecond: 1))],
+                catalog: catalog, fleet: file)
+            let report = await coordinator.run(runID: "slow")
+            let outcome = try #require(report.instances.first)
+            #expect(outcome.achieved == .crash && outcome.state == .downgraded, "\(outcome.reasons)")
+            #expect(outcome.reasons.contains { $0.hasPrefix("thawed-by-budget") }, "\(outcome.reasons)")
+            let group = try #require(try catalog.groups(GroupFilter(runID: "slow")).first)
+            #expect(group.achievedLevel == .crash && group.reasons.contains { $0.code == "thawed-by-budget" })
+            #expect(try await local.describe(group.providerGroupID).tags["quiesce:level"] == "crash")
+            let writer = try Writer(mount + "/after")
+            #expect(await writer.finished(within: .seconds(2)) != nil, "still frozen")
+            await handler.shutdown()
+        }
+    }
 }
