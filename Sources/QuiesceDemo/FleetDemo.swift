@@ -121,7 +121,9 @@ public struct FleetDemo: Sendable {
             if instance.scripts != "none" {
                 let mode = instance.scripts == "0755" ? 0o755 : 0o700
                 for (name, text) in [("prescript.sh", "#!/bin/sh\necho \"app on $(hostname) paused\"\n"), ("postscript.sh", "#!/bin/sh\necho resumed\n")] {
-                    FileManager.default.createFile(atPath: hooks + "/" + name, contents: Data(text.utf8), attributes: [.posixPermissions: name == "prescript.sh" ? mode : 0o700])
+                    guard FileManager.default.createFile(
+                        atPath: hooks + "/" + name, contents: Data(text.utf8), attributes: [.posixPermissions: name == "prescript.sh" ? mode : 0o700])
+                    else { throw CommandError(text: "cannot write \(hooks)/\(name)") }
                 }
             }
         }
