@@ -175,7 +175,8 @@ let package = Package(
             name: "quiesce-bench",
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire", "QuiesceLocalProvider", "QuiesceCatalog",
-                "QuiesceEngine", "QuiesceProto", "CQuiesceLinux", "QuiescePlugins", "QuiescePluginProto",
+                "QuiesceEngine", "QuiesceProto", "CQuiesceLinux", "QuiescePlugins", "QuiescePluginProto", "QuiesceDemo",
+                "QuiesceCoordinator", "QuiesceFleet",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

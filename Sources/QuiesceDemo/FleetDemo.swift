@@ -247,20 +247,21 @@ final class Teardown: @unchecked Sendable {
 /// Loop devices and mounts the demo made, undone in the reverse order of making
 /// them (a disk's mount, then its loop device, then the pool that holds its image),
 /// thawing first, even when the demo fails.
-final class System: @unchecked Sendable {
+public final class System: @unchecked Sendable {
+    public init() {}
     private enum Made { case device(String), mount(String) }
     private let lock = NSLock()
     private var made: [Made] = []
 
-    func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+    public func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
         try await DedicatedThread.run(name: "quiesce-demo") { try work() }
     }
 
     @discardableResult
-    func run(_ arguments: String...) throws -> String { try self.run(arguments) }
+    public func run(_ arguments: String...) throws -> String { try self.run(arguments) }
 
     @discardableResult
-    func run(_ arguments: [String]) throws -> String {
+    public func run(_ arguments: [String]) throws -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = arguments
@@ -277,13 +278,13 @@ final class System: @unchecked Sendable {
         return text
     }
 
-    func attach(_ image: String) throws -> String {
+    public func attach(_ image: String) throws -> String {
         let device = try self.run("losetup", "--find", "--show", image).trimmingCharacters(in: .whitespacesAndNewlines)
         self.lock.withLock { self.made.append(.device(device)) }
         return device
     }
 
-    func mount(_ device: String, at path: String) throws -> String {
+    public func mount(_ device: String, at path: String) throws -> String {
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         try self.run("mount", device, path)
         self.lock.withLock { self.made.append(.mount(path)) }
@@ -292,7 +293,7 @@ final class System: @unchecked Sendable {
 
     /// Undoes everything; returns what could not be undone (empty when clean).
     @discardableResult
-    func cleanUp() -> [String] {
+    public func cleanUp() -> [String] {
         let made = self.lock.withLock { () -> [Made] in
             defer { self.made = [] }
             return self.made

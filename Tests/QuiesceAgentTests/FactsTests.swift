@@ -20,6 +20,18 @@ struct FactsTests {
         #expect(!facts.mounts.contains { $0.fsType == "proc" || $0.fsType == "sysfs" }, "kernel interfaces are left out")
     }
 
+    @Test("every mount is reported, also when /proc/self/mountinfo is far longer than 4 KiB", .enabled(if: getuid() == 0, "needs root to mount"))
+    func manyMounts() async throws {
+        try await withLoopDevices { loops in
+            let made = try await blocking { try (1...60).map { try loops.tmpfs(at: String(format: "many-mounts-with-a-long-name-%02d", $0)) } }
+            let text = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)
+            let facts = try await FactsCollector().collect()
+            let reported = Set(facts.mounts.map(\.mountPoint))
+            let missing = made.filter { !reported.contains($0) }
+            #expect(missing.isEmpty, "\(missing.count) of \(made.count) mounts missing; Foundation read \(text.utf8.count) bytes of mountinfo")
+        }
+    }
+
     @Test("loop-mounted ext4 and XFS are eligible; bind, read-only and tmpfs mounts say why not",
           .enabled(if: LoopDevices.available, "needs root for loop devices"))
     func loopMounts() async throws {

@@ -45,18 +45,37 @@ public struct FactsCollector: Sendable {
         facts.hostname = ProcessInfo.processInfo.hostName
         facts.cpuCount = UInt32(ProcessInfo.processInfo.activeProcessorCount)
         facts.memoryBytes = ProcessInfo.processInfo.physicalMemory
-        if let stat = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
+        if let stat = Self.readWhole("/proc/stat"),
            let line = stat.split(separator: "\n").first(where: { $0.hasPrefix("btime ") }),
            let btime = UInt64(line.dropFirst(6).trimmingCharacters(in: .whitespaces))
         {
             facts.bootTimeUnix = btime
         }
-        guard let text = try? String(contentsOfFile: self.mountInfoPath, encoding: .utf8) else {
+        guard let text = Self.readWhole(self.mountInfoPath) else {
             throw FactsError.unreadable(source: self.mountInfoPath, detail: "cannot read the mount table")
         }
         facts.mounts = Self.mounts(from: try MountInfoEntry.parse(text))
         facts.hooks = HookInspector.facts(self.hooks, hashes: includeHookHashes)
         return facts
+    }
+
+    /// Reads a whole file with read(2) until end-of-file. procfs files report size 0,
+    /// and Foundation's String(contentsOfFile:) stopped after the first 4 KiB of
+    /// /proc/self/mountinfo: an instance with many mounts lost most of them.
+    static func readWhole(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var data = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n > 0 { data += chunk[0..<n]; continue }
+            if n == 0 { break }
+            if errno == EINTR { continue }
+            return nil
+        }
+        return String(decoding: data, as: UTF8.self)
     }
 
     /// Turns mount table entries into facts: drops kernel interfaces, measures
