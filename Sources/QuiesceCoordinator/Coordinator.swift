@@ -140,19 +140,23 @@ public final class Coordinator: Sendable {
             outcome.reasons.append("provider-missing: provider \(instance.provider) is not configured")
             return outcome
         }
-        guard await self.engine.registry.session(for: instance.id) != nil else {
+        // Without an agent nothing can be quiesced; a crash-consistent snapshot (an empty
+        // plan: no guest action) is still taken when the policy accepts one.
+        var withoutAgent: Plan?
+        if await self.engine.registry.session(for: instance.id) == nil {
             let missing = "agent-not-connected: no agent session for \(instance.id) after \(self.fleet.agentWaitSeconds) s"
-            // Without an agent nothing can be quiesced; a crash-consistent snapshot is still
-            // taken when the policy accepts one (its minimum is crash).
             guard policy.minimum == .crash else {
                 outcome.reasons.append(missing + "; the policy needs at least \(policy.minimum.name)")
                 return outcome
             }
-            outcome.reasons.append(missing + "; snapshot taken crash-consistent")
-            await self.crashSnapshot(instance, policy: policy, provider: provider, runID: runID, outcome: &outcome)
-            return outcome
+            withoutAgent = .with {
+                $0.plugin = "none"
+                $0.expected = .crash
+                $0.reasons = [missing + "; snapshot taken crash-consistent"]
+            }
         }
-        guard let plugin = self.plugins.plugin(named: policy.plugin) else {
+        let plugin = self.plugins.plugin(named: policy.plugin)
+        if plugin == nil && withoutAgent == nil {
             outcome.reasons.append("plugin-missing: plugin \(policy.plugin) is not loaded")
             return outcome
         }
@@ -163,7 +167,7 @@ public final class Coordinator: Sendable {
                 $0.wanted = policy.wanted.planLevel
                 $0.minimum = policy.minimum.planLevel
                 $0.freezeBudgetMs = policy.freezeBudgetMs
-                $0.options = try plugin.resolveOptions(policy.options.merging(instance.options) { $1 })
+                if let plugin { $0.options = try plugin.resolveOptions(policy.options.merging(instance.options) { $1 }) }
             }
         } catch {
             outcome.reasons.append("bad-options: \(error)")
@@ -175,8 +179,11 @@ public final class Coordinator: Sendable {
             outcome.attempts = attempt
             let plan: Plan
             do {
-                let facts = try await self.engine.planFacts(of: instance.id)
-                plan = try await plugin.plan(facts: facts, policy: planPolicy)
+                if let withoutAgent {
+                    plan = withoutAgent
+                } else {
+                    plan = try await plugin!.plan(facts: try await self.engine.planFacts(of: instance.id), policy: planPolicy)
+                }
             } catch {
                 outcome.reasons = ["plan-failed: \(error)"]
                 return outcome
@@ -223,30 +230,6 @@ public final class Coordinator: Sendable {
             return outcome
         }
         return outcome
-    }
-
-    /// A snapshot with no guest action (no agent): crash-consistent by definition.
-    private func crashSnapshot(_ instance: FleetFile.Instance, policy: FleetFile.Policy, provider: Provider, runID: String,
-                               outcome: inout InstanceOutcome) async {
-        outcome.attempts = 1
-        await provider.bucket.acquire()
-        let token = "\(runID)/\(instance.id)"
-        let begin = ContinuousClock.now
-        do {
-            var group = try await provider.provider.createGroup(CreateGroupRequest(
-                disks: instance.disks, tags: ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name],
-                idempotencyToken: token, description: "quiesce run \(runID), \(instance.id) (no agent)"))
-            group = try await provider.provider.tag(group.id, ["quiesce:level": "crash", "ConsistencyLevel": ConsistencyLevel.crash.tagValue])
-            group = try await provider.provider.waitUntilReady(group.id, timeout: .seconds(600))
-            outcome.achieved = .crash
-            outcome.groupID = group.id
-            outcome.state = policy.wanted == .crash ? .succeeded : .downgraded
-            let step = PlanOutcome.StepRecord(phase: "snapshot", id: "snapshot", action: "snapshot", ok: true, detail: "", elapsed: .now - begin, attempt: 1)
-            self.recordGroup(group, outcome: outcome, runID: runID, token: token, policy: policy, steps: [step])
-        } catch {
-            outcome.reasons.append("snapshot-failed: \(error)")
-            outcome.state = .failed
-        }
     }
 
     func recordGroup(_ group: SnapshotGroup, outcome: InstanceOutcome, runID: String, token: String, policy: FleetFile.Policy,

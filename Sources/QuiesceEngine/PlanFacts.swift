@@ -37,24 +37,8 @@ extension InstanceFacts {
                 $0.mode = hook.mode
                 $0.sizeBytes = hook.sizeBytes
                 $0.sha256 = hook.sha256
-                $0.refusal = hook.refusal.reasonCode
+                $0.refusal = hook.refusal == .none ? "" : hook.refusal.reasonCode
             }
-        }
-    }
-}
-
-extension Quiesce_Agent_V1_HookRefusal {
-    /// "" when the hook would run; else "missing", "not-regular", "wrong-owner", "wrong-mode", …
-    public var reasonCode: String {
-        switch self {
-        case .none: ""
-        case .missing: "missing"
-        case .notRegular: "not-regular"
-        case .wrongOwner: "wrong-owner"
-        case .wrongMode: "wrong-mode"
-        case .hashMismatch: "hash-mismatch"
-        case .unknownHook: "unknown-hook"
-        case .UNRECOGNIZED(let raw): "refused-\(raw)"
         }
     }
 }

@@ -252,7 +252,7 @@ public struct PlanRunner: Sendable {
                 $0.maxHoldMs = UInt32(self.budget.milliseconds)
             }, on: self.instanceID, deadline: timeout + slack)
             guard reply.isOK, let hold = reply.payload, hold.ready else {
-                return .init(ok: false, detail: reply.payload.map { "\($0.refusal.reasonCode.isEmpty ? "not-ready" : $0.refusal.reasonCode): \($0.detail)" }
+                return .init(ok: false, detail: reply.payload.map { "\($0.refusal == .none ? "not-ready" : $0.refusal.reasonCode): \($0.detail)" }
                     ?? Self.describe(reply.status))
             }
             state.heldIDs.append(action.holdID)
@@ -279,7 +279,7 @@ public struct PlanRunner: Sendable {
                 if thaw.freezeID != self.freezeID {
                     broken = "thaw-mismatch: the thaw reply names freeze \(thaw.freezeID), not \(self.freezeID)"
                 } else if thaw.cause != .command {
-                    broken = "thawed-by-\(Self.causeName(thaw.cause)): the freeze ended before the engine asked (frozen \(thaw.frozenUs / 1000) ms)"
+                    broken = "thawed-by-\(thaw.cause.word): the freeze ended before the engine asked (frozen \(thaw.frozenUs / 1000) ms)"
                 } else if !thaw.withinBudget {
                     broken = "over-budget: frozen \(thaw.frozenUs / 1000) ms, beyond the budget"
                 } else if let dead = thaw.holds.first(where: { !$0.aliveAtThaw }) {
@@ -299,18 +299,6 @@ public struct PlanRunner: Sendable {
         if let minimum = ConsistencyLevel(self.policy.minimum), state.outcome.achieved < minimum, !state.outcome.failed {
             state.outcome.failed = true
             state.outcome.reasons.append("below-minimum: reached \(state.outcome.achieved.name), the policy needs at least \(minimum.name)")
-        }
-    }
-
-    static func causeName(_ cause: Quiesce_Agent_V1_ThawCause) -> String {
-        switch cause {
-        case .command: "command"
-        case .budget: "budget"
-        case .guard: "guard"
-        case .engineSilent: "engine-silent"
-        case .cancelled: "cancelled"
-        case .agentShutdown: "agent-shutdown"
-        case .unspecified, .UNRECOGNIZED: "unknown"
         }
     }
 

@@ -39,8 +39,6 @@ public struct FleetFile: Sendable {
         /// Extra attempts for transient provider errors (throttling), with jitter; never while frozen.
         public var retries: Int
         public var options: [String: OptionInput]
-        /// Where each option was written, for errors found against the plugin's schema.
-        public var optionLines: [String: Int]
         public var line: Int
     }
 
@@ -141,42 +139,17 @@ extension FleetFile {
                 }
                 let budget = reader.int(f["freeze_budget_ms"], at: field + ".freeze_budget_ms", range: 100...600_000) ?? 10_000
                 let retries = reader.int(f["retries"], at: field + ".retries", range: 0...10) ?? 2
-                var options: [String: OptionInput] = [:], optionLines: [String: Int] = [:], optionNodes: [String: (key: Node, value: Node)] = [:]
-                if let optionNode = f["options"], let optionMap = reader.mapping(optionNode, at: field + ".options") {
-                    for (optionKey, optionValue) in optionMap {
-                        guard let optionName = reader.name(optionKey, at: field + ".options") else { continue }
-                        if let input = reader.optionInput(optionValue, at: "\(field).options.\(optionName)") {
-                            options[optionName] = input
-                            optionLines[optionName] = Reader.line(optionValue)
-                            optionNodes[optionName] = (optionKey, optionValue)
-                        }
-                    }
-                }
-                fleet.policies.append(.init(name: name, plugin: plugin, wanted: wanted, minimum: minimum, freezeBudgetMs: UInt32(budget),
-                                            retries: retries, options: options, optionLines: optionLines, line: Reader.line(key)))
-                // Against the plugin's schema, when the plugins are known.
+                var loaded: Plugin?
                 if let plugins, !plugin.isEmpty {
-                    if let loaded = plugins.plugin(named: plugin) {
-                        let accepted = loaded.info.options.map(\.name).sorted()
-                        for name in options.keys.sorted() {
-                            let nodes = optionNodes[name]!
-                            guard accepted.contains(name) else {
-                                reader.problem(nodes.key, "\(field).options.\(name)",
-                                               "unknown option (\(plugin) accepts \(accepted.isEmpty ? "no options" : accepted.joined(separator: ", ")))")
-                                continue
-                            }
-                            do {
-                                _ = try loaded.resolveOptions([name: options[name]!])
-                            } catch let error as PluginError {
-                                let detail = error.detail.replacingOccurrences(of: "option \(name): ", with: "")
-                                reader.problem(nodes.value, "\(field).options.\(name)", detail)
-                            } catch {}
-                        }
-                    } else {
+                    loaded = plugins.plugin(named: plugin)
+                    if loaded == nil {
                         let known = plugins.plugins.map(\.name).joined(separator: ", ")
                         reader.problem(f["plugin"]!, field + ".plugin", "expected a loaded plugin (\(known.isEmpty ? "none loaded" : known)), found \"\(plugin)\"")
                     }
                 }
+                let options = reader.options(f["options"], at: field + ".options", plugin: loaded)
+                fleet.policies.append(.init(name: name, plugin: plugin, wanted: wanted, minimum: minimum, freezeBudgetMs: UInt32(budget),
+                                            retries: retries, options: options, line: Reader.line(key)))
             }
         } else if fields["policies"] == nil {
             reader.problem(root, "policies", "missing: a fleet needs at least one policy")
@@ -220,23 +193,8 @@ extension FleetFile {
                 if let group = f["group"] {
                     reader.problem(group, field + ".group", "multi-instance consistency groups are not supported yet; remove the key")
                 }
-                var options: [String: OptionInput] = [:]
-                if let optionNode = f["options"], let optionMap = reader.mapping(optionNode, at: field + ".options") {
-                    let plugin = fleet.policy(named: policy).flatMap { plugins?.plugin(named: $0.plugin) }
-                    for (optionKey, optionValue) in optionMap {
-                        guard let optionName = reader.name(optionKey, at: field + ".options"),
-                              let input = reader.optionInput(optionValue, at: "\(field).options.\(optionName)") else { continue }
-                        options[optionName] = input
-                        guard let plugin else { continue }
-                        if !plugin.info.options.contains(where: { $0.name == optionName }) {
-                            reader.problem(optionKey, "\(field).options.\(optionName)",
-                                           "unknown option (\(plugin.name) accepts \(plugin.info.options.isEmpty ? "no options" : plugin.info.options.map(\.name).sorted().joined(separator: ", ")))")
-                        } else if let error = Result(catching: { try plugin.resolveOptions([optionName: input]) }).failure {
-                            reader.problem(optionValue, "\(field).options.\(optionName)",
-                                           "\(error)".components(separatedBy: "option \(optionName): ").last ?? "\(error)")
-                        }
-                    }
-                }
+                let plugin = fleet.policy(named: policy).flatMap { plugins?.plugin(named: $0.plugin) }
+                let options = reader.options(f["options"], at: field + ".options", plugin: plugin)
                 fleet.instances.append(.init(id: id, policy: policy, provider: provider, disks: disks, options: options, line: Reader.line(item)))
             }
         } else if fields["instances"] == nil {
@@ -254,10 +212,6 @@ extension FleetFile {
         guard reader.problems.isEmpty else { throw FleetFileError(problems: reader.problems) }
         return fleet
     }
-}
-
-extension Result {
-    var failure: Failure? { if case .failure(let error) = self { error } else { nil } }
 }
 
 /// Walks Yams nodes, collecting problems instead of stopping at the first.
@@ -398,6 +352,27 @@ struct Reader {
             values.append(text)
         }
         return values
+    }
+
+    /// A mapping of plugin options; each is checked against `plugin`'s schema when it is known,
+    /// the problem placed at the option's name (unknown) or its value (wrong type, range).
+    mutating func options(_ node: Node?, at field: String, plugin: Plugin?) -> [String: OptionInput] {
+        guard let node, let mapping = self.mapping(node, at: field) else { return [:] }
+        var options: [String: OptionInput] = [:]
+        for (key, value) in mapping {
+            guard let name = self.name(key, at: field), let input = self.optionInput(value, at: "\(field).\(name)") else { continue }
+            options[name] = input
+            guard let plugin else { continue }
+            let accepted = plugin.info.options.map(\.name).sorted()
+            if !accepted.contains(name) {
+                self.problem(key, "\(field).\(name)",
+                             "unknown option (\(plugin.name) accepts \(accepted.isEmpty ? "no options" : accepted.joined(separator: ", ")))")
+            } else if case .failure(let error) = Result(catching: { try plugin.resolveOptions([name: input]) }) {
+                let detail = (error as? PluginError)?.detail ?? "\(error)"
+                self.problem(value, "\(field).\(name)", detail.replacingOccurrences(of: "option \(name): ", with: ""))
+            }
+        }
+        return options
     }
 
     mutating func optionInput(_ node: Node, at field: String) -> OptionInput? {

@@ -72,3 +72,34 @@ extension Quiesce_Agent_V1_EngineMessage.OneOf_Kind {
         }
     }
 }
+
+extension Quiesce_Agent_V1_HookRefusal {
+    /// Stable reason-code spelling: "missing", "not-regular", "wrong-owner", "wrong-mode", "hash-mismatch", "unknown-hook".
+    public var reasonCode: String {
+        switch self {
+        case .none: "none"
+        case .missing: "missing"
+        case .notRegular: "not-regular"
+        case .wrongOwner: "wrong-owner"
+        case .wrongMode: "wrong-mode"
+        case .hashMismatch: "hash-mismatch"
+        case .unknownHook: "unknown-hook"
+        case .UNRECOGNIZED(let value): "refusal-\(value)"
+        }
+    }
+}
+
+extension Quiesce_Agent_V1_ThawCause {
+    /// The word the thaw guard's protocol and the logs use: "command", "budget", "guard", "engine-silent", …
+    public var word: String {
+        switch self {
+        case .command: "command"
+        case .budget: "budget"
+        case .guard: "guard"
+        case .engineSilent: "engine-silent"
+        case .cancelled: "cancelled"
+        case .agentShutdown: "agent-shutdown"
+        default: "unspecified"
+        }
+    }
+}

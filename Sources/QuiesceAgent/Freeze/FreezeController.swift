@@ -340,7 +340,7 @@ public final class FreezeController: Sendable {
         var replies: [GuardMessage] = []
         if let guardProcess, guardProcess.isAlive {
             replies = (try? await guardProcess.request(
-                "THAW \(id) \(Self.causeWord(cause))",
+                "THAW \(id) \(cause.word)",
                 accepts: { $0.freezeID == id },
                 finishes: { _ in true })) ?? []
         }
@@ -401,7 +401,7 @@ public final class FreezeController: Sendable {
         active.descriptors.forEach { close($0) }
         self.state.withLock { $0.lastThaw = result }
         LogGate.shared.open()
-        let how = Self.causeWord(cause)
+        let how = cause.word
         self.logger.info("thawed", metadata: [
             "freeze_id": "\(id)", "cause": "\(how)", "frozen_ms": "\(Double(frozenMicros) / 1000)", "within_budget": "\(withinBudget)",
             "detail": "\(detail)",
@@ -483,18 +483,6 @@ public final class FreezeController: Sendable {
             return state.guardProcess
         }
         guardProcess?.shutdown()
-    }
-
-    static func causeWord(_ cause: Quiesce_Agent_V1_ThawCause) -> String {
-        switch cause {
-        case .command: "command"
-        case .budget: "budget"
-        case .guard: "guard"
-        case .engineSilent: "engine-silent"
-        case .cancelled: "cancelled"
-        case .agentShutdown: "agent-shutdown"
-        default: "unspecified"
-        }
     }
 
     static func cause(_ word: String) -> Quiesce_Agent_V1_ThawCause? {

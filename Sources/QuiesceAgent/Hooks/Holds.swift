@@ -157,19 +157,3 @@ public final class Holds: Sendable {
         for id in self.holds.withLock({ Array($0.keys) }) { _ = await self.release(id) }
     }
 }
-
-extension Quiesce_Agent_V1_HookRefusal {
-    /// Stable reason-code spelling: "missing", "not-regular", "wrong-owner", "wrong-mode", "hash-mismatch", "unknown-hook".
-    public var reasonCode: String {
-        switch self {
-        case .none: "none"
-        case .missing: "missing"
-        case .notRegular: "not-regular"
-        case .wrongOwner: "wrong-owner"
-        case .wrongMode: "wrong-mode"
-        case .hashMismatch: "hash-mismatch"
-        case .unknownHook: "unknown-hook"
-        case .UNRECOGNIZED(let value): "refusal-\(value)"
-        }
-    }
-}
