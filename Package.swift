@@ -137,7 +137,9 @@ let package = Package(
             name: "QuiesceCoordinator",
             dependencies: [
                 "QuiesceCore", "QuiesceEngine", "QuiesceFleet", "QuiescePlugins", "QuiescePluginProto", "QuiesceCatalog",
-                "QuiesceLocalProvider",
+                "QuiesceLocalProvider", "QuiesceProto",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // `quiesce demo`: a throw-away fleet on loopback.

@@ -5,6 +5,7 @@ import QuiesceEngine
 import QuiesceFleet
 import QuiescePluginProto
 import QuiescePlugins
+import Synchronization
 
 /// What happened to one instance in a run.
 public struct InstanceOutcome: Sendable {
@@ -28,7 +29,7 @@ public struct InstanceOutcome: Sendable {
 
 /// Progress, as it happens (for a progress bar or JSON lines).
 public enum RunEvent: Sendable {
-    case waitingForAgents(missing: [String])
+    case waitingForAgents(missing: [String], wait: Duration)
     case instanceStarted(String)
     case instanceFinished(InstanceOutcome)
 }
@@ -73,6 +74,7 @@ public final class Coordinator: Sendable {
     let providers: [String: Provider]
     let catalog: (any CatalogStore)?
     let fleet: FleetFile
+    private let stopping = Mutex<String?>(nil)
 
     public init(engine: Engine, plugins: PluginRegistry, providers: [String: Provider], catalog: (any CatalogStore)?, fleet: FleetFile) {
         self.engine = engine
@@ -82,16 +84,26 @@ public final class Coordinator: Sendable {
         self.fleet = fleet
     }
 
+    /// Starts no further instance; those already running finish (a freeze is never cut short
+    /// from here) and the rest are reported failed with `reason`.
+    public func stopStarting(reason: String) {
+        self.stopping.withLock { if $0 == nil { $0 = reason } }
+    }
+
     public func run(runID: String, agentWait: Duration? = nil, events: @escaping @Sendable (RunEvent) -> Void = { _ in }) async -> RunReport {
         let started = ContinuousClock.now
         try? self.catalog?.beginRun(RunRecord(id: runID, source: self.fleet.path))
         // Agents that never connect are reported, not waited on forever.
         let wanted = Set(self.fleet.instances.map(\.id))
         let wait = agentWait ?? .seconds(self.fleet.agentWaitSeconds)
-        let missingAtStart = await self.engine.registry.waitFor(wanted, timeout: .zero)
-        if !missingAtStart.isEmpty {
-            events(.waitingForAgents(missing: missingAtStart.sorted()))
-            _ = await self.engine.registry.waitFor(wanted, timeout: wait)
+        var missing = await self.engine.registry.waitFor(wanted, timeout: .zero)
+        if !missing.isEmpty {
+            events(.waitingForAgents(missing: missing.sorted(), wait: wait))
+            // In slices, so that a stop (the engine shutting down) does not wait out the whole wait.
+            let deadline = ContinuousClock.now + wait
+            while !missing.isEmpty, self.stopping.withLock({ $0 == nil }), ContinuousClock.now < deadline {
+                missing = await self.engine.registry.waitFor(wanted, timeout: min(.seconds(1), deadline - .now))
+            }
         }
         let limit = max(1, self.fleet.concurrency)
         let outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
@@ -101,9 +113,18 @@ public final class Coordinator: Sendable {
                 guard next < self.fleet.instances.count else { return }
                 let instance = self.fleet.instances[next]
                 next += 1
+                if let reason = self.stopping.withLock({ $0 }) {
+                    group.addTask {
+                        var outcome = self.notStarted(instance, reason: reason)
+                        self.record(&outcome, runID: runID, started: .now)
+                        events(.instanceFinished(outcome))
+                        return outcome
+                    }
+                    return
+                }
                 group.addTask {
                     events(.instanceStarted(instance.id))
-                    let outcome = await self.backUp(instance, runID: runID)
+                    let outcome = await self.backUp(instance, runID: runID, agentWait: wait)
                     events(.instanceFinished(outcome))
                     return outcome
                 }
@@ -123,18 +144,29 @@ public final class Coordinator: Sendable {
     }
 
     /// One instance, start to record. Never throws: every failure is an outcome with its reason.
-    func backUp(_ instance: FleetFile.Instance, runID: String) async -> InstanceOutcome {
+    func backUp(_ instance: FleetFile.Instance, runID: String, agentWait: Duration) async -> InstanceOutcome {
         let started = ContinuousClock.now
-        var outcome = await self.attempt(instance, runID: runID)
+        var outcome = await self.attempt(instance, runID: runID, agentWait: agentWait)
         self.record(&outcome, runID: runID, started: started)
         return outcome
     }
 
-    private func attempt(_ instance: FleetFile.Instance, runID: String) async -> InstanceOutcome {
+    func notStarted(_ instance: FleetFile.Instance, reason: String) -> InstanceOutcome {
+        var outcome = self.emptyOutcome(instance)
+        outcome.reasons = ["run-stopped: \(reason); not started"]
+        return outcome
+    }
+
+    func emptyOutcome(_ instance: FleetFile.Instance) -> InstanceOutcome {
         let policy = self.fleet.policy(named: instance.policy)!
-        var outcome = InstanceOutcome(
+        return InstanceOutcome(
             instanceID: instance.id, policy: policy.name, wanted: policy.wanted, minimum: policy.minimum, achieved: nil, state: .failed,
             reasons: [], warnings: [], groupID: nil, disks: instance.disks.count, stall: nil, frozen: nil, duration: .zero, attempts: 0)
+    }
+
+    private func attempt(_ instance: FleetFile.Instance, runID: String, agentWait: Duration) async -> InstanceOutcome {
+        let policy = self.fleet.policy(named: instance.policy)!
+        var outcome = self.emptyOutcome(instance)
 
         guard let provider = self.providers[instance.provider] else {
             outcome.reasons.append("provider-missing: provider \(instance.provider) is not configured")
@@ -144,7 +176,7 @@ public final class Coordinator: Sendable {
         // plan: no guest action) is still taken when the policy accepts one.
         var withoutAgent: Plan?
         if await self.engine.registry.session(for: instance.id) == nil {
-            let missing = "agent-not-connected: no agent session for \(instance.id) after \(self.fleet.agentWaitSeconds) s"
+            let missing = "agent-not-connected: no agent session for \(instance.id) after waiting \(agentWait.components.seconds) s"
             guard policy.minimum == .crash else {
                 outcome.reasons.append(missing + "; the policy needs at least \(policy.minimum.name)")
                 return outcome

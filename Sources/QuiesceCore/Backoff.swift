@@ -51,6 +51,9 @@ extension Duration {
         return ns &+ attoseconds / 1_000_000_000
     }
 
+    /// Whole microseconds, saturating.
+    public var microseconds: Int64 { self.nanoseconds / 1_000 }
+
     /// Whole milliseconds, saturating.
     public var milliseconds: Int64 { self.nanoseconds / 1_000_000 }
 

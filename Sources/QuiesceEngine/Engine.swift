@@ -59,8 +59,10 @@ public final class Engine: Sendable {
         self.logger = logger
     }
 
-    /// Serves until ``shutdown()`` or until the task is cancelled.
-    public func run() async throws {
+    /// Serves until ``shutdown()`` or until the task is cancelled. `adminServices`
+    /// are served on the admin socket next to the engine's own (`quiesce serve`
+    /// adds fleet runs there).
+    public func run(adminServices: [any RegistrableRPCService] = []) async throws {
         let registry = self.registry
         let logger = self.logger
         let agentTransport = SecureTransports.agentListener(
@@ -82,7 +84,7 @@ public final class Engine: Sendable {
         let adminServer: GRPCServer<HTTP2ServerTransport.Posix>?
         if let path = self.configuration.adminSocketPath {
             try Self.prepareSocketPath(path)
-            adminServer = GRPCServer(transport: SecureTransports.adminListener(socketPath: path), services: [AdminService(engine: self)])
+            adminServer = GRPCServer(transport: SecureTransports.adminListener(socketPath: path), services: [AdminService(engine: self)] + adminServices)
         } else {
             adminServer = nil
         }

@@ -73,11 +73,24 @@ public struct FleetProblem: Sendable, Equatable, CustomStringConvertible {
     public var field: String
     public var message: String
 
-    public var description: String { "\(self.file):\(self.line):\(self.column): \(self.field): \(self.message)" }
+    public init(file: String, line: Int, column: Int, field: String, message: String) {
+        self.file = file
+        self.line = line
+        self.column = column
+        self.field = field
+        self.message = message
+    }
+
+    /// "file:line:column: field: message"; line and column are left out when unknown (0).
+    public var description: String {
+        self.file + ":" + (self.line > 0 ? "\(self.line):" : "") + (self.line > 0 && self.column > 0 ? "\(self.column):" : "")
+            + " \(self.field): \(self.message)"
+    }
 }
 
 public struct FleetFileError: Error, Sendable, CustomStringConvertible {
     public var problems: [FleetProblem]
+    public init(problems: [FleetProblem]) { self.problems = problems }
     public var description: String { self.problems.map(\.description).joined(separator: "\n") }
 }
 

@@ -757,3 +757,402 @@ extension Quiesce_Admin_V1_Admin.ClientProtocol {
         )
     }
 }
+
+// MARK: - quiesce.admin.v1.Runs
+
+/// Namespace containing generated types for the "quiesce.admin.v1.Runs" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+public enum Quiesce_Admin_V1_Runs: Sendable {
+    /// Service descriptor for the "quiesce.admin.v1.Runs" service.
+    public static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Runs")
+    /// Namespace for method metadata.
+    public enum Method: Sendable {
+        /// Namespace for "RunFleet" metadata.
+        public enum RunFleet: Sendable {
+            /// Request type for "RunFleet".
+            public typealias Input = Quiesce_Admin_V1_RunFleetRequest
+            /// Response type for "RunFleet".
+            public typealias Output = Quiesce_Admin_V1_RunFleetEvent
+            /// Descriptor for "RunFleet".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Runs"),
+                method: "RunFleet",
+                type: .serverStreaming
+            )
+        }
+        /// Descriptors for all methods in the "quiesce.admin.v1.Runs" service.
+        public static let descriptors: [GRPCCore.MethodDescriptor] = [
+            RunFleet.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "quiesce.admin.v1.Runs" service.
+    public static let quiesce_admin_v1_Runs = GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Runs")
+}
+
+// MARK: quiesce.admin.v1.Runs (server)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Runs {
+    /// Streaming variant of the service protocol for the "quiesce.admin.v1.Runs" service.
+    ///
+    /// This protocol is the lowest-level of the service protocols generated for this service
+    /// giving you the most flexibility over the implementation of your service. This comes at
+    /// the cost of more verbose and less strict APIs. Each RPC requires you to implement it in
+    /// terms of a request stream and response stream. Where the RPC expects only a single
+    /// request or response message, you are responsible for ensuring your implementation
+    /// maintains this invariant.
+    ///
+    /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
+    /// or ``SimpleServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
+        /// Handle the "RunFleet" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Checks the fleet file, starts the run and streams its events; the last is
+        /// > the report. The run belongs to the engine: a client that goes away does
+        /// > not stop it (its instances finish and are recorded in the catalog).
+        /// > Errors: INVALID_ARGUMENT (the fleet file's problems, one per line,
+        /// > "file:line:column: field: message"), FAILED_PRECONDITION (an instance is
+        /// > already in another running run, or the engine is shutting down),
+        /// > ALREADY_EXISTS (a run with this id is running).
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Quiesce_Admin_V1_RunFleetRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_RunFleetEvent` messages.
+        func runFleet(
+            request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_RunFleetRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_RunFleetEvent>
+    }
+
+    /// Service protocol for the "quiesce.admin.v1.Runs" service.
+    ///
+    /// This protocol is higher level than ``StreamingServiceProtocol`` but lower level than
+    /// the ``SimpleServiceProtocol``, it provides access to request and response metadata and
+    /// trailing response metadata. If you don't need these then consider using
+    /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
+    /// use ``StreamingServiceProtocol``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    public protocol ServiceProtocol: Quiesce_Admin_V1_Runs.StreamingServiceProtocol {
+        /// Handle the "RunFleet" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Checks the fleet file, starts the run and streams its events; the last is
+        /// > the report. The run belongs to the engine: a client that goes away does
+        /// > not stop it (its instances finish and are recorded in the catalog).
+        /// > Errors: INVALID_ARGUMENT (the fleet file's problems, one per line,
+        /// > "file:line:column: field: message"), FAILED_PRECONDITION (an instance is
+        /// > already in another running run, or the engine is shutting down),
+        /// > ALREADY_EXISTS (a run with this id is running).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_RunFleetRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_RunFleetEvent` messages.
+        func runFleet(
+            request: GRPCCore.ServerRequest<Quiesce_Admin_V1_RunFleetRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_RunFleetEvent>
+    }
+
+    /// Simple service protocol for the "quiesce.admin.v1.Runs" service.
+    ///
+    /// This is the highest level protocol for the service. The API is the easiest to use but
+    /// doesn't provide access to request or response metadata. If you need access to these
+    /// then use ``ServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    public protocol SimpleServiceProtocol: Quiesce_Admin_V1_Runs.ServiceProtocol {
+        /// Handle the "RunFleet" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Checks the fleet file, starts the run and streams its events; the last is
+        /// > the report. The run belongs to the engine: a client that goes away does
+        /// > not stop it (its instances finish and are recorded in the catalog).
+        /// > Errors: INVALID_ARGUMENT (the fleet file's problems, one per line,
+        /// > "file:line:column: field: message"), FAILED_PRECONDITION (an instance is
+        /// > already in another running run, or the engine is shutting down),
+        /// > ALREADY_EXISTS (a run with this id is running).
+        ///
+        /// - Parameters:
+        ///   - request: A `Quiesce_Admin_V1_RunFleetRequest` message.
+        ///   - response: A response stream of `Quiesce_Admin_V1_RunFleetEvent` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        func runFleet(
+            request: Quiesce_Admin_V1_RunFleetRequest,
+            response: GRPCCore.RPCWriter<Quiesce_Admin_V1_RunFleetEvent>,
+            context: GRPCCore.ServerContext
+        ) async throws
+    }
+}
+
+// Default implementation of 'registerMethods(with:)'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Runs.StreamingServiceProtocol {
+    public func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
+        router.registerHandler(
+            forMethod: Quiesce_Admin_V1_Runs.Method.RunFleet.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_RunFleetRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_RunFleetEvent>(),
+            handler: { request, context in
+                try await self.runFleet(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+    }
+}
+
+// Default implementation of streaming methods from 'StreamingServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Runs.ServiceProtocol {
+    public func runFleet(
+        request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_RunFleetRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_RunFleetEvent> {
+        let response = try await self.runFleet(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return response
+    }
+}
+
+// Default implementation of methods from 'ServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Runs.SimpleServiceProtocol {
+    public func runFleet(
+        request: GRPCCore.ServerRequest<Quiesce_Admin_V1_RunFleetRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_RunFleetEvent> {
+        return GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_RunFleetEvent>(
+            metadata: [:],
+            producer: { writer in
+                try await self.runFleet(
+                    request: request.message,
+                    response: writer,
+                    context: context
+                )
+                return [:]
+            }
+        )
+    }
+}
+
+// MARK: quiesce.admin.v1.Runs (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Runs {
+    /// Generated client protocol for the "quiesce.admin.v1.Runs" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    public protocol ClientProtocol: Sendable {
+        /// Call the "RunFleet" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Checks the fleet file, starts the run and streams its events; the last is
+        /// > the report. The run belongs to the engine: a client that goes away does
+        /// > not stop it (its instances finish and are recorded in the catalog).
+        /// > Errors: INVALID_ARGUMENT (the fleet file's problems, one per line,
+        /// > "file:line:column: field: message"), FAILED_PRECONDITION (an instance is
+        /// > already in another running run, or the engine is shutting down),
+        /// > ALREADY_EXISTS (a run with this id is running).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_RunFleetRequest` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_RunFleetRequest` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_RunFleetEvent` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func runFleet<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_RunFleetRequest>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_RunFleetRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_RunFleetEvent>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Quiesce_Admin_V1_RunFleetEvent>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "quiesce.admin.v1.Runs" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        public init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "RunFleet" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Checks the fleet file, starts the run and streams its events; the last is
+        /// > the report. The run belongs to the engine: a client that goes away does
+        /// > not stop it (its instances finish and are recorded in the catalog).
+        /// > Errors: INVALID_ARGUMENT (the fleet file's problems, one per line,
+        /// > "file:line:column: field: message"), FAILED_PRECONDITION (an instance is
+        /// > already in another running run, or the engine is shutting down),
+        /// > ALREADY_EXISTS (a run with this id is running).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_RunFleetRequest` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_RunFleetRequest` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_RunFleetEvent` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func runFleet<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_RunFleetRequest>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_RunFleetRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_RunFleetEvent>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Quiesce_Admin_V1_RunFleetEvent>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.serverStreaming(
+                request: request,
+                descriptor: Quiesce_Admin_V1_Runs.Method.RunFleet.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Runs.ClientProtocol {
+    /// Call the "RunFleet" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Checks the fleet file, starts the run and streams its events; the last is
+    /// > the report. The run belongs to the engine: a client that goes away does
+    /// > not stop it (its instances finish and are recorded in the catalog).
+    /// > Errors: INVALID_ARGUMENT (the fleet file's problems, one per line,
+    /// > "file:line:column: field: message"), FAILED_PRECONDITION (an instance is
+    /// > already in another running run, or the engine is shutting down),
+    /// > ALREADY_EXISTS (a run with this id is running).
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Quiesce_Admin_V1_RunFleetRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func runFleet<Result>(
+        request: GRPCCore.ClientRequest<Quiesce_Admin_V1_RunFleetRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Quiesce_Admin_V1_RunFleetEvent>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.runFleet(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_RunFleetRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_RunFleetEvent>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Runs.ClientProtocol {
+    /// Call the "RunFleet" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Checks the fleet file, starts the run and streams its events; the last is
+    /// > the report. The run belongs to the engine: a client that goes away does
+    /// > not stop it (its instances finish and are recorded in the catalog).
+    /// > Errors: INVALID_ARGUMENT (the fleet file's problems, one per line,
+    /// > "file:line:column: field: message"), FAILED_PRECONDITION (an instance is
+    /// > already in another running run, or the engine is shutting down),
+    /// > ALREADY_EXISTS (a run with this id is running).
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func runFleet<Result>(
+        _ message: Quiesce_Admin_V1_RunFleetRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Quiesce_Admin_V1_RunFleetEvent>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Quiesce_Admin_V1_RunFleetRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.runFleet(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}

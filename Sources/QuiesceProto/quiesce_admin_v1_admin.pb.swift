@@ -23,6 +23,194 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+public nonisolated struct Quiesce_Admin_V1_RunFleetRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The fleet file's text (read by the client) and its path, which messages
+  /// and the catalog name.
+  public var fleetYaml: String = String()
+
+  public var fleetPath: String = String()
+
+  /// Empty: the engine makes one. Rerunning an id makes no duplicate snapshots.
+  public var runID: String = String()
+
+  /// 0: the file's run.agent_wait_s.
+  public var agentWaitS: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Admin_V1_RunFleetEvent: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var event: Quiesce_Admin_V1_RunFleetEvent.OneOf_Event? = nil
+
+  public var accepted: Quiesce_Admin_V1_RunAccepted {
+    get {
+      if case .accepted(let v)? = event {return v}
+      return Quiesce_Admin_V1_RunAccepted()
+    }
+    set {event = .accepted(newValue)}
+  }
+
+  public var waiting: Quiesce_Admin_V1_AgentsMissing {
+    get {
+      if case .waiting(let v)? = event {return v}
+      return Quiesce_Admin_V1_AgentsMissing()
+    }
+    set {event = .waiting(newValue)}
+  }
+
+  public var started: Quiesce_Admin_V1_InstanceStarted {
+    get {
+      if case .started(let v)? = event {return v}
+      return Quiesce_Admin_V1_InstanceStarted()
+    }
+    set {event = .started(newValue)}
+  }
+
+  public var finished: Quiesce_Admin_V1_InstanceOutcome {
+    get {
+      if case .finished(let v)? = event {return v}
+      return Quiesce_Admin_V1_InstanceOutcome()
+    }
+    set {event = .finished(newValue)}
+  }
+
+  public var report: Quiesce_Admin_V1_RunReport {
+    get {
+      if case .report(let v)? = event {return v}
+      return Quiesce_Admin_V1_RunReport()
+    }
+    set {event = .report(newValue)}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public nonisolated enum OneOf_Event: Equatable, Sendable {
+    case accepted(Quiesce_Admin_V1_RunAccepted)
+    case waiting(Quiesce_Admin_V1_AgentsMissing)
+    case started(Quiesce_Admin_V1_InstanceStarted)
+    case finished(Quiesce_Admin_V1_InstanceOutcome)
+    case report(Quiesce_Admin_V1_RunReport)
+
+  }
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Admin_V1_RunAccepted: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var runID: String = String()
+
+  public var instances: UInt32 = 0
+
+  public var agentListenAddress: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Some of the fleet's agents have no session yet; the run waits up to wait_s.
+public nonisolated struct Quiesce_Admin_V1_AgentsMissing: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var instanceIds: [String] = []
+
+  public var waitS: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Admin_V1_InstanceStarted: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var instanceID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Admin_V1_InstanceOutcome: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var instanceID: String = String()
+
+  public var policy: String = String()
+
+  /// Level names: crash, filesystem, application.
+  public var wanted: String = String()
+
+  public var minimum: String = String()
+
+  /// Empty when no snapshot was taken.
+  public var achieved: String = String()
+
+  /// succeeded, downgraded, failed.
+  public var state: String = String()
+
+  /// "code: detail", why the level is below the wanted one or why it failed.
+  public var reasons: [String] = []
+
+  public var warnings: [String] = []
+
+  public var groupID: String = String()
+
+  public var disks: UInt32 = 0
+
+  /// -1: not measured (nothing blocked, nothing frozen).
+  public var stallUs: Int64 = 0
+
+  public var frozenUs: Int64 = 0
+
+  public var durationUs: Int64 = 0
+
+  public var attempts: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Admin_V1_RunReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var runID: String = String()
+
+  public var makespanUs: Int64 = 0
+
+  public var instances: [Quiesce_Admin_V1_InstanceOutcome] = []
+
+  /// 0 all at the wanted level, 2 some downgraded, 3 some failed.
+  public var exitCode: Int32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Quiesce_Admin_V1_ListAgentsRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -149,6 +337,414 @@ public nonisolated struct Quiesce_Admin_V1_EngineInfoResponse: Sendable {
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "quiesce.admin.v1"
+
+nonisolated extension Quiesce_Admin_V1_RunFleetRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RunFleetRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}fleet_yaml\0\u{3}fleet_path\0\u{3}run_id\0\u{3}agent_wait_s\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.fleetYaml) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.fleetPath) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.runID) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.agentWaitS) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.fleetYaml.isEmpty {
+      try visitor.visitSingularStringField(value: self.fleetYaml, fieldNumber: 1)
+    }
+    if !self.fleetPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.fleetPath, fieldNumber: 2)
+    }
+    if !self.runID.isEmpty {
+      try visitor.visitSingularStringField(value: self.runID, fieldNumber: 3)
+    }
+    if self.agentWaitS != 0 {
+      try visitor.visitSingularUInt32Field(value: self.agentWaitS, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_RunFleetRequest, rhs: Quiesce_Admin_V1_RunFleetRequest) -> Bool {
+    if lhs.fleetYaml != rhs.fleetYaml {return false}
+    if lhs.fleetPath != rhs.fleetPath {return false}
+    if lhs.runID != rhs.runID {return false}
+    if lhs.agentWaitS != rhs.agentWaitS {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_RunFleetEvent: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RunFleetEvent"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}accepted\0\u{1}waiting\0\u{1}started\0\u{1}finished\0\u{1}report\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try {
+        var v: Quiesce_Admin_V1_RunAccepted?
+        var hadOneofValue = false
+        if let current = self.event {
+          hadOneofValue = true
+          if case .accepted(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.event = .accepted(v)
+        }
+      }()
+      case 2: try {
+        var v: Quiesce_Admin_V1_AgentsMissing?
+        var hadOneofValue = false
+        if let current = self.event {
+          hadOneofValue = true
+          if case .waiting(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.event = .waiting(v)
+        }
+      }()
+      case 3: try {
+        var v: Quiesce_Admin_V1_InstanceStarted?
+        var hadOneofValue = false
+        if let current = self.event {
+          hadOneofValue = true
+          if case .started(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.event = .started(v)
+        }
+      }()
+      case 4: try {
+        var v: Quiesce_Admin_V1_InstanceOutcome?
+        var hadOneofValue = false
+        if let current = self.event {
+          hadOneofValue = true
+          if case .finished(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.event = .finished(v)
+        }
+      }()
+      case 5: try {
+        var v: Quiesce_Admin_V1_RunReport?
+        var hadOneofValue = false
+        if let current = self.event {
+          hadOneofValue = true
+          if case .report(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.event = .report(v)
+        }
+      }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    switch self.event {
+    case .accepted?: try {
+      guard case .accepted(let v)? = self.event else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    }()
+    case .waiting?: try {
+      guard case .waiting(let v)? = self.event else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    }()
+    case .started?: try {
+      guard case .started(let v)? = self.event else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    }()
+    case .finished?: try {
+      guard case .finished(let v)? = self.event else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    }()
+    case .report?: try {
+      guard case .report(let v)? = self.event else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    }()
+    case nil: break
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_RunFleetEvent, rhs: Quiesce_Admin_V1_RunFleetEvent) -> Bool {
+    if lhs.event != rhs.event {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_RunAccepted: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RunAccepted"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}run_id\0\u{1}instances\0\u{3}agent_listen_address\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.runID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.instances) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.agentListenAddress) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.runID.isEmpty {
+      try visitor.visitSingularStringField(value: self.runID, fieldNumber: 1)
+    }
+    if self.instances != 0 {
+      try visitor.visitSingularUInt32Field(value: self.instances, fieldNumber: 2)
+    }
+    if !self.agentListenAddress.isEmpty {
+      try visitor.visitSingularStringField(value: self.agentListenAddress, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_RunAccepted, rhs: Quiesce_Admin_V1_RunAccepted) -> Bool {
+    if lhs.runID != rhs.runID {return false}
+    if lhs.instances != rhs.instances {return false}
+    if lhs.agentListenAddress != rhs.agentListenAddress {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_AgentsMissing: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AgentsMissing"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_ids\0\u{3}wait_s\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedStringField(value: &self.instanceIds) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.waitS) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.instanceIds.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.instanceIds, fieldNumber: 1)
+    }
+    if self.waitS != 0 {
+      try visitor.visitSingularUInt32Field(value: self.waitS, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_AgentsMissing, rhs: Quiesce_Admin_V1_AgentsMissing) -> Bool {
+    if lhs.instanceIds != rhs.instanceIds {return false}
+    if lhs.waitS != rhs.waitS {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_InstanceStarted: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".InstanceStarted"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.instanceID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.instanceID.isEmpty {
+      try visitor.visitSingularStringField(value: self.instanceID, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_InstanceStarted, rhs: Quiesce_Admin_V1_InstanceStarted) -> Bool {
+    if lhs.instanceID != rhs.instanceID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".InstanceOutcome"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.instanceID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.wanted) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.minimum) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.achieved) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.state) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.reasons) }()
+      case 8: try { try decoder.decodeRepeatedStringField(value: &self.warnings) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.groupID) }()
+      case 10: try { try decoder.decodeSingularUInt32Field(value: &self.disks) }()
+      case 11: try { try decoder.decodeSingularInt64Field(value: &self.stallUs) }()
+      case 12: try { try decoder.decodeSingularInt64Field(value: &self.frozenUs) }()
+      case 13: try { try decoder.decodeSingularInt64Field(value: &self.durationUs) }()
+      case 14: try { try decoder.decodeSingularUInt32Field(value: &self.attempts) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.instanceID.isEmpty {
+      try visitor.visitSingularStringField(value: self.instanceID, fieldNumber: 1)
+    }
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 2)
+    }
+    if !self.wanted.isEmpty {
+      try visitor.visitSingularStringField(value: self.wanted, fieldNumber: 3)
+    }
+    if !self.minimum.isEmpty {
+      try visitor.visitSingularStringField(value: self.minimum, fieldNumber: 4)
+    }
+    if !self.achieved.isEmpty {
+      try visitor.visitSingularStringField(value: self.achieved, fieldNumber: 5)
+    }
+    if !self.state.isEmpty {
+      try visitor.visitSingularStringField(value: self.state, fieldNumber: 6)
+    }
+    if !self.reasons.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.reasons, fieldNumber: 7)
+    }
+    if !self.warnings.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.warnings, fieldNumber: 8)
+    }
+    if !self.groupID.isEmpty {
+      try visitor.visitSingularStringField(value: self.groupID, fieldNumber: 9)
+    }
+    if self.disks != 0 {
+      try visitor.visitSingularUInt32Field(value: self.disks, fieldNumber: 10)
+    }
+    if self.stallUs != 0 {
+      try visitor.visitSingularInt64Field(value: self.stallUs, fieldNumber: 11)
+    }
+    if self.frozenUs != 0 {
+      try visitor.visitSingularInt64Field(value: self.frozenUs, fieldNumber: 12)
+    }
+    if self.durationUs != 0 {
+      try visitor.visitSingularInt64Field(value: self.durationUs, fieldNumber: 13)
+    }
+    if self.attempts != 0 {
+      try visitor.visitSingularUInt32Field(value: self.attempts, fieldNumber: 14)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_InstanceOutcome, rhs: Quiesce_Admin_V1_InstanceOutcome) -> Bool {
+    if lhs.instanceID != rhs.instanceID {return false}
+    if lhs.policy != rhs.policy {return false}
+    if lhs.wanted != rhs.wanted {return false}
+    if lhs.minimum != rhs.minimum {return false}
+    if lhs.achieved != rhs.achieved {return false}
+    if lhs.state != rhs.state {return false}
+    if lhs.reasons != rhs.reasons {return false}
+    if lhs.warnings != rhs.warnings {return false}
+    if lhs.groupID != rhs.groupID {return false}
+    if lhs.disks != rhs.disks {return false}
+    if lhs.stallUs != rhs.stallUs {return false}
+    if lhs.frozenUs != rhs.frozenUs {return false}
+    if lhs.durationUs != rhs.durationUs {return false}
+    if lhs.attempts != rhs.attempts {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_RunReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RunReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}run_id\0\u{3}makespan_us\0\u{1}instances\0\u{3}exit_code\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.runID) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.makespanUs) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.instances) }()
+      case 4: try { try decoder.decodeSingularInt32Field(value: &self.exitCode) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.runID.isEmpty {
+      try visitor.visitSingularStringField(value: self.runID, fieldNumber: 1)
+    }
+    if self.makespanUs != 0 {
+      try visitor.visitSingularInt64Field(value: self.makespanUs, fieldNumber: 2)
+    }
+    if !self.instances.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.instances, fieldNumber: 3)
+    }
+    if self.exitCode != 0 {
+      try visitor.visitSingularInt32Field(value: self.exitCode, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_RunReport, rhs: Quiesce_Admin_V1_RunReport) -> Bool {
+    if lhs.runID != rhs.runID {return false}
+    if lhs.makespanUs != rhs.makespanUs {return false}
+    if lhs.instances != rhs.instances {return false}
+    if lhs.exitCode != rhs.exitCode {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
 
 nonisolated extension Quiesce_Admin_V1_ListAgentsRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ListAgentsRequest"

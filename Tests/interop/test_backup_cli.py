@@ -26,7 +26,7 @@ def free_port():
 @pytest.fixture
 def fleet(bin_dir, tmp_path):
     w = tmp_path
-    mounts, loops, agents = [], [], []
+    mounts, loops, agents, servers = [], [], [], []
     try:
         q = os.path.join(bin_dir, "quiesce")
         sh(q, "ca", "init", "--dir", str(w / "ca"), "--ip", "127.0.0.1")
@@ -94,9 +94,33 @@ def fleet(bin_dir, tmp_path):
             out, err = proc.communicate(timeout=120)
             return proc.returncode, out, err
 
-        f.backup = backup
+        def serve():
+            """`quiesce serve` on the fleet's port, with the fleet's CA and catalog; waits until it listens."""
+            proc = subprocess.Popen(
+                [q, "serve", "--listen", f"127.0.0.1:{port}", "--ca-dir", str(w / "ca"), "--catalog", str(w / "catalog.db"),
+                 "--admin-socket", str(w / "admin.sock"), "--log-level", "warning"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            servers.append(proc)
+            line = proc.stdout.readline()
+            assert "listening on" in line, line + proc.stderr.read()
+            return proc
+
+        def via_engine(*extra, wait=True):
+            proc = subprocess.Popen([q, "backup", "--engine", "--fleet", str(w / "fleet.yaml"),
+                                     "--admin-socket", str(w / "admin.sock"), *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if not wait:
+                return proc
+            out, err = proc.communicate(timeout=120)
+            return proc.returncode, out, err
+
+        f.backup, f.serve, f.via_engine, f.start_agents = backup, serve, via_engine, start_agents
         yield f
     finally:
+        for p in servers:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
         for p in agents:
             p.terminate()
             p.wait(timeout=10)
@@ -144,3 +168,79 @@ def test_backup_fleet_file_problems_exit_65_with_lines(bin_dir, tmp_path):
     assert f"{bad}:2:17: providers.pool.kind: expected a provider kind this engine has (local), found \"s3\"" in proc.stderr
     assert "policies.app.plugin: expected a loaded plugin (crash, linux-freeze), found \"linux-freze\"" in proc.stderr
     assert "instances[0].disks: missing" in proc.stderr
+
+
+def snapshots(bin_dir, fleet, run):
+    listing = subprocess.run([os.path.join(bin_dir, "quiesce"), "snapshots", "--catalog", str(fleet.dir / "catalog.db"),
+                              "--pool", str(fleet.dir / "pool" / "q"), "--run", run, "--output", "json"],
+                             capture_output=True, text=True, check=True)
+    return json.loads(listing.stdout)
+
+
+def test_backup_through_a_running_serve(bin_dir, fleet):
+    server = fleet.serve()
+    fleet.start_agents()
+    code, out, err = fleet.via_engine("--output", "json", "--run-id", "s-json")
+    assert code == 2, out + err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["event"] == "accepted" and events[0]["run"] == "s-json" and events[0]["instances"] == 3
+    report = events[-1]
+    assert report["event"] == "report" and report["exit_code"] == 2 and report["run"] == "s-json"
+    by = {i["instance"]: i for i in report["instances"]}
+    assert by["a-1"]["achieved"] == "application" and by["a-1"]["frozen_ms"] > 0
+    assert by["a-2"]["achieved"] == "filesystem" and by["a-2"]["reasons"][0].startswith("prescript-wrong-mode")
+    assert by["a-3"]["achieved"] == "crash" and by["a-3"]["reasons"][0].startswith("agent-not-connected")
+    assert len(snapshots(bin_dir, fleet, "s-json")) == 3
+
+    # Table output, and a second run of an instance already in a running run is refused (75):
+    # a-3 has no agent, so the first run waits its 3 s for it.
+    first = fleet.via_engine("--run-id", "s-first", wait=False)
+    time.sleep(1.0)
+    code, out, err = fleet.via_engine("--run-id", "s-second")
+    assert code == 75, out + err
+    assert "already being backed up by run s-first" in err
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 2, out + err
+    assert "run s-first started in the engine" in err
+    assert "1 downgraded" in out and "a-2" in out
+
+    # The client goes away mid-run: the run goes on in the engine and is recorded.
+    gone = fleet.via_engine("--run-id", "s-gone", wait=False)
+    time.sleep(1.0)
+    gone.kill()
+    gone.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and len(snapshots(bin_dir, fleet, "s-gone")) < 3:
+        time.sleep(0.5)
+    assert len(snapshots(bin_dir, fleet, "s-gone")) == 3
+
+    # A fleet file with problems: 65 with file:line:column, checked by the engine's plugins.
+    bad = fleet.dir / "bad.yaml"
+    bad.write_text("providers:\n  pool: { kind: local, pool: /nonexistent-q }\npolicies:\n  app: { plugin: linux-freeze, options: { fs_freze: true } }\n"
+                   "instances:\n  - { id: a-1, policy: app, disks: [d] }\n")
+    proc = subprocess.run([os.path.join(bin_dir, "quiesce"), "backup", "--engine", "--fleet", str(bad),
+                           "--admin-socket", str(fleet.dir / "admin.sock")], capture_output=True, text=True)
+    assert proc.returncode == 65, proc.stderr
+    assert f"{bad}:4:" in proc.stderr and "fs_freze" in proc.stderr
+
+    # SIGTERM while a run waits for an agent: nothing new starts, the run reports why, the engine exits 0.
+    draining = fleet.via_engine("--output", "json", "--run-id", "s-drain", "--agent-wait-s", "30", wait=False)
+    time.sleep(1.0)
+    server.terminate()
+    out, err = draining.communicate(timeout=30)
+    assert draining.returncode == 3, out + err
+    report = [json.loads(line) for line in out.splitlines()][-1]
+    assert all(i["reasons"][0].startswith("run-stopped: the engine is shutting down") for i in report["instances"])
+    assert server.wait(timeout=30) == 0
+    for m in fleet.mounts:
+        subprocess.run(["timeout", "5", "sh", "-c", f"echo x > {m}/after"], check=True)
+
+
+def test_backup_engine_flag_refuses_one_shot_options_and_says_when_no_engine(bin_dir, tmp_path):
+    q = os.path.join(bin_dir, "quiesce")
+    (tmp_path / "f.yaml").write_text("x: 1\n")
+    proc = subprocess.run([q, "backup", "--engine", "--fleet", str(tmp_path / "f.yaml"), "--catalog", "/x.db"], capture_output=True, text=True)
+    assert proc.returncode == 64 and "--catalog: not with --engine" in proc.stderr, proc.stderr
+    proc = subprocess.run([q, "backup", "--engine", "--fleet", str(tmp_path / "f.yaml"), "--admin-socket", str(tmp_path / "none.sock")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 69 and "is `quiesce serve` running?" in proc.stderr, proc.stderr

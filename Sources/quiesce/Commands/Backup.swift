@@ -1,5 +1,7 @@
 import ArgumentParser
 import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
 import Logging
 import QuiesceCatalog
 import QuiesceCoordinator
@@ -9,16 +11,21 @@ import QuiesceFleet
 import QuiesceLocalProvider
 import QuiescePKI
 import QuiescePlugins
+import QuiesceProto
 import QuiesceWire
 
 struct Backup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Back up a fleet in one command: start the engine, wait for the agents, snapshot every instance, report.",
+        abstract: "Back up a fleet in one command: every instance at the best level it can prove, then a report.",
         discussion: """
-            One shot: the engine listens for the fleet's agents (they dial --listen with \
-            certificates from the same CA), waits up to run.agent_wait_s for them (agents \
-            that never connect are reported, not waited on forever), backs every instance up \
-            at the best level it can prove, records the run in the catalog and exits.
+            One shot (the default): the engine starts here, listens for the fleet's agents \
+            (they dial --listen with certificates from the same CA), waits up to \
+            run.agent_wait_s for them (agents that never connect are reported, not waited \
+            on forever), backs every instance up, records the run in the catalog and exits.
+
+            With --engine the run goes to a running `quiesce serve` over its admin socket \
+            instead, and uses that engine's agents, CA, catalog and plugins. The run \
+            belongs to the engine: Ctrl-C here only stops watching it.
 
             Per instance: facts → plan from its policy's plugin → a slot at its provider's \
             rate limit (before anything is frozen) → quiesce → snapshot group → thaw → the \
@@ -26,16 +33,20 @@ struct Backup: AsyncParsableCommand {
 
             Exit codes: 0 every instance at its wanted level; 2 some downgraded, none below \
             its minimum; 3 some failed (below the minimum, no agent, no snapshot); 1 error; \
-            64 bad usage; 65 the fleet file has problems (each printed with file:line:column).
+            64 bad usage; 65 the fleet file has problems (each printed with file:line:column); \
+            69 --engine and no engine answers; 75 --engine and the engine refused the run \
+            for now (an instance is in another run, or it is shutting down).
             """)
 
     @Option(help: ArgumentHelp("The fleet file (YAML): providers, policies, instances.", valueName: "file"))
     var fleet: String
-    @Option(help: ArgumentHelp("Where agents dial in (mutual TLS).", valueName: "host:port"))
-    var listen = "127.0.0.1:7443"
-    @Option(help: ArgumentHelp("The CA directory from `quiesce ca init` (default: $QUIESCE_HOME/ca).", valueName: "dir"))
+    @Flag(help: "Run through the running `quiesce serve` at --admin-socket instead of starting an engine here.")
+    var engine = false
+    @Option(help: ArgumentHelp("Where agents dial in (mutual TLS). One shot only; default 127.0.0.1:7443.", valueName: "host:port"))
+    var listen: String?
+    @Option(help: ArgumentHelp("The CA directory from `quiesce ca init` (default: $QUIESCE_HOME/ca). One shot only.", valueName: "dir"))
     var caDir: String?
-    @Option(help: ArgumentHelp("The catalog (default: $QUIESCE_HOME/catalog.db).", valueName: "path"))
+    @Option(help: ArgumentHelp("The catalog (default: $QUIESCE_HOME/catalog.db). One shot only.", valueName: "path"))
     var catalog: String?
     @Option(name: .customLong("run-id"), help: ArgumentHelp("The run's id (default: a new one); rerunning an id makes no duplicate snapshots.", valueName: "id"))
     var runID: String?
@@ -48,9 +59,21 @@ struct Backup: AsyncParsableCommand {
     @OptionGroup var log: LogOptions
 
     func validate() throws {
-        do { _ = try ListenAddress(parsing: self.listen) } catch { throw ValidationError("--listen: \(error)") }
-        if let id = self.runID, id.isEmpty || id.count > 64 || id.contains(where: { !($0.isLetter || $0.isNumber || "-_.".contains($0)) }) {
-            throw ValidationError("--run-id: expected letters, digits, '-', '_' or '.', found \"\(id)\"")
+        if let listen = self.listen {
+            do { _ = try ListenAddress(parsing: listen) } catch { throw ValidationError("--listen: \(error)") }
+        }
+        if let id = self.runID, let problem = Coordinator.runIDProblem(id) {
+            throw ValidationError("--run-id: \(problem)")
+        }
+        if let wait = self.agentWaitSeconds, !(0...86_400).contains(wait) {
+            throw ValidationError("--agent-wait-s: expected 0 to 86400, found \(wait)")
+        }
+        if self.engine {
+            let ignored = [("--listen", self.listen != nil), ("--ca-dir", self.caDir != nil), ("--catalog", self.catalog != nil),
+                           ("--plugin-path", !self.plugins.pluginPaths.isEmpty)].filter(\.1).map(\.0)
+            if !ignored.isEmpty {
+                throw ValidationError("\(ignored.joined(separator: ", ")): not with --engine (the running engine uses its own)")
+            }
         }
     }
 
@@ -63,24 +86,24 @@ struct Backup: AsyncParsableCommand {
             handler.logLevel = given <= .debug ? given : .error
             return handler
         }
+        let printer = RunPrinter(json: self.output == .json)
+        let report = self.engine ? try await self.runInEngine(printer) : try await self.runHere(printer)
+        printer.finish(report)
+        if report.exitCode != 0 { throw ExitCode(report.exitCode) }
+    }
+
+    /// One shot: an engine of its own, for this run only.
+    func runHere(_ printer: RunPrinter) async throws -> RunReport {
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
         let fleet: FleetFile
+        let providers: [String: Coordinator.Provider]
         do {
             fleet = try FleetFile.load(self.fleet, plugins: registry)
+            providers = try ProviderSet().providers(for: fleet)
         } catch let error as FleetFileError {
             for problem in error.problems { printError("\(problem)") }
             throw ExitCode(65)
-        }
-        var providers: [String: Coordinator.Provider] = [:]
-        for spec in fleet.providers {
-            do {
-                let provider = try LocalProvider(pool: spec.pool, createBurst: spec.burst, createsPerSecond: spec.perSecond)
-                providers[spec.name] = .init(provider: provider, bucket: TokenBucket(burst: spec.burst, perSecond: spec.perSecond))
-            } catch {
-                printError("\(self.fleet):\(spec.line): provider \(spec.name): \(error)")
-                throw ExitStatus.failure
-            }
         }
         let catalogPath = self.catalog ?? defaultStateDirectory() + "/catalog.db"
         let catalog: SQLiteCatalog
@@ -94,7 +117,8 @@ struct Backup: AsyncParsableCommand {
         let engine: Engine
         do {
             engine = try Engine(configuration: EngineConfiguration(
-                listen: try ListenAddress(parsing: self.listen), identity: ca.engineFiles, adminSocketPath: self.admin.socketPath, limits: .defaults))
+                listen: try ListenAddress(parsing: self.listen ?? "127.0.0.1:7443"), identity: ca.engineFiles,
+                adminSocketPath: self.admin.socketPath, limits: .defaults))
         } catch {
             printError("\(error)")
             throw ExitStatus.failure
@@ -106,56 +130,139 @@ struct Backup: AsyncParsableCommand {
         }
         do {
             let address = try await engine.listeningAddress()
-            self.emit(["event": "engine", "listen": "\(address)", "instances": fleet.instances.count], text: "quiesce: engine listening on \(address); \(fleet.instances.count) instances in \(self.fleet)")
+            printer.emit(["event": "engine", "listen": "\(address)", "instances": fleet.instances.count],
+                         text: "quiesce: engine listening on \(address); \(fleet.instances.count) instances in \(self.fleet)")
         } catch {
             printError("the engine did not start: \(error)")
             throw ExitStatus.failure
         }
-
-        let runID = self.runID ?? Self.newRunID()
-        let progress = Progress(total: fleet.instances.count, enabled: self.output == .table && isatty(STDERR_FILENO) == 1)
+        let runID = self.runID ?? Coordinator.newRunID()
+        printer.start(total: fleet.instances.count)
         let coordinator = Coordinator(engine: engine, plugins: registry, providers: providers, catalog: catalog, fleet: fleet)
-        let json = self.output == .json
-        let report = await coordinator.run(runID: runID, agentWait: self.agentWaitSeconds.map { .seconds($0) }) { event in
-            switch event {
-            case .waitingForAgents(let missing):
-                if json { Self.printJSON(["event": "waiting", "missing": missing]) }
-                else { FileHandle.standardError.write(Data("quiesce: waiting up to \(fleet.agentWaitSeconds) s for \(missing.count) agent(s): \(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? ", …" : "")\n".utf8)) }
-            case .instanceStarted(let id):
-                if json { Self.printJSON(["event": "started", "instance": id]) }
-                progress.instanceStarted()
-            case .instanceFinished(let outcome):
-                if json { Self.printJSON(["event": "finished"].merging(outcome.json) { $1 }) }
-                progress.finished(outcome.state)
-            }
-        }
-        progress.done()
-        if json {
-            Self.printJSON(["event": "report", "run": runID, "makespan_ms": report.makespan.milliseconds, "exit_code": Int(report.exitCode),
-                            "instances": report.instances.map(\.json)])
-        } else {
-            self.printTable(report)
-        }
-        if report.exitCode != 0 { throw ExitCode(report.exitCode) }
+        return await coordinator.run(runID: runID, agentWait: self.agentWaitSeconds.map { .seconds($0) }) { printer.handle($0) }
     }
 
-    static func newRunID() -> String {
-        let formatter = DateFormatter()
-        formatter.dateFormat = "yyyyMMdd-HHmmss"
-        formatter.timeZone = TimeZone(identifier: "UTC")
-        return "run-\(formatter.string(from: Date()))-\(String(UInt32.random(in: 0...0xffff), radix: 16))"
+    /// Through a running `quiesce serve`: the engine checks the file, runs, and streams the events.
+    func runInEngine(_ printer: RunPrinter) async throws -> RunReport {
+        let path = URL(fileURLWithPath: self.fleet).standardizedFileURL.path
+        guard let data = FileManager.default.contents(atPath: path) else {
+            printError("\(self.fleet): (file): cannot read the fleet file")
+            throw ExitCode(65)
+        }
+        guard FileManager.default.fileExists(atPath: self.admin.socketPath) else {
+            printError("no engine admin socket at \(self.admin.socketPath); is `quiesce serve` running? (set --admin-socket or QUIESCE_ADMIN_SOCKET)")
+            throw ExitStatus.unavailable
+        }
+        let request = Quiesce_Admin_V1_RunFleetRequest.with {
+            $0.fleetYaml = String(decoding: data, as: UTF8.self)
+            $0.fleetPath = path
+            $0.runID = self.runID ?? ""
+            $0.agentWaitS = UInt32(self.agentWaitSeconds ?? 0)
+        }
+        let socket = self.admin.socketPath
+        do {
+            let proto = try await withGRPCClient(transport: SecureTransports.adminDialer(socketPath: socket)) { client in
+                try await Quiesce_Admin_V1_Runs.Client(wrapping: client).runFleet(request) { response in
+                    var report: Quiesce_Admin_V1_RunReport?
+                    for try await message in response.messages {
+                        switch message.event {
+                        case .accepted(let accepted):
+                            printer.emit(["event": "accepted", "run": accepted.runID, "instances": Int(accepted.instances),
+                                          "engine": socket, "listen": accepted.agentListenAddress],
+                                         text: "quiesce: run \(accepted.runID) started in the engine at \(socket) "
+                                             + "(\(accepted.instances) instances; Ctrl-C stops watching, not the run)")
+                            printer.start(total: Int(accepted.instances))
+                        case .waiting(let waiting):
+                            printer.handle(.waitingForAgents(missing: waiting.instanceIds, wait: .seconds(Int64(waiting.waitS))))
+                        case .started(let started):
+                            printer.handle(.instanceStarted(started.instanceID))
+                        case .finished(let outcome):
+                            printer.handle(.instanceFinished(try InstanceOutcome(proto: outcome)))
+                        case .report(let sent):
+                            report = sent
+                        case nil:
+                            break
+                        }
+                    }
+                    guard let report else {
+                        throw RunEventError(detail: "the stream ended without the run's report")
+                    }
+                    return report
+                }
+            }
+            return try RunReport(proto: proto)
+        } catch let error as RPCError {
+            switch error.code {
+            case .invalidArgument:
+                for line in error.message.split(separator: "\n") { printError(String(line)) }
+                throw ExitCode(65)
+            case .failedPrecondition, .alreadyExists:
+                printError(error.message)
+                throw ExitCode(75)
+            case .unimplemented:
+                printError("the engine at \(socket) does not run fleets (it was started without them; use `quiesce serve`)")
+                throw ExitStatus.failure
+            case .unavailable:
+                printError("cannot reach the engine at \(socket): \(error.message)")
+                throw ExitStatus.unavailable
+            default:
+                printError("\(error.code): \(error.message)")
+                throw ExitStatus.failure
+            }
+        } catch let error as RunEventError {
+            printError("\(error)")
+            throw ExitStatus.failure
+        }
+    }
+}
+
+/// What a run prints, the same for one-shot runs and runs through an engine:
+/// a progress bar on a terminal and the report, or JSON lines.
+final class RunPrinter: @unchecked Sendable {
+    let json: Bool
+    private let lock = NSLock()
+    private var progress: Progress?
+
+    init(json: Bool) { self.json = json }
+
+    func start(total: Int) {
+        self.lock.withLock { self.progress = Progress(total: total, enabled: !self.json && isatty(STDERR_FILENO) == 1) }
+    }
+
+    func handle(_ event: RunEvent) {
+        let progress = self.lock.withLock { self.progress }
+        switch event {
+        case .waitingForAgents(let missing, let wait):
+            self.emit(["event": "waiting", "missing": missing, "wait_s": wait.components.seconds],
+                      text: "quiesce: waiting up to \(wait.components.seconds) s for \(missing.count) agent(s): "
+                          + "\(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? ", …" : "")")
+        case .instanceStarted(let id):
+            if self.json { Self.printJSON(["event": "started", "instance": id]) }
+            progress?.instanceStarted()
+        case .instanceFinished(let outcome):
+            if self.json { Self.printJSON(["event": "finished"].merging(outcome.json) { $1 }) }
+            progress?.finished(outcome.state)
+        }
+    }
+
+    func finish(_ report: RunReport) {
+        self.lock.withLock { self.progress }?.done()
+        if self.json {
+            Self.printJSON(["event": "report", "run": report.runID, "makespan_ms": report.makespan.milliseconds, "exit_code": Int(report.exitCode),
+                            "instances": report.instances.map(\.json)])
+        } else {
+            print(report.renderTable())
+        }
+    }
+
+    func emit(_ value: [String: Any], text: String) {
+        if self.json { Self.printJSON(value) } else { FileHandle.standardError.write(Data((text + "\n").utf8)) }
     }
 
     static func printJSON(_ value: [String: Any]) {
         guard let data = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
         FileHandle.standardOutput.write(data + Data("\n".utf8))
     }
-
-    func emit(_ value: [String: Any], text: String) {
-        if self.output == .json { Self.printJSON(value) } else { FileHandle.standardError.write(Data((text + "\n").utf8)) }
-    }
-
-    func printTable(_ report: RunReport) { print(report.renderTable()) }
 }
 
 /// A one-line progress bar on a terminal: counts by state, rate, ETA.

@@ -1,0 +1,137 @@
+import Foundation
+import GRPCCore
+import Logging
+import QuiesceCatalog
+import QuiesceCore
+import QuiesceEngine
+import QuiesceFleet
+import QuiescePlugins
+import QuiesceProto
+import Synchronization
+
+/// `quiesce.admin.v1.Runs`: fleet runs inside a running engine (`quiesce serve`).
+///
+/// A run belongs to the engine, not to the client that asked for it: the
+/// coordinator runs in its own task, the client's stream only watches it, and a
+/// client that goes away stops nothing. Two runs may not share an instance (two
+/// freezes of one guest at once would fight over its filesystems).
+public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol, Sendable {
+    let engine: Engine
+    let plugins: PluginRegistry
+    let catalog: (any CatalogStore)?
+    let providers: ProviderSet
+    let logger: Logger
+    private let state = Mutex<State>(State())
+
+    private struct State {
+        var runs: [String: Active] = [:]
+        var stopping: String?
+    }
+
+    private struct Active {
+        var instances: Set<String>
+        var coordinator: Coordinator
+        var task: Task<RunReport, Never>?
+    }
+
+    public init(engine: Engine, plugins: PluginRegistry, catalog: (any CatalogStore)?, providers: ProviderSet = ProviderSet(),
+                logger: Logger = Logger(label: "quiesce.runs")) {
+        self.engine = engine
+        self.plugins = plugins
+        self.catalog = catalog
+        self.providers = providers
+        self.logger = logger
+    }
+
+    public func runFleet(request: Quiesce_Admin_V1_RunFleetRequest, response: RPCWriter<Quiesce_Admin_V1_RunFleetEvent>,
+                         context: ServerContext) async throws {
+        let path = request.fleetPath.isEmpty ? "(fleet)" : request.fleetPath
+        let fleet: FleetFile
+        let providers: [String: Coordinator.Provider]
+        do {
+            fleet = try FleetFile.parse(request.fleetYaml, path: path, plugins: self.plugins)
+            providers = try self.providers.providers(for: fleet)
+        } catch let error as FleetFileError {
+            throw RPCError(code: .invalidArgument, message: error.description)
+        }
+        let runID = request.runID.isEmpty ? Coordinator.newRunID() : request.runID
+        if let problem = Coordinator.runIDProblem(runID) {
+            throw RPCError(code: .invalidArgument, message: "run_id: \(problem)")
+        }
+        let coordinator = Coordinator(engine: self.engine, plugins: self.plugins, providers: providers, catalog: self.catalog, fleet: fleet)
+        try self.reserve(runID, instances: Set(fleet.instances.map(\.id)), coordinator: coordinator)
+
+        let (events, sink) = AsyncStream<Quiesce_Admin_V1_RunFleetEvent>.makeStream()
+        let agentWait: Duration? = request.agentWaitS == 0 ? nil : .seconds(Int64(request.agentWaitS))
+        self.logger.info("run started", metadata: ["run": "\(runID)", "fleet": "\(path)", "instances": "\(fleet.instances.count)"])
+        // Not a child of this handler: the run goes on when the client goes away.
+        let task = Task {
+            let report = await coordinator.run(runID: runID, agentWait: agentWait) { sink.yield($0.proto) }
+            sink.yield(.with { $0.report = report.proto })
+            sink.finish()
+            self.logger.info("run finished", metadata: [
+                "run": "\(runID)", "exit_code": "\(report.exitCode)", "makespan_ms": "\(report.makespan.milliseconds)",
+            ])
+            _ = self.state.withLock { $0.runs.removeValue(forKey: runID) }
+            return report
+        }
+        self.state.withLock { $0.runs[runID]?.task = task }
+
+        let address = (try? await self.engine.listeningAddress().description) ?? ""
+        try await response.write(.with {
+            $0.accepted = .with {
+                $0.runID = runID
+                $0.instances = UInt32(fleet.instances.count)
+                $0.agentListenAddress = address
+            }
+        })
+        for await event in events {
+            // A client that went away ends this loop with an error; the run goes on.
+            try await response.write(event)
+        }
+    }
+
+    private func reserve(_ runID: String, instances: Set<String>, coordinator: Coordinator) throws {
+        try self.state.withLock { state in
+            if let reason = state.stopping {
+                throw RPCError(code: .failedPrecondition, message: "the engine is not starting runs: \(reason)")
+            }
+            if state.runs[runID] != nil {
+                throw RPCError(code: .alreadyExists, message: "run \(runID) is already running in this engine")
+            }
+            for (other, active) in state.runs.sorted(by: { $0.key < $1.key }) {
+                let shared = active.instances.intersection(instances)
+                if !shared.isEmpty {
+                    let names = shared.sorted()
+                    throw RPCError(code: .failedPrecondition, message:
+                        "\(names.prefix(5).joined(separator: ", "))\(names.count > 5 ? " and \(names.count - 5) more" : "") "
+                        + "\(names.count == 1 ? "is" : "are") already being backed up by run \(other); two freezes of one instance at once are refused")
+                }
+            }
+            state.runs[runID] = Active(instances: instances, coordinator: coordinator, task: nil)
+        }
+    }
+
+    /// The runs in progress, by id.
+    public var running: [String] { self.state.withLock { $0.runs.keys.sorted() } }
+
+    /// For a graceful stop: refuses new runs, lets running instances finish (their
+    /// freezes are never cut short), reports the rest as not started, and returns
+    /// when every run has recorded its report.
+    public func drain(reason: String) async {
+        while true {
+            let (tasks, left) = self.state.withLock { state -> ([Task<RunReport, Never>], Int) in
+                if state.stopping == nil { state.stopping = reason }
+                for active in state.runs.values { active.coordinator.stopStarting(reason: reason) }
+                return (state.runs.values.compactMap(\.task), state.runs.count)
+            }
+            if left == 0 { return }
+            if tasks.isEmpty {
+                // A run between its reservation and its task: a moment.
+                try? await Task.sleep(for: .milliseconds(10))
+                continue
+            }
+            for task in tasks { _ = await task.value }
+        }
+    }
+}
