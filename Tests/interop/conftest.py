@@ -56,7 +56,8 @@ class Engine:
         self.quiesce(["ca", "init", "--dir", self.ca_dir, "--ip", "127.0.0.1"])
         self.log = open(os.path.join(workdir, "engine.log"), "w+")
         self.proc = subprocess.Popen(
-            [os.path.join(bin_dir, "quiesce"), "serve", "--listen", "127.0.0.1:0", "--ca-dir", self.ca_dir, "--admin-socket", self.socket],
+            [os.path.join(bin_dir, "quiesce"), "serve", "--listen", "127.0.0.1:0", "--ca-dir", self.ca_dir, "--admin-socket", self.socket,
+             "--catalog", os.path.join(workdir, "catalog.db")],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )
         line = self.proc.stdout.readline()

@@ -78,7 +78,8 @@ def test_ca_errors_name_the_problem(bin_dir, tmp_path):
     assert bad.returncode == 1 and 'found "../../etc/x"' in bad.stderr
     with open(os.path.join(ca, "engine.pem"), "w") as f:
         f.write("not a certificate\n")
-    serve = run(bin_dir, "quiesce", "serve", "--listen", "127.0.0.1:0", "--ca-dir", ca, "--admin-socket", str(tmp_path / "a.sock"))
+    serve = run(bin_dir, "quiesce", "serve", "--listen", "127.0.0.1:0", "--ca-dir", ca, "--admin-socket", str(tmp_path / "a.sock"),
+                "--catalog", str(tmp_path / "catalog.db"))
     assert serve.returncode == 1
     assert "engine.pem: expected a PEM certificate" in serve.stderr and '"not a certificate"' in serve.stderr
 
