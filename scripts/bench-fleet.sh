@@ -8,6 +8,14 @@
 #   scripts/bench-fleet.sh            release build, 10 and 100 instances
 #   scripts/bench-fleet.sh --quick    debug build, 5 and 25 instances (smoke pass)
 #   INSTANCES=10,50,100 scripts/bench-fleet.sh
+#   POOL_ON=disk scripts/bench-fleet.sh   the pool's image on this machine's disk (/var/tmp)
+#   BENCH_ARGS="--max-frozen 100 --planning 32" scripts/bench-fleet.sh   other run settings
+#
+# The pool's XFS image lives in RAM (/dev/shm) by default. Every "instance"
+# here shares one host, so on a disk-backed pool each FIFREEZE's cache flush
+# queues behind every other instance's on the same physical disk — contention
+# a real fleet (one virtual disk per guest) does not have, and which would
+# hide what this measures: the engine's own scaling. POOL_ON=disk shows it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-fleet: needs root (loop devices, mount, FIFREEZE)" >&2; exit 1; }
@@ -21,7 +29,12 @@ for product in quiesce-bench quiesce-thaw-guard quiesce-plugin-host quiesce-plug
 done
 bin=$(swift build "${build[@]}" --show-bin-path)
 
-work=$(mktemp -d /tmp/quiesce-bench-fleet.XXXXXX)
+case "${POOL_ON:-ram}" in
+  ram)  base=/dev/shm ;;
+  disk) base=/var/tmp ;;
+  *) echo "bench-fleet: POOL_ON: expected ram or disk, found \"$POOL_ON\"" >&2; exit 64 ;;
+esac
+work=$(mktemp -d "$base/quiesce-bench-fleet.XXXXXX")
 loop=""
 cleanup() {
   if mountpoint -q "$work/pool"; then umount "$work/pool" || umount -l "$work/pool"; fi
@@ -35,5 +48,5 @@ loop=$(losetup --find --show "$work/pool.img")
 mkdir "$work/pool"
 mount "$loop" "$work/pool"
 
-echo "== fleet backup ($config build; instances $instances; 2 disks each; burst 20, 50 creates/s)"
-"$bin/quiesce-bench" fleet --pool "$work/pool" --instances "$instances" --burst 20 --per-second 50
+echo "== fleet backup ($config build; instances $instances; 2 disks each; burst 20, 50 creates/s; pool image in $base)"
+"$bin/quiesce-bench" fleet --pool "$work/pool" --instances "$instances" --burst 20 --per-second 50 ${BENCH_ARGS:-}

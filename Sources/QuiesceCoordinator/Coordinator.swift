@@ -23,6 +23,8 @@ public struct InstanceOutcome: Sendable {
     /// The application's stall (first blocking step → last), and the filesystems' frozen window (guest clock).
     public var stall: Duration?
     public var frozen: Duration?
+    /// The provider's create call, inside the frozen window (engine clock).
+    public var snapshot: Duration?
     public var duration: Duration
     public var attempts: Int
 }
@@ -75,6 +77,12 @@ public final class Coordinator: Sendable {
     let catalog: (any CatalogStore)?
     let fleet: FleetFile
     private let stopping = Mutex<String?>(nil)
+    /// Instances quiesced at once (`run.max_frozen`).
+    let frozenSlots: Slots
+    /// Instances fetching facts and planning at once (`run.planning`): started all together,
+    /// every instance's facts and plan would finish late together, the first provider slot
+    /// would wait for all of them, and their CPU would stretch the freezes of the first ones.
+    let planSlots: Slots
 
     public init(engine: Engine, plugins: PluginRegistry, providers: [String: Provider], catalog: (any CatalogStore)?, fleet: FleetFile) {
         self.engine = engine
@@ -82,6 +90,8 @@ public final class Coordinator: Sendable {
         self.providers = providers
         self.catalog = catalog
         self.fleet = fleet
+        self.frozenSlots = Slots(limit: fleet.maxFrozen)
+        self.planSlots = Slots(limit: fleet.planning ?? fleet.defaultPlanning)
     }
 
     /// Starts no further instance; those already running finish (a freeze is never cut short
@@ -161,7 +171,7 @@ public final class Coordinator: Sendable {
         let policy = self.fleet.policy(named: instance.policy)!
         return InstanceOutcome(
             instanceID: instance.id, policy: policy.name, wanted: policy.wanted, minimum: policy.minimum, achieved: nil, state: .failed,
-            reasons: [], warnings: [], groupID: nil, disks: instance.disks.count, stall: nil, frozen: nil, duration: .zero, attempts: 0)
+            reasons: [], warnings: [], groupID: nil, disks: instance.disks.count, stall: nil, frozen: nil, snapshot: nil, duration: .zero, attempts: 0)
     }
 
     private func attempt(_ instance: FleetFile.Instance, runID: String, agentWait: Duration) async -> InstanceOutcome {
@@ -214,6 +224,8 @@ public final class Coordinator: Sendable {
                 if let withoutAgent {
                     plan = withoutAgent
                 } else {
+                    await self.planSlots.acquire()
+                    defer { Task { await self.planSlots.release() } }
                     plan = try await plugin!.plan(facts: try await self.engine.planFacts(of: instance.id), policy: planPolicy)
                 }
             } catch {
@@ -226,6 +238,9 @@ public final class Coordinator: Sendable {
             let created = Created()
             let tags = ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name]
             let runner = PlanRunner(engine: self.engine, instanceID: instance.id, policy: planPolicy, freezeID: "\(runID)-\(attempt)")
+            // A quiescing plan waits for one of the run's max_frozen slots, unfrozen, like for a token.
+            let quiesces = (plan.prepare + plan.quiesce).contains { $0.blocking }
+            if quiesces { await self.frozenSlots.acquire() }
             let result = await runner.run(plan) {
                 do {
                     let group = try await provider.provider.createGroup(CreateGroupRequest(
@@ -236,10 +251,12 @@ public final class Coordinator: Sendable {
                     throw error
                 }
             }
+            if quiesces { await self.frozenSlots.release() }
             outcome.reasons = result.reasons
             outcome.warnings = result.warnings
             outcome.stall = result.blocked
             outcome.frozen = result.frozen
+            outcome.snapshot = result.steps.last { $0.phase == "snapshot" }?.elapsed
             // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a pause.
             if !result.snapshotTaken, let error = created.error, error.isRetryable, attempt <= policy.retries {
                 outcome.warnings.append("attempt \(attempt): provider \(error); retrying after the thaw")
@@ -250,12 +267,23 @@ public final class Coordinator: Sendable {
                 outcome.achieved = result.achieved
                 outcome.groupID = group.id
                 // The level tag only now: the thaw reply has proved it.
-                _ = try? await provider.provider.tag(group.id, ["quiesce:level": result.achieved.name, "ConsistencyLevel": result.achieved.tagValue])
-                if let ready = try? await provider.provider.waitUntilReady(group.id, timeout: .seconds(600)) {
-                    created.set(ready)
+                var after: [PlanOutcome.StepRecord] = []
+                let tagBegan = ContinuousClock.now
+                do {
+                    _ = try await provider.provider.tag(group.id, ["quiesce:level": result.achieved.name, "ConsistencyLevel": result.achieved.tagValue])
+                } catch {
+                    outcome.warnings.append("tag-failed: the level tags of \(group.id) could not be written: \(error)")
                 }
+                after.append(.init(phase: "record", id: "tag", action: "tag", ok: true, detail: "", elapsed: .now - tagBegan, attempt: attempt))
+                let readyBegan = ContinuousClock.now
+                do {
+                    created.set(try await provider.provider.waitUntilReady(group.id, timeout: .seconds(600)))
+                } catch {
+                    outcome.warnings.append("not-ready: \(group.id) is still \(group.state.rawValue) at the provider: \(error)")
+                }
+                after.append(.init(phase: "record", id: "provider-ready", action: "ready", ok: true, detail: "", elapsed: .now - readyBegan, attempt: attempt))
                 outcome.state = result.failed ? .failed : (result.achieved < policy.wanted ? .downgraded : .succeeded)
-                self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy, steps: result.steps)
+                self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy, steps: result.steps + after)
             } else {
                 outcome.state = .failed
             }

@@ -14,6 +14,7 @@ extension InstanceOutcome {
         item["group"] = self.groupID ?? NSNull()
         item["stall_ms"] = self.stall.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
         item["frozen_ms"] = self.frozen.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
+        item["snapshot_ms"] = self.snapshot.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
         return item
     }
 }
@@ -21,12 +22,13 @@ extension InstanceOutcome {
 extension RunReport {
     /// The final report: instance, wanted/achieved level, state, stall, frozen, disks, duration, why.
     public func renderTable() -> String {
-        var table = TextTable(headers: ["INSTANCE", "POLICY", "WANTED", "ACHIEVED", "STATE", "STALL MS", "FROZEN MS", "DISKS", "DURATION", "WHY"])
+        var table = TextTable(headers: ["INSTANCE", "POLICY", "WANTED", "ACHIEVED", "STATE", "STALL MS", "FROZEN MS", "SNAPSHOT MS", "DISKS", "DURATION", "WHY"])
         for outcome in self.instances {
             table.append([
                 outcome.instanceID, outcome.policy, outcome.wanted.name, outcome.achieved?.name ?? "-", outcome.state.rawValue,
                 outcome.stall.map { String(format: "%.1f", Double($0.nanoseconds) / 1e6) } ?? "-",
                 outcome.frozen.map { String(format: "%.1f", Double($0.nanoseconds) / 1e6) } ?? "-",
+                outcome.snapshot.map { String(format: "%.1f", Double($0.nanoseconds) / 1e6) } ?? "-",
                 "\(outcome.disks)", String(format: "%.2f s", outcome.duration.timeInterval), outcome.reasons.first ?? "",
             ])
         }

@@ -22,6 +22,7 @@ extension InstanceOutcome {
             $0.disks = UInt32(self.disks)
             $0.stallUs = self.stall.map(\.microseconds) ?? -1
             $0.frozenUs = self.frozen.map(\.microseconds) ?? -1
+            $0.snapshotUs = self.snapshot.map(\.microseconds) ?? -1
             $0.durationUs = self.duration.microseconds
             $0.attempts = UInt32(self.attempts)
         }
@@ -43,6 +44,7 @@ extension InstanceOutcome {
             achieved: proto.achieved.isEmpty ? nil : try level(proto.achieved, "achieved"), state: state, reasons: proto.reasons,
             warnings: proto.warnings, groupID: proto.groupID.isEmpty ? nil : proto.groupID, disks: Int(proto.disks),
             stall: proto.stallUs < 0 ? nil : .microseconds(proto.stallUs), frozen: proto.frozenUs < 0 ? nil : .microseconds(proto.frozenUs),
+            snapshot: proto.snapshotUs < 0 ? nil : .microseconds(proto.snapshotUs),
             duration: .microseconds(proto.durationUs), attempts: Int(proto.attempts))
     }
 }

@@ -20,11 +20,22 @@ public actor TokenBucket {
         self.updated = .now
     }
 
+    /// When the first and the last token were handed out (for benchmarks and logs).
+    public private(set) var firstGrant: ContinuousClock.Instant?
+    public private(set) var lastGrant: ContinuousClock.Instant?
+
+    private func granted() {
+        let now = ContinuousClock.now
+        if self.firstGrant == nil { self.firstGrant = now }
+        self.lastGrant = now
+    }
+
     /// Waits for a slot and takes it.
     public func acquire() async {
         self.refill()
         if self.queue.isEmpty && self.tokens >= 1 {
             self.tokens -= 1
+            self.granted()
             return
         }
         await withCheckedContinuation { continuation in
@@ -41,6 +52,7 @@ public actor TokenBucket {
             self.refill()
             if self.tokens >= 1 {
                 self.tokens -= 1
+                self.granted()
                 self.queue.removeFirst().resume()
                 continue
             }
@@ -58,3 +70,34 @@ public actor TokenBucket {
     }
 }
 
+
+
+/// At most `limit` holders at once, first come first served: the coordinator's
+/// cap on instances quiesced at the same time (`run.max_frozen`). Waiting for a
+/// slot happens before anything is frozen, like waiting for a token.
+public actor Slots {
+    public let limit: Int
+    private var held = 0
+    private var queue: [CheckedContinuation<Void, Never>] = []
+
+    public init(limit: Int) { self.limit = max(1, limit) }
+
+    public func acquire() async {
+        if self.queue.isEmpty && self.held < self.limit {
+            self.held += 1
+            return
+        }
+        await withCheckedContinuation { self.queue.append($0) }
+    }
+
+    public func release() {
+        if self.queue.isEmpty {
+            self.held = max(0, self.held - 1)
+        } else {
+            // The slot passes straight to the next waiter.
+            self.queue.removeFirst().resume()
+        }
+    }
+
+    public var inUse: Int { self.held }
+}

@@ -278,8 +278,11 @@ public final class System: @unchecked Sendable {
         return text
     }
 
-    public func attach(_ image: String) throws -> String {
-        let device = try self.run("losetup", "--find", "--show", image).trimmingCharacters(in: .whitespacesAndNewlines)
+    /// - Parameter directIO: the loop device reads and writes the image with O_DIRECT,
+    ///   as a hypervisor with cache=none does: no second page cache under the guest's.
+    public func attach(_ image: String, directIO: Bool = false) throws -> String {
+        let device = try self.run("losetup", "--find", "--show", directIO ? "--direct-io=on" : "--direct-io=off", image)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
         self.lock.withLock { self.made.append(.device(device)) }
         return device
     }

@@ -19,7 +19,7 @@ import Yams
 ///         options: { skip_mounts: [/boot/efi] }
 ///     instances:
 ///       - { id: web-1, policy: app, provider: pool, disks: [web-1-root, web-1-data] }
-///     run: { concurrency: 16, agent_wait_s: 60 }
+///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, planning: 2 }
 public struct FleetFile: Sendable {
     public struct Provider: Sendable, Equatable {
         public var name: String
@@ -58,6 +58,17 @@ public struct FleetFile: Sendable {
     public var instances: [Instance]
     /// Instances snapshotted at once.
     public var concurrency: Int
+    /// How many instances may be quiesced (frozen, or holding their application) at once.
+    public var maxFrozen: Int = 8
+    /// How many instances fetch facts and plan at once; nil: ``defaultPlanning``.
+    public var planning: Int?
+
+    /// One planning slot per 25 creates/s of the fastest provider (a slot plans about
+    /// 25 instances a second when facts are a ~40 ms round trip away), at least 2.
+    public var defaultPlanning: Int {
+        let fastest = self.providers.map(\.perSecond).max() ?? 50
+        return min(64, max(2, Int((fastest / 25).rounded(.up))))
+    }
     /// How long to wait for every instance's agent before running without the missing ones.
     public var agentWaitSeconds: Int
 
@@ -215,7 +226,9 @@ extension FleetFile {
         }
 
         if let run = fields["run"], let body = reader.mapping(run, at: "run") {
-            let f = reader.fields(body, at: "run", allowed: ["concurrency", "agent_wait_s"])
+            let f = reader.fields(body, at: "run", allowed: ["concurrency", "agent_wait_s", "max_frozen", "planning"])
+            fleet.planning = reader.int(f["planning"], at: "run.planning", range: 1...1000)
+            fleet.maxFrozen = reader.int(f["max_frozen"], at: "run.max_frozen", range: 1...1000) ?? fleet.maxFrozen
             fleet.concurrency = reader.int(f["concurrency"], at: "run.concurrency", range: 1...1000) ?? fleet.concurrency
             fleet.agentWaitSeconds = reader.int(f["agent_wait_s"], at: "run.agent_wait_s", range: 0...3600) ?? fleet.agentWaitSeconds
         }

@@ -11,10 +11,11 @@ import QuiesceCore
 ///
 /// A snapshot is a reflink clone (FICLONE) where the pool's filesystem can
 /// (XFS with reflink, btrfs), and a sparse copy elsewhere — which then falls
-/// inside the freeze window, so ``usesSlowPath`` says so. Each source image is
-/// fdatasync'd just before the clone, so the clone carries no page-cache
-/// write-back. A multi-disk group is one point in time only while the guest is
-/// frozen across the whole create.
+/// inside the freeze window, so ``usesSlowPath`` says so. Nothing in the create
+/// waits for the disk: FICLONE writes the source's dirty pages back before it
+/// shares extents, and a copy reads through the page cache, so the clone is the
+/// image as the frozen guest left it. A multi-disk group is one point in time
+/// only while the guest is frozen across the whole create.
 ///
 /// `createGroup` does only what fixes the point in time; ``waitUntilReady(_:timeout:)``
 /// then makes the clones durable and records their checksums (state
@@ -107,10 +108,12 @@ public struct LocalProvider: SnapshotProvider {
         let first = clock.now
         var disks: [DiskSnapshot] = []
         do {
+            // Nothing here waits for the disk: this runs inside the guest's frozen
+            // window. FICLONE writes the source's dirty pages back itself (the clone
+            // shares what is in the page cache now), a sparse copy reads through the
+            // page cache, and making the copy durable is the seal's work, after the thaw.
             for source in sources {
                 let began = clock.now
-                // Flush the image's dirty pages so the clone shares only settled extents.
-                guard fdatasync(source.fd) == 0 else { throw ImageFiles.posixError("fdatasync", source.id) }
                 let result = try ImageFiles.clone(
                     source: source.fd, to: "\(partial)/\(source.id).img", allowReflink: self.reflinkSupported)
                 disks.append(DiskSnapshot(
@@ -124,7 +127,7 @@ public struct LocalProvider: SnapshotProvider {
         let group = SnapshotGroup(
             id: id, provider: self.kind, idempotencyToken: request.idempotencyToken, description: request.description,
             tags: request.tags, state: .pending, createdAt: Date(), spanUs: Self.micros(clock.now - first), disks: disks)
-        try self.writeGroup(group, directory: partial)
+        try self.writeGroup(group, directory: partial, durable: false)
         guard rename(partial, final) == 0 else {
             try? FileManager.default.removeItem(atPath: partial)
             throw ImageFiles.posixError("rename", final)
@@ -137,7 +140,8 @@ public struct LocalProvider: SnapshotProvider {
         return try await DedicatedThread.run(name: "quiesce-local-tag") {
             var group = try provider.readGroup(groupID)
             group.tags.merge(tags) { $1 }
-            try provider.writeGroup(group, directory: "\(provider.snapshotsDirectory)/\(groupID)")
+            // A pending group is made durable by its seal.
+            try provider.writeGroup(group, directory: "\(provider.snapshotsDirectory)/\(groupID)", durable: group.state != .pending)
             return group
         }
     }
@@ -145,7 +149,7 @@ public struct LocalProvider: SnapshotProvider {
     public func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup {
         let provider = self
         return try await withDeadline(timeout) {
-            try await DedicatedThread.run(name: "quiesce-local-seal") { try provider.sealBlocking(groupID) }
+            try await DedicatedThread.run(name: "quiesce-local-seal", background: true) { try provider.sealBlocking(groupID) }
         }
     }
 
@@ -158,9 +162,10 @@ public struct LocalProvider: SnapshotProvider {
             try ImageFiles.fsyncPath(path)
             group.disks[index].sha256 = try ImageFiles.sparseDigest(path: path)
         }
-        try ImageFiles.fsyncPath("\(self.snapshotsDirectory)/\(groupID)", directory: true)
         group.state = .ready
+        // Images, then the group file and its directory, then the rename that made the group (its parent).
         try self.writeGroup(group, directory: "\(self.snapshotsDirectory)/\(groupID)")
+        try ImageFiles.fsyncPath(self.snapshotsDirectory, directory: true)
         return group
     }
 
@@ -265,19 +270,21 @@ public struct LocalProvider: SnapshotProvider {
         }
     }
 
-    func writeGroup(_ group: SnapshotGroup, directory: String) throws {
+    /// Writes group.json atomically (a temporary file renamed over it); `durable` also
+    /// fsyncs the file and its directory.
+    func writeGroup(_ group: SnapshotGroup, directory: String, durable: Bool = true) throws {
         let path = directory + "/group.json"
         let temporary = path + ".tmp"
         do {
             try Self.encoder.encode(group).write(to: URL(fileURLWithPath: temporary))
-            try ImageFiles.fsyncPath(temporary)
+            if durable { try ImageFiles.fsyncPath(temporary) }
         } catch let error as ProviderError {
             throw error
         } catch {
             throw ProviderError.permanent("\(temporary): cannot write: \(error)")
         }
         guard rename(temporary, path) == 0 else { throw ImageFiles.posixError("rename", path) }
-        try ImageFiles.fsyncPath(directory, directory: true)
+        if durable { try ImageFiles.fsyncPath(directory, directory: true) }
     }
 
     static let encoder: JSONEncoder = {

@@ -187,6 +187,9 @@ public nonisolated struct Quiesce_Admin_V1_InstanceOutcome: Sendable {
 
   public var attempts: UInt32 = 0
 
+  /// The provider's create call, inside the frozen window; -1: none.
+  public var snapshotUs: Int64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -608,7 +611,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceStarted: SwiftProtobuf.Message, S
 
 nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".InstanceOutcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0\u{3}snapshot_us\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -630,6 +633,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
       case 12: try { try decoder.decodeSingularInt64Field(value: &self.frozenUs) }()
       case 13: try { try decoder.decodeSingularInt64Field(value: &self.durationUs) }()
       case 14: try { try decoder.decodeSingularUInt32Field(value: &self.attempts) }()
+      case 15: try { try decoder.decodeSingularInt64Field(value: &self.snapshotUs) }()
       default: break
       }
     }
@@ -678,6 +682,9 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
     if self.attempts != 0 {
       try visitor.visitSingularUInt32Field(value: self.attempts, fieldNumber: 14)
     }
+    if self.snapshotUs != 0 {
+      try visitor.visitSingularInt64Field(value: self.snapshotUs, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -696,6 +703,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
     if lhs.frozenUs != rhs.frozenUs {return false}
     if lhs.durationUs != rhs.durationUs {return false}
     if lhs.attempts != rhs.attempts {return false}
+    if lhs.snapshotUs != rhs.snapshotUs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

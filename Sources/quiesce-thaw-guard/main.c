@@ -16,7 +16,12 @@
 //
 // Messages are single packets of text (agent -> guard):
 //   PING
-//   FREEZE <id> <budget_ms> <syncfs 0|1>      + N descriptors, freeze order
+//   FREEZE <id> <budget_ms> <syncfs 0|1> [<concurrent>]   + N descriptors, freeze order
+//     The first <concurrent> descriptors (default 1) are independent
+//     filesystems: they are synced together, then frozen together (one thread
+//     each), so the frozen window grows with the slowest, not the sum. The rest
+//     follow one by one, in order (stacked filesystems, "/" last). Thawing runs
+//     the other way: the rest one by one in reverse, then the group together.
 //   THAW <id> <cause>
 // and (guard -> agent):
 //   READY <pid> <oom_adjusted 0|1> <memory_locked 0|1>
@@ -32,6 +37,7 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,6 +59,7 @@ struct freeze {
     int active;
     char id[128];
     int count;
+    int concurrent;
     int fds[MAX_MOUNTS];
     int frozen[MAX_MOUNTS];
     uint64_t first_freeze_ns;
@@ -74,7 +81,51 @@ static void send_text(const char *text) {
     (void)send(sock, text, strlen(text), MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
-// Thaws every mount this freeze froze, last frozen first, and reports how.
+// One ioctl (FIFREEZE or FITHAW), or one syncfs, on one descriptor.
+struct job {
+    int fd;
+    unsigned long request;  // FIFREEZE, FITHAW, or 0 for syncfs
+    int ok;
+    int error;
+    uint64_t elapsed_ns;
+    uint64_t end_ns;
+};
+
+static void *run_job(void *arg) {
+    struct job *job = arg;
+    uint64_t begin = now_ns();
+    if (job->request == 0) {
+        job->ok = syncfs(job->fd) == 0;
+    } else {
+        job->ok = ioctl(job->fd, job->request, 0) == 0;
+    }
+    job->error = job->ok ? 0 : errno;
+    job->end_ns = now_ns();
+    job->elapsed_ns = job->end_ns - begin;
+    return NULL;
+}
+
+// Runs the jobs at once, a thread each, and returns when all have. A thread
+// that cannot be started runs its job here instead: slower, never skipped.
+static void run_together(struct job *jobs, int n) {
+    pthread_t threads[MAX_MOUNTS];
+    int started[MAX_MOUNTS];
+    // Small stacks: all the guard's memory is locked (mlockall MCL_FUTURE).
+    pthread_attr_t attr;
+    int have_attr = n > 1 && pthread_attr_init(&attr) == 0;
+    if (have_attr) pthread_attr_setstacksize(&attr, 64 * 1024);
+    for (int i = 0; i < n; i++) {
+        started[i] = have_attr && pthread_create(&threads[i], &attr, run_job, &jobs[i]) == 0;
+        if (!started[i]) run_job(&jobs[i]);
+    }
+    if (have_attr) pthread_attr_destroy(&attr);
+    for (int i = 0; i < n; i++) {
+        if (started[i]) pthread_join(threads[i], NULL);
+    }
+}
+
+// Thaws every mount this freeze froze, last frozen first (the independent
+// group together, last), and reports how.
 static void thaw_all(const char *cause) {
     if (!current.active) return;
     char reply[MAX_PACKET];
@@ -84,7 +135,7 @@ static void thaw_all(const char *cause) {
     for (int i = current.count - 1; i >= 0; i--) {
         thawed[i] = 0;
         errors[i] = 0;
-        if (!current.frozen[i]) continue;
+        if (i < current.concurrent || !current.frozen[i]) continue;
         if (ioctl(current.fds[i], FITHAW, 0) == 0) {
             thawed[i] = 1;
         } else {
@@ -93,9 +144,27 @@ static void thaw_all(const char *cause) {
         last_thaw = now_ns();
         current.frozen[i] = 0;
     }
+    struct job jobs[MAX_MOUNTS];
+    int index[MAX_MOUNTS];
+    int n = 0;
+    for (int i = 0; i < current.concurrent && i < current.count; i++) {
+        if (!current.frozen[i]) continue;
+        memset(&jobs[n], 0, sizeof jobs[n]);
+        jobs[n].fd = current.fds[i];
+        jobs[n].request = FITHAW;
+        index[n++] = i;
+    }
+    run_together(jobs, n);
+    for (int k = 0; k < n; k++) {
+        int i = index[k];
+        thawed[i] = jobs[k].ok;
+        errors[i] = jobs[k].error;
+        if (jobs[k].end_ns > last_thaw) last_thaw = jobs[k].end_ns;
+        current.frozen[i] = 0;
+    }
     uint64_t frozen_us = last_thaw > current.first_freeze_ns ? (last_thaw - current.first_freeze_ns) / 1000 : 0;
     int within = last_thaw <= current.deadline_ns;
-    int n = snprintf(reply, sizeof reply, "THAWED %s %s %llu %d %d", current.id, cause,
+    n = snprintf(reply, sizeof reply, "THAWED %s %s %llu %d %d", current.id, cause,
                      (unsigned long long)frozen_us, within, current.count);
     for (int i = 0; i < current.count && n < (int)sizeof reply - 32; i++) {
         n += snprintf(reply + n, sizeof reply - n, "\n%d %d", thawed[i], errors[i]);
@@ -109,9 +178,11 @@ static void do_freeze(char *args, int *fds, int nfds) {
     char id[128];
     unsigned budget_ms = 0;
     int use_syncfs = 1;
+    int concurrent = 1;
     char reply[MAX_PACKET];
-    if (sscanf(args, "%127s %u %d", id, &budget_ms, &use_syncfs) != 3 || nfds <= 0) {
-        snprintf(reply, sizeof reply, "ERROR - bad-request expected \"FREEZE <id> <budget_ms> <syncfs>\" with descriptors, found \"%.200s\" with %d", args, nfds);
+    int fields = sscanf(args, "%127s %u %d %d", id, &budget_ms, &use_syncfs, &concurrent);
+    if ((fields != 3 && fields != 4) || nfds <= 0 || concurrent < 1 || concurrent > nfds) {
+        snprintf(reply, sizeof reply, "ERROR - bad-request expected \"FREEZE <id> <budget_ms> <syncfs> [<concurrent> 1..%d]\" with descriptors, found \"%.200s\" with %d", nfds, args, nfds);
         send_text(reply);
         for (int i = 0; i < nfds; i++) close(fds[i]);
         return;
@@ -125,21 +196,38 @@ static void do_freeze(char *args, int *fds, int nfds) {
     memset(&current, 0, sizeof current);
     snprintf(current.id, sizeof current.id, "%s", id);
     current.count = nfds;
+    current.concurrent = concurrent;
     current.budget_ms = budget_ms;
     current.active = 1;
     uint64_t syncfs_us[MAX_MOUNTS] = {0}, freeze_us[MAX_MOUNTS] = {0};
     int errors[MAX_MOUNTS] = {0};
     int all = 1;
-    for (int i = 0; i < nfds; i++) {
-        current.fds[i] = fds[i];
-        if (!all) continue;
+    for (int i = 0; i < nfds; i++) current.fds[i] = fds[i];
+
+    // The independent group: synced together, then frozen together. The
+    // budget counts from the moment the first FIFREEZE is issued.
+    struct job jobs[MAX_MOUNTS];
+    memset(jobs, 0, sizeof jobs);
+    for (int i = 0; i < concurrent; i++) jobs[i].fd = fds[i];
+    if (use_syncfs) {
+        run_together(jobs, concurrent);
+        for (int i = 0; i < concurrent; i++) syncfs_us[i] = jobs[i].elapsed_ns / 1000;
+    }
+    for (int i = 0; i < concurrent; i++) jobs[i].request = FIFREEZE;
+    current.first_freeze_ns = now_ns();
+    current.deadline_ns = current.first_freeze_ns + (uint64_t)budget_ms * 1000000ull;
+    run_together(jobs, concurrent);
+    for (int i = 0; i < concurrent; i++) {
+        current.frozen[i] = jobs[i].ok;
+        errors[i] = jobs[i].error;
+        freeze_us[i] = jobs[i].elapsed_ns / 1000;
+        if (!jobs[i].ok) all = 0;
+    }
+    // The rest, one by one: each synced just before it is frozen.
+    for (int i = concurrent; i < nfds && all; i++) {
         uint64_t t0 = now_ns();
         if (use_syncfs) syncfs(fds[i]);
         uint64_t t1 = now_ns();
-        if (current.first_freeze_ns == 0) {
-            current.first_freeze_ns = t1;
-            current.deadline_ns = t1 + (uint64_t)budget_ms * 1000000ull;
-        }
         if (ioctl(fds[i], FIFREEZE, 0) == 0) {
             current.frozen[i] = 1;
         } else {

@@ -3,6 +3,7 @@ import QuiesceAgent
 import QuiesceProto
 import QuiesceTestSupport
 import QuiesceWire
+import Synchronization
 import Testing
 
 /// Freezes real ext4 and XFS filesystems on loop devices made by the test,
@@ -123,6 +124,43 @@ struct FreezeTests {
             #expect(!status.freezeStatus.frozen)
             #expect(status.freezeStatus.lastThaw.cause == .engineSilent)
             #expect(agent.events.all.contains { $0.kind == .thawed && $0.thaw.cause == .engineSilent })
+        }
+    }
+
+    @Test("stacked filesystems: an ext4 image on another frozen ext4 is frozen first (no deadlock) and thawed last")
+    func stacked() async throws {
+        try await withLoopDevices { loops in
+            let lower = try await blocking { try loops.mount("lower", fsType: "ext4", sizeMiB: 96).mountPoint }
+            let upper = try await blocking { () -> String in
+                try run("truncate", "-s", "32M", lower + "/upper.img")
+                try run("mkfs.ext4", "-q", "-F", lower + "/upper.img")
+                return try loops.mountDevice(try loops.attach(lower + "/upper.img"), at: "upper")
+            }
+            let agent = await AgentHarness(directory: loops.directory)
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
+            // If the order were wrong the guard would block in FIFREEZE(upper) behind the frozen
+            // lower filesystem; the watchdog thaws it so a failure cannot hang the suite.
+            let done = Mutex(false)
+            let watchdog = Task.detached {
+                try await Task.sleep(for: .seconds(15))
+                if !done.withLock({ $0 }) { _ = try? run("fsfreeze", "--unfreeze", lower) }
+            }
+            defer { watchdog.cancel() }
+            let began = ContinuousClock.now
+            // Requested bottom-up on purpose.
+            let frozen = await agent.freeze("s1", [lower, upper])
+            done.withLock { $0 = true }
+            #expect(frozen.status.isOK, "\(frozen.status.message)")
+            #expect(ContinuousClock.now - began < .seconds(10))
+            #expect(frozen.freeze.mounts.map(\.mountPoint) == [upper, lower])
+            let writers = try [Writer(upper + "/a"), Writer(lower + "/b")]
+            try await Task.sleep(for: .milliseconds(200))
+            for writer in writers { #expect(writer.isRunning, "a write completed on a frozen filesystem") }
+            let thawed = await agent.thaw("s1")
+            #expect(thawed.status.isOK && thawed.thaw.cause == .command)
+            #expect(thawed.thaw.mounts.allSatisfy { $0.thawed })
+            for writer in writers { #expect(await writer.finished(within: .seconds(5)) != nil, "the write did not complete after the thaw") }
         }
     }
 

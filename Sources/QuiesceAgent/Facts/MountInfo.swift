@@ -16,14 +16,18 @@ public struct MountInfoEntry: Sendable, Hashable {
     /// Parses the whole file; a malformed line is an error naming its number.
     public static func parse(_ text: String) throws -> [MountInfoEntry] {
         var entries: [MountInfoEntry] = []
-        for (index, line) in text.split(separator: "\n", omittingEmptySubsequences: true).enumerated() {
-            entries.append(try self.parse(line: line, number: index + 1))
+        // Split on bytes: Character-wise splitting (grapheme clusters) cost ~20 µs a line,
+        // which an instance with hundreds of mounts pays on every facts request.
+        var text = text
+        text.makeContiguousUTF8()
+        for (index, line) in text.utf8.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: true).enumerated() {
+            entries.append(try self.parse(line: Substring(line), number: index + 1))
         }
         return entries
     }
 
     static func parse(line: Substring, number: Int) throws -> MountInfoEntry {
-        let fields = line.split(separator: " ", omittingEmptySubsequences: false)
+        let fields = line.utf8.split(separator: UInt8(ascii: " "), omittingEmptySubsequences: false).map { Substring($0) }
         guard let separator = fields.firstIndex(of: "-"), separator >= 6, fields.count >= separator + 4,
               let mountID = Int(fields[0]), let parentID = Int(fields[1])
         else {
@@ -36,16 +40,16 @@ public struct MountInfoEntry: Sendable, Hashable {
             deviceNumber: String(fields[2]),
             root: unescape(fields[3]),
             mountPoint: unescape(fields[4]),
-            mountOptions: fields[5].split(separator: ",").map(String.init),
+            mountOptions: fields[5].utf8.split(separator: UInt8(ascii: ",")).map { String(Substring($0)) },
             fsType: String(fields[separator + 1]),
             source: unescape(fields[separator + 2]),
-            superOptions: fields[separator + 3].split(separator: ",").map(String.init)
+            superOptions: fields[separator + 3].utf8.split(separator: UInt8(ascii: ",")).map { String(Substring($0)) }
         )
     }
 
     /// The kernel writes space, tab, newline and backslash as octal escapes (\040 …).
     static func unescape(_ field: Substring) -> String {
-        guard field.contains("\\") else { return String(field) }
+        guard field.utf8.contains(UInt8(ascii: "\\")) else { return String(field) }
         var bytes: [UInt8] = []
         var utf8 = Array(field.utf8)[...]
         while let byte = utf8.popFirst() {

@@ -155,8 +155,15 @@ public final class FreezeController: Sendable {
             }
             seenDevices[device] = path
         }
-        // "/" last: the agent lives there; it is thawed first.
-        opened.sort { ($0.path == "/" ? 1 : 0) < ($1.path == "/" ? 1 : 0) }
+        // Independent filesystems together, stacked ones upper before lower, "/" last
+        // (the agent lives there; it is thawed first). See FreezeOrder.
+        let (order, concurrent) = FreezeOrder.plan(opened.map { entry in
+            var info = stat()
+            fstat(entry.fd, &info)
+            let device = UInt64(info.st_dev)
+            return FreezeOrder.Mount(path: entry.path, device: device, backedBy: FreezeOrder.backingFilesystems(ofDevice: device))
+        })
+        opened = order.map { opened[$0] }
         let ordered = opened.map(\.path)
         let descriptors = opened.map(\.fd)
 
@@ -189,7 +196,7 @@ public final class FreezeController: Sendable {
         let replies: [GuardMessage]
         do {
             replies = try await guardProcess.request(
-                "FREEZE \(id) \(budget.milliseconds) \(request.skipSyncfs ? 0 : 1)", descriptors: descriptors,
+                "FREEZE \(id) \(budget.milliseconds) \(request.skipSyncfs ? 0 : 1) \(concurrent)", descriptors: descriptors,
                 accepts: { $0.freezeID == id || $0.freezeID == "-" },
                 finishes: { message in
                     switch message {
