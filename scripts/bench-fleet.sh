@@ -6,7 +6,7 @@
 # the rate-limit bound, frozen-window p50/p99 at each size, and peak memory.
 #
 #   scripts/bench-fleet.sh            release build, 10 and 100 instances
-#   scripts/bench-fleet.sh --quick    debug build, 5 and 25 instances (smoke pass)
+#   scripts/bench-fleet.sh --quick    debug build, 5 and 25 instances, 25+ samples each (smoke pass)
 #   INSTANCES=10,50,100 scripts/bench-fleet.sh
 #   POOL_ON=disk scripts/bench-fleet.sh   the pool's image on this machine's disk (/var/tmp)
 #   BENCH_ARGS="--max-frozen 100 --planning 32" scripts/bench-fleet.sh   other run settings
@@ -20,8 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-fleet: needs root (loop devices, mount, FIFREEZE)" >&2; exit 1; }
 
-config=release; instances=${INSTANCES:-10,100}
-if [ "${1:-}" = "--quick" ]; then config=debug; instances=${INSTANCES:-5,25}; fi
+config=release; instances=${INSTANCES:-10,100}; samples=300
+if [ "${1:-}" = "--quick" ]; then config=debug; instances=${INSTANCES:-5,25}; samples=25; fi
 build=(-c "$config")
 [ -n "${SWIFT_BUILD_PATH:-}" ] && build+=(--build-path "$SWIFT_BUILD_PATH")
 for product in quiesce-bench quiesce-thaw-guard quiesce-plugin-host quiesce-plugin-crash quiesce-plugin-linux-freeze; do
@@ -49,4 +49,4 @@ mkdir "$work/pool"
 mount "$loop" "$work/pool"
 
 echo "== fleet backup ($config build; instances $instances; 2 disks each; burst 20, 50 creates/s; pool image in $base)"
-"$bin/quiesce-bench" fleet --pool "$work/pool" --instances "$instances" --burst 20 --per-second 50 ${BENCH_ARGS:-}
+"$bin/quiesce-bench" fleet --pool "$work/pool" --instances "$instances" --burst 20 --per-second 50 --samples "$samples" ${BENCH_ARGS:-}

@@ -23,3 +23,4 @@ scripts/bench-sessions.sh --quick
 scripts/bench-snapshot.sh --quick
 scripts/bench-freeze.sh --quick
 scripts/bench-plan.sh --quick
+scripts/bench-fleet.sh --quick

@@ -35,6 +35,8 @@ struct FleetRun: AsyncParsableCommand {
     var maxFrozen: Int?
     @Option(help: "run.planning (default: the fleet file's default).")
     var planning: Int?
+    @Option(help: "At least this many frozen windows per size (rounds of the whole fleet).")
+    var samples = 300
 
     func run() async throws {
         var results: [[String]] = []
@@ -47,7 +49,7 @@ struct FleetRun: AsyncParsableCommand {
         print(table.render())
         print("""
             RUN: concurrency \(self.concurrency), max_frozen \(self.maxFrozen.map(String.init) ?? "default"), planning \(self.planning.map(String.init) ?? "default").
-            Each size runs as many rounds as give at least 300 frozen windows (a fresh run each, full token bucket); MAKESPAN is their median.
+            Each size runs as many rounds as give at least \(self.samples) frozen windows (a fresh run each, full token bucket); MAKESPAN is their median.
             RATE BOUND: (instances - burst) / per_second (one group create per instance, burst \(self.burst), \(self.perSecond)/s).
             FROZEN: FIFREEZE -> last FITHAW on the guest (thaw reply frozen_us), per instance, over real loop-mounted ext4.
             SNAPSHOT: the provider's create call inside that window (engine clock): a reflink clone of both disk images, no wait for the disk.
@@ -151,7 +153,7 @@ struct FleetRun: AsyncParsableCommand {
                                                     planTimes.sorted()[planTimes.count / 2]).utf8))
         // Enough rounds for at least 300 frozen windows per size (a p99 of 100 samples is their maximum);
         // each round is a fresh run with a full token bucket, after a pause that lets the provider's own limit refill.
-        let rounds = max(1, (300 + count - 1) / count)
+        let rounds = max(1, (self.samples + count - 1) / count)
         var reports: [RunReport] = []
         for round in 1...rounds {
             let bucket = TokenBucket(burst: self.burst, perSecond: self.perSecond)

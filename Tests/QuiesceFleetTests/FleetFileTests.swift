@@ -40,6 +40,17 @@ struct FleetFileTests {
         #expect(fleet.instances.map(\.id) == ["web-1", "db-1"])
         #expect(fleet.instances[0].provider == "pool" && fleet.instances[0].disks == ["web-1-root", "web-1-data"])
         #expect(fleet.concurrency == 4 && fleet.agentWaitSeconds == 30)
+        // Defaults: 8 quiesced at once; planning one slot per 25 creates/s of the fastest provider, at least 2.
+        #expect(fleet.maxFrozen == 8 && fleet.planning == nil && fleet.defaultPlanning == 2)
+        let fast = try FleetFile.parse(
+            Self.good.replacingOccurrences(of: "per_second: 50", with: "per_second: 400")
+                .replacingOccurrences(of: "agent_wait_s: 30", with: "agent_wait_s: 30, max_frozen: 3, planning: 5"), path: "fleet.yaml")
+        #expect(fast.defaultPlanning == 16 && fast.planning == 5 && fast.maxFrozen == 3)
+        let zero = try #require(throws: FleetFileError.self) {
+            try FleetFile.parse(Self.good.replacingOccurrences(of: "agent_wait_s: 30", with: "agent_wait_s: 30, max_frozen: 0"), path: "f.yaml")
+        }
+        #expect(zero.problems.map(\.description).first?.contains("run.max_frozen: expected a whole number from 1 to 1000, found 0") == true,
+                "\(zero.problems)")
     }
 
     @Test("every problem at once, each with file, line, field, expected and found")
