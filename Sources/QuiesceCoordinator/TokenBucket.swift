@@ -100,4 +100,6 @@ public actor Slots {
     }
 
     public var inUse: Int { self.held }
+    /// Callers waiting for a slot.
+    public var waiting: Int { self.queue.count }
 }

@@ -19,33 +19,38 @@ struct LimitsTests {
     }
 
     @Test("slots: never more holders than the limit, waiters served first come first served")
-    func slots() async {
+    func slots() async throws {
         let slots = Slots(limit: 2)
+        await slots.acquire()
+        await slots.acquire()
+        #expect(await slots.inUse == 2)
+        // Four waiters, each queued before the next one starts.
         let box = SlotLog()
-        await withTaskGroup(of: Void.self) { group in
-            for index in 0..<6 {
-                group.addTask {
-                    await slots.acquire()
-                    box.state.withLock {
-                        $0.holding += 1
-                        $0.most = max($0.most, $0.holding)
-                        $0.order.append(index)
-                    }
-                    try? await Task.sleep(for: .milliseconds(30))
-                    box.state.withLock { $0.holding -= 1 }
-                    await slots.release()
-                }
-                // Queue them in a known order.
-                try? await Task.sleep(for: .milliseconds(5))
-            }
+        var waiters: [Task<Void, Never>] = []
+        for index in 0..<4 {
+            waiters.append(Task {
+                await slots.acquire()
+                box.order.withLock { $0.append(index) }
+            })
+            while await slots.waiting < index + 1 { try await Task.sleep(for: .milliseconds(1)) }
         }
-        let final = box.state.withLock { $0 }
-        #expect(final.most == 2)
-        #expect(final.order == Array(0..<6))
+        #expect(box.order.withLock { $0.isEmpty })
+        // Each release hands the slot to the longest waiter.
+        for served in 1...4 {
+            await slots.release()
+            while box.order.withLock({ $0.count }) < served { try await Task.sleep(for: .milliseconds(1)) }
+            #expect(box.order.withLock { $0 } == Array(0..<served))
+            #expect(await slots.inUse == 2)
+        }
+        for waiter in waiters { await waiter.value }
+        #expect(await slots.waiting == 0)
+        // Waiters 2 and 3 hold the two slots now.
+        await slots.release()
+        await slots.release()
         #expect(await slots.inUse == 0)
     }
 }
 
 private final class SlotLog: Sendable {
-    let state = Mutex((holding: 0, most: 0, order: [Int]()))
+    let order = Mutex<[Int]>([])
 }
