@@ -224,9 +224,9 @@ public final class Coordinator: Sendable {
                 if let withoutAgent {
                     plan = withoutAgent
                 } else {
-                    await self.planSlots.acquire()
-                    defer { Task { await self.planSlots.release() } }
-                    plan = try await plugin!.plan(facts: try await self.engine.planFacts(of: instance.id), policy: planPolicy)
+                    plan = try await self.planSlots.holding {
+                        try await plugin!.plan(facts: try await self.engine.planFacts(of: instance.id), policy: planPolicy)
+                    }
                 }
             } catch {
                 outcome.reasons = ["plan-failed: \(error)"]
@@ -240,18 +240,19 @@ public final class Coordinator: Sendable {
             let runner = PlanRunner(engine: self.engine, instanceID: instance.id, policy: planPolicy, freezeID: "\(runID)-\(attempt)")
             // A quiescing plan waits for one of the run's max_frozen slots, unfrozen, like for a token.
             let quiesces = (plan.prepare + plan.quiesce).contains { $0.blocking }
-            if quiesces { await self.frozenSlots.acquire() }
-            let result = await runner.run(plan) {
-                do {
-                    let group = try await provider.provider.createGroup(CreateGroupRequest(
-                        disks: instance.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)"))
-                    created.set(group)
-                } catch let error as ProviderError {
-                    created.setError(error)
-                    throw error
+            let run = {
+                await runner.run(plan) {
+                    do {
+                        let group = try await provider.provider.createGroup(CreateGroupRequest(
+                            disks: instance.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)"))
+                        created.set(group)
+                    } catch let error as ProviderError {
+                        created.setError(error)
+                        throw error
+                    }
                 }
             }
-            if quiesces { await self.frozenSlots.release() }
+            let result = quiesces ? await self.frozenSlots.holding(run) : await run()
             outcome.reasons = result.reasons
             outcome.warnings = result.warnings
             outcome.stall = result.blocked
@@ -266,22 +267,25 @@ public final class Coordinator: Sendable {
             if let group = created.group, result.snapshotTaken {
                 outcome.achieved = result.achieved
                 outcome.groupID = group.id
-                // The level tag only now: the thaw reply has proved it.
+                // The provider calls after the thaw, timed like the plan's steps.
                 var after: [PlanOutcome.StepRecord] = []
-                let tagBegan = ContinuousClock.now
-                do {
+                func timed(_ id: String, _ call: () async throws -> Void) async -> (any Error)? {
+                    let began = ContinuousClock.now
+                    var failure: (any Error)?
+                    do { try await call() } catch { failure = error }
+                    after.append(.init(phase: "record", id: id, action: id, ok: failure == nil, detail: failure.map { "\($0)" } ?? "",
+                                       elapsed: .now - began, attempt: attempt))
+                    return failure
+                }
+                // The level tag only now: the thaw reply has proved it.
+                if let error = await timed("tag", {
                     _ = try await provider.provider.tag(group.id, ["quiesce:level": result.achieved.name, "ConsistencyLevel": result.achieved.tagValue])
-                } catch {
+                }) {
                     outcome.warnings.append("tag-failed: the level tags of \(group.id) could not be written: \(error)")
                 }
-                after.append(.init(phase: "record", id: "tag", action: "tag", ok: true, detail: "", elapsed: .now - tagBegan, attempt: attempt))
-                let readyBegan = ContinuousClock.now
-                do {
-                    created.set(try await provider.provider.waitUntilReady(group.id, timeout: .seconds(600)))
-                } catch {
+                if let error = await timed("provider-ready", { created.set(try await provider.provider.waitUntilReady(group.id, timeout: .seconds(600))) }) {
                     outcome.warnings.append("not-ready: \(group.id) is still \(group.state.rawValue) at the provider: \(error)")
                 }
-                after.append(.init(phase: "record", id: "provider-ready", action: "ready", ok: true, detail: "", elapsed: .now - readyBegan, attempt: attempt))
                 outcome.state = result.failed ? .failed : (result.achieved < policy.wanted ? .downgraded : .succeeded)
                 self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy, steps: result.steps + after)
             } else {
@@ -295,13 +299,13 @@ public final class Coordinator: Sendable {
     func recordGroup(_ group: SnapshotGroup, outcome: InstanceOutcome, runID: String, token: String, policy: FleetFile.Policy,
                      steps: [PlanOutcome.StepRecord]) {
         var timings: [String: UInt64] = [:]
-        for step in steps { timings[step.id, default: 0] += UInt64(max(step.elapsed.nanoseconds / 1000, 0)) }
+        for step in steps { timings[step.id, default: 0] += UInt64(max(step.elapsed.microseconds, 0)) }
         let record = GroupRecord(
             id: group.id, runID: runID, instanceID: outcome.instanceID, provider: group.provider, providerGroupID: group.id,
             idempotencyToken: token, wantedLevel: policy.wanted, achievedLevel: outcome.achieved ?? .crash,
             reasons: outcome.reasons.map(Self.reason), state: group.state, createdAt: group.createdAt,
-            frozenUs: outcome.frozen.map { UInt64(max($0.nanoseconds / 1000, 0)) },
-            applicationStallUs: outcome.stall.map { UInt64(max($0.nanoseconds / 1000, 0)) },
+            frozenUs: outcome.frozen.map { UInt64(max($0.microseconds, 0)) },
+            applicationStallUs: outcome.stall.map { UInt64(max($0.microseconds, 0)) },
             stepTimingsUs: timings, tags: group.tags, disks: group.disks)
         try? self.catalog?.record(record)
     }
@@ -311,7 +315,7 @@ public final class Coordinator: Sendable {
         try? self.catalog?.record(InstanceRecord(
             runID: runID, instanceID: outcome.instanceID, state: outcome.state, wantedLevel: outcome.wanted, minimumLevel: outcome.minimum,
             achievedLevel: outcome.achieved, reasons: outcome.reasons.map(Self.reason), groupID: outcome.groupID,
-            durationUs: UInt64(max(outcome.duration.nanoseconds / 1000, 0))))
+            durationUs: UInt64(max(outcome.duration.microseconds, 0))))
     }
 
     static func reason(_ text: String) -> Reason {

@@ -31,7 +31,7 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
     private struct Active {
         var instances: Set<String>
         var coordinator: Coordinator
-        var task: Task<RunReport, Never>?
+        var task: Task<RunReport, Never>
     }
 
     public init(engine: Engine, plugins: PluginRegistry, catalog: (any CatalogStore)?, providers: ProviderSet = ProviderSet(),
@@ -59,23 +59,22 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
             throw RPCError(code: .invalidArgument, message: "run_id: \(problem)")
         }
         let coordinator = Coordinator(engine: self.engine, plugins: self.plugins, providers: providers, catalog: self.catalog, fleet: fleet)
-        try self.reserve(runID, instances: Set(fleet.instances.map(\.id)), coordinator: coordinator)
-
         let (events, sink) = AsyncStream<Quiesce_Admin_V1_RunFleetEvent>.makeStream()
         let agentWait: Duration? = request.agentWaitS == 0 ? nil : .seconds(Int64(request.agentWaitS))
-        self.logger.info("run started", metadata: ["run": "\(runID)", "fleet": "\(path)", "instances": "\(fleet.instances.count)"])
-        // Not a child of this handler: the run goes on when the client goes away.
-        let task = Task {
-            let report = await coordinator.run(runID: runID, agentWait: agentWait) { sink.yield($0.proto) }
-            sink.yield(.with { $0.report = report.proto })
-            sink.finish()
-            self.logger.info("run finished", metadata: [
-                "run": "\(runID)", "exit_code": "\(report.exitCode)", "makespan_ms": "\(report.makespan.milliseconds)",
-            ])
-            _ = self.state.withLock { $0.runs.removeValue(forKey: runID) }
-            return report
+        try self.reserve(runID, instances: Set(fleet.instances.map(\.id)), coordinator: coordinator) {
+            // Not a child of this handler: the run goes on when the client goes away.
+            Task {
+                let report = await coordinator.run(runID: runID, agentWait: agentWait) { sink.yield($0.proto) }
+                sink.yield(.with { $0.report = report.proto })
+                sink.finish()
+                self.logger.info("run finished", metadata: [
+                    "run": "\(runID)", "exit_code": "\(report.exitCode)", "makespan_ms": "\(report.makespan.milliseconds)",
+                ])
+                _ = self.state.withLock { $0.runs.removeValue(forKey: runID) }
+                return report
+            }
         }
-        self.state.withLock { $0.runs[runID]?.task = task }
+        self.logger.info("run started", metadata: ["run": "\(runID)", "fleet": "\(path)", "instances": "\(fleet.instances.count)"])
 
         let address = (try? await self.engine.listeningAddress().description) ?? ""
         try await response.write(.with {
@@ -91,7 +90,10 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
         }
     }
 
-    private func reserve(_ runID: String, instances: Set<String>, coordinator: Coordinator) throws {
+    /// Admits the run (or throws why not) and starts it, in one step: a run is never
+    /// reserved without its task, so ``drain(reason:)`` always has it to wait for.
+    private func reserve(_ runID: String, instances: Set<String>, coordinator: Coordinator,
+                         start: () -> Task<RunReport, Never>) throws {
         try self.state.withLock { state in
             if let reason = state.stopping {
                 throw RPCError(code: .failedPrecondition, message: "the engine is not starting runs: \(reason)")
@@ -108,7 +110,7 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
                         + "\(names.count == 1 ? "is" : "are") already being backed up by run \(other); two freezes of one instance at once are refused")
                 }
             }
-            state.runs[runID] = Active(instances: instances, coordinator: coordinator, task: nil)
+            state.runs[runID] = Active(instances: instances, coordinator: coordinator, task: start())
         }
     }
 
@@ -119,19 +121,12 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
     /// freezes are never cut short), reports the rest as not started, and returns
     /// when every run has recorded its report.
     public func drain(reason: String) async {
-        while true {
-            let (tasks, left) = self.state.withLock { state -> ([Task<RunReport, Never>], Int) in
-                if state.stopping == nil { state.stopping = reason }
-                for active in state.runs.values { active.coordinator.stopStarting(reason: reason) }
-                return (state.runs.values.compactMap(\.task), state.runs.count)
-            }
-            if left == 0 { return }
-            if tasks.isEmpty {
-                // A run between its reservation and its task: a moment.
-                try? await Task.sleep(for: .milliseconds(10))
-                continue
-            }
-            for task in tasks { _ = await task.value }
+        // Once `stopping` is set no run is admitted, so the runs taken here are all there will be.
+        let tasks = self.state.withLock { state -> [Task<RunReport, Never>] in
+            if state.stopping == nil { state.stopping = reason }
+            for active in state.runs.values { active.coordinator.stopStarting(reason: reason) }
+            return state.runs.values.map(\.task)
         }
+        for task in tasks { _ = await task.value }
     }
 }

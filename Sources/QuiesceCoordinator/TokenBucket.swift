@@ -99,6 +99,13 @@ public actor Slots {
         }
     }
 
+    /// Runs `body` holding a slot; the slot is released however `body` ends.
+    public func holding<T: Sendable>(_ body: () async throws -> T) async rethrows -> T {
+        await self.acquire()
+        defer { self.release() }
+        return try await body()
+    }
+
     public var inUse: Int { self.held }
     /// Callers waiting for a slot.
     public var waiting: Int { self.queue.count }

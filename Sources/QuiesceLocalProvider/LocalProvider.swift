@@ -108,10 +108,7 @@ public struct LocalProvider: SnapshotProvider {
         let first = clock.now
         var disks: [DiskSnapshot] = []
         do {
-            // Nothing here waits for the disk: this runs inside the guest's frozen
-            // window. FICLONE writes the source's dirty pages back itself (the clone
-            // shares what is in the page cache now), a sparse copy reads through the
-            // page cache, and making the copy durable is the seal's work, after the thaw.
+            // Inside the guest's frozen window: no fsync here (see the type's comment); the seal makes the clones durable.
             for source in sources {
                 let began = clock.now
                 let result = try ImageFiles.clone(

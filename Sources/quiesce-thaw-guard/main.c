@@ -136,12 +136,11 @@ static void thaw_all(const char *cause) {
         thawed[i] = 0;
         errors[i] = 0;
         if (i < current.concurrent || !current.frozen[i]) continue;
-        if (ioctl(current.fds[i], FITHAW, 0) == 0) {
-            thawed[i] = 1;
-        } else {
-            errors[i] = errno;
-        }
-        last_thaw = now_ns();
+        struct job job = {.fd = current.fds[i], .request = FITHAW};
+        run_job(&job);
+        thawed[i] = job.ok;
+        errors[i] = job.error;
+        last_thaw = job.end_ns;
         current.frozen[i] = 0;
     }
     struct job jobs[MAX_MOUNTS];
@@ -149,9 +148,7 @@ static void thaw_all(const char *cause) {
     int n = 0;
     for (int i = 0; i < current.concurrent && i < current.count; i++) {
         if (!current.frozen[i]) continue;
-        memset(&jobs[n], 0, sizeof jobs[n]);
-        jobs[n].fd = current.fds[i];
-        jobs[n].request = FITHAW;
+        jobs[n] = (struct job){.fd = current.fds[i], .request = FITHAW};
         index[n++] = i;
     }
     run_together(jobs, n);
@@ -225,18 +222,17 @@ static void do_freeze(char *args, int *fds, int nfds) {
     }
     // The rest, one by one: each synced just before it is frozen.
     for (int i = concurrent; i < nfds && all; i++) {
-        uint64_t t0 = now_ns();
-        if (use_syncfs) syncfs(fds[i]);
-        uint64_t t1 = now_ns();
-        if (ioctl(fds[i], FIFREEZE, 0) == 0) {
-            current.frozen[i] = 1;
-        } else {
-            errors[i] = errno;
-            all = 0;
+        struct job job = {.fd = fds[i]};
+        if (use_syncfs) {
+            run_job(&job);
+            syncfs_us[i] = job.elapsed_ns / 1000;
         }
-        uint64_t t2 = now_ns();
-        syncfs_us[i] = (t1 - t0) / 1000;
-        freeze_us[i] = (t2 - t1) / 1000;
+        job.request = FIFREEZE;
+        run_job(&job);
+        current.frozen[i] = job.ok;
+        errors[i] = job.error;
+        freeze_us[i] = job.elapsed_ns / 1000;
+        if (!job.ok) all = 0;
     }
     int n = snprintf(reply, sizeof reply, "FROZEN %s %d %u %d", id, all, budget_ms, nfds);
     for (int i = 0; i < nfds && n < (int)sizeof reply - 64; i++) {

@@ -1,7 +1,11 @@
 import ArgumentParser
 import Foundation
 import Logging
+import QuiesceCatalog
 import QuiesceCore
+import QuiesceEngine
+import QuiescePKI
+import QuiesceWire
 
 @main
 struct Quiesce: AsyncParsableCommand {
@@ -60,6 +64,30 @@ enum ExitStatus {
 
 func printError(_ message: String) {
     FileHandle.standardError.write(Data(("quiesce: " + message + "\n").utf8))
+}
+
+/// The catalog at `path` (default `$QUIESCE_HOME/catalog.db`); an error is a message and exit 1.
+func openCatalog(_ path: String?) throws -> (catalog: SQLiteCatalog, path: String) {
+    let path = path ?? defaultStateDirectory() + "/catalog.db"
+    do {
+        return (try SQLiteCatalog(path: path), path)
+    } catch {
+        printError("catalog \(path): \(error)")
+        throw ExitStatus.failure
+    }
+}
+
+/// An engine listening on `listen` with the identity in `caDir` (default `$QUIESCE_HOME/ca`);
+/// an unusable certificate or key is a message and exit 1.
+func makeEngine(listen: ListenAddress, caDir: String?, admin: AdminOptions) throws -> Engine {
+    let ca = CADirectory(path: caDir ?? defaultStateDirectory() + "/ca")
+    do {
+        return try Engine(configuration: EngineConfiguration(
+            listen: listen, identity: ca.engineFiles, adminSocketPath: admin.socketPath, limits: .defaults))
+    } catch {
+        printError("\(error)")
+        throw ExitStatus.failure
+    }
 }
 
 func defaultStateDirectory() -> String {

@@ -128,6 +128,7 @@ public final class FreezeController: Sendable {
             return (.init(code: code, message: message, reason: reason), result)
         }
         var seenDevices: [UInt64: String] = [:]
+        var mounts: [FreezeOrder.Mount] = []
         for path in request.mountPoints {
             let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
             guard fd >= 0 else {
@@ -154,15 +155,11 @@ public final class FreezeController: Sendable {
                 return refuse(.invalidArgument, "\(path) is mounted read-only; there is nothing to freeze", "read-only")
             }
             seenDevices[device] = path
+            mounts.append(FreezeOrder.Mount(path: path, device: device, backedBy: FreezeOrder.backingFilesystems(ofDevice: device)))
         }
         // Independent filesystems together, stacked ones upper before lower, "/" last
         // (the agent lives there; it is thawed first). See FreezeOrder.
-        let (order, concurrent) = FreezeOrder.plan(opened.map { entry in
-            var info = stat()
-            fstat(entry.fd, &info)
-            let device = UInt64(info.st_dev)
-            return FreezeOrder.Mount(path: entry.path, device: device, backedBy: FreezeOrder.backingFilesystems(ofDevice: device))
-        })
+        let (order, concurrent) = FreezeOrder.plan(mounts)
         opened = order.map { opened[$0] }
         let ordered = opened.map(\.path)
         let descriptors = opened.map(\.fd)

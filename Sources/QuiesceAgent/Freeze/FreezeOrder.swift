@@ -31,7 +31,6 @@ public enum FreezeOrder {
 
     /// Indices into `mounts` in freeze order, and how many of the first ones are frozen together (≥ 1).
     public static func plan(_ mounts: [Mount]) -> (order: [Int], concurrent: Int) {
-        let devices = Set(mounts.map(\.device))
         // Which mounts of this freeze each one sits on, and which sit on it.
         var lower: [Int: Set<Int>] = [:]
         var stacked = Set<Int>()
@@ -43,10 +42,7 @@ public enum FreezeOrder {
             }
         }
         let root = mounts.indices.filter { mounts[$0].path == "/" }
-        let independent = mounts.indices.filter { i in
-            mounts[i].path != "/" && !stacked.contains(i) && mounts[i].backedBy != nil
-                && mounts[i].backedBy!.isDisjoint(with: devices.subtracting([mounts[i].device]))
-        }
+        let independent = mounts.indices.filter { mounts[$0].path != "/" && mounts[$0].backedBy != nil && !stacked.contains($0) }
         var rest = mounts.indices.filter { !independent.contains($0) && !root.contains($0) }
         // Upper before lower: repeatedly take the first mount (request order) nothing left still sits on.
         var ordered: [Int] = []

@@ -105,24 +105,8 @@ struct Backup: AsyncParsableCommand {
             for problem in error.problems { printError("\(problem)") }
             throw ExitCode(65)
         }
-        let catalogPath = self.catalog ?? defaultStateDirectory() + "/catalog.db"
-        let catalog: SQLiteCatalog
-        do {
-            catalog = try SQLiteCatalog(path: catalogPath)
-        } catch {
-            printError("catalog \(catalogPath): \(error)")
-            throw ExitStatus.failure
-        }
-        let ca = CADirectory(path: self.caDir ?? defaultStateDirectory() + "/ca")
-        let engine: Engine
-        do {
-            engine = try Engine(configuration: EngineConfiguration(
-                listen: try ListenAddress(parsing: self.listen ?? "127.0.0.1:7443"), identity: ca.engineFiles,
-                adminSocketPath: self.admin.socketPath, limits: .defaults))
-        } catch {
-            printError("\(error)")
-            throw ExitStatus.failure
-        }
+        let (catalog, _) = try openCatalog(self.catalog)
+        let engine = try makeEngine(listen: try ListenAddress(parsing: self.listen ?? "127.0.0.1:7443"), caDir: self.caDir, admin: self.admin)
         let engineTask = Task { try await engine.run() }
         defer {
             engine.shutdown()

@@ -41,28 +41,13 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         try self.log.bootstrap()
         let listen = try ListenAddress(parsing: self.listen)
-        let ca = CADirectory(path: self.caDir ?? defaultStateDirectory() + "/ca")
-        let engine: Engine
-        do {
-            engine = try Engine(configuration: EngineConfiguration(
-                listen: listen, identity: ca.engineFiles, adminSocketPath: self.admin.socketPath, limits: .defaults))
-        } catch {
-            printError("\(error)")
-            throw ExitStatus.failure
-        }
+        let engine = try makeEngine(listen: listen, caDir: self.caDir, admin: self.admin)
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
         for failure in registry.failures {
             printError("\(failure) (runs whose policies use it are refused)")
         }
-        let catalogPath = self.catalog ?? defaultStateDirectory() + "/catalog.db"
-        let catalog: SQLiteCatalog
-        do {
-            catalog = try SQLiteCatalog(path: catalogPath)
-        } catch {
-            printError("catalog \(catalogPath): \(error)")
-            throw ExitStatus.failure
-        }
+        let (catalog, catalogPath) = try openCatalog(self.catalog)
         let runs = FleetRunService(engine: engine, plugins: registry, catalog: catalog)
         let stops = Mutex(0)
         let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
