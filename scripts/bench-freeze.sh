@@ -79,7 +79,7 @@ for r in rtt:
 for r in rows:
     b = r.get("breakdown_p50_ms") or {}
     if b:
-        print(f"{r['load']} quiesce p50 breakdown: freeze call {b['freeze_call']:.2f} ms (agent {b['freeze_agent']:.2f}), "
+        print(f"{r['load']} quiesce p50 breakdown: freeze call {b['freeze_call']:.2f} ms (agent {b['freeze_agent']:.2f}, FIFREEZE {b.get('fifreeze', float('nan')):.2f}), "
               f"clone {b['clone']:.2f} ms, thaw call {b['thaw_call']:.2f} ms (agent {b['thaw_agent']:.2f})  [{r['method']}]")
 print("'quiesce, no syncfs' sets FreezeRequest.skip_syncfs (the default flushes each filesystem just before FIFREEZE).")
 print("FROZEN: FIFREEZE -> last FITHAW as measured on the guest (the floor: in-process; Quiesce: the guard's own clock;")

@@ -202,7 +202,10 @@ public final class AgentRunner: Sendable {
         }
     }
 
-    /// Runs one command on its own task, bounded by its relative deadline.
+    /// Runs one command on its own task, bounded by its relative deadline:
+    /// when it passes, the task is cancelled (every action honours that: a hook
+    /// is killed, a freeze in flight is answered and thawed) and the answer
+    /// says the deadline was exceeded.
     private func start(_ command: AgentCommand, running: RunningCommands, reply: AsyncStream<AgentMessage>.Continuation) {
         let handler = self.handler
         let deadline: Duration = command.deadlineMs > 0
@@ -211,15 +214,16 @@ public final class AgentRunner: Sendable {
         running.start(command.id) { Task {
             let clock = ContinuousClock()
             let began = clock.now
-            var result: CommandResult
-            do {
-                result = try await withDeadline(deadline) { await handler.perform(command) }
-                if Task.isCancelled {
-                    result = Self.failure(command.id, .cancelled, "\(name) was cancelled by the engine", reason: "cancelled")
-                }
-            } catch is DeadlineExceeded {
+            let expired = SessionFlag()
+            let timer = DeadlineTimer(after: deadline) {
+                expired.set()
+                running.cancel(command.id)
+            }
+            var result = await handler.perform(command)
+            timer.cancel()
+            if expired.isSet {
                 result = Self.failure(command.id, .deadlineExceeded, "\(name) did not finish within \(deadline)", reason: "deadline-exceeded")
-            } catch {
+            } else if Task.isCancelled {
                 result = Self.failure(command.id, .cancelled, "\(name) was cancelled by the engine", reason: "cancelled")
             }
             result.commandID = command.id

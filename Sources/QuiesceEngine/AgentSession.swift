@@ -27,7 +27,7 @@ public final class AgentSession: Sendable {
     private struct Pending {
         var continuation: CheckedContinuation<CommandResult, any Error>
         var action: String
-        var timer: Task<Void, Never>?
+        var timer: DeadlineTimer?
     }
 
     private struct State {
@@ -114,9 +114,8 @@ public final class AgentSession: Sendable {
                               cancelReason: "cancelled by the engine", notifyAgent: false)
                     return
                 }
-                let timer = Task { [weak self] in
-                    try? await Task.sleep(for: deadline + grace)
-                    guard !Task.isCancelled, let self else { return }
+                let timer = DeadlineTimer(after: deadline + grace) { [weak self] in
+                    guard let self else { return }
                     self.fail(
                         id,
                         RPCError(

@@ -35,6 +35,11 @@ public enum SecureTransports {
         config.connection.keepalive = .init(
             time: .seconds(30), timeout: .seconds(10),
             clientBehavior: .init(minPingIntervalWithoutCalls: .seconds(5), allowWithoutCalls: true))
+        // A session carries a few small messages at a time, and a freeze waits
+        // for each of them: write at once instead of holding each flush back
+        // (up to 100 µs, often several times that once the timer fires) in the
+        // hope of batching it with others.
+        config.connection.flushCoalescing = nil
         return HTTP2ServerTransport.Posix(
             address: address.grpcAddress,
             transportSecurity: .mTLS(
@@ -54,6 +59,8 @@ public enum SecureTransports {
     {
         var config = HTTP2ClientTransport.Posix.Config.defaults
         config.connection.keepalive = .init(time: .seconds(10), timeout: .seconds(5), allowWithoutCalls: true)
+        // Every freeze and thaw answer waits on this flush (see agentListener).
+        config.connection.flushCoalescing = nil
         // The agent runs its own backoff between sessions; the transport's
         // reconnection inside one client is kept short.
         config.backoff = .init(initial: .milliseconds(100), max: .seconds(2), multiplier: 1.6, jitter: 0.2)

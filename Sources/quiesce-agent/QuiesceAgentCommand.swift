@@ -8,6 +8,14 @@ import QuiesceWire
 import SwiftProtobuf
 
 @main
+enum AgentMain {
+    static func main() async {
+        // One session, small work per message: one event loop thread runs the network and every task.
+        ConcurrencyExecutor.useEventLoops(threads: 1)
+        await QuiesceAgentCommand.main()
+    }
+}
+
 struct QuiesceAgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quiesce-agent",

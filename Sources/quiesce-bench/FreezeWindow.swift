@@ -31,7 +31,7 @@ struct FreezeWindow: AsyncParsableCommand {
     var agent: String
     @Option(help: ArgumentHelp("qemu-ga binary; empty skips qemu-guest-agent.", valueName: "path"))
     var qemuGA = "/usr/sbin/qemu-ga"
-    @Option(help: "Loads to measure: idle, busy (a background writer on the guest filesystem), or both.")
+    @Option(help: "Loads to measure: idle, busy (a background writer on the guest filesystem), both, or none (only the command round trip).")
     var load = "both"
 
     struct Sample {
@@ -44,10 +44,12 @@ struct FreezeWindow: AsyncParsableCommand {
         var cloneMs: Double = .nan
         var thawCallMs: Double = .nan
         var thawAgentMs: Double = .nan
+        /// The FIFREEZE call itself, timed by the thaw guard.
+        var fifreezeMs: Double = .nan
     }
 
     func run() async throws {
-        let loads = self.load == "both" ? ["idle", "busy"] : [self.load]
+        let loads = self.load == "both" ? ["idle", "busy"] : self.load == "none" ? [] : [self.load]
         let clone = (self.image as NSString).deletingLastPathComponent + "/bench-clone.img"
         let mount = self.mount
         let image = self.image
@@ -200,7 +202,8 @@ struct FreezeWindow: AsyncParsableCommand {
                     windowMs: (t1 - t0).ms, frozenMs: Double(proof.frozenUs) / 1000,
                     syncfsMs: Double(frozen.payload?.mounts.first?.syncfsUs ?? 0) / 1000,
                     freezeCallMs: (tFrozen - t0).ms, freezeAgentMs: frozen.elapsed.ms, cloneMs: (tCloned - tFrozen).ms,
-                    thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms))
+                    thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms,
+                    fifreezeMs: Double(frozen.payload?.mounts.first?.freezeUs ?? 0) / 1000))
                 unlink(clone)
                 try await Task.sleep(for: .milliseconds(2))
             }
@@ -236,6 +239,7 @@ struct FreezeWindow: AsyncParsableCommand {
                 "freeze_call": stats(samples.map(\.freezeCallMs))["p50"] ?? .nan, "freeze_agent": stats(samples.map(\.freezeAgentMs))["p50"] ?? .nan,
                 "clone": stats(samples.map(\.cloneMs))["p50"] ?? .nan, "thaw_call": stats(samples.map(\.thawCallMs))["p50"] ?? .nan,
                 "thaw_agent": stats(samples.map(\.thawAgentMs))["p50"] ?? .nan,
+                "fifreeze": stats(samples.map(\.fifreezeMs))["p50"] ?? .nan,
             ].filter { !$0.value.isNaN },
         ]
         if let data = try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]) {

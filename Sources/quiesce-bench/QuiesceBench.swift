@@ -11,6 +11,13 @@ import QuiesceWire
 /// Load generators for the scripts in scripts/bench-*.sh. They print JSON
 /// lines; the scripts turn them into tables.
 @main
+enum BenchMain {
+    static func main() async {
+        ConcurrencyExecutor.useEventLoops()
+        await QuiesceBench.main()
+    }
+}
+
 struct QuiesceBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quiesce-bench",

@@ -8,6 +8,14 @@ import QuiescePKI
 import QuiesceWire
 
 @main
+enum QuiesceMain {
+    static func main() async {
+        // Tasks run on the event loops that do the engine's network I/O (see ConcurrencyExecutor).
+        ConcurrencyExecutor.useEventLoops()
+        await Quiesce.main()
+    }
+}
+
 struct Quiesce: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quiesce",

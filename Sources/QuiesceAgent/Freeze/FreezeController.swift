@@ -155,7 +155,9 @@ public final class FreezeController: Sendable {
                 return refuse(.invalidArgument, "\(path) is mounted read-only; there is nothing to freeze", "read-only")
             }
             seenDevices[device] = path
-            mounts.append(FreezeOrder.Mount(path: path, device: device, backedBy: FreezeOrder.backingFilesystems(ofDevice: device)))
+            // One mount has no order to find: spare its sysfs walk (a dozen system calls) on the freeze's path.
+            let backedBy = request.mountPoints.count > 1 ? FreezeOrder.backingFilesystems(ofDevice: device) : nil
+            mounts.append(FreezeOrder.Mount(path: path, device: device, backedBy: backedBy))
         }
         // Independent filesystems together, stacked ones upper before lower, "/" last
         // (the agent lives there; it is thawed first). See FreezeOrder.

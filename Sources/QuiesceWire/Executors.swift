@@ -1,0 +1,41 @@
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// Where Swift concurrency's jobs run.
+public enum ConcurrencyExecutor {
+    /// Runs every task on NIO's event loop threads (the ones that do the
+    /// network I/O) instead of a separate cooperative pool, so a message that
+    /// arrives, the task it resumes and the reply it sends stay on one thread:
+    /// no hand-over between pools per hop. Call first thing in `main`.
+    /// `QUIESCE_EXECUTOR=pool` keeps Swift's own pool (to compare).
+    ///
+    /// Blocking calls stay forbidden there, as on the cooperative pool
+    /// (ARCHITECTURE.md invariant 9): they go to ``DedicatedThread``.
+    ///
+    /// - Parameter threads: How many event loop threads (nil: one per core). The
+    ///   agent uses one: it serves one session, and a single loop means a reply
+    ///   never waits for a wake-up of another thread to reach its connection.
+    @discardableResult
+    public static func useEventLoops(threads: Int? = nil) -> Bool {
+        if let threads { NIOSingletons.groupLoopCountSuggestion = threads }
+        if getenv("QUIESCE_EXECUTOR").map({ String(cString: $0) }) == "pool" { return false }
+        return NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+    }
+}
+
+/// A deadline that fires a closure unless it is cancelled first: an entry in
+/// an event loop's timer heap instead of a task sleeping on a dispatch timer
+/// (which costs a wake-up of dispatch's manager thread per command, on the path
+/// of every freeze and thaw).
+public struct DeadlineTimer: Sendable {
+    private let scheduled: Scheduled<Void>
+
+    /// Calls `action` (on an event loop thread: it must not block) after `delay`.
+    public init(after delay: Duration, _ action: @escaping @Sendable () -> Void) {
+        let nanoseconds = max(delay.components.seconds, 0) &* 1_000_000_000 &+ delay.components.attoseconds / 1_000_000_000
+        self.scheduled = MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .nanoseconds(nanoseconds), action)
+    }
+
+    public func cancel() { self.scheduled.cancel() }
+}
