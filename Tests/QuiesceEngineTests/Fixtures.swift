@@ -196,3 +196,22 @@ final class ScriptedHandler: CommandHandling {
         return result
     }
 }
+
+/// Answers every command late, whatever happens: it ignores cancellation and the
+/// command's deadline (what a wedged agent looks like to the engine).
+final class DeafHandler: CommandHandling {
+    let answerAfter: Duration
+    init(answerAfter: Duration) { self.answerAfter = answerAfter }
+    var capabilities: [String] { ["facts"] }
+
+    func perform(_ command: AgentCommand) async -> CommandResult {
+        let seconds = Double(self.answerAfter.components.seconds) + Double(self.answerAfter.components.attoseconds) / 1e18
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { continuation.resume() }
+        }
+        var result = CommandResult()
+        result.commandID = command.id
+        result.facts.hostname = "too-late-\(command.id)"
+        return result
+    }
+}

@@ -68,6 +68,27 @@ struct SessionTests {
         #expect(handler.cancelled.withLock { $0.contains(1) })
     }
 
+    @Test("an agent that never answers: the engine's own timer fails the command at deadline plus grace")
+    func engineTimer() async throws {
+        let fleet = try await Fleet.start()
+        defer { fleet.discard() }
+        let handler = DeafHandler(answerAfter: .seconds(3))
+        let (_, task) = try await fleet.connect("i-deaf", handler: handler)
+        defer { task.cancel() }
+        let session = try #require(await fleet.engine.registry.session(for: "i-deaf"))
+        let clock = ContinuousClock()
+        let start = clock.now
+        let error = await #expect(throws: RPCError.self) {
+            _ = try await session.send(.facts(.init()), deadline: .milliseconds(200), grace: .milliseconds(200))
+        }
+        let waited = clock.now - start
+        #expect(error?.code == .deadlineExceeded)
+        #expect(error?.message.contains("got no answer within") == true)
+        // Not before deadline + grace; well before the agent's late answer.
+        #expect(waited >= .milliseconds(400) && waited < .milliseconds(2500), "failed after \(waited)")
+        #expect(session.pendingCommands == 0)
+    }
+
     @Test("cancelling the caller cancels the command on the agent")
     func cancel() async throws {
         let fleet = try await Fleet.start()
