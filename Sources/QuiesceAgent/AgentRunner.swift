@@ -91,7 +91,7 @@ public final class AgentRunner: Sendable {
     public func runSession() async -> SessionEnd {
         let clock = ContinuousClock()
         let began = clock.now
-        let established = SessionFlag()
+        let established = OnceFlag()
         do {
             let instanceID = try self.instanceID()
             let transport = SecureTransports.agentDialer(engine: self.configuration.engine, identity: self.configuration.identity)
@@ -110,7 +110,7 @@ public final class AgentRunner: Sendable {
         }
     }
 
-    private func session(client: GRPCClient<HTTP2ClientTransport.Posix>, instanceID: String, established: SessionFlag) async throws {
+    private func session(client: GRPCClient<HTTP2ClientTransport.Posix>, instanceID: String, established: OnceFlag) async throws {
         let service = Quiesce_Agent_V1_AgentService.Client(wrapping: client)
         let (outbound, outboundContinuation) = AsyncStream<AgentMessage>.makeStream()
         defer { outboundContinuation.finish() }
@@ -214,7 +214,7 @@ public final class AgentRunner: Sendable {
         running.start(command.id) { Task {
             let clock = ContinuousClock()
             let began = clock.now
-            let expired = SessionFlag()
+            let expired = OnceFlag()
             let timer = DeadlineTimer(after: deadline) {
                 expired.set()
                 running.cancel(command.id)
@@ -296,8 +296,8 @@ final class RunningCommands: Sendable {
     }
 }
 
-/// Set once the hello exchange of a session completes.
-final class SessionFlag: Sendable {
+/// A flag that is set once and never cleared (the hello exchange completed; a command's deadline passed).
+final class OnceFlag: Sendable {
     private let value = Mutex(false)
     func set() { self.value.withLock { $0 = true } }
     var isSet: Bool { self.value.withLock { $0 } }

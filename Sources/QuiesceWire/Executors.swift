@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOPosix
+import QuiesceCore
 
 /// Where Swift concurrency's jobs run.
 public enum ConcurrencyExecutor {
@@ -33,8 +34,7 @@ public struct DeadlineTimer: Sendable {
 
     /// Calls `action` (on an event loop thread: it must not block) after `delay`.
     public init(after delay: Duration, _ action: @escaping @Sendable () -> Void) {
-        let nanoseconds = max(delay.components.seconds, 0) &* 1_000_000_000 &+ delay.components.attoseconds / 1_000_000_000
-        self.scheduled = MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .nanoseconds(nanoseconds), action)
+        self.scheduled = MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .nanoseconds(max(delay.nanoseconds, 0)), action)
     }
 
     public func cancel() { self.scheduled.cancel() }

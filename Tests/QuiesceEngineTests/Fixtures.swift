@@ -205,9 +205,8 @@ final class DeafHandler: CommandHandling {
     var capabilities: [String] { ["facts"] }
 
     func perform(_ command: AgentCommand) async -> CommandResult {
-        let seconds = Double(self.answerAfter.components.seconds) + Double(self.answerAfter.components.attoseconds) / 1e18
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { continuation.resume() }
+            DispatchQueue.global().asyncAfter(deadline: .now() + self.answerAfter.timeInterval) { continuation.resume() }
         }
         var result = CommandResult()
         result.commandID = command.id
