@@ -60,7 +60,7 @@ import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 print(f"bench-freeze: freeze sent -> thaw answered, one reflink clone of a {sys.argv[3]} MiB image in between; {sys.argv[2]} build")
 floor = {r["load"]: r["window_ms"]["p50"] for r in rows if r["method"] == "raw floor"}
-header = ["LOAD", "METHOD", "RUNS", "WINDOW P50", "P99", "MAX", "P50 - FLOOR", "FROZEN P50", "FROZEN P99", "SYNCFS P50"]
+header = ["LOAD", "METHOD", "RUNS", "WINDOW P50", "P99", "MAX", "P50 - FLOOR", "FROZEN P50", "FROZEN P99", "SYNCED", "SYNCFS P50"]
 def ms(v): return f"{v:.2f} ms" if v is not None else "-"
 rtt = [r for r in rows if r["method"] == "command round trip"]
 rows = [r for r in rows if r["method"] != "command round trip"]
@@ -69,7 +69,9 @@ for r in rows:
     w, f = r["window_ms"], r.get("frozen_ms") or {}
     table.append([r["load"], r["method"], str(r["runs"]), ms(w["p50"]), ms(w["p99"]), ms(w["max"]),
                   "" if r["method"] == "raw floor" else f"{w['p50'] - floor[r['load']]:+.2f} ms",
-                  ms(f.get("p50")), ms(f.get("p99")), ms((r.get("syncfs_ms") or {}).get("p50"))])
+                  ms(f.get("p50")), ms(f.get("p99")),
+                  f"{r['synced_runs']}/{r['runs']}" if r["method"].startswith("quiesce") else "-",
+                  ms((r.get("syncfs_ms") or {}).get("p50"))])
 widths = [max(len(x) for x in col) for col in zip(header, *table)]
 for line in [header] + table:
     print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -81,8 +83,10 @@ for r in rows:
     if b:
         print(f"{r['load']} quiesce p50 breakdown: freeze call {b['freeze_call']:.2f} ms (agent {b['freeze_agent']:.2f}, FIFREEZE {b.get('fifreeze', float('nan')):.2f}), "
               f"clone {b['clone']:.2f} ms, thaw call {b['thaw_call']:.2f} ms (agent {b['thaw_agent']:.2f})  [{r['method']}]")
-print("'quiesce, no syncfs' sets FreezeRequest.skip_syncfs (the default flushes each filesystem just before FIFREEZE).")
+print("The methods take turns run by run (each run starts with the next method), so drift weighs on all rows alike.")
+print("'quiesce (mTLS)' is the agent's default syncfs policy, auto: flush each filesystem just before FIFREEZE when at")
+print("least 16 MiB of the page cache is dirty; the other two rows fix the policy per request (FreezeRequest.syncfs).")
 print("FROZEN: FIFREEZE -> last FITHAW as measured on the guest (the floor: in-process; Quiesce: the guard's own clock;")
-print("qemu-guest-agent does not report it). SYNCFS: Quiesce flushes the filesystem just before FIFREEZE (writes still")
-print("flow during it); that time is inside WINDOW but not inside FROZEN.")
+print("qemu-guest-agent does not report it). SYNCED: runs that flushed first; SYNCFS P50 is over those runs. The flush")
+print("happens before FIFREEZE (writes still flow during it): inside WINDOW, not inside FROZEN.")
 PY

@@ -29,7 +29,7 @@ enum LinuxFreezePlugin: QuiescePlugin {
                 .list("only_mounts", [], "Freeze only these mount points (empty: every eligible mount)."),
                 .list("skip_mounts", [], "Mount points never to freeze; an ineligible filesystem listed here does not lower the level."),
                 .int("retries", 0, in: 0...5, "Attempts of the whole quiesce phase after a failure (e.g. another freezer holds a mount), each after undoing what started."),
-                .bool("skip_syncfs", false, "Do not syncfs each filesystem just before freezing it (shorter freezes when little is dirty; see bench-freeze)."),
+                .bool("skip_syncfs", false, "Never syncfs before freezing (the agent's default flushes first only when 16 MiB or more is dirty; see README, syncfs before FIFREEZE)."),
             ]
         }
     }

@@ -231,7 +231,8 @@ public struct PlanRunner: Sendable {
             }
             state.frozen = true
             state.freezeMounts = action.mountPoints
-            return .init(ok: true, detail: "")
+            // Recorded with the step: whether the agent flushed first, and why.
+            return .init(ok: true, detail: freeze.syncfsReason.isEmpty ? "" : "syncfs \(freeze.synced ? "done" : "skipped"): \(freeze.syncfsReason)")
         case .thaw?:
             let reply = try await self.engine.thaw(self.freezeID, on: self.instanceID, deadline: timeout)
             if let thaw = reply.payload, reply.isOK {

@@ -58,12 +58,24 @@ struct Run: AsyncParsableCommand {
     var thawGuard: String?
     @Flag(help: "Do not lock the agent's memory (mlockall). Locking keeps it able to thaw when / is frozen.")
     var noMemoryLock = false
+    @Option(help: ArgumentHelp(
+        "Flush each filesystem (syncfs) just before freezing it: auto (when --syncfs-min-dirty-mib or more is dirty), always, never. The engine may choose per freeze.",
+        valueName: "auto|always|never"))
+    var syncfs = SyncfsRule.Mode.auto.rawValue
+    @Option(help: ArgumentHelp("With --syncfs auto: flush first when this much of the page cache is dirty (Dirty + Writeback in /proc/meminfo).", valueName: "MiB"))
+    var syncfsMinDirtyMib = SyncfsRule.defaultMinDirtyMiB
 
     func validate() throws {
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("expected a log level (trace, debug, info, notice, warning, error, critical), found \"\(self.logLevel)\"")
         }
         do { _ = try ListenAddress(parsing: self.engine) } catch { throw ValidationError("--engine: \(error)") }
+        guard SyncfsRule.Mode(rawValue: self.syncfs) != nil else {
+            throw ValidationError("--syncfs: expected auto, always or never, found \"\(self.syncfs)\"")
+        }
+        guard self.syncfsMinDirtyMib <= 1 << 30 else {
+            throw ValidationError("--syncfs-min-dirty-mib: expected at most \(1 << 30) MiB, found \(self.syncfsMinDirtyMib)")
+        }
     }
 
     func run() async throws {
@@ -79,7 +91,8 @@ struct Run: AsyncParsableCommand {
         }
         let engine = try ListenAddress(parsing: self.engine)
         let locations = HookLocations(prescript: self.prescript, postscript: self.postscript, hookDirectory: self.hookDir)
-        let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard)
+        let syncfs = SyncfsRule(mode: SyncfsRule.Mode(rawValue: self.syncfs) ?? .auto, minDirtyBytes: self.syncfsMinDirtyMib << 20)
+        let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs)
         let runner = AgentRunner(
             configuration: AgentConfiguration(
                 engine: engine,

@@ -37,7 +37,9 @@ struct FreezeWindow: AsyncParsableCommand {
     struct Sample {
         var windowMs: Double
         var frozenMs: Double
+        /// Quiesce only: the agent's syncfs time, for the runs that flushed.
         var syncfsMs: Double = .nan
+        var synced: Bool?
         /// Engine-side round trips and the agent's own time for each command.
         var freezeCallMs: Double = .nan
         var freezeAgentMs: Double = .nan
@@ -130,34 +132,30 @@ struct FreezeWindow: AsyncParsableCommand {
             defer { if let writer { kill(writer.processIdentifier, SIGKILL); writer.waitUntilExit() } }
             if writer != nil { try await Task.sleep(for: .milliseconds(500)) }
 
-            // Raw floor.
-            let runs = self.runs
-            let floor: [Sample] = try await DedicatedThread.run(name: "bench-floor") {
-                let fd = open(mount, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-                guard fd >= 0 else { throw ValidationError("cannot open \(mount)") }
-                defer { close(fd) }
-                var samples: [Sample] = []
-                for _ in 0..<runs {
+            // The methods take turns run by run, each run starting with the next
+            // one, so that whatever drifts over a row (the writer's file, the
+            // pool's extents after hundreds of clones, page cache) weighs on all
+            // alike. One descriptor for the floor, opened before anything is frozen.
+            let floorFD = open(mount, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard floorFD >= 0 else { throw ValidationError("cannot open \(mount)") }
+            defer { close(floorFD) }
+            let fd = floorFD
+            var methods: [(name: String, sample: (Int) async throws -> Sample)] = []
+            methods.append(("raw floor", { _ in
+                try await DedicatedThread.run(name: "bench-floor") {
                     let t0 = ContinuousClock.now
-                    // Frozen from the FIFREEZE call on, as the guard counts it.
-                    let frozenAt = t0
                     guard quiesce_fifreeze(fd) == 0 else { throw ValidationError("FIFREEZE \(mount): \(String(cString: strerror(errno)))") }
                     let cloned = Result { try snapshot() }
                     quiesce_fithaw(fd)
                     let t1 = ContinuousClock.now
                     try cloned.get()
-                    samples.append(Sample(windowMs: (t1 - t0).ms, frozenMs: (t1 - frozenAt).ms))
-                    unlink(clone)
-                    usleep(2000)
+                    // Frozen from the FIFREEZE call on, as the guard counts it.
+                    return Sample(windowMs: (t1 - t0).ms, frozenMs: (t1 - t0).ms)
                 }
-                return samples
-            }
-            Self.report(load: load, method: "raw floor", samples: floor)
-
+            }))
             if let client = qga {
-                let samples: [Sample] = try await DedicatedThread.run(name: "bench-qga") {
-                    var samples: [Sample] = []
-                    for _ in 0..<runs {
+                methods.append(("qemu-guest-agent", { _ in
+                    try await DedicatedThread.run(name: "bench-qga") {
                         let t0 = ContinuousClock.now
                         let frozen = try client.call(#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["\#(mount)"]}}"#)
                         guard frozen == "1" else {
@@ -169,46 +167,48 @@ struct FreezeWindow: AsyncParsableCommand {
                         let t1 = ContinuousClock.now
                         try cloned.get()
                         guard thawed == "1" else { throw ValidationError("qemu-ga thawed \(thawed) filesystems, expected 1") }
-                        samples.append(Sample(windowMs: (t1 - t0).ms, frozenMs: .nan))
-                        unlink(clone)
-                        usleep(2000)
+                        return Sample(windowMs: (t1 - t0).ms, frozenMs: .nan)
                     }
-                    return samples
+                }))
+            }
+            // The agent's default (syncfs when much is dirty), and the two fixed policies.
+            for (name, policy) in [("quiesce (mTLS)", Quiesce_Agent_V1_SyncfsPolicy.unspecified),
+                                   ("quiesce, syncfs always", .always), ("quiesce, no syncfs", .never)] {
+                methods.append((name, { run in
+                    var request = Quiesce_Agent_V1_FreezeRequest()
+                    request.freezeID = "bench-\(load)-\(policy.rawValue)-\(run)"
+                    request.mountPoints = [mount]
+                    request.syncfs = policy
+                    let t0 = ContinuousClock.now
+                    let frozen = try await engine.freeze(request, on: "bench-guest")
+                    let tFrozen = ContinuousClock.now
+                    guard frozen.isOK, let result = frozen.payload else { throw ValidationError("freeze failed: \(frozen.status.message)") }
+                    let cloned = Result { try snapshot() }
+                    let tCloned = ContinuousClock.now
+                    let thawed = try await engine.thaw(request.freezeID, on: "bench-guest")
+                    let t1 = ContinuousClock.now
+                    try cloned.get()
+                    guard thawed.isOK, let proof = thawed.payload, proof.cause == .command else {
+                        throw ValidationError("thaw did not prove the freeze: \(thawed.status.message) \(String(describing: thawed.payload?.cause))")
+                    }
+                    return Sample(
+                        windowMs: (t1 - t0).ms, frozenMs: Double(proof.frozenUs) / 1000,
+                        syncfsMs: result.synced ? Double(result.mounts.first?.syncfsUs ?? 0) / 1000 : .nan, synced: result.synced,
+                        freezeCallMs: (tFrozen - t0).ms, freezeAgentMs: frozen.elapsed.ms, cloneMs: (tCloned - tFrozen).ms,
+                        thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms,
+                        fifreezeMs: Double(result.mounts.first?.freezeUs ?? 0) / 1000)
+                }))
+            }
+            var samples = Array(repeating: [Sample](), count: methods.count)
+            for run in 0..<self.runs {
+                for turn in methods.indices {
+                    let index = (run + turn) % methods.count
+                    samples[index].append(try await methods[index].sample(run))
+                    unlink(clone)
+                    try await Task.sleep(for: .milliseconds(2))
                 }
-                Self.report(load: load, method: "qemu-guest-agent", samples: samples)
             }
-
-            // With the default syncfs just before FIFREEZE, and without it (FreezeRequest.skip_syncfs).
-            for skipSyncfs in [false, true] {
-            var samples: [Sample] = []
-            for run in 0..<runs {
-                var request = Quiesce_Agent_V1_FreezeRequest()
-                request.freezeID = "bench-\(load)-\(skipSyncfs)-\(run)"
-                request.mountPoints = [mount]
-                request.skipSyncfs = skipSyncfs
-                let t0 = ContinuousClock.now
-                let frozen = try await engine.freeze(request, on: "bench-guest")
-                let tFrozen = ContinuousClock.now
-                guard frozen.isOK else { throw ValidationError("freeze failed: \(frozen.status.message)") }
-                let cloned = Result { try snapshot() }
-                let tCloned = ContinuousClock.now
-                let thawed = try await engine.thaw(request.freezeID, on: "bench-guest")
-                let t1 = ContinuousClock.now
-                try cloned.get()
-                guard thawed.isOK, let proof = thawed.payload, proof.cause == .command else {
-                    throw ValidationError("thaw did not prove the freeze: \(thawed.status.message) \(String(describing: thawed.payload?.cause))")
-                }
-                samples.append(Sample(
-                    windowMs: (t1 - t0).ms, frozenMs: Double(proof.frozenUs) / 1000,
-                    syncfsMs: Double(frozen.payload?.mounts.first?.syncfsUs ?? 0) / 1000,
-                    freezeCallMs: (tFrozen - t0).ms, freezeAgentMs: frozen.elapsed.ms, cloneMs: (tCloned - tFrozen).ms,
-                    thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms,
-                    fifreezeMs: Double(frozen.payload?.mounts.first?.freezeUs ?? 0) / 1000))
-                unlink(clone)
-                try await Task.sleep(for: .milliseconds(2))
-            }
-            Self.report(load: load, method: skipSyncfs ? "quiesce, no syncfs" : "quiesce (mTLS)", samples: samples)
-            }
+            for (method, samples) in zip(methods, samples) { Self.report(load: load, method: method.name, samples: samples) }
         }
     }
 
@@ -235,6 +235,7 @@ struct FreezeWindow: AsyncParsableCommand {
             "load": load, "method": method, "runs": samples.count,
             "window_ms": stats(samples.map(\.windowMs)), "frozen_ms": stats(samples.map(\.frozenMs)),
             "syncfs_ms": stats(samples.map(\.syncfsMs)),
+            "synced_runs": samples.filter { $0.synced == true }.count,
             "breakdown_p50_ms": [
                 "freeze_call": stats(samples.map(\.freezeCallMs))["p50"] ?? .nan, "freeze_agent": stats(samples.map(\.freezeAgentMs))["p50"] ?? .nan,
                 "clone": stats(samples.map(\.cloneMs))["p50"] ?? .nan, "thaw_call": stats(samples.map(\.thawCallMs))["p50"] ?? .nan,

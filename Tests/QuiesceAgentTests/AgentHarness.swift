@@ -14,11 +14,11 @@ final class AgentHarness: @unchecked Sendable {
     private var heartbeat: Task<Void, Never>?
     let events = EventLog()
 
-    init(directory: String, silenceLimit: Duration = .seconds(1), guardExecutable: String? = nil) async {
+    init(directory: String, silenceLimit: Duration = .seconds(1), guardExecutable: String? = nil, syncfs: SyncfsRule = .default) async {
         self.directory = directory
         let locations = HookLocations(prescript: directory + "/prescript.sh", postscript: directory + "/postscript.sh", hookDirectory: directory + "/hooks.d")
         try? FileManager.default.createDirectory(atPath: locations.hookDirectory, withIntermediateDirectories: true)
-        self.handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardExecutable, silenceLimit: silenceLimit)
+        self.handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardExecutable, silenceLimit: silenceLimit, syncfs: syncfs)
         await self.handler.prepare()
         let events = self.events
         self.handler.sessionOpened { events.append($0) }
@@ -48,11 +48,12 @@ final class AgentHarness: @unchecked Sendable {
         return await self.handler.perform(command)
     }
 
-    func freeze(_ id: String, _ mounts: [String], budgetMs: UInt32 = 0) async -> CommandResult {
+    func freeze(_ id: String, _ mounts: [String], budgetMs: UInt32 = 0, syncfs: Quiesce_Agent_V1_SyncfsPolicy = .unspecified) async -> CommandResult {
         var request = Quiesce_Agent_V1_FreezeRequest()
         request.freezeID = id
         request.mountPoints = mounts
         request.budgetMs = budgetMs
+        request.syncfs = syncfs
         return await self.perform(.freeze(request))
     }
 

@@ -78,6 +78,47 @@ struct FreezeTests {
         }
     }
 
+    @Test("syncfs: auto flushes first when much is dirty and says why; below its threshold FIFREEZE flushes alone; the request can fix it")
+    func syncfsPolicy() async throws {
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("fs", fsType: "ext4", sizeMiB: 128).mountPoint }
+            let agent = await AgentHarness(directory: loops.directory, syncfs: SyncfsRule(mode: .auto, minDirtyBytes: 32 << 20))
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
+            // 48 MiB written and not synced: at least that much of the page cache is dirty (writeback waits 30 s).
+            try await blocking {
+                let chunk = Data(repeating: 0x5a, count: 1 << 20)
+                guard FileManager.default.createFile(atPath: mount + "/dirty.bin", contents: nil) else { throw CocoaError(.fileWriteUnknown) }
+                let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: mount + "/dirty.bin"))
+                for _ in 0..<48 { try handle.write(contentsOf: chunk) }
+                try handle.close()
+            }
+            let flushed = await agent.freeze("s1", [mount])
+            #expect(flushed.status.isOK, "\(flushed.status.message)")
+            #expect(flushed.freeze.synced && flushed.freeze.dirtyKib >= 48 << 10, "\(flushed.freeze.syncfsReason)")
+            #expect(flushed.freeze.syncfsReason.hasPrefix("auto: ") && flushed.freeze.syncfsReason.hasSuffix(" dirty >= 32 MiB"))
+            #expect(flushed.freeze.mounts.first?.syncfsUs ?? 0 > 0)
+            #expect(await agent.thaw("s1").thaw.cause == .command)
+
+            // The same rule with a threshold nothing reaches: no syncfs, and the reply says what it saw.
+            let lax = await AgentHarness(directory: loops.directory + "/lax", syncfs: SyncfsRule(mode: .auto, minDirtyBytes: 1 << 50))
+            defer { Task { await lax.close() } }
+            lax.startHeartbeats()
+            let skipped = await lax.freeze("s2", [mount])
+            #expect(skipped.status.isOK && !skipped.freeze.synced && skipped.freeze.mounts.first?.syncfsUs == 0)
+            #expect(skipped.freeze.syncfsReason.hasSuffix("dirty < 1073741824 MiB; FIFREEZE flushes it"), "\(skipped.freeze.syncfsReason)")
+            #expect(await lax.thaw("s2").thaw.cause == .command)
+
+            // The engine's choice wins over the agent's rule.
+            let always = await lax.freeze("s3", [mount], syncfs: .always)
+            #expect(always.freeze.synced && always.freeze.syncfsReason == "always (the engine asked)" && always.freeze.dirtyKib == 0)
+            #expect(await lax.thaw("s3").status.isOK)
+            let never = await agent.freeze("s4", [mount], syncfs: .never)
+            #expect(!never.freeze.synced && never.freeze.syncfsReason == "never (the engine asked)")
+            #expect(await agent.thaw("s4").status.isOK)
+        }
+    }
+
     @Test("the budget runs out: the guard thaws, the agent reports an event, and the thaw reply says budget")
     func budget() async throws {
         try await withLoopDevices { loops in

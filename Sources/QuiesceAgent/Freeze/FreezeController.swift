@@ -19,6 +19,8 @@ public final class FreezeController: Sendable {
     /// Without a message from the engine for this long while frozen, thaw.
     public let silenceLimit: Duration
     public let guardExecutable: String
+    /// Whether a freeze flushes each filesystem first (a request may override it).
+    public let syncfs: SyncfsRule
     private let logger: Logger
     private let state = Mutex(State())
     private let watchdogStarted = Mutex(false)
@@ -49,12 +51,13 @@ public final class FreezeController: Sendable {
     }
 
     public init(
-        guardExecutable: String? = nil, silenceLimit: Duration = .seconds(1),
+        guardExecutable: String? = nil, silenceLimit: Duration = .seconds(1), syncfs: SyncfsRule = .default,
         holdStates: @escaping @Sendable () -> [Quiesce_Agent_V1_HoldState] = { [] },
         logger: Logger = Logger(label: "quiesce.agent.freeze")
     ) {
         self.guardExecutable = guardExecutable ?? ThawGuard.defaultExecutable()
         self.silenceLimit = silenceLimit
+        self.syncfs = syncfs
         self.holdStates = holdStates
         self.logger = logger
     }
@@ -192,10 +195,15 @@ public final class FreezeController: Sendable {
         LogGate.shared.close()
         self.state.withLock { $0.lastEngineMessage = .now }
         let id = request.freezeID
+        // Decided as late as possible: the dirty figure is the one the freeze will meet.
+        let flush = self.syncfs.decide(request)
+        result.synced = flush.sync
+        result.syncfsReason = flush.reason
+        result.dirtyKib = flush.dirtyKiB ?? 0
         let replies: [GuardMessage]
         do {
             replies = try await guardProcess.request(
-                "FREEZE \(id) \(budget.milliseconds) \(request.skipSyncfs ? 0 : 1) \(concurrent)", descriptors: descriptors,
+                "FREEZE \(id) \(budget.milliseconds) \(flush.sync ? 1 : 0) \(concurrent)", descriptors: descriptors,
                 accepts: { $0.freezeID == id || $0.freezeID == "-" },
                 finishes: { message in
                     switch message {

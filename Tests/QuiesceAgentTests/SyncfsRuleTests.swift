@@ -1,0 +1,63 @@
+import QuiesceAgent
+import QuiesceProto
+import Testing
+
+@Suite("syncfs before FIFREEZE: the agent's rule and the request's policy")
+struct SyncfsRuleTests {
+    static let meminfo = """
+        MemTotal:       24570268 kB
+        MemFree:        20361044 kB
+        Buffers:          200912 kB
+        Dirty:             40960 kB
+        Writeback:          8192 kB
+        AnonPages:        611468 kB
+        HugePages_Total:       0
+
+        """
+
+    @Test("Dirty + Writeback are read from /proc/meminfo's text; anything malformed is nil, not zero")
+    func parse() {
+        #expect(SyncfsRule.dirtyKiB(meminfo: Array(Self.meminfo.utf8)) == 49_152)
+        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: 7 kB\nWriteback: 0 kB".utf8)) == 7)
+        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: 7 kB\n".utf8)) == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: seven kB\nWriteback: 0 kB\n".utf8)) == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: 7 MB\nWriteback: 0 kB\n".utf8)) == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: Array("".utf8)) == nil)
+        // This machine's own file parses.
+        #expect(SyncfsRule.readDirtyKiB() != nil)
+    }
+
+    @Test("auto flushes at the threshold and above, skips below it, and flushes when it cannot tell")
+    func auto() {
+        let rule = SyncfsRule(mode: .auto, minDirtyBytes: 16 << 20)
+        let request = Quiesce_Agent_V1_FreezeRequest()
+        let above = rule.decide(request, dirtyKiB: { 16 << 10 })
+        #expect(above.sync && above.reason == "auto: 16 MiB dirty >= 16 MiB" && above.dirtyKiB == 16 << 10)
+        let below = rule.decide(request, dirtyKiB: { 4 << 10 })
+        #expect(!below.sync && below.reason == "auto: 4 MiB dirty < 16 MiB; FIFREEZE flushes it")
+        let small = rule.decide(request, dirtyKiB: { 1536 })
+        #expect(!small.sync && small.reason.hasPrefix("auto: 1.5 MiB dirty"))
+        let unknown = rule.decide(request, dirtyKiB: { nil })
+        #expect(unknown.sync && unknown.reason.contains("unreadable") && unknown.dirtyKiB == nil)
+    }
+
+    @Test("the request's policy wins over the agent's rule; skip_syncfs wins over both; always and never read nothing")
+    func precedence() {
+        var reads = 0
+        let count: () -> UInt64? = { reads += 1; return 1 << 30 }
+        let auto = SyncfsRule.default
+        var request = Quiesce_Agent_V1_FreezeRequest()
+        request.syncfs = .never
+        #expect(auto.decide(request, dirtyKiB: count) == .init(sync: false, reason: "never (the engine asked)", dirtyKiB: nil))
+        request.syncfs = .always
+        #expect(SyncfsRule(mode: .never).decide(request, dirtyKiB: count).sync)
+        request.skipSyncfs = true
+        #expect(auto.decide(request, dirtyKiB: count).reason == "never (the engine asked: skip_syncfs)")
+        #expect(reads == 0)
+        #expect(SyncfsRule(mode: .always).decide(Quiesce_Agent_V1_FreezeRequest(), dirtyKiB: count).reason == "always (the agent's setting)")
+        request = Quiesce_Agent_V1_FreezeRequest()
+        request.syncfs = .auto
+        #expect(SyncfsRule(mode: .never, minDirtyBytes: 1 << 20).decide(request, dirtyKiB: count).sync)
+        #expect(reads == 1)
+    }
+}
