@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <pthread.h>
@@ -132,4 +133,47 @@ int quiesce_is_mount_root(int fd) {
     if (statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_BASIC_STATS, &info) != 0) return -1;
     if (!(info.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT)) { errno = ENOTSUP; return -1; }
     return (info.stx_attributes & STATX_ATTR_MOUNT_ROOT) ? 1 : 0;
+}
+
+// One "Name:   <digits> kB" line's value, or -1.
+static int meminfo_field(const char *text, unsigned long length, const char *name, unsigned long long *value) {
+    size_t name_length = strlen(name);
+    for (unsigned long at = 0; at < length;) {
+        const char *line = text + at;
+        const char *newline = memchr(line, '\n', length - at);
+        unsigned long line_length = newline ? (unsigned long)(newline - line) : length - at;
+        at += line_length + 1;
+        if (line_length <= name_length || memcmp(line, name, name_length) != 0) continue;
+        unsigned long i = name_length;
+        while (i < line_length && line[i] == ' ') i++;
+        unsigned long long v = 0;
+        int digits = 0;
+        while (i < line_length && line[i] >= '0' && line[i] <= '9' && digits < 19) v = v * 10 + (unsigned long long)(line[i++] - '0'), digits++;
+        if (digits == 0 || line_length - i != 3 || memcmp(line + i, " kB", 3) != 0) return -1;
+        *value = v;
+        return 0;
+    }
+    return -1;
+}
+
+int quiesce_parse_dirty_kib(const char *text, unsigned long length, unsigned long long *kib) {
+    unsigned long long dirty, writeback;
+    if (meminfo_field(text, length, "Dirty:", &dirty) != 0 || meminfo_field(text, length, "Writeback:", &writeback) != 0) return -1;
+    *kib = dirty + writeback;
+    return 0;
+}
+
+int quiesce_read_dirty_kib(unsigned long long *kib) {
+    char buffer[8192];
+    int fd = open("/proc/meminfo", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    size_t used = 0;
+    while (used < sizeof buffer) {
+        ssize_t n = read(fd, buffer + used, sizeof buffer - used);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        used += (size_t)n;
+    }
+    close(fd);
+    return quiesce_parse_dirty_kib(buffer, used, kib);
 }

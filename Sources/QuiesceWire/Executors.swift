@@ -17,9 +17,11 @@ public enum ConcurrencyExecutor {
     /// - Parameter threads: How many event loop threads (nil: one per core). The
     ///   agent uses one: it serves one session, and a single loop means a reply
     ///   never waits for a wake-up of another thread to reach its connection.
+    ///   `QUIESCE_EVENT_LOOPS=N` in the environment overrides it.
     @discardableResult
     public static func useEventLoops(threads: Int? = nil) -> Bool {
-        if let threads { NIOSingletons.groupLoopCountSuggestion = threads }
+        let override = getenv("QUIESCE_EVENT_LOOPS").flatMap { Int(String(cString: $0)) }.flatMap { $0 > 0 ? $0 : nil }
+        if let threads = override ?? threads { NIOSingletons.groupLoopCountSuggestion = threads }
         if getenv("QUIESCE_EXECUTOR").map({ String(cString: $0) }) == "pool" { return false }
         return NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
     }

@@ -17,12 +17,12 @@ struct SyncfsRuleTests {
 
     @Test("Dirty + Writeback are read from /proc/meminfo's text; anything malformed is nil, not zero")
     func parse() {
-        #expect(SyncfsRule.dirtyKiB(meminfo: Array(Self.meminfo.utf8)) == 49_152)
-        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: 7 kB\nWriteback: 0 kB".utf8)) == 7)
-        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: 7 kB\n".utf8)) == nil)
-        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: seven kB\nWriteback: 0 kB\n".utf8)) == nil)
-        #expect(SyncfsRule.dirtyKiB(meminfo: Array("Dirty: 7 MB\nWriteback: 0 kB\n".utf8)) == nil)
-        #expect(SyncfsRule.dirtyKiB(meminfo: Array("".utf8)) == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: Self.meminfo) == 49_152)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Dirty: 7 kB\nWriteback: 0 kB") == 7)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Dirty: 7 kB\n") == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Dirty: seven kB\nWriteback: 0 kB\n") == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Dirty: 7 MB\nWriteback: 0 kB\n") == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "") == nil)
         // This machine's own file parses.
         #expect(SyncfsRule.readDirtyKiB() != nil)
     }

@@ -1,3 +1,4 @@
+import CQuiesceLinux
 import Foundation
 import QuiesceProto
 
@@ -85,48 +86,19 @@ public struct SyncfsRule: Sendable, Equatable {
     }
 
     /// Dirty + Writeback (KiB) from /proc/meminfo's text ("Dirty:     1234 kB" lines);
-    /// nil when either line is missing or malformed. Works on the bytes: it runs on the freeze's path.
-    public static func dirtyKiB<Bytes: Collection<UInt8>>(meminfo bytes: Bytes) -> UInt64? {
-        var dirty: UInt64?
-        var writeback: UInt64?
-        var line: [UInt8] = []
-        line.reserveCapacity(64)
-        func take(_ line: [UInt8]) {
-            let fields = line.split(separator: UInt8(ascii: " "))
-            guard fields.count == 3, fields[2].elementsEqual("kB".utf8), !fields[1].isEmpty,
-                  fields[1].count <= 19, fields[1].allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") })
-            else { return }
-            let value = fields[1].reduce(UInt64(0)) { $0 * 10 + UInt64($1 - UInt8(ascii: "0")) }
-            if fields[0].elementsEqual("Dirty:".utf8) { dirty = value }
-            if fields[0].elementsEqual("Writeback:".utf8) { writeback = value }
+    /// nil when either line is missing or malformed. Parsed in C: it runs on the freeze's path.
+    public static func dirtyKiB(meminfo text: String) -> UInt64? {
+        var kib: UInt64 = 0
+        var copy = text
+        let parsed = copy.withUTF8 { bytes in
+            bytes.withMemoryRebound(to: CChar.self) { quiesce_parse_dirty_kib($0.baseAddress, UInt(bytes.count), &kib) }
         }
-        for byte in bytes {
-            if byte == UInt8(ascii: "\n") {
-                take(line)
-                line.removeAll(keepingCapacity: true)
-                if dirty != nil && writeback != nil { break }
-            } else {
-                line.append(byte)
-            }
-        }
-        if !line.isEmpty { take(line) }
-        guard let dirty, let writeback else { return nil }
-        return dirty + writeback
+        return parsed == 0 ? kib : nil
     }
 
-    /// Reads /proc/meminfo (procfs: no disk, safe while something is frozen; ~0.1 ms).
+    /// Reads /proc/meminfo now (procfs: no disk, safe while something is frozen; ~0.1 ms).
     public static func readDirtyKiB() -> UInt64? {
-        let fd = open("/proc/meminfo", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 8192)
-        var used = 0
-        while used < buffer.count {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + used, $0.count - used) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            used += n
-        }
-        return Self.dirtyKiB(meminfo: buffer[0..<used])
+        var kib: UInt64 = 0
+        return quiesce_read_dirty_kib(&kib) == 0 ? kib : nil
     }
 }
