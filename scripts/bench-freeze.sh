@@ -83,7 +83,12 @@ for r in rows:
     if b:
         print(f"{r['load']} quiesce p50 breakdown: freeze call {b['freeze_call']:.2f} ms (agent {b['freeze_agent']:.2f}, FIFREEZE {b.get('fifreeze', float('nan')):.2f}), "
               f"clone {b['clone']:.2f} ms, thaw call {b['thaw_call']:.2f} ms (agent {b['thaw_agent']:.2f})  [{r['method']}]")
-print("The methods take turns run by run (each run starts with the next method), so drift weighs on all rows alike.")
+for r in rows:
+    d = r.get("dirty_mib") or {}
+    if d:
+        print(f"{r['load']} {r['method']}: dirty page cache seen by the syncfs rule p50 {d['p50']:.1f} MiB, p99 {d['p99']:.1f}, max {d['max']:.1f}")
+print("The methods take turns run by run, in a random (seeded) order each run: drift and whatever a method inherits")
+print("from the one before it weigh on all rows alike.")
 print("'quiesce (mTLS)' is the agent's default syncfs policy, auto: flush each filesystem just before FIFREEZE when at")
 print("least 16 MiB of the page cache is dirty; the other two rows fix the policy per request (FreezeRequest.syncfs).")
 print("FROZEN: FIFREEZE -> last FITHAW as measured on the guest (the floor: in-process; Quiesce: the guard's own clock;")

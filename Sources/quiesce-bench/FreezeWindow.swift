@@ -40,6 +40,8 @@ struct FreezeWindow: AsyncParsableCommand {
         /// Quiesce only: the agent's syncfs time, for the runs that flushed.
         var syncfsMs: Double = .nan
         var synced: Bool?
+        /// Dirty + Writeback (MiB) the agent saw before freezing, when its policy read it (auto).
+        var dirtyMiB: Double = .nan
         /// Engine-side round trips and the agent's own time for each command.
         var freezeCallMs: Double = .nan
         var freezeAgentMs: Double = .nan
@@ -132,9 +134,11 @@ struct FreezeWindow: AsyncParsableCommand {
             defer { if let writer { kill(writer.processIdentifier, SIGKILL); writer.waitUntilExit() } }
             if writer != nil { try await Task.sleep(for: .milliseconds(500)) }
 
-            // The methods take turns run by run, each run starting with the next
-            // one, so that whatever drifts over a row (the writer's file, the
-            // pool's extents after hundreds of clones, page cache) weighs on all
+            // The methods take turns run by run, in a new random order each run
+            // (fixed seed: the same order every time the bench runs), so whatever
+            // drifts over a row (the writer's file, the pool's extents after hundreds
+            // of clones, page cache) and whatever a method inherits from the one
+            // before it (a process that just ran, caches it left) weigh on all
             // alike. One descriptor for the floor, opened before anything is frozen.
             let floorFD = open(mount, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
             guard floorFD >= 0 else { throw ValidationError("cannot open \(mount)") }
@@ -194,15 +198,16 @@ struct FreezeWindow: AsyncParsableCommand {
                     return Sample(
                         windowMs: (t1 - t0).ms, frozenMs: Double(proof.frozenUs) / 1000,
                         syncfsMs: result.synced ? Double(result.mounts.first?.syncfsUs ?? 0) / 1000 : .nan, synced: result.synced,
+                        dirtyMiB: result.syncfsReason.hasPrefix("auto") ? Double(result.dirtyKib) / 1024 : .nan,
                         freezeCallMs: (tFrozen - t0).ms, freezeAgentMs: frozen.elapsed.ms, cloneMs: (tCloned - tFrozen).ms,
                         thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms,
                         fifreezeMs: Double(result.mounts.first?.freezeUs ?? 0) / 1000)
                 }))
             }
             var samples = Array(repeating: [Sample](), count: methods.count)
+            var order = SplitMix64(seed: load == "idle" ? 1 : 2)
             for run in 0..<self.runs {
-                for turn in methods.indices {
-                    let index = (run + turn) % methods.count
+                for index in methods.indices.shuffled(using: &order) {
                     samples[index].append(try await methods[index].sample(run))
                     unlink(clone)
                     try await Task.sleep(for: .milliseconds(2))
@@ -236,6 +241,7 @@ struct FreezeWindow: AsyncParsableCommand {
             "window_ms": stats(samples.map(\.windowMs)), "frozen_ms": stats(samples.map(\.frozenMs)),
             "syncfs_ms": stats(samples.map(\.syncfsMs)),
             "synced_runs": samples.filter { $0.synced == true }.count,
+            "dirty_mib": stats(samples.map(\.dirtyMiB)),
             "breakdown_p50_ms": [
                 "freeze_call": stats(samples.map(\.freezeCallMs))["p50"] ?? .nan, "freeze_agent": stats(samples.map(\.freezeAgentMs))["p50"] ?? .nan,
                 "clone": stats(samples.map(\.cloneMs))["p50"] ?? .nan, "thaw_call": stats(samples.map(\.thawCallMs))["p50"] ?? .nan,
@@ -246,6 +252,19 @@ struct FreezeWindow: AsyncParsableCommand {
         if let data = try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]) {
             FileHandle.standardOutput.write(data + Data("\n".utf8))
         }
+    }
+}
+
+/// A small seeded generator (SplitMix64): the bench's run order is random but repeatable.
+struct SplitMix64: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { self.state = seed }
+    mutating func next() -> UInt64 {
+        self.state &+= 0x9E37_79B9_7F4A_7C15
+        var z = self.state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }
 

@@ -8,7 +8,7 @@ import QuiesceProto
 /// sync_filesystem), but with writes already blocked: whatever is dirty is
 /// written inside the frozen window. A syncfs first writes it while the
 /// application can still write, so the freeze only has the rest to flush.
-/// Measured on this project's bench layout (ext4 on a loop device, kernel 6.1):
+/// Measured on this project's bench layout (ext4 on a loop device, Linux 6.18):
 ///
 /// * dirty data costs FIFREEZE about 2 ms per MiB: 8 MiB dirty → frozen 41 ms
 ///   without syncfs, 24 ms with; 32 MiB → 85 vs 25; 128 MiB → 250–460 vs 24.
