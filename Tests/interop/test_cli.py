@@ -66,6 +66,12 @@ def test_usage_errors_exit_64_and_say_what_was_expected(bin_dir, tmp_path):
     assert "exactly one of --agent ID or --operator NAME" in result.stderr
     result = run(bin_dir, "quiesce", "demo", "--agents", "0")
     assert result.returncode == 64, result.stderr
+    agent = ["quiesce-agent", "run", "--engine", "127.0.0.1:1", "--cert", "c", "--key", "k", "--ca", "a"]
+    result = run(bin_dir, *agent, "--syncfs", "sometimes")
+    assert result.returncode == 64, result.stderr
+    assert '--syncfs: expected auto, always or never, found "sometimes"' in result.stderr
+    result = run(bin_dir, *agent, "--syncfs-min-dirty-mib", "-1")
+    assert result.returncode == 64, result.stderr
 
 
 def test_ca_errors_name_the_problem(bin_dir, tmp_path):
