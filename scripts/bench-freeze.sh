@@ -62,8 +62,8 @@ print(f"bench-freeze: freeze sent -> thaw answered, one reflink clone of a {sys.
 floor = {r["load"]: r["window_ms"]["p50"] for r in rows if r["method"] == "raw floor"}
 header = ["LOAD", "METHOD", "RUNS", "WINDOW P50", "P99", "MAX", "P50 - FLOOR", "FROZEN P50", "FROZEN P99", "SYNCED", "SYNCFS P50"]
 def ms(v): return f"{v:.2f} ms" if v is not None else "-"
-rtt = [r for r in rows if r["method"] == "command round trip"]
-rows = [r for r in rows if r["method"] != "command round trip"]
+rtt = [r for r in rows if r["method"].startswith("command round trip")]
+rows = [r for r in rows if not r["method"].startswith("command round trip")]
 table = []
 for r in rows:
     w, f = r["window_ms"], r.get("frozen_ms") or {}
@@ -76,7 +76,7 @@ widths = [max(len(x) for x in col) for col in zip(header, *table)]
 for line in [header] + table:
     print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 for r in rtt:
-    print(f"engine -> agent -> engine round trip of a command that does no work (freeze status): "
+    print(f"engine -> agent -> engine {r['method']} (freeze status, no work): "
           f"p50 {r['window_ms']['p50']:.2f} ms, p99 {r['window_ms']['p99']:.2f} ms over {r['runs']}")
 for r in rows:
     b = r.get("breakdown_p50_ms") or {}

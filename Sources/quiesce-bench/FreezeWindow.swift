@@ -118,14 +118,18 @@ struct FreezeWindow: AsyncParsableCommand {
             qga = client
         }
 
-        // The bare command round trip (no filesystem work): freeze status.
-        var statusSamples: [Sample] = []
-        for _ in 0..<max(self.runs, 20) {
-            let t0 = ContinuousClock.now
-            let reply = try await engine.freezeStatus(of: "bench-guest")
-            statusSamples.append(Sample(windowMs: (ContinuousClock.now - t0).ms, frozenMs: .nan, freezeAgentMs: reply.elapsed.ms))
+        // The bare command round trip (no filesystem work): freeze status, back to
+        // back, and after 3 ms of quiet (as a thaw follows a freeze: both ends asleep).
+        for (method, pause) in [("command round trip", Duration.zero), ("command round trip after 3 ms idle", .milliseconds(3))] {
+            var statusSamples: [Sample] = []
+            for _ in 0..<max(self.runs, 20) {
+                if pause > .zero { try await Task.sleep(for: pause) }
+                let t0 = ContinuousClock.now
+                let reply = try await engine.freezeStatus(of: "bench-guest")
+                statusSamples.append(Sample(windowMs: (ContinuousClock.now - t0).ms, frozenMs: .nan, freezeAgentMs: reply.elapsed.ms))
+            }
+            Self.report(load: "idle", method: method, samples: statusSamples)
         }
-        Self.report(load: "idle", method: "command round trip", samples: statusSamples)
 
         for load in loads {
             let writer = load == "busy" ? try Self.start("/bin/bash", ["-c", """
