@@ -185,7 +185,7 @@ let package = Package(
             ]
         ),
         // Real loop devices and filesystems for tests (root only).
-        .target(name: "QuiesceTestSupport", path: "Tests/Support"),
+        .target(name: "QuiesceTestSupport", dependencies: ["QuiesceCore"], path: "Tests/Support"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
         .testTarget(name: "QuiesceFleetTests", dependencies: ["QuiesceCore", "QuiesceFleet", "QuiescePlugins"]),
         .testTarget(name: "QuiescePluginsTests", dependencies: ["QuiesceCore", "QuiescePlugins", "QuiescePluginProto"]),

@@ -262,20 +262,11 @@ public final class System: @unchecked Sendable {
 
     @discardableResult
     public func run(_ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        guard process.terminationStatus == 0 else {
-            throw CommandError(text: "\(arguments.joined(separator: " ")) failed (\(process.terminationStatus)): \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+        let finished = try ChildProcess.run(arguments)
+        guard finished.status == 0 else {
+            throw CommandError(text: "\(arguments.joined(separator: " ")) failed (\(finished.status)): \(finished.output.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
-        return text
+        return finished.output
     }
 
     /// - Parameter directIO: the loop device reads and writes the image with O_DIRECT,

@@ -23,7 +23,7 @@ enum FilesystemCheck {
             let needsRecovery = header.split(separator: "\n").contains { $0.hasPrefix("Filesystem features:") && $0.contains("needs_recovery") }
             if needsRecovery { _ = try? tool("e2fsck", "-fy", copy) }  // replays the journal on the copy
             let result = try tool("e2fsck", "-fn", copy, allowFailure: true)
-            return outcome(disk, fsType, clean: result.status == 0, recovered: needsRecovery, detail: lastLines(result.output))
+            return outcome(disk, fsType, clean: result.status == 0, recovered: needsRecovery, detail: result.lastLines())
         case "xfs":
             var result = try tool("xfs_repair", "-n", copy, allowFailure: true)
             var recovered = false
@@ -37,7 +37,7 @@ enum FilesystemCheck {
                 recovered = true
                 result = try tool("xfs_repair", "-n", copy, allowFailure: true)
             }
-            return outcome(disk, fsType, clean: result.status == 0, recovered: recovered, detail: lastLines(result.output))
+            return outcome(disk, fsType, clean: result.status == 0, recovered: recovered, detail: result.lastLines())
         default:
             return Inventory.DiskCheck(
                 disk: disk, outcome: .ok, filesystem: fsType.isEmpty ? nil : fsType,
@@ -50,29 +50,17 @@ enum FilesystemCheck {
         return Inventory.DiskCheck(disk: disk, outcome: outcome, filesystem: fsType, detail: detail)
     }
 
-    static func lastLines(_ text: String) -> String {
-        text.split(separator: "\n").suffix(2).joined(separator: " | ")
-    }
-
     @discardableResult
-    static func tool(_ arguments: String..., allowFailure: Bool = false) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
+    static func tool(_ arguments: String..., allowFailure: Bool = false) throws -> ChildProcess.Finished {
+        let finished: ChildProcess.Finished
         do {
-            try process.run()
+            finished = try ChildProcess.run(arguments)
         } catch {
             throw InventoryError.tool("cannot run \(arguments[0]): \(error)")
         }
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let output = String(decoding: data, as: UTF8.self)
-        if process.terminationStatus != 0 && !allowFailure {
-            throw InventoryError.tool("\(arguments.joined(separator: " ")) exited \(process.terminationStatus): \(lastLines(output))")
+        if finished.status != 0 && !allowFailure {
+            throw InventoryError.tool("\(arguments.joined(separator: " ")) exited \(finished.status): \(finished.lastLines())")
         }
-        return (process.terminationStatus, output)
+        return finished
     }
 }

@@ -209,7 +209,7 @@ struct FreezeWindow: AsyncParsableCommand {
                 }))
             }
             var samples = Array(repeating: [Sample](), count: methods.count)
-            var order = SplitMix64(seed: load == "idle" ? 1 : 2)
+            var order = SeededGenerator(seed: load == "idle" ? 1 : 2)
             for run in 0..<self.runs {
                 for index in methods.indices.shuffled(using: &order) {
                     samples[index].append(try await methods[index].sample(run))
@@ -256,19 +256,6 @@ struct FreezeWindow: AsyncParsableCommand {
         if let data = try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]) {
             FileHandle.standardOutput.write(data + Data("\n".utf8))
         }
-    }
-}
-
-/// A small seeded generator (SplitMix64): the bench's run order is random but repeatable.
-struct SplitMix64: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { self.state = seed }
-    mutating func next() -> UInt64 {
-        self.state &+= 0x9E37_79B9_7F4A_7C15
-        var z = self.state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

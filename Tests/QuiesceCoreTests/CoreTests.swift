@@ -34,21 +34,10 @@ struct ProtocolVersionTests {
 
 @Suite("Backoff")
 struct BackoffTests {
-    struct SeededGenerator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            self.state &+= 0x9E37_79B9_7F4A_7C15
-            var z = self.state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     @Test("the ceiling doubles up to the cap and every wait stays within [floor, ceiling]")
     func bounds() {
         var backoff = Backoff(base: .milliseconds(100), cap: .seconds(2), floor: .milliseconds(10))
-        var generator = SeededGenerator(state: 42)
+        var generator = SeededGenerator(seed: 42)
         var ceilings: [Duration] = []
         for _ in 0..<10 {
             let ceiling = backoff.currentCeiling
@@ -64,7 +53,7 @@ struct BackoffTests {
 
     @Test("waits are spread out (jitter), not in lockstep")
     func jitter() {
-        var generator = SeededGenerator(state: 7)
+        var generator = SeededGenerator(seed: 7)
         let waits = (0..<50).map { _ -> Duration in
             var backoff = Backoff(base: .seconds(1), cap: .seconds(1))
             return backoff.next(using: &generator)

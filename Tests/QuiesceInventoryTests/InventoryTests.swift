@@ -42,16 +42,9 @@ struct PrunePolicyTests {
 struct InventoryTests {
     /// The built `quiesce` binary, beside the test bundle.
     func quiesce(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("quiesce")
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("quiesce").path
+        let finished = try ChildProcess.run(arguments, executable: binary)
+        return (finished.status, finished.output)
     }
 
     @Test("deep verify tells a frozen ext4/XFS snapshot from a crash-consistent one; the CLI lists, shows, verifies, restores and prunes")

@@ -1,4 +1,5 @@
 import Foundation
+import QuiesceCore
 
 /// Real filesystems on loop devices for tests (root only). Everything made is
 /// undone by `cleanUp()`, which tests call from `defer`, so a failing test
@@ -97,20 +98,11 @@ extension LoopDevices {
 @discardableResult
 public func run(_ arguments: Any...) throws -> String {
     let flat = arguments.flatMap { ($0 as? [String]) ?? [String(describing: $0)] }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = flat
-    let output = Pipe()
-    process.standardOutput = output
-    process.standardError = output
-    try process.run()
-    let data = output.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    let text = String(decoding: data, as: UTF8.self)
-    guard process.terminationStatus == 0 else {
-        throw CommandFailed(description: "\(flat.joined(separator: " ")) exited \(process.terminationStatus): \(text)")
+    let finished = try ChildProcess.run(flat)
+    guard finished.status == 0 else {
+        throw CommandFailed(description: "\(flat.joined(separator: " ")) exited \(finished.status): \(finished.output)")
     }
-    return text
+    return finished.output
 }
 
 public struct CommandFailed: Error, CustomStringConvertible {
