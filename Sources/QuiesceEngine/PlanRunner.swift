@@ -106,7 +106,7 @@ public struct PlanRunner: Sendable {
                 }
                 guard let failure, attempt < attempts else { break }
                 // Undo what started, wait (never while frozen: everything is undone), try again.
-                await self.undo(started, plan: plan, state: &state, label: "retry")
+                await self.undo(started, plan: plan, state: &state, for: .retry)
                 state.outcome.warnings.append("quiesce attempt \(attempt) failed at \(failure.0.id): \(failure.1.detail); retrying")
                 state.outcome.achieved = levelBefore
                 state.outcome.reasons = reasonsBefore
@@ -130,7 +130,7 @@ public struct PlanRunner: Sendable {
                                              elapsed: .now - begin, attempt: state.attempt))
         }
 
-        await self.undo(started, plan: plan, state: &state, label: "thaw")
+        await self.undo(started, plan: plan, state: &state, for: .thaw)
         for step in plan.cleanup {
             let result = await self.execute(step, phase: "cleanup", state: &state)
             if !result.ok { state.outcome.warnings.append("\(step.id) failed: \(result.detail)") }
@@ -156,12 +156,23 @@ public struct PlanRunner: Sendable {
         var detail: String
     }
 
-    /// Runs the thaw-phase steps that undo the started quiesce steps (and those that undo nothing), in plan order.
-    private func undo(_ started: [PlanStep], plan: Plan, state: inout RunState, label: String) async {
+    /// Why the started quiesce steps are being undone.
+    private enum UndoCause {
+        /// The run's thaw phase: also runs the thaw steps that undo nothing (a postscript).
+        case thaw
+        /// A failed quiesce attempt before another: only what undoes a started step.
+        case retry
+
+        /// The phase the steps are recorded under.
+        var phase: String { self == .thaw ? "thaw" : "undo" }
+    }
+
+    /// Runs the thaw-phase steps that undo the started quiesce steps (and, for the thaw, those that undo nothing), in plan order.
+    private func undo(_ started: [PlanStep], plan: Plan, state: inout RunState, for cause: UndoCause) async {
         let startedUndos = Set(started.map(\.undo))
         let allUndos = Set(plan.quiesce.map(\.undo))
-        for step in plan.thaw where startedUndos.contains(step.id) || (!allUndos.contains(step.id) && label == "thaw") {
-            let result = await self.execute(step, phase: label == "thaw" ? "thaw" : "undo", state: &state)
+        for step in plan.thaw where startedUndos.contains(step.id) || (!allUndos.contains(step.id) && cause == .thaw) {
+            let result = await self.execute(step, phase: cause.phase, state: &state)
             if !result.ok { state.outcome.warnings.append("\(step.id) failed: \(result.detail)") }
         }
     }
