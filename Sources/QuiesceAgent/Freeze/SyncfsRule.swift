@@ -22,6 +22,14 @@ import QuiesceProto
 /// flushing) is at least `minDirtyBytes` (16 MiB). Below that the flush
 /// FIFREEZE does itself costs at most ~30 ms of frozen time. `always` and
 /// `never` do what they say; the engine may ask for either per freeze.
+///
+/// Its weak spot: a writer that keeps writing hard. Much is dirty, so auto
+/// flushes, but the flush runs long while the writer refills what FIFREEZE
+/// then has to flush anyway (bench-freeze's first busy run, 100–110 MiB dirty
+/// after its writer ran alone for 0.5 s: syncfs 0.5–0.8 s, window 1.1–1.6 s).
+/// The figure cannot tell a burst that has ended from one that goes on, and
+/// the kernel offers no per-filesystem dirty count outside debugfs. `never`
+/// suits instances known to write like that.
 public struct SyncfsRule: Sendable, Equatable {
     public enum Mode: String, Sendable, CaseIterable {
         case auto, always, never
