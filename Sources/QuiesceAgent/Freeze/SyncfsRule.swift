@@ -82,7 +82,7 @@ public struct SyncfsRule: Sendable, Equatable {
             guard let dirty = dirtyKiB() else {
                 return Decision(sync: true, reason: "auto: /proc/meminfo unreadable, flushed to be safe", dirtyKiB: nil)
             }
-            if dirty << 10 >= self.minDirtyBytes {
+            if dirty >= self.minDirtyBytes / 1024 {
                 return Decision(sync: true, reason: "auto: \(Self.mebibytes(dirty)) dirty >= \(threshold)", dirtyKiB: dirty)
             }
             return Decision(sync: false, reason: "auto: \(Self.mebibytes(dirty)) dirty < \(threshold); FIFREEZE flushes it", dirtyKiB: dirty)
