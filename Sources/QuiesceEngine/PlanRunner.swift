@@ -242,8 +242,7 @@ public struct PlanRunner: Sendable {
             }
             state.frozen = true
             state.freezeMounts = action.mountPoints
-            // Recorded with the step: whether the agent flushed first, and why.
-            return .init(ok: true, detail: freeze.syncfsReason.isEmpty ? "" : "syncfs \(freeze.synced ? "done" : "skipped"): \(freeze.syncfsReason)")
+            return .init(ok: true, detail: "")
         case .thaw?:
             let reply = try await self.engine.thaw(self.freezeID, on: self.instanceID, deadline: timeout)
             if let thaw = reply.payload, reply.isOK {

@@ -48,7 +48,7 @@ public struct SyncfsRule: Sendable, Equatable {
 
     public struct Decision: Sendable, Equatable {
         public var sync: Bool
-        /// For the freeze reply and the engine's step record, e.g. "auto: 4 MiB dirty < 16 MiB".
+        /// For the freeze reply and the agent's log, e.g. "auto: 4 MiB dirty < 16 MiB; FIFREEZE flushes it".
         public var reason: String
         public var dirtyKiB: UInt64?
 
