@@ -101,6 +101,8 @@ public struct BuiltinCommandHandler: CommandHandling {
             do {
                 var facts = try await self.facts.collect(includeHookHashes: request.includeHookHashes)
                 facts.guardReady = self.freezer.guardReady
+                facts.syncfs = self.freezer.syncfs.mode.policy
+                facts.syncfsMinDirtyBytes = self.freezer.syncfs.minDirtyBytes
                 result.facts = facts
                 result.status = .ok
             } catch {

@@ -309,6 +309,13 @@ public nonisolated struct Quiesce_Agent_V1_Facts: Sendable {
 
   public var bootTimeUnix: UInt64 = 0
 
+  /// The agent's own syncfs rule (quiesce-agent run --syncfs, --syncfs-min-dirty-mib):
+  /// what a FreezeRequest with syncfs unspecified gets. Unspecified from an agent
+  /// that does not freeze.
+  public var syncfs: Quiesce_Agent_V1_SyncfsPolicy = .unspecified
+
+  public var syncfsMinDirtyBytes: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -906,7 +913,7 @@ nonisolated extension Quiesce_Agent_V1_FactsRequest: SwiftProtobuf.Message, Swif
 
 nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Facts"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hostname\0\u{3}os_family\0\u{3}os_name\0\u{3}os_version\0\u{3}kernel_release\0\u{1}architecture\0\u{3}cpu_count\0\u{3}memory_bytes\0\u{1}mounts\0\u{1}hooks\0\u{3}vss_writers\0\u{3}guard_ready\0\u{3}boot_time_unix\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hostname\0\u{3}os_family\0\u{3}os_name\0\u{3}os_version\0\u{3}kernel_release\0\u{1}architecture\0\u{3}cpu_count\0\u{3}memory_bytes\0\u{1}mounts\0\u{1}hooks\0\u{3}vss_writers\0\u{3}guard_ready\0\u{3}boot_time_unix\0\u{1}syncfs\0\u{3}syncfs_min_dirty_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -927,6 +934,8 @@ nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtob
       case 11: try { try decoder.decodeRepeatedMessageField(value: &self.vssWriters) }()
       case 12: try { try decoder.decodeSingularBoolField(value: &self.guardReady) }()
       case 13: try { try decoder.decodeSingularUInt64Field(value: &self.bootTimeUnix) }()
+      case 14: try { try decoder.decodeSingularEnumField(value: &self.syncfs) }()
+      case 15: try { try decoder.decodeSingularUInt64Field(value: &self.syncfsMinDirtyBytes) }()
       default: break
       }
     }
@@ -972,6 +981,12 @@ nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtob
     if self.bootTimeUnix != 0 {
       try visitor.visitSingularUInt64Field(value: self.bootTimeUnix, fieldNumber: 13)
     }
+    if self.syncfs != .unspecified {
+      try visitor.visitSingularEnumField(value: self.syncfs, fieldNumber: 14)
+    }
+    if self.syncfsMinDirtyBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.syncfsMinDirtyBytes, fieldNumber: 15)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -989,6 +1004,8 @@ nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtob
     if lhs.vssWriters != rhs.vssWriters {return false}
     if lhs.guardReady != rhs.guardReady {return false}
     if lhs.bootTimeUnix != rhs.bootTimeUnix {return false}
+    if lhs.syncfs != rhs.syncfs {return false}
+    if lhs.syncfsMinDirtyBytes != rhs.syncfsMinDirtyBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -8,6 +8,18 @@ extension Quiesce_Agent_V1_Facts {
             + "\(self.cpuCount) CPUs, \(formatBytes(self.memoryBytes))"
     }
 
+    /// "thaw guard ready; syncfs before FIFREEZE: auto (16 MiB or more dirty)"; nil from an agent that does not freeze.
+    public var freezeSummary: String? {
+        let syncfs: String
+        switch self.syncfs {
+        case .auto: syncfs = "auto (when \(formatBytes(self.syncfsMinDirtyBytes)) or more of the page cache is dirty)"
+        case .always: syncfs = "always"
+        case .never: syncfs = "never"
+        case .unspecified, .UNRECOGNIZED: return nil
+        }
+        return "thaw guard \(self.guardReady ? "ready" : "missing (freezes are refused)"); syncfs before FIFREEZE: \(syncfs)"
+    }
+
     /// The mounts as a table, with whether each can be frozen or why not.
     public func mountTable() -> String {
         var table = TextTable(headers: ["MOUNT", "TYPE", "DEVICE", "SIZE", "FREE", "MODE", "FREEZE"])

@@ -85,6 +85,10 @@ struct FreezeTests {
             let agent = await AgentHarness(directory: loops.directory, syncfs: SyncfsRule(mode: .auto, minDirtyBytes: 32 << 20))
             defer { Task { await agent.close() } }
             agent.startHeartbeats()
+            // The agent's facts carry its rule.
+            let facts = await agent.perform(.facts(.init())).facts
+            #expect(facts.syncfs == .auto && facts.syncfsMinDirtyBytes == 32 << 20)
+            #expect(facts.freezeSummary == "thaw guard ready; syncfs before FIFREEZE: auto (when 32 MiB or more of the page cache is dirty)")
             // 48 MiB written and not synced: at least that much of the page cache is dirty (writeback waits 30 s).
             try await blocking {
                 let chunk = Data(repeating: 0x5a, count: 1 << 20)

@@ -111,12 +111,18 @@ def test_plan_for_a_connected_agent_matches_its_saved_facts(bin_dir, engine, tmp
     agent = subprocess.Popen(
         [os.path.join(bin_dir, "quiesce-agent"), "run", "--engine", f"127.0.0.1:{engine.port}", "--cert", cert, "--key", key,
          "--ca", os.path.join(engine.ca_dir, "ca.pem"), "--hook-dir", str(hooks),
-         "--prescript", str(hooks / "pre.sh"), "--postscript", str(hooks / "post.sh"), "--log-level", "warning"],
+         "--prescript", str(hooks / "pre.sh"), "--postscript", str(hooks / "post.sh"), "--log-level", "warning",
+         "--syncfs-min-dirty-mib", "24"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert wait_for(lambda: "web-7" in engine.quiesce(["agents"], check=False).stdout, timeout=20), engine.logs()
         saved = engine.quiesce(["facts", "web-7", "--hook-hashes", "--output", "json"]).stdout
-        mounts = [m for m in json.loads(saved)["mounts"] if m.get("freezable")]
+        facts = json.loads(saved)
+        # The agent's syncfs rule is in its facts, for machines and people.
+        assert facts["syncfs"] == "SYNCFS_POLICY_AUTO" and facts["syncfs_min_dirty_bytes"] == 24 << 20, saved
+        table = engine.quiesce(["facts", "web-7"]).stdout
+        assert "thaw guard ready; syncfs before FIFREEZE: auto (when 24 MiB or more of the page cache is dirty)" in table, table
+        mounts = [m for m in facts["mounts"] if m.get("freezable")]
         assert mounts, "this machine has no freezable mount to plan for"
         target = mounts[0]["mount_point"]
         args = ["plan", "--plugin", "linux-freeze", "--option", f"only_mounts={target}",

@@ -33,6 +33,15 @@ import QuiesceProto
 public struct SyncfsRule: Sendable, Equatable {
     public enum Mode: String, Sendable, CaseIterable {
         case auto, always, never
+
+        /// The same choice on the wire (facts, requests).
+        public var policy: Quiesce_Agent_V1_SyncfsPolicy {
+            switch self {
+            case .auto: .auto
+            case .always: .always
+            case .never: .never
+            }
+        }
     }
 
     public var mode: Mode

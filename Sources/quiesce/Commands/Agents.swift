@@ -66,7 +66,9 @@ struct FactsCommand: AsyncParsableCommand {
         case .json:
             print(try facts.jsonString(options: jsonOptions))
         case .table:
-            print("\(self.instance): \(facts.summary)\n")
+            print("\(self.instance): \(facts.summary)")
+            if let freeze = facts.freezeSummary { print(freeze) }
+            print("")
             print(facts.mountTable())
             print("")
             print(facts.hookTable())
