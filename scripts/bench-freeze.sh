@@ -88,7 +88,8 @@ for r in rows:
     if d:
         print(f"{r['load']} {r['method']}: dirty page cache seen by the syncfs rule p50 {d['p50']:.1f} MiB, p99 {d['p99']:.1f}, max {d['max']:.1f}")
 print("The methods take turns run by run, in a random (seeded) order each run: drift and whatever a method inherits")
-print("from the one before it weigh on all rows alike.")
+print("from the one before it weigh on all rows alike. Each load starts with one untimed freeze and thaw (with the")
+print("writer, it flushes the 0.5 s the writer ran alone, which would otherwise land on whichever run came first).")
 print("'quiesce (mTLS)' is the agent's default syncfs policy, auto: flush each filesystem just before FIFREEZE when at")
 print("least 16 MiB of the page cache is dirty; the other two rows fix the policy per request (FreezeRequest.syncfs).")
 print("FROZEN: FIFREEZE -> last FITHAW as measured on the guest (the floor: in-process; Quiesce: the guard's own clock;")

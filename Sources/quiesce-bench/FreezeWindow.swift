@@ -148,6 +148,16 @@ struct FreezeWindow: AsyncParsableCommand {
             guard floorFD >= 0 else { throw ValidationError("cannot open \(mount)") }
             defer { close(floorFD) }
             let fd = floorFD
+            // One untimed freeze and thaw first: the writer has written alone for
+            // 0.5 s (100+ MiB dirty), and whichever method ran first would flush it
+            // all — a transient that lands on one row only (on the floor it read
+            // 640 ms, on Quiesce's auto row 1.1-1.6 s). Every timed run then starts
+            // from the same steady state. (The burst case is measured on its own;
+            // see SyncfsRule.)
+            try await DedicatedThread.run(name: "bench-settle") {
+                guard quiesce_fifreeze(fd) == 0 else { throw ValidationError("FIFREEZE \(mount): \(String(cString: strerror(errno)))") }
+                quiesce_fithaw(fd)
+            }
             var methods: [(name: String, sample: (Int) async throws -> Sample)] = []
             methods.append(("raw floor", { _ in
                 try await DedicatedThread.run(name: "bench-floor") {
