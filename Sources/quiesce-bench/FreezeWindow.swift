@@ -39,7 +39,7 @@ struct FreezeWindow: AsyncParsableCommand {
         var frozenMs: Double
         /// Quiesce only: the agent's syncfs time, for the runs that flushed.
         var syncfsMs: Double = .nan
-        var synced: Bool?
+        var synced = false
         /// Dirty + Writeback (MiB) the agent saw before freezing, when its policy read it (auto).
         var dirtyMiB: Double = .nan
         /// Engine-side round trips and the agent's own time for each command.
@@ -144,10 +144,9 @@ struct FreezeWindow: AsyncParsableCommand {
             // of clones, page cache) and whatever a method inherits from the one
             // before it (a process that just ran, caches it left) weigh on all
             // alike. One descriptor for the floor, opened before anything is frozen.
-            let floorFD = open(mount, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            guard floorFD >= 0 else { throw ValidationError("cannot open \(mount)") }
-            defer { close(floorFD) }
-            let fd = floorFD
+            let fd = open(mount, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard fd >= 0 else { throw ValidationError("cannot open \(mount)") }
+            defer { close(fd) }
             // One untimed freeze and thaw first: the writer has written alone for
             // 0.5 s (100+ MiB dirty), and whichever method ran first would flush it
             // all — a transient that lands on one row only (on the floor it read
@@ -212,7 +211,8 @@ struct FreezeWindow: AsyncParsableCommand {
                     return Sample(
                         windowMs: (t1 - t0).ms, frozenMs: Double(proof.frozenUs) / 1000,
                         syncfsMs: result.synced ? Double(result.mounts.first?.syncfsUs ?? 0) / 1000 : .nan, synced: result.synced,
-                        dirtyMiB: result.syncfsReason.hasPrefix("auto") ? Double(result.dirtyKib) / 1024 : .nan,
+                        // Read only under auto: the agent's default (unspecified; the bench's agent runs with it) or asked for.
+                        dirtyMiB: policy == .unspecified || policy == .auto ? Double(result.dirtyKib) / 1024 : .nan,
                         freezeCallMs: (tFrozen - t0).ms, freezeAgentMs: frozen.elapsed.ms, cloneMs: (tCloned - tFrozen).ms,
                         thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms,
                         fifreezeMs: Double(result.mounts.first?.freezeUs ?? 0) / 1000)
@@ -254,7 +254,7 @@ struct FreezeWindow: AsyncParsableCommand {
             "load": load, "method": method, "runs": samples.count,
             "window_ms": stats(samples.map(\.windowMs)), "frozen_ms": stats(samples.map(\.frozenMs)),
             "syncfs_ms": stats(samples.map(\.syncfsMs)),
-            "synced_runs": samples.filter { $0.synced == true }.count,
+            "synced_runs": samples.filter(\.synced).count,
             "dirty_mib": stats(samples.map(\.dirtyMiB)),
             "breakdown_p50_ms": [
                 "freeze_call": stats(samples.map(\.freezeCallMs))["p50"] ?? .nan, "freeze_agent": stats(samples.map(\.freezeAgentMs))["p50"] ?? .nan,

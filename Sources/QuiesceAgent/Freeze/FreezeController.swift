@@ -35,7 +35,7 @@ public final class FreezeController: Sendable {
         var frozenAt: ContinuousClock.Instant
         var budget: Duration
         /// Whether the freeze flushed first, and why (for the thaw's log line).
-        var syncfs: String
+        var syncfs: SyncfsRule.Decision
     }
 
     private struct State {
@@ -263,9 +263,7 @@ public final class FreezeController: Sendable {
         result.allFrozen = true
         let frozenAt = ContinuousClock.now
         self.state.withLock { state in
-            state.active = Active(
-                id: id, mountPoints: ordered, descriptors: descriptors, frozenAt: frozenAt, budget: budget,
-                syncfs: "\(flush.sync ? "flushed" : "not flushed"): \(flush.reason)")
+            state.active = Active(id: id, mountPoints: ordered, descriptors: descriptors, frozenAt: frozenAt, budget: budget, syncfs: flush)
         }
         if Task.isCancelled {
             // Cancelling a freeze thaws whatever it froze.
@@ -422,7 +420,7 @@ public final class FreezeController: Sendable {
         let how = cause.word
         self.logger.info("thawed", metadata: [
             "freeze_id": "\(id)", "cause": "\(how)", "frozen_ms": "\(Double(frozenMicros) / 1000)", "within_budget": "\(withinBudget)",
-            "syncfs": "\(active.syncfs)", "detail": "\(detail)",
+            "syncfs": "\(active.syncfs.summary)", "detail": "\(detail)",
         ])
         if cause != .command {
             var event = Quiesce_Agent_V1_AgentEvent()

@@ -42,6 +42,16 @@ public struct SyncfsRule: Sendable, Equatable {
             case .never: .never
             }
         }
+
+        /// The choice a request names; nil when it leaves it to the agent.
+        public init?(_ policy: Quiesce_Agent_V1_SyncfsPolicy) {
+            switch policy {
+            case .auto: self = .auto
+            case .always: self = .always
+            case .never: self = .never
+            case .unspecified, .UNRECOGNIZED: return nil
+            }
+        }
     }
 
     public var mode: Mode
@@ -61,6 +71,9 @@ public struct SyncfsRule: Sendable, Equatable {
         public var reason: String
         public var dirtyKiB: UInt64?
 
+        /// "flushed: always (the agent's setting)", for a log line.
+        public var summary: String { "\(self.sync ? "flushed" : "not flushed"): \(self.reason)" }
+
         public init(sync: Bool, reason: String, dirtyKiB: UInt64?) {
             self.sync = sync
             self.reason = reason
@@ -71,18 +84,10 @@ public struct SyncfsRule: Sendable, Equatable {
     /// The decision for one freeze: the request's policy if it names one, else
     /// this (the agent's) rule. `dirtyKiB` is read only when `auto` needs it.
     public func decide(_ request: Quiesce_Agent_V1_FreezeRequest, dirtyKiB: () -> UInt64? = SyncfsRule.readDirtyKiB) -> Decision {
-        let mode: Mode
-        let whose: String
-        if request.skipSyncfs {
-            (mode, whose) = (.never, "the engine asked: skip_syncfs")
-        } else {
-            switch request.syncfs {
-            case .always: (mode, whose) = (.always, "the engine asked")
-            case .never: (mode, whose) = (.never, "the engine asked")
-            case .auto: (mode, whose) = (.auto, "the engine asked")
-            case .unspecified, .UNRECOGNIZED: (mode, whose) = (self.mode, "the agent's setting")
-            }
-        }
+        let (mode, whose): (Mode, String) =
+            if request.skipSyncfs { (.never, "the engine asked: skip_syncfs") }
+            else if let asked = Mode(request.syncfs) { (asked, "the engine asked") }
+            else { (self.mode, "the agent's setting") }
         switch mode {
         case .always: return Decision(sync: true, reason: "always (\(whose))", dirtyKiB: nil)
         case .never: return Decision(sync: false, reason: "never (\(whose))", dirtyKiB: nil)
