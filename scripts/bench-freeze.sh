@@ -12,6 +12,10 @@
 #
 #   scripts/bench-freeze.sh           release build, 200 runs per row
 #   scripts/bench-freeze.sh --quick   debug build, 10 runs, 256 MiB image (CI smoke pass)
+#   COMPARE_AGENT=/path/to/quiesce-agent scripts/bench-freeze.sh
+#                                     adds a row for another agent build (its guard next to
+#                                     it), timed in the same runs: an A/B test that the VM's
+#                                     drift between bench runs does not blur
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-freeze: needs root (loop devices, mount, FIFREEZE)" >&2; exit 1; }
@@ -53,7 +57,7 @@ sync
 
 results="$work/results.jsonl"
 "$bin/quiesce-bench" freeze --mount "$work/guest" --image "$work/pool/disk.img" --work "$work/scratch" \
-  --agent "$bin/quiesce-agent" --qemu-ga "$qga" --runs "$runs" >"$results"
+  --agent "$bin/quiesce-agent" ${COMPARE_AGENT:+--compare-agent "$COMPARE_AGENT"} --qemu-ga "$qga" --runs "$runs" >"$results"
 
 python3 - "$results" "$config" "$image_mib" <<'PY'
 import json, sys

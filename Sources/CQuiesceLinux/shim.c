@@ -1,5 +1,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <pthread.h>
@@ -41,7 +43,16 @@ long quiesce_send_with_fds(int sock, const void *data, unsigned long length, con
         c->cmsg_len = CMSG_LEN(sizeof(int) * count);
         memcpy(CMSG_DATA(c), fds, sizeof(int) * count);
     }
-    return (long)sendmsg(sock, &msg, MSG_NOSIGNAL);
+    // The socket may be non-blocking (the agent reads it on an event loop, which
+    // sets O_NONBLOCK on the shared file description): wait for room, bounded.
+    for (int waits = 0;;) {
+        ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        if (sent >= 0) return (long)sent;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN || waits++ >= 10) return -1;
+        struct pollfd pfd = {.fd = sock, .events = POLLOUT};
+        if (poll(&pfd, 1, 100) < 0 && errno != EINTR) return -1;
+    }
 }
 
 long quiesce_receive(int sock, void *buffer, unsigned long capacity) {
@@ -135,7 +146,8 @@ int quiesce_is_mount_root(int fd) {
     return (info.stx_attributes & STATX_ATTR_MOUNT_ROOT) ? 1 : 0;
 }
 
-// One "Name:   <digits> kB" line's value, or -1.
+// One "Name:   <digits> kB" line's value, or -1. A per-node file
+// (/sys/devices/system/node/nodeN/meminfo) prefixes each line with "Node N ".
 static int meminfo_field(const char *text, unsigned long length, const char *name, unsigned long long *value) {
     size_t name_length = strlen(name);
     for (unsigned long at = 0; at < length;) {
@@ -143,6 +155,14 @@ static int meminfo_field(const char *text, unsigned long length, const char *nam
         const char *newline = memchr(line, '\n', length - at);
         unsigned long line_length = newline ? (unsigned long)(newline - line) : length - at;
         at += line_length + 1;
+        if (line_length > 5 && memcmp(line, "Node ", 5) == 0) {
+            unsigned long skip = 5;
+            while (skip < line_length && line[skip] >= '0' && line[skip] <= '9') skip++;
+            if (skip == 5 || skip >= line_length || line[skip] != ' ') continue;
+            skip++;
+            line += skip;
+            line_length -= skip;
+        }
         if (line_length <= name_length || memcmp(line, name, name_length) != 0) continue;
         unsigned long i = name_length;
         while (i < line_length && line[i] == ' ') i++;
@@ -163,17 +183,51 @@ int quiesce_parse_dirty_kib(const char *text, unsigned long length, unsigned lon
     return 0;
 }
 
+// Reads a whole (small, generated) file from offset 0 of an open descriptor.
+static long read_whole(int fd, char *buffer, size_t capacity) {
+    size_t used = 0;
+    while (used < capacity) {
+        ssize_t n = pread(fd, buffer + used, capacity - used, (off_t)used);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return -1;
+        if (n == 0) break;
+        used += (size_t)n;
+    }
+    return (long)used;
+}
+
 int quiesce_read_dirty_kib(unsigned long long *kib) {
     char buffer[8192];
     int fd = open("/proc/meminfo", O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -1;
-    size_t used = 0;
-    while (used < sizeof buffer) {
-        ssize_t n = read(fd, buffer + used, sizeof buffer - used);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break;
-        used += (size_t)n;
-    }
+    long used = read_whole(fd, buffer, sizeof buffer);
     close(fd);
-    return quiesce_parse_dirty_kib(buffer, used, kib);
+    return used < 0 ? -1 : quiesce_parse_dirty_kib(buffer, (unsigned long)used, kib);
+}
+
+int quiesce_open_node_meminfo(int *fds, int capacity) {
+    int count = 0;
+    // Node numbers may have gaps (offline nodes); 1024 is the kernel's MAX_NUMNODES bound.
+    char path[64];
+    for (int node = 0; node < 1024 && count < capacity; node++) {
+        snprintf(path, sizeof path, "/sys/devices/system/node/node%d/meminfo", node);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) fds[count++] = fd;
+        else if (errno != ENOENT) break;
+    }
+    return count;
+}
+
+int quiesce_read_node_dirty_kib(const int *fds, int count, unsigned long long *kib) {
+    char buffer[8192];
+    unsigned long long total = 0;
+    if (count <= 0) return -1;
+    for (int i = 0; i < count; i++) {
+        unsigned long long node = 0;
+        long used = read_whole(fds[i], buffer, sizeof buffer);
+        if (used < 0 || quiesce_parse_dirty_kib(buffer, (unsigned long)used, &node) != 0) return -1;
+        total += node;
+    }
+    *kib = total;
+    return 0;
 }

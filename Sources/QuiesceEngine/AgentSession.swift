@@ -38,7 +38,7 @@ public final class AgentSession: Sendable {
         var closeReason: RPCError?
         var heartbeatSequence: UInt64 = 0
         /// Freezes in progress on this agent: each has a 250 ms heartbeat task.
-        var freezeHeartbeats: [String: Task<Void, Never>] = [:]
+        var freezeHeartbeats: [String: RepeatingTimer] = [:]
         var events: [Quiesce_Agent_V1_AgentEvent] = []
     }
 
@@ -172,17 +172,17 @@ public final class AgentSession: Sendable {
     /// every second (it thaws otherwise): heartbeats every `interval` until
     /// ``endFreezeHeartbeats(_:)`` or `limit` (budget plus slack) passes.
     func beginFreezeHeartbeats(_ freezeID: String, interval: Duration = .milliseconds(250), limit: Duration) {
-        let task = Task { [weak self] in
-            let until = ContinuousClock.now + limit
-            // The freeze command itself is the first sign of life; beat from then on.
-            while !Task.isCancelled, ContinuousClock.now < until {
-                try? await Task.sleep(for: interval)
-                guard !Task.isCancelled, let self, !self.isClosed else { return }
-                self.sendHeartbeat(freezeID: freezeID)
-            }
+        let until = ContinuousClock.now + limit
+        // The freeze command itself is the first sign of life; beat from then on.
+        // An event-loop timer, not a task on Task.sleep: arming and cancelling
+        // this one costs no dispatch wake-ups inside the freeze window.
+        let timer = RepeatingTimer(every: interval) { [weak self] in
+            guard let self, !self.isClosed, ContinuousClock.now < until else { return false }
+            self.sendHeartbeat(freezeID: freezeID)
+            return true
         }
         let previous = self.state.withLock { state in
-            defer { state.freezeHeartbeats[freezeID] = task }
+            defer { state.freezeHeartbeats[freezeID] = timer }
             return state.freezeHeartbeats[freezeID]
         }
         previous?.cancel()
@@ -222,10 +222,10 @@ public final class AgentSession: Sendable {
             defer { state.pending.removeAll() }
             return Array(state.pending.values)
         }
-        for task in self.state.withLock({ state -> [Task<Void, Never>] in
+        for timer in self.state.withLock({ state -> [RepeatingTimer] in
             defer { state.freezeHeartbeats.removeAll() }
             return Array(state.freezeHeartbeats.values)
-        }) { task.cancel() }
+        }) { timer.cancel() }
         let error = RPCError(
             code: .unavailable, message: "session with \(self.instanceID) ended: \(reason.message)", cause: reason)
         for entry in pending {

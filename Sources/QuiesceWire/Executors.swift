@@ -29,15 +29,38 @@ public enum ConcurrencyExecutor {
 
 /// A deadline that fires a closure unless it is cancelled first: an entry in
 /// an event loop's timer heap instead of a task sleeping on a dispatch timer
-/// (which costs a wake-up of dispatch's manager thread per command, on the path
-/// of every freeze and thaw).
+/// (`Task.sleep` goes through dispatch even with the event loops as the global
+/// executor: arming and cancelling one wakes dispatch's manager thread and a
+/// worker, on the path of every freeze and thaw).
+///
+/// The timer goes on the event loop the caller runs on, when it runs on one:
+/// arming it on another loop costs a wake-up of that loop's thread, and
+/// cancelling it another (bench-freeze's trace showed both in every window).
 public struct DeadlineTimer: Sendable {
     private let scheduled: Scheduled<Void>
 
     /// Calls `action` (on an event loop thread: it must not block) after `delay`.
     public init(after delay: Duration, _ action: @escaping @Sendable () -> Void) {
-        self.scheduled = MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .nanoseconds(max(delay.nanoseconds, 0)), action)
+        self.scheduled = MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: .nanoseconds(max(delay.nanoseconds, 0)), action)
     }
 
     public func cancel() { self.scheduled.cancel() }
+}
+
+/// A closure run every `interval` on an event loop (the caller's, when it runs
+/// on one) until it returns false or the timer is cancelled. The event-loop
+/// counterpart of a task looping on `Task.sleep`, for the same reasons as
+/// ``DeadlineTimer``.
+public struct RepeatingTimer: Sendable {
+    private let task: RepeatedTask
+
+    /// - Parameter action: Runs on an event loop thread (it must not block); false stops the timer.
+    public init(every interval: Duration, _ action: @escaping @Sendable () -> Bool) {
+        let amount = TimeAmount.nanoseconds(max(interval.nanoseconds, 1))
+        self.task = MultiThreadedEventLoopGroup.singleton.any().scheduleRepeatedTask(initialDelay: amount, delay: amount) { task in
+            if !action() { task.cancel() }
+        }
+    }
+
+    public func cancel() { self.task.cancel() }
 }

@@ -31,6 +31,10 @@ struct FreezeWindow: AsyncParsableCommand {
     var agent: String
     @Option(help: ArgumentHelp("qemu-ga binary; empty skips qemu-guest-agent.", valueName: "path"))
     var qemuGA = "/usr/sbin/qemu-ga"
+    @Option(help: ArgumentHelp(
+        "A second quiesce-agent (another build, its guard next to it) to time in the same runs, as the row 'quiesce (mTLS) [compare]': an A/B test that this VM's drift between bench runs cannot blur.",
+        valueName: "path"))
+    var compareAgent: String?
     @Option(help: "Loads to measure: idle, busy (a background writer on the guest filesystem), both, or none (only the command round trip).")
     var load = "both"
 
@@ -76,7 +80,6 @@ struct FreezeWindow: AsyncParsableCommand {
         silent.logLevel = .critical
         let ca = CADirectory(path: self.work + "/ca")
         if !ca.exists { try ca.initialize(names: ["localhost"], ipAddresses: ["127.0.0.1"]) }
-        try ca.issue(.agent(instanceID: "bench-guest"))
         let engine = try Engine(
             configuration: EngineConfiguration(
                 listen: ListenAddress(host: .ipv4("127.0.0.1"), port: 0), identity: ca.engineFiles,
@@ -85,14 +88,23 @@ struct FreezeWindow: AsyncParsableCommand {
         let engineTask = Task { try await engine.run() }
         defer { engine.shutdown(); engineTask.cancel() }
         let address = try await engine.listeningAddress()
-        let files = ca.agentFiles(instanceID: "bench-guest")
-        let agentProcess = try Self.start(self.agent, [
-            "run", "--engine", "\(address)", "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
-            "--hook-dir", self.work + "/hooks.d", "--log-level", "warning",
-        ], log: self.work + "/agent.log")
-        defer { kill(agentProcess.processIdentifier, SIGTERM); agentProcess.waitUntilExit() }  // the agent unblocks SIGTERM itself
-        guard await engine.registry.waitFor(["bench-guest"], timeout: .seconds(30)).isEmpty else {
-            throw ValidationError("the agent did not connect; see \(self.work)/agent.log")
+        // The agent under test, and the one to compare with (if any): the same engine, one session each.
+        var agents: [(instance: String, path: String, process: Process)] = []
+        defer {
+            for agent in agents { kill(agent.process.processIdentifier, SIGTERM); agent.process.waitUntilExit() }  // the agent unblocks SIGTERM itself
+        }
+        for (instance, path) in [("bench-guest", self.agent)] + (self.compareAgent.map { [("bench-guest-compare", $0)] } ?? []) {
+            try ca.issue(.agent(instanceID: instance))
+            let files = ca.agentFiles(instanceID: instance)
+            let process = try Self.start(path, [
+                "run", "--engine", "\(address)", "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
+                "--hook-dir", self.work + "/hooks.d", "--log-level", "warning",
+            ], log: self.work + "/\(instance).log")
+            agents.append((instance, path, process))
+        }
+        let missing = await engine.registry.waitFor(Set(agents.map(\.instance)), timeout: .seconds(30))
+        guard missing.isEmpty else {
+            throw ValidationError("\(missing.sorted().joined(separator: ", ")) did not connect; see \(self.work)/<instance>.log")
         }
 
         // qemu-guest-agent on a unix socket, its state in the scratch directory.
@@ -188,21 +200,25 @@ struct FreezeWindow: AsyncParsableCommand {
                     }
                 }))
             }
-            // The agent's default (syncfs when much is dirty), and the two fixed policies.
-            for (name, policy) in [("quiesce (mTLS)", Quiesce_Agent_V1_SyncfsPolicy.unspecified),
-                                   ("quiesce, syncfs always", .always), ("quiesce, no syncfs", .never)] {
+            // The agent's default (syncfs when much is dirty), the two fixed policies, and the agent to compare with.
+            var quiesceRows: [(name: String, instance: String, policy: Quiesce_Agent_V1_SyncfsPolicy)] = [
+                ("quiesce (mTLS)", "bench-guest", .unspecified), ("quiesce, syncfs always", "bench-guest", .always),
+                ("quiesce, no syncfs", "bench-guest", .never),
+            ]
+            if self.compareAgent != nil { quiesceRows.append(("quiesce (mTLS) [compare]", "bench-guest-compare", .unspecified)) }
+            for (name, instance, policy) in quiesceRows {
                 methods.append((name, { run in
                     var request = Quiesce_Agent_V1_FreezeRequest()
-                    request.freezeID = "bench-\(load)-\(policy.rawValue)-\(run)"
+                    request.freezeID = "bench-\(load)-\(instance)-\(policy.rawValue)-\(run)"
                     request.mountPoints = [mount]
                     request.syncfs = policy
                     let t0 = ContinuousClock.now
-                    let frozen = try await engine.freeze(request, on: "bench-guest")
+                    let frozen = try await engine.freeze(request, on: instance)
                     let tFrozen = ContinuousClock.now
-                    guard frozen.isOK, let result = frozen.payload else { throw ValidationError("freeze failed: \(frozen.status.message)") }
+                    guard frozen.isOK, let result = frozen.payload else { throw ValidationError("freeze failed (\(instance)): \(frozen.status.message)") }
                     let cloned = Result { try snapshot() }
                     let tCloned = ContinuousClock.now
-                    let thawed = try await engine.thaw(request.freezeID, on: "bench-guest")
+                    let thawed = try await engine.thaw(request.freezeID, on: instance)
                     let t1 = ContinuousClock.now
                     try cloned.get()
                     guard thawed.isOK, let proof = thawed.payload, proof.cause == .command else {

@@ -1,3 +1,4 @@
+import Foundation
 import QuiesceAgent
 import QuiesceProto
 import Testing
@@ -15,7 +16,7 @@ struct SyncfsRuleTests {
 
         """
 
-    @Test("Dirty + Writeback are read from /proc/meminfo's text; anything malformed is nil, not zero")
+    @Test("Dirty + Writeback are read from meminfo's text (/proc or a node's); anything malformed is nil, not zero")
     func parse() {
         #expect(SyncfsRule.dirtyKiB(meminfo: Self.meminfo) == 49_152)
         #expect(SyncfsRule.dirtyKiB(meminfo: "Dirty: 7 kB\nWriteback: 0 kB") == 7)
@@ -23,8 +24,31 @@ struct SyncfsRuleTests {
         #expect(SyncfsRule.dirtyKiB(meminfo: "Dirty: seven kB\nWriteback: 0 kB\n") == nil)
         #expect(SyncfsRule.dirtyKiB(meminfo: "Dirty: 7 MB\nWriteback: 0 kB\n") == nil)
         #expect(SyncfsRule.dirtyKiB(meminfo: "") == nil)
-        // This machine's own file parses.
-        #expect(SyncfsRule.readDirtyKiB() != nil)
+        // A NUMA node's file in sysfs: the same lines after "Node N ".
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Node 0 MemTotal: 24570268 kB\nNode 0 Dirty:  40 kB\nNode 0 Writeback:  2 kB\n") == 42)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Node 12 Dirty: 5 kB\nNode 12 Writeback: 1 kB") == 6)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Node x Dirty: 5 kB\nNode x Writeback: 1 kB") == nil)
+        #expect(SyncfsRule.dirtyKiB(meminfo: "Node 0 Dirty: 5 kB\nNode 0 Writeback: one kB") == nil)
+        // This machine's own /proc/meminfo parses.
+        #expect(DirtyPageGauge.readProcMeminfo() != nil)
+    }
+
+    @Test("the gauge re-reads its kept-open files: 64 MiB written and not synced show up at once")
+    func gaugeIsFresh() throws {
+        let gauge = DirtyPageGauge()
+        print("dirty page gauge reads \(gauge.source)")
+        let before = try #require(gauge.read())
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-gauge-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let chunk = Data(repeating: 0x5a, count: 1 << 20)
+        let handle = try #require(FileHandle(forWritingAtPath: { FileManager.default.createFile(atPath: directory.path + "/dirty", contents: nil); return directory.path + "/dirty" }()))
+        for _ in 0..<64 { handle.write(chunk) }
+        try handle.close()
+        let after = try #require(gauge.read())
+        // Dirty + Writeback: pages being written back still count, so only a
+        // completed flush of the whole file could hide it (none is asked for).
+        #expect(after >= before + (32 << 10), "before \(before) KiB, after 64 MiB written \(after) KiB")
     }
 
     @Test("auto flushes at the threshold and above, skips below it, and flushes when it cannot tell")

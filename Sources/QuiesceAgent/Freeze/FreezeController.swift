@@ -62,6 +62,8 @@ public final class FreezeController: Sendable {
         self.syncfs = syncfs
         self.holdStates = holdStates
         self.logger = logger
+        // Open the dirty-page gauge's files now, not on the first freeze's path.
+        _ = DirtyPageGauge.shared
     }
 
     // MARK: guard
@@ -287,7 +289,7 @@ public final class FreezeController: Sendable {
     /// One plain thread for the controller's lifetime, not a task: a busy
     /// cooperative pool must not delay a thaw, and no thread is created on the
     /// freeze path. It only sends THAW to the guard; the guard's THAWED is
-    /// recorded by the guard's reader thread (with no guard, it thaws directly).
+    /// recorded where the guard is read, on the event loop (with no guard, it thaws directly).
     private func ensureWatchdog() {
         let first = self.watchdogStarted.withLock { started -> Bool in
             defer { started = true }
@@ -295,18 +297,33 @@ public final class FreezeController: Sendable {
         }
         guard first else { return }
         let limit = self.silenceLimit
+        // While nothing is frozen it looks a quarter of the limit apart (an idle
+        // agent wakes 4 times a second, not 50; a 5 ms freeze window meets a
+        // tick 2% of the time). A freeze sets lastEngineMessage when it starts,
+        // so the next look, less than the limit later, still finds the silence
+        // deadline ahead and sleeps until exactly then: the thaw comes at the
+        // limit, not later. Each heartbeat moves the deadline, so while frozen
+        // it wakes about once per limit. Nothing wakes it on purpose: a wake-up
+        // on the freeze's path cost ~0.05 ms whenever it landed on the same CPU.
+        let idlePoll = min(limit / 4, .milliseconds(250))
         let thread = Thread { [weak self] in
+            var watching = false
             while true {
-                usleep(20_000)
-                guard let self else { return }
-                let (silent, id, guardProcess) = self.state.withLock { state in
-                    (ContinuousClock.now - state.lastEngineMessage, state.active?.id, state.guardProcess)
+                var pause = idlePoll
+                if watching, let lastHeard = self?.state.withLock({ $0.lastEngineMessage }) {
+                    pause = max(limit - (ContinuousClock.now - lastHeard), .milliseconds(20))
                 }
+                usleep(UInt32(clamping: pause.nanoseconds / 1000))
+                guard let self else { return }
+                let (silent, id, guardProcess, busy) = self.state.withLock { state in
+                    (ContinuousClock.now - state.lastEngineMessage, state.active?.id, state.guardProcess, state.busy)
+                }
+                watching = id != nil || busy
                 guard let id, silent >= limit else { continue }
                 let detail = "no message from the engine for \(silent.milliseconds) ms"
                 self.state.withLock { $0.pendingDetail[id] = detail }
                 if let guardProcess, guardProcess.isAlive, guardProcess.post("THAW \(id) engine-silent") {
-                    // Wait (bounded) for the reader thread to record the guard's answer.
+                    // Wait (bounded) for the guard's answer to be recorded (on the event loop that reads it).
                     for _ in 0..<250 where self.state.withLock({ $0.active?.id == id }) { usleep(2_000) }
                 }
                 if self.state.withLock({ $0.active?.id == id }) {

@@ -18,8 +18,8 @@ import QuiesceProto
 ///   against 24–30 ms without; window 93 against 30).
 ///
 /// So `auto`, the default, flushes when the instance's dirty page cache
-/// (Dirty + Writeback in /proc/meminfo: all filesystems, so it errs towards
-/// flushing) is at least `minDirtyBytes` (16 MiB). Below that the flush
+/// (Dirty + Writeback, see ``DirtyPageGauge``: all filesystems, so it errs
+/// towards flushing) is at least `minDirtyBytes` (16 MiB). Below that the flush
 /// FIFREEZE does itself costs at most ~30 ms of frozen time. `always` and
 /// `never` do what they say; the engine may ask for either per freeze.
 ///
@@ -83,7 +83,7 @@ public struct SyncfsRule: Sendable, Equatable {
 
     /// The decision for one freeze: the request's policy if it names one, else
     /// this (the agent's) rule. `dirtyKiB` is read only when `auto` needs it.
-    public func decide(_ request: Quiesce_Agent_V1_FreezeRequest, dirtyKiB: () -> UInt64? = SyncfsRule.readDirtyKiB) -> Decision {
+    public func decide(_ request: Quiesce_Agent_V1_FreezeRequest, dirtyKiB: () -> UInt64? = { DirtyPageGauge.shared.read() }) -> Decision {
         let (mode, whose): (Mode, String) =
             if request.skipSyncfs { (.never, "the engine asked: skip_syncfs") }
             else if let asked = Mode(request.syncfs) { (asked, "the engine asked") }
@@ -94,7 +94,7 @@ public struct SyncfsRule: Sendable, Equatable {
         case .auto:
             let threshold = Self.mebibytes(self.minDirtyBytes >> 10)
             guard let dirty = dirtyKiB() else {
-                return Decision(sync: true, reason: "auto: /proc/meminfo unreadable, flushed to be safe", dirtyKiB: nil)
+                return Decision(sync: true, reason: "auto: the dirty page count (meminfo) is unreadable, flushed to be safe", dirtyKiB: nil)
             }
             if dirty >= self.minDirtyBytes / 1024 {
                 return Decision(sync: true, reason: "auto: \(Self.mebibytes(dirty)) dirty >= \(threshold)", dirtyKiB: dirty)
@@ -107,8 +107,9 @@ public struct SyncfsRule: Sendable, Equatable {
         kib >= 10 << 10 || kib % 1024 == 0 ? "\(kib >> 10) MiB" : String(format: "%.1f MiB", Double(kib) / 1024)
     }
 
-    /// Dirty + Writeback (KiB) from /proc/meminfo's text ("Dirty:     1234 kB" lines);
-    /// nil when either line is missing or malformed. Parsed in C: it runs on the freeze's path.
+    /// Dirty + Writeback (KiB) from meminfo's text ("Dirty:     1234 kB" lines, or
+    /// "Node 0 Dirty:  1234 kB" in a node's file); nil when either line is missing
+    /// or malformed. Parsed in C: it runs on the freeze's path.
     public static func dirtyKiB(meminfo text: String) -> UInt64? {
         var kib: UInt64 = 0
         var copy = text
@@ -117,9 +118,46 @@ public struct SyncfsRule: Sendable, Equatable {
         }
         return parsed == 0 ? kib : nil
     }
+}
 
-    /// Reads /proc/meminfo now (procfs: no disk, safe while something is frozen; ~0.1 ms).
-    public static func readDirtyKiB() -> UInt64? {
+/// Where the syncfs rule reads how much of the page cache is dirty, just
+/// before a freeze: each NUMA node's meminfo in sysfs
+/// (/sys/devices/system/node/nodeN/meminfo), opened once at start-up and
+/// re-read from offset 0 — sysfs generates the text afresh on each read — and
+/// summed. That costs 0.012 ms (p50, one node, this VM) against 0.09 ms to
+/// open, read and close /proc/meminfo, which stays the fallback (no node
+/// files, or a read fails). Neither touches a disk, so both are safe while
+/// something is frozen.
+public final class DirtyPageGauge: Sendable {
+    /// Opened on first use; the freeze controller touches it when it is made.
+    public static let shared = DirtyPageGauge()
+
+    private let nodeFiles: [Int32]
+
+    public init() {
+        var descriptors = [Int32](repeating: -1, count: 64)
+        let count = Int(quiesce_open_node_meminfo(&descriptors, Int32(descriptors.count)))
+        self.nodeFiles = Array(descriptors.prefix(max(count, 0)))
+    }
+
+    deinit { self.nodeFiles.forEach { close($0) } }
+
+    /// Which source answers: "N node meminfo file(s)" or "/proc/meminfo".
+    public var source: String { self.nodeFiles.isEmpty ? "/proc/meminfo" : "\(self.nodeFiles.count) node meminfo file\(self.nodeFiles.count == 1 ? "" : "s")" }
+
+    /// Dirty + Writeback now, in KiB; nil when neither source can be read.
+    public func read() -> UInt64? {
+        var kib: UInt64 = 0
+        if !self.nodeFiles.isEmpty,
+           self.nodeFiles.withUnsafeBufferPointer({ quiesce_read_node_dirty_kib($0.baseAddress, Int32($0.count), &kib) }) == 0
+        {
+            return kib
+        }
+        return Self.readProcMeminfo()
+    }
+
+    /// Dirty + Writeback from /proc/meminfo, opened and read now.
+    public static func readProcMeminfo() -> UInt64? {
         var kib: UInt64 = 0
         return quiesce_read_dirty_kib(&kib) == 0 ? kib : nil
     }
