@@ -88,6 +88,12 @@ for r in rows:
         print(f"{r['load']} quiesce p50 breakdown: freeze call {b['freeze_call']:.2f} ms (agent {b['freeze_agent']:.2f}, FIFREEZE {b.get('fifreeze', float('nan')):.2f}), "
               f"clone {b['clone']:.2f} ms, thaw call {b['thaw_call']:.2f} ms (agent {b['thaw_agent']:.2f})  [{r['method']}]")
 for r in rows:
+    b = r.get("breakdown_slowest_ms") or {}
+    if "freeze_call" in b:
+        print(f"{r['load']} quiesce slowest {b['runs']:.0f} runs, mean: window {b['window']:.2f} ms = freeze call {b['freeze_call']:.2f} ms "
+              f"(agent {b['freeze_agent']:.2f}, FIFREEZE {b.get('fifreeze', float('nan')):.2f}), clone {b['clone']:.2f} ms, "
+              f"thaw call {b['thaw_call']:.2f} ms (agent {b['thaw_agent']:.2f})  [{r['method']}]")
+for r in rows:
     d = r.get("dirty_mib") or {}
     if d:
         print(f"{r['load']} {r['method']}: dirty page cache seen by the syncfs rule p50 {d['p50']:.1f} MiB, p99 {d['p99']:.1f}, max {d['max']:.1f}")

@@ -278,6 +278,16 @@ struct FreezeWindow: AsyncParsableCommand {
                 "thaw_agent": stats(samples.map(\.thawAgentMs))["p50"] ?? .nan,
                 "fifreeze": stats(samples.map(\.fifreezeMs))["p50"] ?? .nan,
             ].filter { !$0.value.isNaN },
+            // Where the tail comes from: the slowest 2% of runs (by window), each part averaged over them.
+            "breakdown_slowest_ms": { () -> [String: Double] in
+                let slowest = samples.sorted { $0.windowMs > $1.windowMs }.prefix(max(1, samples.count / 50))
+                func mean(_ part: KeyPath<Sample, Double>) -> Double { slowest.map { $0[keyPath: part] }.reduce(0, +) / Double(slowest.count) }
+                return [
+                    "runs": Double(slowest.count), "window": mean(\.windowMs), "freeze_call": mean(\.freezeCallMs),
+                    "freeze_agent": mean(\.freezeAgentMs), "fifreeze": mean(\.fifreezeMs), "clone": mean(\.cloneMs),
+                    "thaw_call": mean(\.thawCallMs), "thaw_agent": mean(\.thawAgentMs),
+                ].filter { !$0.value.isNaN }
+            }(),
         ]
         if let data = try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]) {
             FileHandle.standardOutput.write(data + Data("\n".utf8))
