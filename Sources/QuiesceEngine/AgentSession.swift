@@ -37,7 +37,7 @@ public final class AgentSession: Sendable {
         var lastHeardDate: Date
         var closeReason: RPCError?
         var heartbeatSequence: UInt64 = 0
-        /// Freezes in progress on this agent: each has a 250 ms heartbeat task.
+        /// Freezes in progress on this agent: each has a 250 ms heartbeat timer.
         var freezeHeartbeats: [String: RepeatingTimer] = [:]
         var events: [Quiesce_Agent_V1_AgentEvent] = []
     }
