@@ -1,6 +1,5 @@
 #define _GNU_SOURCE
 #include <errno.h>
-#include <poll.h>
 #include <stdio.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -43,16 +42,14 @@ long quiesce_send_with_fds(int sock, const void *data, unsigned long length, con
         c->cmsg_len = CMSG_LEN(sizeof(int) * count);
         memcpy(CMSG_DATA(c), fds, sizeof(int) * count);
     }
-    // The socket may be non-blocking (the agent reads it on an event loop, which
-    // sets O_NONBLOCK on the shared file description): wait for room, bounded.
-    for (int waits = 0;;) {
-        ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
-        if (sent >= 0) return (long)sent;
-        if (errno == EINTR) continue;
-        if (errno != EAGAIN || waits++ >= 10) return -1;
-        struct pollfd pfd = {.fd = sock, .events = POLLOUT};
-        if (poll(&pfd, 1, 100) < 0 && errno != EINTR) return -1;
-    }
+    // The socket is non-blocking once the agent reads it on its event loop (NIO
+    // sets O_NONBLOCK on the shared file description), and this runs there: never
+    // wait. EAGAIN means the guard has not read a full queue of requests (it is
+    // wedged); the caller reports it (a freeze is refused; a thaw falls back to
+    // the agent's own descriptors).
+    ssize_t sent;
+    do { sent = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (sent < 0 && errno == EINTR);
+    return (long)sent;
 }
 
 long quiesce_receive(int sock, void *buffer, unsigned long capacity) {

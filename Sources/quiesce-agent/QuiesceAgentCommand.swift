@@ -62,7 +62,7 @@ struct Run: AsyncParsableCommand {
         "Flush each filesystem (syncfs) just before freezing it: auto (when --syncfs-min-dirty-mib or more is dirty), always, never. The engine may choose per freeze.",
         valueName: "auto|always|never"))
     var syncfs = SyncfsRule.Mode.auto.rawValue
-    @Option(help: ArgumentHelp("With --syncfs auto: flush first when this much of the page cache is dirty (Dirty + Writeback in /proc/meminfo).", valueName: "MiB"))
+    @Option(help: ArgumentHelp("With --syncfs auto: flush first when this much of the page cache is dirty (Dirty + Writeback, as meminfo counts them).", valueName: "MiB"))
     var syncfsMinDirtyMib = SyncfsRule.defaultMinDirtyMiB
 
     func validate() throws {

@@ -60,8 +60,9 @@ int quiesce_set_child_subreaper(void);
 /// Locks current and future memory, faulting pages in only when first used.
 int quiesce_lock_memory(void);
 
-// Dirty + Writeback (KiB) from /proc/meminfo's text: 0 and *kib set, or -1
-// when either line is missing or malformed.
+// Dirty + Writeback (KiB) from meminfo's text (/proc/meminfo, or a node's file
+// whose lines start "Node N "): 0 and *kib set, or -1 when either line is
+// missing or malformed.
 int quiesce_parse_dirty_kib(const char *text, unsigned long length, unsigned long long *kib);
 // The same, read from /proc/meminfo now (~0.1 ms; procfs, no disk).
 int quiesce_read_dirty_kib(unsigned long long *kib);
