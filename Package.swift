@@ -12,6 +12,7 @@ let package = Package(
         .executable(name: "quiesce-agent", targets: ["quiesce-agent"]),
         .executable(name: "quiesce-bench", targets: ["quiesce-bench"]),
         .executable(name: "quiesce-thaw-guard", targets: ["quiesce-thaw-guard"]),
+        .executable(name: "quiesce-reference-agent", targets: ["quiesce-reference-agent"]),
         .executable(name: "quiesce-plugin-host", targets: ["quiesce-plugin-host"]),
         // The built-in plugins, loaded with dlopen like any third party's.
         .library(name: "quiesce-plugin-crash", type: .dynamic, targets: ["QuiescePluginCrash"]),
@@ -175,6 +176,8 @@ let package = Package(
         // thaws when the agent dies, the budget runs out or it is asked. Installed
         // next to quiesce-agent.
         .executableTarget(name: "quiesce-thaw-guard"),
+        // bench-freeze's reference rows: a one-byte freeze agent in C (not part of the product).
+        .executableTarget(name: "quiesce-reference-agent"),
         // Load generators for scripts/bench-*.sh.
         .executableTarget(
             name: "quiesce-bench",

@@ -3,7 +3,9 @@
 # in one process), qemu-guest-agent over its unix socket
 # (guest-fsfreeze-freeze-list on the test mount only), and Quiesce (engine →
 # quiesce-agent → thaw guard, mutual TLS on loopback); idle and with a
-# background writer dirtying the guest filesystem. Needs root.
+# background writer dirtying the guest filesystem. Two reference rows run a
+# one-byte C agent (quiesce-reference-agent) without and with the real thaw
+# guard: what the process hops alone cost, apart from the stack. Needs root.
 #
 # The guest filesystem is ext4 on a loop device whose 1 GiB image lives in an
 # XFS (reflink=1) pool, also on a loop device: each run freezes the guest,
@@ -25,7 +27,7 @@ if [ "${1:-}" = "--quick" ]; then config=debug; runs=10; image_mib=256; fi
 
 # SWIFT_BUILD_PATH: build elsewhere than .build (a release build next to a debug one).
 build=(swift build -c "$config" ${SWIFT_BUILD_PATH:+--build-path "$SWIFT_BUILD_PATH"})
-for product in quiesce-bench quiesce-agent quiesce-thaw-guard; do "${build[@]}" --product "$product" >/dev/null; done
+for product in quiesce-bench quiesce-agent quiesce-thaw-guard quiesce-reference-agent; do "${build[@]}" --product "$product" >/dev/null; done
 bin=$("${build[@]}" --show-bin-path)
 qga=/usr/sbin/qemu-ga
 [ -x "$qga" ] || { echo "bench-freeze: $qga not found (apt-get install qemu-guest-agent); its row is skipped" >&2; qga=""; }
@@ -57,7 +59,7 @@ sync
 
 results="$work/results.jsonl"
 "$bin/quiesce-bench" freeze --mount "$work/guest" --image "$work/pool/disk.img" --work "$work/scratch" \
-  --agent "$bin/quiesce-agent" ${COMPARE_AGENT:+--compare-agent "$COMPARE_AGENT"} --qemu-ga "$qga" --runs "$runs" >"$results"
+  --agent "$bin/quiesce-agent" ${COMPARE_AGENT:+--compare-agent "$COMPARE_AGENT"} --qemu-ga "$qga" --reference-agent "$bin/quiesce-reference-agent" --runs "$runs" >"$results"
 
 python3 - "$results" "$config" "$image_mib" <<'PY'
 import json, sys
@@ -79,6 +81,12 @@ for r in rows:
 widths = [max(len(x) for x in col) for col in zip(header, *table)]
 for line in [header] + table:
     print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+by = {(r["load"], r["method"]): r["window_ms"]["p50"] for r in rows}
+for load in floor:
+    ref, guarded, quiesce = by.get((load, "reference: C agent")), by.get((load, "reference: C agent + guard")), by.get((load, "quiesce (mTLS)"))
+    if None not in (ref, guarded, quiesce):
+        print(f"{load}: of quiesce's {quiesce - floor[load]:+.2f} ms over the floor, the process hops (C agent) are {ref - floor[load]:+.2f}, "
+              f"the guard's hop {guarded - ref:+.2f}, the engine link (mTLS, HTTP/2, gRPC, protobuf, Swift; both ends) {quiesce - guarded:+.2f}")
 for r in rtt:
     print(f"engine -> agent -> engine {r['method']} (freeze status, no work): "
           f"p50 {r['window_ms']['p50']:.2f} ms, p99 {r['window_ms']['p99']:.2f} ms over {r['runs']}")
@@ -105,4 +113,7 @@ print("least 16 MiB of the page cache is dirty; the other two rows fix the polic
 print("FROZEN: FIFREEZE -> last FITHAW as measured on the guest (the floor: in-process; Quiesce: the guard's own clock;")
 print("qemu-guest-agent does not report it). SYNCED: runs that flushed first; SYNCFS P50 is over those runs. The flush")
 print("happens before FIFREEZE (writes still flow during it): inside WINDOW, not inside FROZEN.")
+print("'reference: C agent' is quiesce-reference-agent, one byte each way over a unix socket, FIFREEZE/FITHAW in that")
+print("process (qemu-guest-agent's shape without JSON); '+ guard' has the real quiesce-thaw-guard issue them, asked as")
+print("quiesce-agent asks it. Not products: they show what the hops cost, so the rest of a row is what its stack costs.")
 PY

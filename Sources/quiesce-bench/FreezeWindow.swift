@@ -35,6 +35,10 @@ struct FreezeWindow: AsyncParsableCommand {
         "A second quiesce-agent (another build, its guard next to it) to time in the same runs, as the row 'quiesce (mTLS) [compare]': an A/B test that this VM's drift between bench runs cannot blur.",
         valueName: "path"))
     var compareAgent: String?
+    @Option(help: ArgumentHelp(
+        "quiesce-reference-agent (a one-byte freeze agent in C; its quiesce-thaw-guard next to it); empty skips the reference rows. They show what the process hops alone cost here: Quiesce's window minus the 'C agent + guard' row is the price of the engine link (mTLS, HTTP/2, gRPC, protobuf, Swift).",
+        valueName: "path"))
+    var referenceAgent = ""
     @Option(help: "Loads to measure: idle, busy (a background writer on the guest filesystem), both, or none (only the command round trip).")
     var load = "both"
 
@@ -130,6 +134,28 @@ struct FreezeWindow: AsyncParsableCommand {
             qga = client
         }
 
+        // The reference rows: the same window through a minimal C agent over a
+        // unix socket, once freezing in-process, once through the real guard.
+        var references: [(name: String, client: ByteClient)] = []
+        var referenceProcesses: [Process] = []
+        defer { for process in referenceProcesses { kill(process.processIdentifier, SIGTERM); process.waitUntilExit() } }
+        if !self.referenceAgent.isEmpty {
+            let guardPath = (self.referenceAgent as NSString).deletingLastPathComponent + "/quiesce-thaw-guard"
+            for (name, suffix, extra) in [("reference: C agent", "ref", [String]()), ("reference: C agent + guard", "ref-guard", ["--guard", guardPath])] {
+                let socketPath = self.work + "/\(suffix).sock"
+                let process = try Self.start(self.referenceAgent, ["--socket", socketPath, "--mount", self.mount] + extra,
+                                             log: self.work + "/\(suffix).log")
+                referenceProcesses.append(process)
+                var client: ByteClient?
+                for _ in 0..<100 where client == nil {
+                    client = try? ByteClient(path: socketPath)
+                    if client == nil { try await Task.sleep(for: .milliseconds(50)) }
+                }
+                guard let client else { throw ValidationError("\(self.referenceAgent) did not open \(socketPath); see \(self.work)/\(suffix).log") }
+                references.append((name, client))
+            }
+        }
+
         // The bare command round trip (no filesystem work): freeze status, back to
         // back, and after 3 ms of quiet (as a thaw follows a freeze: both ends asleep).
         for (method, pause) in [("command round trip", Duration.zero), ("command round trip after 3 ms idle", .milliseconds(3))] {
@@ -196,6 +222,23 @@ struct FreezeWindow: AsyncParsableCommand {
                         let t1 = ContinuousClock.now
                         try cloned.get()
                         guard thawed == "1" else { throw ValidationError("qemu-ga thawed \(thawed) filesystems, expected 1") }
+                        return Sample(windowMs: (t1 - t0).ms, frozenMs: .nan)
+                    }
+                }))
+            }
+            let work = self.work
+            for (name, client) in references {
+                methods.append((name, { _ in
+                    try await DedicatedThread.run(name: "bench-reference") {
+                        let t0 = ContinuousClock.now
+                        guard try client.call(UInt8(ascii: "F")) == UInt8(ascii: "F") else {
+                            throw ValidationError("\(name) could not freeze \(mount); see its log in \(work)")
+                        }
+                        let cloned = Result { try snapshot() }
+                        let thawed = try client.call(UInt8(ascii: "T"))
+                        let t1 = ContinuousClock.now
+                        try cloned.get()
+                        guard thawed == UInt8(ascii: "T") else { throw ValidationError("\(name) could not thaw \(mount)") }
                         return Sample(windowMs: (t1 - t0).ms, frozenMs: .nan)
                     }
                 }))
@@ -299,26 +342,46 @@ extension Duration {
     fileprivate var ms: Double { Double(self.nanoseconds) / 1_000_000 }
 }
 
+/// A connected unix stream socket (blocking), or an error naming the path.
+private func connectUnix(_ path: String) throws -> Int32 {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+    }
+    let result = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard result == 0 else {
+        close(fd)
+        throw ValidationError("cannot connect to \(path)")
+    }
+    return fd
+}
+
+/// quiesce-reference-agent's protocol: one byte each way.
+final class ByteClient: @unchecked Sendable {
+    private let fd: Int32
+
+    init(path: String) throws { self.fd = try connectUnix(path) }
+
+    deinit { close(self.fd) }
+
+    func call(_ request: UInt8) throws -> UInt8 {
+        var byte = request
+        guard write(self.fd, &byte, 1) == 1 else { throw ValidationError("the reference agent closed its socket") }
+        guard read(self.fd, &byte, 1) == 1 else { throw ValidationError("the reference agent closed its socket") }
+        return byte
+    }
+}
+
 /// A minimal QMP-style client for qemu-ga: one JSON command per line, one reply per line.
 final class QGAClient: @unchecked Sendable {
     private let fd: Int32
     private var buffer: [UInt8] = []
 
-    init(path: String) throws {
-        self.fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-        }
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard result == 0 else {
-            close(self.fd)
-            throw ValidationError("cannot connect to \(path)")
-        }
-    }
+    init(path: String) throws { self.fd = try connectUnix(path) }
 
     deinit { close(self.fd) }
 
