@@ -237,6 +237,53 @@ struct FreezeTests {
         }
     }
 
+    @Test("a guard whose answer is unreadable: the freeze fails at once, quoting it, and the agent is not left busy")
+    func unreadableGuard() async throws {
+        try await withLoopDevices { loops in
+            let mount = try await blocking { try loops.mount("fs", fsType: "ext4", sizeMiB: 64).mountPoint }
+            // A guard of "another version": READY as it should, then an answer to
+            // FREEZE that is not the protocol (it freezes nothing). It logs what it
+            // was asked, so the test can see the agent's request to release the id.
+            let fake = loops.directory + "/garbled-guard"
+            let asked = loops.directory + "/garbled-guard.log"
+            try """
+                #!/usr/bin/env python3
+                import os, socket, sys
+                s = socket.socket(fileno=int(sys.argv[1]))
+                s.send(f"READY {os.getpid()} 1 1".encode())
+                with open("\(asked)", "a", buffering=1) as log:
+                    while True:
+                        data, fds, _, _ = socket.recv_fds(s, 16384, 8)
+                        for fd in fds: os.close(fd)
+                        if not data: break
+                        log.write(data.decode().split()[0] + " " + data.decode().split()[1] + "\\n")
+                        if data.startswith(b"FREEZE"): s.send(b"FROZEN as you like it")
+                """.write(toFile: fake, atomically: true, encoding: .utf8)
+            chmod(fake, 0o755)
+            let agent = await AgentHarness(directory: loops.directory, guardExecutable: fake)
+            defer { Task { await agent.close() } }
+            agent.startHeartbeats()
+            let answer = await within(.seconds(10)) { await agent.freeze("u1", [mount]) }
+            let first = try #require(answer, "the freeze waited for an answer that never comes")
+            #expect(first.status.reason == "guard-protocol")
+            #expect(first.status.message.contains("FROZEN as you like it"), "\(first.status.message)")
+            #expect(!first.freeze.allFrozen)
+            // Not stuck: the next freeze is handled (and fails the same way), not refused as busy.
+            let second = await agent.freeze("u2", [mount])
+            #expect(second.status.reason == "guard-protocol")
+            // Nothing was frozen: a write goes through.
+            let writer = try Writer(mount + "/x")
+            #expect(await writer.finished(within: .seconds(5)) != nil)
+            // The agent asked the guard to release whatever it froze for each id.
+            var log = ""
+            for _ in 0..<100 where !log.contains("THAW u2") {
+                log = (try? String(contentsOfFile: asked, encoding: .utf8)) ?? ""
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            #expect(log == "FREEZE u1\nTHAW u1\nFREEZE u2\nTHAW u2\n", "\(log)")
+        }
+    }
+
     @Test("the guard killed while frozen: the agent thaws with its own descriptors and starts a new guard")
     func guardLost() async throws {
         try await withLoopDevices { loops in

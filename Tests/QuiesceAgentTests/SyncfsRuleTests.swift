@@ -61,6 +61,10 @@ struct SyncfsRuleTests {
         #expect(!below.sync && below.reason == "auto: 4 MiB dirty < 16 MiB; FIFREEZE flushes it")
         let small = rule.decide(request, dirtyKiB: { 1536 })
         #expect(!small.sync && small.reason.hasPrefix("auto: 1.5 MiB dirty"))
+        // Tenths to the nearest below 10 MiB (integer arithmetic: no Foundation on the freeze path).
+        #expect(rule.decide(request, dirtyKiB: { 300 }).reason.hasPrefix("auto: 0.3 MiB dirty"))
+        #expect(rule.decide(request, dirtyKiB: { 10239 }).reason.hasPrefix("auto: 10.0 MiB dirty"))
+        #expect(rule.decide(request, dirtyKiB: { 51 }).reason.hasPrefix("auto: 0.0 MiB dirty"))
         let unknown = rule.decide(request, dirtyKiB: { nil })
         #expect(unknown.sync && unknown.reason.contains("unreadable") && unknown.dirtyKiB == nil)
     }

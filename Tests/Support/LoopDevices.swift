@@ -186,3 +186,25 @@ public func processExists(_ pid: Int32) -> Bool {
     let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
     return !stat.contains(") Z ")
 }
+
+/// Awaits `work` for at most `limit`: its value, or nil when it had not finished
+/// by then (it is left running). For calls that must not hang: a regression
+/// then fails the test instead of stalling the whole run.
+public func within<T: Sendable>(_ limit: Duration, _ work: @escaping @Sendable () async -> T) async -> T? {
+    let box = ResultBox<T>()
+    let task = Task { box.set(await work()) }
+    let deadline = ContinuousClock.now + limit
+    while ContinuousClock.now < deadline {
+        if let value = box.value { return value }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    _ = task
+    return box.value
+}
+
+private final class ResultBox<T: Sendable>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: T?
+    func set(_ value: T) { self.lock.withLock { self.stored = value } }
+    var value: T? { self.lock.withLock { self.stored } }
+}

@@ -216,6 +216,13 @@ public final class FreezeController: Sendable {
                     default: false
                     }
                 })
+        } catch ThawGuardError.protocolError(let detail) {
+            // Its answer was unreadable: whatever it froze for this id, it thaws now.
+            _ = guardProcess.post("THAW \(id) cancelled")
+            LogGate.shared.open()
+            descriptors.forEach { close($0) }
+            self.logger.error("the thaw guard's answer to a freeze was unreadable", metadata: ["freeze_id": "\(id)", "detail": "\(detail)"])
+            return (.init(code: .internalError, message: "the thaw guard's answer to freeze \(id) was unreadable (\(detail)); asked it to thaw whatever it froze", reason: "guard-protocol"), result)
         } catch {
             LogGate.shared.open()
             descriptors.forEach { close($0) }

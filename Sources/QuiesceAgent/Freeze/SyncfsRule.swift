@@ -103,8 +103,12 @@ public struct SyncfsRule: Sendable, Equatable {
         }
     }
 
+    /// "12 MiB", "0.3 MiB" (to the nearest tenth below 10 MiB). Integer arithmetic,
+    /// not Foundation's String(format:): it runs on every freeze's path.
     static func mebibytes(_ kib: UInt64) -> String {
-        kib >= 10 << 10 || kib % 1024 == 0 ? "\(kib >> 10) MiB" : String(format: "%.1f MiB", Double(kib) / 1024)
+        if kib >= 10 << 10 || kib % 1024 == 0 { return "\(kib >> 10) MiB" }
+        let tenths = (kib * 10 + 512) / 1024
+        return "\(tenths / 10).\(tenths % 10) MiB"
     }
 
     /// Dirty + Writeback (KiB) from meminfo's text ("Dirty:     1234 kB" lines, or

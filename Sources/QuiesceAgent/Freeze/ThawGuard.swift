@@ -223,8 +223,11 @@ final class ThawGuard: Sendable {
         init(owner: ThawGuard) { self.owner = owner }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            let buffer = Self.unwrapInboundIn(data)
-            guard let message = GuardMessage(parsing: String(buffer: buffer)) else { return }
+            let text = String(buffer: Self.unwrapInboundIn(data))
+            guard let message = GuardMessage(parsing: text) else {
+                self.owner.unreadable(text)
+                return
+            }
             self.owner.deliver(message)
         }
 
@@ -260,6 +263,19 @@ final class ThawGuard: Sendable {
         case .collected: break
         case .unsolicited: self.unsolicited(message)
         }
+    }
+
+    /// A packet that is not the guard's protocol (a guard of another version, or
+    /// a bug): the request waiting for an answer fails with it, quoted, instead
+    /// of waiting for an answer that will not come (a freeze would hang the
+    /// agent's freeze state for good). Unasked, nobody waits: it is dropped.
+    private func unreadable(_ text: String) {
+        let pending = self.state.withLock { state -> Pending? in
+            defer { state.pending = nil }
+            return state.pending
+        }
+        let shown = text.count > 200 ? String(text.prefix(200)) + "…" : text
+        pending?.continuation.resume(throwing: ThawGuardError.protocolError("expected READY, PONG, FROZEN, THAWED or ERROR as its protocol has them, found \"\(shown)\""))
     }
 
     private func lost() {
