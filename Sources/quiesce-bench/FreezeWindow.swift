@@ -124,12 +124,9 @@ struct FreezeWindow: AsyncParsableCommand {
                 "-l", self.work + "/qga.log",
             ], log: self.work + "/qga.out")
             qgaProcess = process
-            var client: QGAClient?
-            for _ in 0..<100 where client == nil {
-                client = try? QGAClient(path: socketPath)
-                if client == nil { try await Task.sleep(for: .milliseconds(50)) }
+            guard let client = try await Self.connect(within: .seconds(5), { try QGAClient(path: socketPath) }) else {
+                throw ValidationError("qemu-ga did not open \(socketPath); see \(self.work)/qga.log")
             }
-            guard let client else { throw ValidationError("qemu-ga did not open \(socketPath); see \(self.work)/qga.log") }
             try client.sync()
             qga = client
         }
@@ -146,12 +143,9 @@ struct FreezeWindow: AsyncParsableCommand {
                 let process = try Self.start(self.referenceAgent, ["--socket", socketPath, "--mount", self.mount] + extra,
                                              log: self.work + "/\(suffix).log")
                 referenceProcesses.append(process)
-                var client: ByteClient?
-                for _ in 0..<100 where client == nil {
-                    client = try? ByteClient(path: socketPath)
-                    if client == nil { try await Task.sleep(for: .milliseconds(50)) }
+                guard let client = try await Self.connect(within: .seconds(5), { try ByteClient(path: socketPath) }) else {
+                    throw ValidationError("\(self.referenceAgent) did not open \(socketPath); see \(self.work)/\(suffix).log")
                 }
-                guard let client else { throw ValidationError("\(self.referenceAgent) did not open \(socketPath); see \(self.work)/\(suffix).log") }
                 references.append((name, client))
             }
         }
@@ -198,31 +192,30 @@ struct FreezeWindow: AsyncParsableCommand {
             var methods: [(name: String, sample: (Int) async throws -> Sample)] = []
             methods.append(("raw floor", { _ in
                 try await DedicatedThread.run(name: "bench-floor") {
-                    let t0 = ContinuousClock.now
-                    guard quiesce_fifreeze(fd) == 0 else { throw ValidationError("FIFREEZE \(mount): \(String(cString: strerror(errno)))") }
-                    let cloned = Result { try snapshot() }
-                    quiesce_fithaw(fd)
-                    let t1 = ContinuousClock.now
-                    try cloned.get()
+                    let window = try Self.timeWindow(
+                        freeze: { guard quiesce_fifreeze(fd) == 0 else { throw ValidationError("FIFREEZE \(mount): \(String(cString: strerror(errno)))") } },
+                        snapshot: snapshot, thaw: { quiesce_fithaw(fd) })
                     // Frozen from the FIFREEZE call on, as the guard counts it.
-                    return Sample(windowMs: (t1 - t0).ms, frozenMs: (t1 - t0).ms)
+                    return Sample(windowMs: window.ms, frozenMs: window.ms)
                 }
             }))
             if let client = qga {
                 methods.append(("qemu-guest-agent", { _ in
                     try await DedicatedThread.run(name: "bench-qga") {
-                        let t0 = ContinuousClock.now
-                        let frozen = try client.call(#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["\#(mount)"]}}"#)
-                        guard frozen == "1" else {
-                            _ = try? client.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
-                            throw ValidationError("qemu-ga froze \(frozen) filesystems, expected 1")
-                        }
-                        let cloned = Result { try snapshot() }
-                        let thawed = try client.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
-                        let t1 = ContinuousClock.now
-                        try cloned.get()
-                        guard thawed == "1" else { throw ValidationError("qemu-ga thawed \(thawed) filesystems, expected 1") }
-                        return Sample(windowMs: (t1 - t0).ms, frozenMs: .nan)
+                        let window = try Self.timeWindow(
+                            freeze: {
+                                let frozen = try client.call(#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["\#(mount)"]}}"#)
+                                guard frozen == "1" else {
+                                    _ = try? client.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+                                    throw ValidationError("qemu-ga froze \(frozen) filesystems, expected 1")
+                                }
+                            },
+                            snapshot: snapshot,
+                            thaw: {
+                                let thawed = try client.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+                                guard thawed == "1" else { throw ValidationError("qemu-ga thawed \(thawed) filesystems, expected 1") }
+                            })
+                        return Sample(windowMs: window.ms, frozenMs: .nan)
                     }
                 }))
             }
@@ -230,16 +223,15 @@ struct FreezeWindow: AsyncParsableCommand {
             for (name, client) in references {
                 methods.append((name, { _ in
                     try await DedicatedThread.run(name: "bench-reference") {
-                        let t0 = ContinuousClock.now
-                        guard try client.call(UInt8(ascii: "F")) == UInt8(ascii: "F") else {
-                            throw ValidationError("\(name) could not freeze \(mount); see its log in \(work)")
-                        }
-                        let cloned = Result { try snapshot() }
-                        let thawed = try client.call(UInt8(ascii: "T"))
-                        let t1 = ContinuousClock.now
-                        try cloned.get()
-                        guard thawed == UInt8(ascii: "T") else { throw ValidationError("\(name) could not thaw \(mount)") }
-                        return Sample(windowMs: (t1 - t0).ms, frozenMs: .nan)
+                        let window = try Self.timeWindow(
+                            freeze: {
+                                guard try client.call(UInt8(ascii: "F")) == UInt8(ascii: "F") else {
+                                    throw ValidationError("\(name) could not freeze \(mount); see its log in \(work)")
+                                }
+                            },
+                            snapshot: snapshot,
+                            thaw: { guard try client.call(UInt8(ascii: "T")) == UInt8(ascii: "T") else { throw ValidationError("\(name) could not thaw \(mount)") } })
+                        return Sample(windowMs: window.ms, frozenMs: .nan)
                     }
                 }))
             }
@@ -287,6 +279,28 @@ struct FreezeWindow: AsyncParsableCommand {
                 }
             }
             for (method, samples) in zip(methods, samples) { Self.report(load: load, method: method.name, samples: samples) }
+        }
+    }
+
+    /// One window, timed from the freeze call to the thaw's answer: the thaw
+    /// runs even when the snapshot failed, whose error is thrown after it.
+    static func timeWindow(freeze: () throws -> Void, snapshot: () throws -> Void, thaw: () throws -> Void) throws -> Duration {
+        let t0 = ContinuousClock.now
+        try freeze()
+        let cloned = Result { try snapshot() }
+        try thaw()
+        let window = ContinuousClock.now - t0
+        try cloned.get()
+        return window
+    }
+
+    /// Connects to a socket a process just started will open: nil if it has not within `limit`.
+    static func connect<Client>(within limit: Duration, _ make: () throws -> Client) async throws -> Client? {
+        let deadline = ContinuousClock.now + limit
+        while true {
+            if let client = try? make() { return client }
+            if ContinuousClock.now >= deadline { return nil }
+            try await Task.sleep(for: .milliseconds(50))
         }
     }
 

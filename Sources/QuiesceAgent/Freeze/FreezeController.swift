@@ -219,9 +219,14 @@ public final class FreezeController: Sendable {
         } catch ThawGuardError.protocolError(let detail) {
             // Its answer was unreadable: whatever it froze for this id, it thaws now.
             _ = guardProcess.post("THAW \(id) cancelled")
-            LogGate.shared.open()
             descriptors.forEach { close($0) }
+            // The gate stays closed (this line is held): the guard may hold a freeze
+            // until it reads that THAW, and at the latest until the budget runs out.
+            // Then it opens, unless another freeze is under way (whose end opens it).
             self.logger.error("the thaw guard's answer to a freeze was unreadable", metadata: ["freeze_id": "\(id)", "detail": "\(detail)"])
+            _ = DeadlineTimer(after: budget) { [weak self] in
+                if self?.state.withLock({ $0.active == nil && !$0.busy }) ?? true { LogGate.shared.open() }
+            }
             return (.init(code: .internalError, message: "the thaw guard's answer to freeze \(id) was unreadable (\(detail)); asked it to thaw whatever it froze", reason: "guard-protocol"), result)
         } catch {
             LogGate.shared.open()
