@@ -193,9 +193,9 @@ let package = Package(
         .target(name: "QuiesceTestSupport", dependencies: ["QuiesceCore"], path: "Tests/Support"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
         .testTarget(name: "QuiesceFleetTests", dependencies: ["QuiesceCore", "QuiesceFleet", "QuiescePlugins"]),
-        .testTarget(name: "QuiescePluginsTests", dependencies: ["QuiesceCore", "QuiescePlugins", "QuiescePluginProto"]),
+        .testTarget(name: "QuiescePluginsTests", dependencies: ["QuiesceCore", "QuiescePlugins", "QuiescePluginProto", "QuiesceTestSupport"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
-        .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCore", "QuiesceCatalog"]),
+        .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceTestSupport"]),
         .testTarget(
             name: "QuiesceInventoryTests",
             dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceLocalProvider", "QuiesceInventory", "QuiesceTestSupport"]

@@ -3,6 +3,7 @@ import QuiesceAgent
 import QuiesceProto
 import QuiesceTestSupport
 import QuiesceWire
+import Synchronization
 
 /// Drives a real BuiltinCommandHandler (with its real thaw guard process) the
 /// way a session would, without the network: commands in, results out, and
@@ -11,7 +12,7 @@ final class AgentHarness: @unchecked Sendable {
     let handler: BuiltinCommandHandler
     let directory: String
     private var nextID: UInt64 = 1
-    private var heartbeat: Task<Void, Never>?
+    private var heartbeat: Heartbeat?
     let events = EventLog()
 
     init(directory: String, silenceLimit: Duration = .seconds(1), guardExecutable: String? = nil, syncfs: SyncfsRule = .default) async {
@@ -24,20 +25,36 @@ final class AgentHarness: @unchecked Sendable {
         self.handler.sessionOpened { events.append($0) }
     }
 
-    /// Sends engine heartbeats every 250 ms until `stopHeartbeats()`.
+    /// Sends engine heartbeats every 250 ms until `stopHeartbeats()`, from a
+    /// thread of its own as the engine sends them from an event-loop timer: a
+    /// task would wait for the cooperative pool, which the tests running beside
+    /// this one may keep busy for longer than the agent's 1 s silence limit.
     func startHeartbeats() {
-        let handler = self.handler
-        self.heartbeat = Task {
-            while !Task.isCancelled {
-                handler.engineHeard()
-                try? await Task.sleep(for: .milliseconds(250))
-            }
-        }
+        self.heartbeat?.stop()
+        self.heartbeat = Heartbeat(handler: self.handler)
     }
 
     func stopHeartbeats() {
-        self.heartbeat?.cancel()
+        self.heartbeat?.stop()
         self.heartbeat = nil
+    }
+
+    private final class Heartbeat: Sendable {
+        private let running = Atomic(true)
+
+        init(handler: BuiltinCommandHandler) {
+            let thread = Thread { [self] in
+                while self.running.load(ordering: .acquiring) {
+                    handler.engineHeard()
+                    usleep(250_000)
+                }
+            }
+            thread.name = "test-engine-heartbeat"
+            thread.stackSize = 1 << 18
+            thread.start()
+        }
+
+        func stop() { self.running.store(false, ordering: .releasing) }
     }
 
     func perform(_ action: AgentCommand.OneOf_Action) async -> CommandResult {
@@ -46,6 +63,31 @@ final class AgentHarness: @unchecked Sendable {
         self.nextID += 1
         command.action = action
         return await self.handler.perform(command)
+    }
+
+    /// Freeze status once the agent has recorded the end of its freeze, or
+    /// after 1 s. A thaw by the guard or the agent's own fallback reaches the
+    /// kernel first and the agent's books a moment later, so a write that went
+    /// through does not mean the status says thawed yet on a loaded machine.
+    func statusOnceThawed() async throws -> CommandResult {
+        var status = await self.perform(.freezeStatus(.init()))
+        let until = ContinuousClock.now + .seconds(1)
+        while status.freezeStatus.frozen && ContinuousClock.now < until {
+            try await Task.sleep(for: .milliseconds(5))
+            status = await self.perform(.freezeStatus(.init()))
+        }
+        return status
+    }
+
+    /// Whether an event matching `matches` arrives within `limit` (the agent
+    /// sends it after it has recorded what happened).
+    func event(within limit: Duration = .seconds(1), _ matches: (Quiesce_Agent_V1_AgentEvent) -> Bool) async -> Bool {
+        let until = ContinuousClock.now + limit
+        while !self.events.all.contains(where: matches) {
+            guard ContinuousClock.now < until else { return false }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        return true
     }
 
     func freeze(_ id: String, _ mounts: [String], budgetMs: UInt32 = 0, syncfs: Quiesce_Agent_V1_SyncfsPolicy = .unspecified) async -> CommandResult {
@@ -80,12 +122,12 @@ final class EventLog: @unchecked Sendable {
 /// Writes a hook script owned by root with `mode`.
 @discardableResult
 func writeScript(_ path: String, mode: Int, owner: uid_t = 0, body: String) throws -> String {
-    try body.write(toFile: path, atomically: false, encoding: .utf8)
+    try writeExecutable(path, body, mode: 0o600)
     chown(path, owner, 0)  // before chmod: chown clears set-id bits
     chmod(path, mode_t(mode))
     return path
 }
 
-func sha256sum(_ path: String) throws -> String {
-    String(try run("sha256sum", path).prefix(64))
+func sha256sum(_ path: String) async throws -> String {
+    String(try await run("sha256sum", path).prefix(64))
 }

@@ -10,12 +10,12 @@ struct FactsTests {
     func system() async throws {
         let facts = try await FactsCollector().collect()
         #expect(facts.osFamily == "linux")
-        #expect(facts.kernelRelease == (try run("uname", "-r").trimmingCharacters(in: .whitespacesAndNewlines)))
-        #expect(facts.architecture == (try run("uname", "-m").trimmingCharacters(in: .whitespacesAndNewlines)))
+        await #expect(facts.kernelRelease == (try run("uname", "-r").trimmingCharacters(in: .whitespacesAndNewlines)))
+        await #expect(facts.architecture == (try run("uname", "-m").trimmingCharacters(in: .whitespacesAndNewlines)))
         #expect(facts.cpuCount == UInt32(ProcessInfo.processInfo.activeProcessorCount))
         #expect(facts.bootTimeUnix > 1_000_000_000)
         let root = try #require(facts.mounts.first { $0.mountPoint == "/" })
-        #expect(root.fsType == (try run("findmnt", "-n", "-o", "FSTYPE", "/").trimmingCharacters(in: .whitespacesAndNewlines)))
+        await #expect(root.fsType == (try run("findmnt", "-n", "-o", "FSTYPE", "/").trimmingCharacters(in: .whitespacesAndNewlines)))
         #expect(root.sizeBytes > 0)
         #expect(!facts.mounts.contains { $0.fsType == "proc" || $0.fsType == "sysfs" }, "kernel interfaces are left out")
     }
@@ -35,23 +35,23 @@ struct FactsTests {
     @Test("loop-mounted ext4 and XFS are eligible; bind, read-only and tmpfs mounts say why not",
           .enabled(if: LoopDevices.available, "needs root for loop devices"))
     func loopMounts() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let ext4 = try loops.mount("data ext4", fsType: "ext4", sizeMiB: 64)
-        let xfs = try loops.mount("xfs", fsType: "xfs", sizeMiB: 320)
-        let readOnly = try loops.mount("ro", fsType: "ext4", sizeMiB: 32, options: ["ro"])
-        let bind = try loops.bind(ext4.mountPoint, at: "bind")
-        let tmpfs = try loops.tmpfs(at: "tmp")
+        try await withLoopDevices { loops in
+            let ext4 = try await loops.mount("data ext4", fsType: "ext4", sizeMiB: 64)
+            let xfs = try await loops.mount("xfs", fsType: "xfs", sizeMiB: 320)
+            let readOnly = try await loops.mount("ro", fsType: "ext4", sizeMiB: 32, options: ["ro"])
+            let bind = try await loops.bind(ext4.mountPoint, at: "bind")
+            let tmpfs = try await loops.tmpfs(at: "tmp")
 
-        let mounts = Dictionary(try await FactsCollector().collect().mounts.map { ($0.mountPoint, $0) }) { a, _ in a }
-        let e = try #require(mounts[ext4.mountPoint], "a mount point with a space must be unescaped")
-        #expect(e.fsType == "ext4" && e.freezable && e.device == ext4.device)
-        #expect(e.sizeBytes > 50 << 20 && e.sizeBytes <= 64 << 20)
-        #expect(!e.readOnly)
-        let x = try #require(mounts[xfs.mountPoint])
-        #expect(x.fsType == "xfs" && x.freezable)
-        #expect(mounts[readOnly.mountPoint]?.notFreezableReason == "read-only")
-        #expect(mounts[bind]?.notFreezableReason == "same-filesystem-as:\(ext4.mountPoint)")
-        #expect(mounts[tmpfs]?.notFreezableReason == "fs-not-eligible:tmpfs")
+            let mounts = Dictionary(try await FactsCollector().collect().mounts.map { ($0.mountPoint, $0) }) { a, _ in a }
+            let e = try #require(mounts[ext4.mountPoint], "a mount point with a space must be unescaped")
+            #expect(e.fsType == "ext4" && e.freezable && e.device == ext4.device)
+            #expect(e.sizeBytes > 50 << 20 && e.sizeBytes <= 64 << 20)
+            #expect(!e.readOnly)
+            let x = try #require(mounts[xfs.mountPoint])
+            #expect(x.fsType == "xfs" && x.freezable)
+            #expect(mounts[readOnly.mountPoint]?.notFreezableReason == "read-only")
+            #expect(mounts[bind]?.notFreezableReason == "same-filesystem-as:\(ext4.mountPoint)")
+            #expect(mounts[tmpfs]?.notFreezableReason == "fs-not-eligible:tmpfs")
+        }
     }
 }

@@ -18,15 +18,15 @@ struct HookInspectorTests {
     }
 
     @Test("a root-owned 0700 script passes; its hash is read from the open descriptor")
-    func good() throws {
+    func good() async throws {
         defer { try? FileManager.default.removeItem(atPath: self.directory) }
         let path = try self.script("freeze.sh", mode: 0o700)
         let checked = HookInspector.check(name: "freeze.sh", path: path, hashAlways: true)
         #expect(checked.fact.refusal == .none)
         #expect(checked.descriptor >= 0)
         #expect(checked.fact.regularFile && checked.fact.ownerUid == 0 && checked.fact.mode == 0o700)
-        #expect(checked.fact.sha256 == (try sha256sum(path)))
-        #expect(HookInspector.check(name: "x", path: path, pinnedSHA256: try sha256sum(path)).fact.refusal == .none)
+        await #expect(checked.fact.sha256 == (try sha256sum(path)))
+        await #expect(HookInspector.check(name: "x", path: path, pinnedSHA256: try sha256sum(path)).fact.refusal == .none)
         #expect(HookInspector.check(name: "x", path: try self.script("strict.sh", mode: 0o500)).fact.refusal == .none)
     }
 
@@ -61,15 +61,15 @@ struct HookInspectorTests {
     }
 
     @Test("swapping the file after the check does not change what the descriptor holds")
-    func swapAfterCheck() throws {
+    func swapAfterCheck() async throws {
         defer { try? FileManager.default.removeItem(atPath: self.directory) }
         let path = try self.script("hook.sh", mode: 0o700, body: "#!/bin/sh\necho original\n")
-        let original = try sha256sum(path)
+        let original = try await sha256sum(path)
         let checked = HookInspector.check(name: "hook.sh", path: path, pinnedSHA256: original)
         #expect(checked.fact.refusal == .none)
         let evil = try self.script("evil.sh", mode: 0o700, body: "#!/bin/sh\necho replaced\n")
         #expect(rename(evil, path) == 0)
-        #expect(try sha256sum(path) != original)
+        await #expect(try sha256sum(path) != original)
         let read = try FileHandle(fileDescriptor: checked.descriptor, closeOnDealloc: false).readToEnd()
         let content = try #require(read)
         #expect(String(decoding: content, as: UTF8.self).contains("original"))

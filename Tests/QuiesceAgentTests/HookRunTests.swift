@@ -45,7 +45,7 @@ struct HookRunTests {
         #expect(result.exited && result.exitCode == 7 && result.signal == 0 && !result.timedOut)
         #expect(String(decoding: result.stdoutTail, as: UTF8.self) == "args: a b c\n")
         #expect(String(decoding: result.stderrTail, as: UTF8.self) == "hook=prescript\n")
-        #expect(result.sha256 == (try sha256sum(path)))
+        await #expect(result.sha256 == (try sha256sum(path)))
         #expect(result.durationUs > 0)
     }
 
@@ -66,7 +66,7 @@ struct HookRunTests {
         let marker = self.directory + "/ran"
         let body = "#!/bin/sh\ntouch '\(marker)'\n"
         let good = try writeScript(self.directory + "/hooks.d/good", mode: 0o700, body: body)
-        let pinned = try sha256sum(good)
+        let pinned = try await sha256sum(good)
         try writeScript(self.directory + "/hooks.d/open", mode: 0o755, body: body)
         try writeScript(self.directory + "/hooks.d/nobody", mode: 0o700, owner: 65534, body: body)
         try FileManager.default.createSymbolicLink(atPath: self.directory + "/hooks.d/link", withDestinationPath: good)
@@ -88,7 +88,7 @@ struct HookRunTests {
         try writeScript(good, mode: 0o700, body: body + "echo changed\n")
         let changed = await self.runner.run(self.request("good", pin: pinned))
         #expect(!changed.ran && changed.refusal == .hashMismatch)
-        #expect(changed.sha256 == (try sha256sum(good)) && changed.sha256 != pinned)
+        await #expect(changed.sha256 == (try sha256sum(good)) && changed.sha256 != pinned)
         #expect(!FileManager.default.fileExists(atPath: marker), "a refused hook ran")
         // Positive control: the same script with its current hash runs.
         let ok = await self.runner.run(self.request("good", pin: try sha256sum(good)))

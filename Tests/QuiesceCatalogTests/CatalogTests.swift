@@ -1,6 +1,7 @@
 import Foundation
 import QuiesceCatalog
 import QuiesceCore
+import QuiesceTestSupport
 import Testing
 
 func scratchCatalog() -> String {
@@ -123,7 +124,8 @@ struct CatalogTests {
         writer.standardOutput = output
         try writer.run()
         defer { if writer.isRunning { kill(writer.processIdentifier, SIGKILL) } }
-        let started = output.fileHandleForReading.availableData
+        // Waiting for its first line takes as long as a debug binary takes to start: not on the cooperative pool.
+        let started = try await blocking { output.fileHandleForReading.availableData }
         #expect(String(decoding: started, as: UTF8.self).contains("started"))
         // Let it write a while (reading alongside, as `quiesce snapshots` would), then
         // kill it, mid-transaction as likely as not.

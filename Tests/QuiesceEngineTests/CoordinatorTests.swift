@@ -51,7 +51,7 @@ struct CoordinatorTests {
                 let handler = BuiltinCommandHandler(
                     facts: FactsCollector(hooks: locations[id]!), guardExecutable: AgentProcess.buildDirectory + "/quiesce-thaw-guard")
                 handlers.append(handler)
-                let runner = try fleet.agent(id, handler: handler)
+                let runner = try await fleet.agent(id, handler: handler)
                 tasks.append(Task { try await runner.run() })
             }
             defer { for task in tasks { task.cancel() } }
@@ -199,7 +199,7 @@ extension CoordinatorTests {
             let handler = BuiltinCommandHandler(
                 facts: FactsCollector(hooks: HookLocations(prescript: hooks + "/prescript.sh", postscript: hooks + "/postscript.sh", hookDirectory: hooks)),
                 guardExecutable: AgentProcess.buildDirectory + "/quiesce-thaw-guard")
-            let runner = try fleet.agent("slow-1", handler: handler)
+            let runner = try await fleet.agent("slow-1", handler: handler)
             let task = Task { try await runner.run() }
             defer { task.cancel() }
             let registry = await PluginPlanRunTests.registry()

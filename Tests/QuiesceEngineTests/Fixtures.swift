@@ -8,6 +8,7 @@ import QuiesceCore
 import QuiesceEngine
 import QuiescePKI
 import QuiesceProto
+import QuiesceTestSupport
 import QuiesceWire
 import Synchronization
 import X509
@@ -25,7 +26,8 @@ final class Fleet: Sendable {
         let directory = directory ?? FileManager.default.temporaryDirectory
             .appendingPathComponent("quiesce-test-\(UUID().uuidString.prefix(8))").path
         let ca = CADirectory(path: directory + "/ca")
-        if !ca.exists { try ca.initialize(names: ["localhost"], ipAddresses: ["127.0.0.1"]) }
+        // Key files are written and fsynced: on a thread of its own, not the cooperative pool.
+        if !ca.exists { _ = try await blocking { try ca.initialize(names: ["localhost"], ipAddresses: ["127.0.0.1"]) } }
         var logger = Logger(label: "test.engine")
         logger.logLevel = ProcessInfo.processInfo.environment["QUIESCE_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
         let engine = try Engine(
@@ -71,19 +73,28 @@ final class Fleet: Sendable {
         return files
     }
 
+    /// The same from async code, on a thread of its own: issuing writes and
+    /// fsyncs key files, which must not hold up the cooperative pool that the
+    /// engines and agents of the tests running beside this one depend on.
+    func agentFiles(_ id: String) async throws -> TLSFiles {
+        try await blocking { try self.agentFiles(id) }
+    }
+
     func agent(_ id: String, instanceID: String? = nil, handler: any CommandHandling = BuiltinCommandHandler(),
-               files: TLSFiles? = nil, backoff: Backoff = Backoff(base: .milliseconds(50), cap: .milliseconds(200))) throws -> AgentRunner {
+               files: TLSFiles? = nil, backoff: Backoff = Backoff(base: .milliseconds(50), cap: .milliseconds(200))) async throws -> AgentRunner {
+        let identity: TLSFiles
+        if let files { identity = files } else { identity = try await self.agentFiles(id) }
         var logger = Logger(label: "test.agent")
         logger.logLevel = .critical
         return AgentRunner(
             configuration: AgentConfiguration(
-                engine: self.address, identity: try files ?? self.agentFiles(id), instanceID: instanceID, backoff: backoff),
+                engine: self.address, identity: identity, instanceID: instanceID, backoff: backoff),
             handler: handler, logger: logger)
     }
 
     /// Starts an agent and waits for its session.
     func connect(_ id: String, handler: any CommandHandling = BuiltinCommandHandler()) async throws -> (AgentRunner, Task<Void, any Error>) {
-        let runner = try self.agent(id, handler: handler)
+        let runner = try await self.agent(id, handler: handler)
         let task = Task { try await runner.run() }
         let missing = await self.engine.registry.waitFor([id], timeout: .seconds(10))
         guard missing.isEmpty else { throw TestFailure("agent \(id) did not connect: \(runner.lastError ?? "no error")") }

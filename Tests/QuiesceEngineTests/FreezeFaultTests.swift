@@ -85,7 +85,7 @@ struct FreezeFaultTests {
             let mount = try await blocking { try loops.mount("data", fsType: "ext4", sizeMiB: 64).mountPoint }
             let fleet = try await Fleet.start()
             defer { fleet.discard() }
-            let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-kill"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
+            let agent = try AgentProcess(engine: "\(fleet.address)", files: try await fleet.agentFiles("vm-kill"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
             defer { agent.terminate() }
             #expect(await fleet.engine.registry.waitFor(Set(["vm-kill"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
 
@@ -116,7 +116,7 @@ struct FreezeFaultTests {
             #expect(done - killed < .milliseconds(200), "thawed \(done - killed) after SIGKILL")
             print("measured: a blocked write completed \((done - killed).milliseconds) ms after SIGKILL of the frozen agent")
             for pid in guards {
-                for _ in 0..<100 where processExists(pid) { usleep(10_000) }
+                for _ in 0..<100 where processExists(pid) { try? await Task.sleep(for: .milliseconds(10)) }
                 #expect(!processExists(pid), "the guard outlived its agent")
             }
         }
@@ -140,7 +140,7 @@ struct FreezeFaultTests {
                 proxy.waitUntilExit()
             }
             try await Task.sleep(for: .milliseconds(200))
-            let agent = try AgentProcess(engine: "127.0.0.1:\(port)", files: try fleet.agentFiles("vm-quiet"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
+            let agent = try AgentProcess(engine: "127.0.0.1:\(port)", files: try await fleet.agentFiles("vm-quiet"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
             defer { agent.terminate() }
             #expect(await fleet.engine.registry.waitFor(Set(["vm-quiet"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
 
@@ -175,7 +175,7 @@ struct FreezeFaultTests {
             let mount = try await blocking { try loops.mount("data", fsType: "ext4", sizeMiB: 64).mountPoint }
             let fleet = try await Fleet.start()
             defer { fleet.discard() }
-            let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-budget"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
+            let agent = try AgentProcess(engine: "\(fleet.address)", files: try await fleet.agentFiles("vm-budget"), logPath: loops.directory + "/agent.log", hookDirectory: loops.directory)
             defer { agent.terminate() }
             #expect(await fleet.engine.registry.waitFor(Set(["vm-budget"]), timeout: .seconds(20)).isEmpty)
             let frozen = try await fleet.engine.freeze(freezeRequest("b", [mount], budgetMs: 500), on: "vm-budget")
@@ -200,9 +200,9 @@ struct FreezeFaultTests {
             let fleet = try await Fleet.start()
             defer { fleet.discard() }
             for name in ["quiesce-agent", "quiesce-thaw-guard"] {
-                try run("cp", AgentProcess.buildDirectory + "/" + name, home + "/" + name)
+                try await run("cp", AgentProcess.buildDirectory + "/" + name, home + "/" + name)
             }
-            let source = try fleet.agentFiles("vm-self")
+            let source = try await fleet.agentFiles("vm-self")
             let files = TLSFiles(certificatePath: home + "/agent.pem", keyPath: home + "/agent.key", trustRootsPath: home + "/ca.pem")
             try FileManager.default.copyItem(atPath: source.certificatePath, toPath: files.certificatePath)
             try FileManager.default.copyItem(atPath: source.keyPath, toPath: files.keyPath)

@@ -40,12 +40,18 @@ struct MariaDBScriptTests {
             _ = try self.query("SELECT 1")
         }
 
+        /// Runs `sql` with the mariadb client (blocking: for set-up on a thread of its own).
         @discardableResult
         func query(_ sql: String) throws -> String {
             try run("mariadb", "--defaults-extra-file=\(self.clientConfig)", "--batch", "--skip-column-names", "-e", sql)
         }
 
         /// A client running `sql` in the background (it blocks while the read lock is held).
+        @discardableResult
+        func query(_ sql: String) async throws -> String {
+            try await blocking { try self.query(sql) }
+        }
+
         func background(_ sql: String) throws -> Process {
             let client = Process()
             client.executableURL = URL(fileURLWithPath: "/usr/bin/mariadb")
@@ -85,16 +91,16 @@ struct MariaDBScriptTests {
             let mount = try await blocking { try loops.mount("mysql", fsType: "ext4", sizeMiB: 256).mountPoint }
             let server = try await blocking { try Server(datadir: mount + "/data", directory: loops.directory) }
             defer { server.stop() }
-            try server.query("CREATE DATABASE shop; CREATE TABLE shop.orders (id INT) ENGINE=MyISAM; CREATE TABLE shop.items (id INT) ENGINE=InnoDB;")
+            try await server.query("CREATE DATABASE shop; CREATE TABLE shop.orders (id INT) ENGINE=MyISAM; CREATE TABLE shop.items (id INT) ENGINE=InnoDB;")
             let hooks = loops.directory + "/hooks"
             try Self.installScripts(into: hooks, config: server.clientConfig, state: loops.directory + "/state")
 
             let fleet = try await Fleet.start()
             defer { fleet.discard() }
-            let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("db-1"), logPath: loops.directory + "/agent.log", hookDirectory: hooks)
+            let agent = try AgentProcess(engine: "\(fleet.address)", files: try await fleet.agentFiles("db-1"), logPath: loops.directory + "/agent.log", hookDirectory: hooks)
             defer { agent.terminate() }
             #expect(await fleet.engine.registry.waitFor(Set(["db-1"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
-            let registry = await PluginPlanRunTests.registry([try PluginPlanRunTests.exampleC()])
+            let registry = await PluginPlanRunTests.registry([try await PluginPlanRunTests.exampleC()])
             defer { Task { await registry.shutdown() } }
 
             // 1. The seed's scripts with linux-freeze.
@@ -115,7 +121,7 @@ struct MariaDBScriptTests {
             #expect(outcome.steps.allSatisfy { $0.ok }, "\(outcome.steps)")
             #expect(await Self.waitForExit(blocked.value!, within: .seconds(5)), "the INSERT is still blocked after the postscript")
             #expect(blocked.value!.terminationStatus == 0)
-            let count1 = try server.query("SELECT COUNT(*) FROM shop.orders").trimmingCharacters(in: .whitespacesAndNewlines)
+            let count1 = try await server.query("SELECT COUNT(*) FROM shop.orders").trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(count1 == "1")
             print("measured: MariaDB via examples/mysql: application stall \(outcome.blocked?.milliseconds ?? -1) ms, filesystem frozen \(outcome.frozen?.milliseconds ?? -1) ms")
 
@@ -131,9 +137,9 @@ struct MariaDBScriptTests {
             }
             #expect(held.achieved == .application && held.thaw?.holds.first?.aliveAtThaw == true, "\(held.reasons) \(held.steps)")
             #expect(await Self.waitForExit(blocked.value!, within: .seconds(5)), "the INSERT is still blocked after the release")
-            let count2 = try server.query("SELECT COUNT(*) FROM shop.orders").trimmingCharacters(in: .whitespacesAndNewlines)
+            let count2 = try await server.query("SELECT COUNT(*) FROM shop.orders").trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(count2 == "2")
-            server.stop()
+            _ = try await blocking { server.stop() }
         }
     }
 }

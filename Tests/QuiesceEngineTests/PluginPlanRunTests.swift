@@ -17,10 +17,10 @@ struct PluginPlanRunTests {
     }
 
     /// The C example, built by `make -C Plugins/example-c` (scripts/test.sh runs it; so does this test if needed).
-    static func exampleC() throws -> String {
+    static func exampleC() async throws -> String {
         let path = Self.packageRoot + "/Plugins/example-c/build/libquiesce-plugin-db-hold.so"
         if !FileManager.default.fileExists(atPath: path) {
-            _ = try run("make", "-s", "-C", Self.packageRoot + "/Plugins/example-c")
+            _ = try await run("make", "-s", "-C", Self.packageRoot + "/Plugins/example-c")
         }
         return path
     }
@@ -34,8 +34,7 @@ struct PluginPlanRunTests {
     }
 
     static func writeHook(_ path: String, _ script: String, mode: Int = 0o700) throws {
-        try? FileManager.default.removeItem(atPath: path)
-        #expect(FileManager.default.createFile(atPath: path, contents: Data(script.utf8), attributes: [.posixPermissions: mode]))
+        try writeExecutable(path, script, mode: mode_t(mode))
     }
 
     static func policy(_ plugin: Plugin, wanted: ConsistencyLevel = .application, minimum: ConsistencyLevel = .crash,
@@ -51,7 +50,7 @@ struct PluginPlanRunTests {
 
     @Test("the C example (db-hold): its hold spans the freeze, the thaw reply proves it → application-consistent")
     func exampleCPlan() async throws {
-        let library = try Self.exampleC()
+        let library = try await Self.exampleC()
         try await withLoopDevices { loops in
             let mount = try await blocking { try loops.mount("db", fsType: "ext4", sizeMiB: 64).mountPoint }
             let hooks = loops.directory + "/hooks"
@@ -60,7 +59,7 @@ struct PluginPlanRunTests {
             try Self.writeHook(hooks + "/db-hold", "#!/bin/sh\necho $$ > '\(loops.directory)/hold.pid'\necho READY\nexec sleep 60\n")
             let fleet = try await Fleet.start()
             defer { fleet.discard() }
-            let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-db"), logPath: loops.directory + "/agent.log", hookDirectory: hooks)
+            let agent = try AgentProcess(engine: "\(fleet.address)", files: try await fleet.agentFiles("vm-db"), logPath: loops.directory + "/agent.log", hookDirectory: hooks)
             defer { agent.terminate() }
             #expect(await fleet.engine.registry.waitFor(Set(["vm-db"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
 
@@ -113,7 +112,7 @@ struct PluginPlanRunTests {
             try Self.writeHook(hooks + "/postscript.sh", "#!/bin/sh\necho post >> '\(trace)'\n")
             let fleet = try await Fleet.start()
             defer { fleet.discard() }
-            let agent = try AgentProcess(engine: "\(fleet.address)", files: try fleet.agentFiles("vm-lf"), logPath: loops.directory + "/agent.log", hookDirectory: hooks)
+            let agent = try AgentProcess(engine: "\(fleet.address)", files: try await fleet.agentFiles("vm-lf"), logPath: loops.directory + "/agent.log", hookDirectory: hooks)
             defer { agent.terminate() }
             #expect(await fleet.engine.registry.waitFor(Set(["vm-lf"]), timeout: .seconds(20)).isEmpty, "\(agent.log)")
             let registry = await Self.registry()

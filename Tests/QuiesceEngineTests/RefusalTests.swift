@@ -16,7 +16,7 @@ import X509
 struct RefusalTests {
     /// Runs one session attempt with `files` and returns the agent's error.
     func attempt(_ fleet: Fleet, files: TLSFiles, instanceID: String? = nil) async throws -> String {
-        let runner = try fleet.agent("unused", instanceID: instanceID, files: files)
+        let runner = try await fleet.agent("unused", instanceID: instanceID, files: files)
         let end = await runner.runSession()
         #expect(!end.established)
         let error = try #require(end.error, "the session was not refused")
@@ -77,7 +77,7 @@ struct RefusalTests {
         #expect(await fleet.engine.registry.count == 0)
         // The same name with clientAuth works, so it was the key usage that was refused.
         let good = try fleet.customIdentity("client", request: .agent(instanceID: "i-server"))
-        let runner = try fleet.agent("i-server", files: good)
+        let runner = try await fleet.agent("i-server", files: good)
         let task = Task { try await runner.run() }
         defer { task.cancel() }
         #expect(await fleet.engine.registry.waitFor(["i-server"], timeout: .seconds(10)).isEmpty)

@@ -171,7 +171,7 @@ struct SessionTests {
     func reconnects() async throws {
         let first = try await Fleet.start()
         let port = first.address.port
-        let runner = try first.agent("i-back")
+        let runner = try await first.agent("i-back")
         let task = Task { try await runner.run() }
         defer { task.cancel() }
         #expect(await first.engine.registry.waitFor(["i-back"], timeout: .seconds(10)).isEmpty)
@@ -180,7 +180,18 @@ struct SessionTests {
         defer { try? FileManager.default.removeItem(atPath: first.directory) }
         try await waitUntil { if case .connected = runner.phase { false } else { true } }
 
-        let second = try await Fleet.start(port: port, directory: first.directory)
+        // The port is free again, but another test's socket may hold it for a
+        // moment (ports are shared by every test in the process): retry briefly.
+        var started: Fleet?
+        for attempt in 1...20 {
+            do {
+                started = try await Fleet.start(port: port, directory: first.directory)
+                break
+            } catch where attempt < 20 {
+                try await Task.sleep(for: .milliseconds(150))
+            }
+        }
+        let second = try #require(started)
         defer { second.discard() }
         #expect(await second.engine.registry.waitFor(["i-back"], timeout: .seconds(10)).isEmpty)
         try await waitUntil { runner.sessionsOpened == 2 }
@@ -194,7 +205,7 @@ struct SessionTests {
         let (_, task) = try await fleet.connect("i-twice")
         defer { task.cancel() }
         let firstID = try #require(await fleet.engine.registry.session(for: "i-twice")).sessionID
-        let second = try fleet.agent("i-twice")
+        let second = try await fleet.agent("i-twice")
         let secondTask = Task { await second.runSession() }
         defer { secondTask.cancel() }
         try await waitUntil { await fleet.engine.registry.session(for: "i-twice")?.sessionID != firstID }

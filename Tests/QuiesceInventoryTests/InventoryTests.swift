@@ -41,98 +41,98 @@ struct PrunePolicyTests {
 @Suite("Inventory and CLI", .enabled(if: LoopDevices.available, "needs root for loop devices"), .serialized)
 struct InventoryTests {
     /// The built `quiesce` binary, beside the test bundle.
-    func quiesce(_ arguments: [String]) throws -> (status: Int32, output: String) {
+    func quiesce(_ arguments: [String]) async throws -> (status: Int32, output: String) {
         let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("quiesce").path
-        let finished = try ChildProcess.run(arguments, executable: binary)
+        let finished = try await blocking { try ChildProcess.run(arguments, executable: binary) }
         return (finished.status, finished.output)
     }
 
     @Test("deep verify tells a frozen ext4/XFS snapshot from a crash-consistent one; the CLI lists, shows, verifies, restores and prunes")
     func endToEnd() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let pool = try loops.mount("pool", fsType: "xfs", sizeMiB: 1024, mkfsOptions: ["-m", "reflink=1"])
-        let provider = try LocalProvider(pool: pool.mountPoint + "/pool")
-        let catalogPath = pool.mountPoint + "/catalog.db"
-        let inventory = Inventory(catalog: try SQLiteCatalog(path: catalogPath), provider: provider)
+        try await withLoopDevices { loops in
+            let pool = try await loops.mount("pool", fsType: "xfs", sizeMiB: 1024, mkfsOptions: ["-m", "reflink=1"])
+            let provider = try LocalProvider(pool: pool.mountPoint + "/pool")
+            let catalogPath = pool.mountPoint + "/catalog.db"
+            let inventory = Inventory(catalog: try SQLiteCatalog(path: catalogPath), provider: provider)
 
-        // Two guest disks: ext4 and XFS, mounted from the pool like an instance's disks.
-        var mounts: [String: String] = [:]
-        for (disk, fs, size) in [("root", "ext4", "96M"), ("data", "xfs", "320M")] {
-            let image = try provider.diskPath(disk)
-            FileManager.default.createFile(atPath: image, contents: nil)
-            try run("truncate", "-s", size, image)
-            try run(fs == "xfs" ? "mkfs.xfs" : "mkfs.ext4", "-q", fs == "xfs" ? "-f" : "-F", image)
-            mounts[disk] = try loops.mountDevice(try loops.attach(image), at: "guest-\(disk)")
-            try run("dd", "if=/dev/urandom", "of=\(mounts[disk]!)/file", "bs=1M", "count=4", "status=none")
+            // Two guest disks: ext4 and XFS, mounted from the pool like an instance's disks.
+            var mounts: [String: String] = [:]
+            for (disk, fs, size) in [("root", "ext4", "96M"), ("data", "xfs", "320M")] {
+                let image = try provider.diskPath(disk)
+                FileManager.default.createFile(atPath: image, contents: nil)
+                try await run("truncate", "-s", size, image)
+                try await run(fs == "xfs" ? "mkfs.xfs" : "mkfs.ext4", "-q", fs == "xfs" ? "-f" : "-F", image)
+                mounts[disk] = try await loops.mountDevice(try loops.attach(image), at: "guest-\(disk)")
+                try await run("dd", "if=/dev/urandom", "of=\(mounts[disk]!)/file", "bs=1M", "count=4", "status=none")
+            }
+
+            // Crash-consistent: taken while mounted and unfrozen.
+            let crash = try await provider.createGroup(CreateGroupRequest(disks: ["root", "data"], tags: ["instance": "i-1"], idempotencyToken: "crash"))
+            _ = try await provider.waitUntilReady(crash.id, timeout: .seconds(60))
+            // Filesystem-consistent: both frozen across the create.
+            for disk in ["data", "root"] { try await run("fsfreeze", "--freeze", mounts[disk]!) }
+            let frozen: SnapshotGroup
+            do {
+                frozen = try await provider.createGroup(CreateGroupRequest(disks: ["root", "data"], tags: ["instance": "i-1"], idempotencyToken: "frozen"))
+            } catch {
+                for disk in ["root", "data"] { try? await run("fsfreeze", "--unfreeze", mounts[disk]!) }
+                throw error
+            }
+            for disk in ["root", "data"] { try await run("fsfreeze", "--unfreeze", mounts[disk]!) }
+            _ = try await provider.waitUntilReady(frozen.id, timeout: .seconds(60))
+
+            let crashRecord = record(try await provider.describe(crash.id), instance: "i-1", level: .crash, at: Date().addingTimeInterval(-3 * 86_400))
+            let frozenRecord = record(try await provider.describe(frozen.id), instance: "i-1", level: .filesystem)
+            try inventory.catalog.record(crashRecord)
+            try inventory.catalog.record(frozenRecord)
+
+            let clean = try await inventory.verify(frozenRecord.id, deep: true)
+            // ext4: a frozen snapshot has a clean journal. XFS keeps its log dirty across a
+            // freeze (xfs_repair -n asks for a replay even then), so for XFS only "checks
+            // clean, with or without a replay" is asserted.
+            #expect(clean[0].outcome == .ok, "\(clean)")
+            #expect([.ok, .okAfterRecovery].contains(clean[1].outcome), "\(clean)")
+            #expect(clean.map(\.filesystem) == ["ext4", "xfs"])
+            let recovered = try await inventory.verify(crashRecord.id, deep: true)
+            #expect(recovered[0].outcome == .okAfterRecovery, "\(recovered)")
+            #expect([.ok, .okAfterRecovery].contains(recovered[1].outcome), "\(recovered)")
+            // The snapshots themselves were not touched by the checks.
+            #expect(try await inventory.verify(crashRecord.id, deep: false).allSatisfy { $0.outcome == .ok })
+
+            let store = ["--catalog", catalogPath, "--pool", provider.pool]
+            let listed = try await self.quiesce(["snapshots"] + store)
+            #expect(listed.status == 0)
+            #expect(listed.output.contains(frozenRecord.id) && listed.output.contains("filesystem") && listed.output.contains("not-frozen"))
+            #expect(try await self.quiesce(["snapshots", "--level", "crash", "--output", "json"] + store).output.contains(crashRecord.id))
+            #expect(!(try await self.quiesce(["snapshots", "--newer-than", "1d"] + store).output.contains(crashRecord.id)))
+            let shown = try await self.quiesce(["show", frozenRecord.id] + store)
+            #expect(shown.status == 0 && shown.output.contains("level       filesystem (wanted application)") && shown.output.contains("reflink"))
+            #expect(try await self.quiesce(["show", "g-nope"] + store).status == 1)
+            let verified = try await self.quiesce(["verify", frozenRecord.id] + store)
+            #expect(verified.status == 0 && verified.output.contains("ok"))
+
+            // Restore as new, then refuse in place while the disk is mounted.
+            let restored = try await self.quiesce(["restore", frozenRecord.id, "--disk", "root", "--as-new"] + store)
+            #expect(restored.status == 0, "\(restored.output)")
+            #expect(FileManager.default.fileExists(atPath: try provider.diskPath("root-restored-\(frozenRecord.id)")))
+            let refused = try await self.quiesce(["restore", frozenRecord.id, "--disk", "root", "--in-place"] + store)
+            #expect(refused.status == 1 && refused.output.contains("attached to /dev/loop"), "\(refused.output)")
+
+            // A tampered snapshot fails verify with exit 1.
+            let tampered = provider.snapshotPath(group: crash.id, disk: "data")
+            try await run("dd", "if=/dev/urandom", "of=\(tampered)", "bs=512", "count=1", "seek=4096", "conv=notrunc", "status=none")
+            let bad = try await self.quiesce(["verify", crashRecord.id] + store)
+            #expect(bad.status == 1 && bad.output.contains("checksum-mismatch"))
+
+            // Prune: keep the newest one; the 3-day-old crash group goes, from the pool and the catalog.
+            let dry = try await self.quiesce(["prune", "--keep-last", "1", "--dry-run"] + store)
+            #expect(dry.output.contains("would delete \(crashRecord.id)"))
+            #expect(try inventory.catalog.group(crashRecord.id) != nil)
+            let pruned = try await self.quiesce(["prune", "--keep-last", "1", "--keep-within", "1d"] + store)
+            #expect(pruned.status == 0 && pruned.output.contains("deleted \(crashRecord.id)"))
+            #expect(try inventory.catalog.group(crashRecord.id) == nil)
+            await #expect(throws: ProviderError.self) { try await provider.describe(crash.id) }
+            #expect(try inventory.catalog.group(frozenRecord.id) != nil)
         }
-
-        // Crash-consistent: taken while mounted and unfrozen.
-        let crash = try await provider.createGroup(CreateGroupRequest(disks: ["root", "data"], tags: ["instance": "i-1"], idempotencyToken: "crash"))
-        _ = try await provider.waitUntilReady(crash.id, timeout: .seconds(60))
-        // Filesystem-consistent: both frozen across the create.
-        for disk in ["data", "root"] { try run("fsfreeze", "--freeze", mounts[disk]!) }
-        let frozen: SnapshotGroup
-        do {
-            frozen = try await provider.createGroup(CreateGroupRequest(disks: ["root", "data"], tags: ["instance": "i-1"], idempotencyToken: "frozen"))
-        } catch {
-            for disk in ["root", "data"] { try? run("fsfreeze", "--unfreeze", mounts[disk]!) }
-            throw error
-        }
-        for disk in ["root", "data"] { try run("fsfreeze", "--unfreeze", mounts[disk]!) }
-        _ = try await provider.waitUntilReady(frozen.id, timeout: .seconds(60))
-
-        let crashRecord = record(try await provider.describe(crash.id), instance: "i-1", level: .crash, at: Date().addingTimeInterval(-3 * 86_400))
-        let frozenRecord = record(try await provider.describe(frozen.id), instance: "i-1", level: .filesystem)
-        try inventory.catalog.record(crashRecord)
-        try inventory.catalog.record(frozenRecord)
-
-        let clean = try await inventory.verify(frozenRecord.id, deep: true)
-        // ext4: a frozen snapshot has a clean journal. XFS keeps its log dirty across a
-        // freeze (xfs_repair -n asks for a replay even then), so for XFS only "checks
-        // clean, with or without a replay" is asserted.
-        #expect(clean[0].outcome == .ok, "\(clean)")
-        #expect([.ok, .okAfterRecovery].contains(clean[1].outcome), "\(clean)")
-        #expect(clean.map(\.filesystem) == ["ext4", "xfs"])
-        let recovered = try await inventory.verify(crashRecord.id, deep: true)
-        #expect(recovered[0].outcome == .okAfterRecovery, "\(recovered)")
-        #expect([.ok, .okAfterRecovery].contains(recovered[1].outcome), "\(recovered)")
-        // The snapshots themselves were not touched by the checks.
-        #expect(try await inventory.verify(crashRecord.id, deep: false).allSatisfy { $0.outcome == .ok })
-
-        let store = ["--catalog", catalogPath, "--pool", provider.pool]
-        let listed = try self.quiesce(["snapshots"] + store)
-        #expect(listed.status == 0)
-        #expect(listed.output.contains(frozenRecord.id) && listed.output.contains("filesystem") && listed.output.contains("not-frozen"))
-        #expect(try self.quiesce(["snapshots", "--level", "crash", "--output", "json"] + store).output.contains(crashRecord.id))
-        #expect(!(try self.quiesce(["snapshots", "--newer-than", "1d"] + store).output.contains(crashRecord.id)))
-        let shown = try self.quiesce(["show", frozenRecord.id] + store)
-        #expect(shown.status == 0 && shown.output.contains("level       filesystem (wanted application)") && shown.output.contains("reflink"))
-        #expect(try self.quiesce(["show", "g-nope"] + store).status == 1)
-        let verified = try self.quiesce(["verify", frozenRecord.id] + store)
-        #expect(verified.status == 0 && verified.output.contains("ok"))
-
-        // Restore as new, then refuse in place while the disk is mounted.
-        let restored = try self.quiesce(["restore", frozenRecord.id, "--disk", "root", "--as-new"] + store)
-        #expect(restored.status == 0, "\(restored.output)")
-        #expect(FileManager.default.fileExists(atPath: try provider.diskPath("root-restored-\(frozenRecord.id)")))
-        let refused = try self.quiesce(["restore", frozenRecord.id, "--disk", "root", "--in-place"] + store)
-        #expect(refused.status == 1 && refused.output.contains("attached to /dev/loop"), "\(refused.output)")
-
-        // A tampered snapshot fails verify with exit 1.
-        let tampered = provider.snapshotPath(group: crash.id, disk: "data")
-        try run("dd", "if=/dev/urandom", "of=\(tampered)", "bs=512", "count=1", "seek=4096", "conv=notrunc", "status=none")
-        let bad = try self.quiesce(["verify", crashRecord.id] + store)
-        #expect(bad.status == 1 && bad.output.contains("checksum-mismatch"))
-
-        // Prune: keep the newest one; the 3-day-old crash group goes, from the pool and the catalog.
-        let dry = try self.quiesce(["prune", "--keep-last", "1", "--dry-run"] + store)
-        #expect(dry.output.contains("would delete \(crashRecord.id)"))
-        #expect(try inventory.catalog.group(crashRecord.id) != nil)
-        let pruned = try self.quiesce(["prune", "--keep-last", "1", "--keep-within", "1d"] + store)
-        #expect(pruned.status == 0 && pruned.output.contains("deleted \(crashRecord.id)"))
-        #expect(try inventory.catalog.group(crashRecord.id) == nil)
-        await #expect(throws: ProviderError.self) { try await provider.describe(crash.id) }
-        #expect(try inventory.catalog.group(frozenRecord.id) != nil)
     }
 }

@@ -15,16 +15,21 @@ func writeRandom(_ path: String, offset: Int, count: Int) throws {
 }
 
 /// A 64 MiB sparse disk image with 8 MiB of data in two extents.
-func makeDisk(_ provider: LocalProvider, _ id: String) throws -> String {
+/// The same from async code, on a thread of its own (reading /dev/urandom is slow on a loaded machine).
+func writeRandom(_ path: String, offset: Int, count: Int) async throws {
+    try await blocking { try writeRandom(path, offset: offset, count: count) }
+}
+
+func makeDisk(_ provider: LocalProvider, _ id: String) async throws -> String {
     let path = try provider.diskPath(id)
     FileManager.default.createFile(atPath: path, contents: nil)
-    try run("truncate", "-s", "64M", path)
-    try writeRandom(path, offset: 0, count: 4 << 20)
-    try writeRandom(path, offset: 32 << 20, count: 4 << 20)
+    try await run("truncate", "-s", "64M", path)
+    try await writeRandom(path, offset: 0, count: 4 << 20)
+    try await writeRandom(path, offset: 32 << 20, count: 4 << 20)
     return path
 }
 
-func sameBytes(_ a: String, _ b: String) -> Bool { (try? run("cmp", "-s", a, b)) != nil }
+func sameBytes(_ a: String, _ b: String) async -> Bool { (try? await run("cmp", "-s", a, b)) != nil }
 
 func allocatedBytes(_ path: String) -> UInt64 {
     var info = stat()
@@ -40,8 +45,8 @@ struct LocalProviderTests {
         #expect(provider.reflinkSupported == (expected == .reflink))
         #expect(provider.usesSlowPath == (expected == .sparseCopy))
         #expect(provider.capabilities.pointInTimeFixedOnReturn && !provider.capabilities.atomicMultiDiskGroup)
-        let root = try makeDisk(provider, "root")
-        let data = try makeDisk(provider, "data")
+        let root = try await makeDisk(provider, "root")
+        let data = try await makeDisk(provider, "data")
 
         let request = CreateGroupRequest(disks: ["root", "data"], tags: ["instance": "i-1", "level": "FsConsistent"], idempotencyToken: "run-1/i-1")
         let group = try await provider.createGroup(request)
@@ -49,8 +54,8 @@ struct LocalProviderTests {
         #expect(group.disks.map(\.diskID) == ["root", "data"])
         #expect(group.disks.allSatisfy { $0.method == expected && $0.sizeBytes == 64 << 20 && $0.dataBytes == 8 << 20 })
         let rootSnapshot = provider.snapshotPath(group: group.id, disk: "root")
-        #expect(sameBytes(root, rootSnapshot))
-        #expect(sameBytes(data, provider.snapshotPath(group: group.id, disk: "data")))
+        #expect(await sameBytes(root, rootSnapshot))
+        #expect(await sameBytes(data, provider.snapshotPath(group: group.id, disk: "data")))
         #expect(allocatedBytes(rootSnapshot) < 16 << 20, "holes must stay holes")
 
         // Ready: durable, with checksums; verify agrees.
@@ -60,8 +65,8 @@ struct LocalProviderTests {
         #expect(try await provider.verify(group.id).allSatisfy { $0.recorded == $0.actual })
 
         // The snapshot is a point in time: later writes to the disk do not reach it.
-        try writeRandom(root, offset: 8 << 20, count: 1 << 20)
-        #expect(!sameBytes(root, rootSnapshot))
+        try await writeRandom(root, offset: 8 << 20, count: 1 << 20)
+        #expect(await !sameBytes(root, rootSnapshot))
         #expect(try await provider.verify(group.id).allSatisfy { $0.recorded == $0.actual })
 
         // Idempotent: the same token returns the same group and makes nothing new.
@@ -73,21 +78,21 @@ struct LocalProviderTests {
 
         // Restore as a new disk, then in place (refused while attached).
         let restored = try await provider.restore(group.id, disk: "root", to: .newDisk("root-restored"))
-        #expect(sameBytes(try provider.diskPath(restored), rootSnapshot))
+        #expect(await sameBytes(try provider.diskPath(restored), rootSnapshot))
         await #expect(throws: ProviderError.self) { try await provider.restore(group.id, disk: "root", to: .newDisk("root-restored")) }
-        let device = try loops.attach(root)
+        let device = try await loops.attach(root)
         do {
             _ = try await provider.restore(group.id, disk: "root", to: .inPlace)
             Issue.record("restored in place over an attached disk")
         } catch let error as ProviderError {
             #expect(error.description.contains(device))
         }
-        try loops.detach(device)
+        try await loops.detach(device)
         #expect(try await provider.restore(group.id, disk: "root", to: .inPlace) == "root")
-        #expect(sameBytes(root, rootSnapshot))
+        #expect(await sameBytes(root, rootSnapshot))
 
         // A tampered snapshot fails verification.
-        try writeRandom(rootSnapshot, offset: 100, count: 16)
+        try await writeRandom(rootSnapshot, offset: 100, count: 16)
         let results = try await provider.verify(group.id)
         #expect(results.first { $0.disk == "root" }.map { $0.recorded != $0.actual } == true)
         #expect(results.first { $0.disk == "data" }.map { $0.recorded == $0.actual } == true)
@@ -99,42 +104,42 @@ struct LocalProviderTests {
 
     @Test("an XFS reflink pool snapshots, verifies, restores and deletes by reflink")
     func xfsReflinkPool() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let pool = try loops.mount("pool", fsType: "xfs", sizeMiB: 512, mkfsOptions: ["-m", "reflink=1"])
-        try await self.exercise(pool: pool.mountPoint, expected: .reflink, loops: loops)
+        try await withLoopDevices { loops in
+            let pool = try await loops.mount("pool", fsType: "xfs", sizeMiB: 512, mkfsOptions: ["-m", "reflink=1"])
+            try await self.exercise(pool: pool.mountPoint, expected: .reflink, loops: loops)
+        }
     }
 
     @Test("an ext4 pool takes the sparse-copy path and keeps holes")
     func ext4CopyPool() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let pool = try loops.mount("pool", fsType: "ext4", sizeMiB: 400)
-        try await self.exercise(pool: pool.mountPoint, expected: .sparseCopy, loops: loops)
+        try await withLoopDevices { loops in
+            let pool = try await loops.mount("pool", fsType: "ext4", sizeMiB: 400)
+            try await self.exercise(pool: pool.mountPoint, expected: .sparseCopy, loops: loops)
+        }
     }
 
     @Test("bad requests get clear errors and leave nothing behind")
     func badRequests() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let provider = try LocalProvider(pool: loops.directory + "/plain-pool")
-        _ = try makeDisk(provider, "one")
-        for (request, text) in [
-            (CreateGroupRequest(disks: ["missing"], idempotencyToken: "t1"), "open disk"),
-            (CreateGroupRequest(disks: ["one", "one"], idempotencyToken: "t2"), "listed twice"),
-            (CreateGroupRequest(disks: ["../etc/passwd"], idempotencyToken: "t3"), "expected a disk id"),
-            (CreateGroupRequest(disks: [], idempotencyToken: "t4"), "at least one disk"),
-            (CreateGroupRequest(disks: ["one"], idempotencyToken: ""), "idempotency token"),
-        ] {
-            do {
-                _ = try await provider.createGroup(request)
-                Issue.record("accepted \(request)")
-            } catch let error as ProviderError {
-                #expect(error.description.contains(text), "\(error)")
+        try await withLoopDevices { loops in
+            let provider = try LocalProvider(pool: loops.directory + "/plain-pool")
+            _ = try await makeDisk(provider, "one")
+            for (request, text) in [
+                (CreateGroupRequest(disks: ["missing"], idempotencyToken: "t1"), "open disk"),
+                (CreateGroupRequest(disks: ["one", "one"], idempotencyToken: "t2"), "listed twice"),
+                (CreateGroupRequest(disks: ["../etc/passwd"], idempotencyToken: "t3"), "expected a disk id"),
+                (CreateGroupRequest(disks: [], idempotencyToken: "t4"), "at least one disk"),
+                (CreateGroupRequest(disks: ["one"], idempotencyToken: ""), "idempotency token"),
+            ] {
+                do {
+                    _ = try await provider.createGroup(request)
+                    Issue.record("accepted \(request)")
+                } catch let error as ProviderError {
+                    #expect(error.description.contains(text), "\(error)")
+                }
             }
+            #expect(try FileManager.default.contentsOfDirectory(atPath: provider.snapshotsDirectory).isEmpty)
+            await #expect(throws: ProviderError.self) { try await provider.restore("lg-nope", disk: "one", to: .inPlace) }
         }
-        #expect(try FileManager.default.contentsOfDirectory(atPath: provider.snapshotsDirectory).isEmpty)
-        await #expect(throws: ProviderError.self) { try await provider.restore("lg-nope", disk: "one", to: .inPlace) }
     }
 }
 
@@ -143,41 +148,41 @@ struct LocalProviderTests {
 /// unfrozen, it needs recovery.
 @Suite("Honesty", .enabled(if: LoopDevices.available, "needs root for loop devices"))
 struct HonestyTests {
-    func needsRecovery(_ image: String) throws -> Bool {
-        let header = try run("dumpe2fs", "-h", image)
+    func needsRecovery(_ image: String) async throws -> Bool {
+        let header = try await run("dumpe2fs", "-h", image)
         let features = header.split(separator: "\n").first { $0.hasPrefix("Filesystem features:") } ?? ""
         return features.contains("needs_recovery")
     }
 
     @Test("an ext4 clone taken while frozen has no needs_recovery; one taken while written to has it")
     func needsRecoveryFlag() async throws {
-        let loops = try LoopDevices()
-        defer { loops.cleanUp() }
-        let pool = try loops.mount("pool", fsType: "xfs", sizeMiB: 512, mkfsOptions: ["-m", "reflink=1"])
-        let provider = try LocalProvider(pool: pool.mountPoint)
-        let image = try provider.diskPath("guest")
-        FileManager.default.createFile(atPath: image, contents: nil)
-        try run("truncate", "-s", "96M", image)
-        try run("mkfs.ext4", "-q", "-F", image)
-        #expect(try !self.needsRecovery(image))
-        let device = try loops.attach(image)
-        let mountPoint = try loops.mountDevice(device, at: "guest")
-        FileManager.default.createFile(atPath: mountPoint + "/busy", contents: nil)
-        try writeRandom(mountPoint + "/busy", offset: 0, count: 8 << 20)
+        try await withLoopDevices { loops in
+            let pool = try await loops.mount("pool", fsType: "xfs", sizeMiB: 512, mkfsOptions: ["-m", "reflink=1"])
+            let provider = try LocalProvider(pool: pool.mountPoint)
+            let image = try provider.diskPath("guest")
+            FileManager.default.createFile(atPath: image, contents: nil)
+            try await run("truncate", "-s", "96M", image)
+            try await run("mkfs.ext4", "-q", "-F", image)
+            #expect(try await !self.needsRecovery(image))
+            let device = try await loops.attach(image)
+            let mountPoint = try await loops.mountDevice(device, at: "guest")
+            FileManager.default.createFile(atPath: mountPoint + "/busy", contents: nil)
+            try await writeRandom(mountPoint + "/busy", offset: 0, count: 8 << 20)
 
-        let unfrozen = try await provider.createGroup(CreateGroupRequest(disks: ["guest"], idempotencyToken: "unfrozen"))
-        #expect(try self.needsRecovery(provider.snapshotPath(group: unfrozen.id, disk: "guest")))
+            let unfrozen = try await provider.createGroup(CreateGroupRequest(disks: ["guest"], idempotencyToken: "unfrozen"))
+            #expect(try await self.needsRecovery(provider.snapshotPath(group: unfrozen.id, disk: "guest")))
 
-        try run("fsfreeze", "--freeze", mountPoint)
-        let frozen: SnapshotGroup
-        do {
-            frozen = try await provider.createGroup(CreateGroupRequest(disks: ["guest"], idempotencyToken: "frozen"))
-            try run("fsfreeze", "--unfreeze", mountPoint)
-        } catch {
-            try? run("fsfreeze", "--unfreeze", mountPoint)
-            throw error
+            try await run("fsfreeze", "--freeze", mountPoint)
+            let frozen: SnapshotGroup
+            do {
+                frozen = try await provider.createGroup(CreateGroupRequest(disks: ["guest"], idempotencyToken: "frozen"))
+                try await run("fsfreeze", "--unfreeze", mountPoint)
+            } catch {
+                try? await run("fsfreeze", "--unfreeze", mountPoint)
+                throw error
+            }
+            #expect(try await !self.needsRecovery(provider.snapshotPath(group: frozen.id, disk: "guest")))
+            try await loops.unmount(mountPoint)
         }
-        #expect(try !self.needsRecovery(provider.snapshotPath(group: frozen.id, disk: "guest")))
-        try loops.unmount(mountPoint)
     }
 }

@@ -2,6 +2,7 @@ import Foundation
 import QuiesceCore
 import QuiescePluginProto
 import QuiescePlugins
+import QuiesceTestSupport
 import Testing
 
 /// One C source, many broken plugins (-D picks the fault). Each valid one
@@ -111,7 +112,7 @@ struct BrokenPluginTests {
 
     @Test("not ELF, no symbol, wrong ABI, small struct, NULL function, undecodable info, duplicate name: each a clear load error")
     func loadErrors() async throws {
-        let directory = try makeDirectory()
+        let directory = try await makeDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let registry = await PluginFixtures.registry([directory] + [directory + "/missing-dir"])
         defer { Task { await registry.shutdown() } }
@@ -148,7 +149,7 @@ struct BrokenPluginTests {
 
     @Test("a plugin that segfaults, hangs, refuses, answers garbage or an invalid plan fails only its own plans")
     func planErrors() async throws {
-        let directory = try makeDirectory()
+        let directory = try await makeDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let registry = await PluginFixtures.registry([directory], timeout: .seconds(5))
         defer { Task { await registry.shutdown() } }
@@ -202,7 +203,7 @@ struct BrokenPluginTests {
         bare.executableURL = URL(fileURLWithPath: PluginFixtures.buildDirectory + "/quiesce-plugin-host")
         bare.standardError = FileHandle.nullDevice
         try bare.run()
-        bare.waitUntilExit()
+        _ = try await blocking { bare.waitUntilExit() }
         #expect(bare.terminationStatus == 64, "usage error")
 
         let registry = await PluginRegistry.load(searchPath: PluginFixtures.searchPath(), hostExecutable: "/nonexistent/quiesce-plugin-host")
@@ -210,12 +211,12 @@ struct BrokenPluginTests {
         #expect(!registry.failures.isEmpty && registry.failures.allSatisfy { $0.code == .hostFailed && $0.detail.contains("is missing") })
     }
 
-    private func makeDirectory() throws -> String {
+    private func makeDirectory() async throws -> String {
         let directory = NSTemporaryDirectory() + "quiesce-broken-plugins-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         try "this is not a shared object\n".write(toFile: directory + "/not-elf.so", atomically: true, encoding: .utf8)
         for variant in Self.variants {
-            _ = try PluginFixtures.compile(brokenSource, name: variant.file, in: directory, defines: variant.defines)
+            _ = try await PluginFixtures.compile(brokenSource, name: variant.file, in: directory, defines: variant.defines)
         }
         chmod(directory + "/world-writable.so", 0o666)
         return directory

@@ -2,6 +2,7 @@ import Foundation
 import QuiesceCore
 import QuiescePluginProto
 import QuiescePlugins
+import QuiesceTestSupport
 import Testing
 
 /// Where the built plugins and the host are, facts and policies for plans.
@@ -91,20 +92,15 @@ enum PluginFixtures {
         }
     }
 
-    /// Compiles a C plugin from `source` into `directory/name.so` with the ABI header.
-    static func compile(_ source: String, name: String, in directory: String, defines: [String] = []) throws -> String {
+    /// Compiles a C plugin from `source` into `directory/name.so` with the ABI header,
+    /// on a thread of its own (cc on the cooperative pool would starve the tests running beside it).
+    static func compile(_ source: String, name: String, in directory: String, defines: [String] = []) async throws -> String {
         let file = directory + "/\(name).c", output = directory + "/\(name).so"
         try source.write(toFile: file, atomically: true, encoding: .utf8)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/cc")
-        process.arguments = ["-shared", "-fPIC", "-O0", "-I", Self.packageRoot + "/Sources/CQuiescePlugin/include", "-o", output, file]
+        let arguments = ["/usr/bin/cc", "-shared", "-fPIC", "-O0", "-I", Self.packageRoot + "/Sources/CQuiescePlugin/include", "-o", output, file]
             + defines.map { "-D" + $0 }
-        let errors = Pipe()
-        process.standardError = errors
-        try process.run()
-        process.waitUntilExit()
-        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        guard process.terminationStatus == 0 else { throw CompileFailed(text: text) }
+        let finished = try await blocking { try ChildProcess.run(arguments) }
+        guard finished.status == 0 else { throw CompileFailed(text: finished.output) }
         return output
     }
 

@@ -97,7 +97,21 @@ extension LoopDevices {
 /// its output; throws with the output when it exits non-zero.
 @discardableResult
 public func run(_ arguments: Any...) throws -> String {
+    try runFlat(arguments.flatMap { ($0 as? [String]) ?? [String(describing: $0)] })
+}
+
+/// The same from async code, on a thread of its own: a test waiting for a
+/// child on the cooperative pool starves every task in the process — the
+/// engine's and the agent's included (their heartbeats, their freeze
+/// watchdog's inputs). Swift prefers this overload in async contexts, so an
+/// async test cannot block the pool by accident.
+@discardableResult
+public func run(_ arguments: Any...) async throws -> String {
     let flat = arguments.flatMap { ($0 as? [String]) ?? [String(describing: $0)] }
+    return try await blocking { try runFlat(flat) }
+}
+
+private func runFlat(_ flat: [String]) throws -> String {
     let finished = try ChildProcess.run(flat)
     guard finished.status == 0 else {
         throw CommandFailed(description: "\(flat.joined(separator: " ")) exited \(finished.status): \(finished.output)")
@@ -207,4 +221,58 @@ private final class ResultBox<T: Sendable>: @unchecked Sendable {
     private var stored: T?
     func set(_ value: T) { self.lock.withLock { self.stored = value } }
     var value: T? { self.lock.withLock { self.stored } }
+}
+
+/// The same steps from async code, each on a thread of its own (see
+/// `run(_:) async`): Swift picks these in async contexts, so a test cannot
+/// run mkfs, mount or losetup on the cooperative pool by accident.
+extension LoopDevices {
+    @discardableResult
+    public func mount(_ name: String, fsType: String, sizeMiB: Int, options: [String] = [], mkfsOptions: [String] = []) async throws -> (mountPoint: String, device: String) {
+        try await blocking { try self.mount(name, fsType: fsType, sizeMiB: sizeMiB, options: options, mkfsOptions: mkfsOptions) }
+    }
+
+    public func bind(_ source: String, at name: String) async throws -> String {
+        try await blocking { try self.bind(source, at: name) }
+    }
+
+    public func tmpfs(at name: String) async throws -> String {
+        try await blocking { try self.tmpfs(at: name) }
+    }
+
+    public func attach(_ image: String) async throws -> String {
+        try await blocking { try self.attach(image) }
+    }
+
+    public func detach(_ device: String) async throws {
+        try await blocking { try self.detach(device) }
+    }
+
+    public func mountDevice(_ device: String, at name: String, options: [String] = []) async throws -> String {
+        try await blocking { try self.mountDevice(device, at: name, options: options) }
+    }
+
+    public func unmount(_ target: String) async throws {
+        try await blocking { try self.unmount(target) }
+    }
+}
+
+/// Writes a script or other file that a test is about to execute, through a
+/// descriptor opened with O_CLOEXEC. Foundation's writers leave theirs
+/// inheritable: a child that another test spawns meanwhile keeps it open for
+/// its whole life, and executing the file then fails with ETXTBSY.
+public func writeExecutable(_ path: String, _ text: String, mode: mode_t = 0o700) throws {
+    unlink(path)
+    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
+    guard fd >= 0 else { throw CommandFailed(description: "cannot create \(path): \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if written < 0 && errno == EINTR { continue }
+        guard written > 0 else { throw CommandFailed(description: "cannot write \(path): \(String(cString: strerror(errno)))") }
+        bytes = bytes.dropFirst(written)
+    }
+    // The umask may have cleared bits of `mode`.
+    guard fchmod(fd, mode) == 0 else { throw CommandFailed(description: "cannot chmod \(path): \(String(cString: strerror(errno)))") }
 }
