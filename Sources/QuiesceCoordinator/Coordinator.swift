@@ -102,7 +102,7 @@ public final class Coordinator: Sendable {
 
     public func run(runID: String, agentWait: Duration? = nil, events: @escaping @Sendable (RunEvent) -> Void = { _ in }) async -> RunReport {
         let started = ContinuousClock.now
-        try? self.catalog?.beginRun(RunRecord(id: runID, source: self.fleet.path))
+        let begun = await self.catalogWrite { try $0.beginRun(RunRecord(id: runID, source: self.fleet.path)) }
         // Agents that never connect are reported, not waited on forever.
         let wanted = Set(self.fleet.instances.map(\.id))
         let wait = agentWait ?? .seconds(self.fleet.agentWaitSeconds)
@@ -126,7 +126,7 @@ public final class Coordinator: Sendable {
                 if let reason = self.stopping.withLock({ $0 }) {
                     group.addTask {
                         var outcome = self.notStarted(instance, reason: reason)
-                        self.record(&outcome, runID: runID, started: .now)
+                        await self.record(&outcome, runID: runID, started: .now)
                         events(.instanceFinished(outcome))
                         return outcome
                     }
@@ -147,9 +147,16 @@ public final class Coordinator: Sendable {
             return results
         }
         let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
-        let report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
+        var report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
                                makespan: .now - started)
-        try? self.catalog?.finishRun(runID, state: report.runState, at: Date())
+        let state = report.runState
+        let finished = await self.catalogWrite { try $0.finishRun(runID, state: state, at: Date()) }
+        // The report has no run-level warnings: a run the catalog could not record is said on every instance.
+        let runErrors = [begun.map { "run \(runID) could not be recorded as started: \($0)" },
+                         finished.map { "run \(runID) could not be recorded as finished: \($0)" }].compactMap { $0 }
+        for index in report.instances.indices {
+            report.instances[index].warnings += runErrors.map { "catalog-write-failed: " + $0 }
+        }
         return report
     }
 
@@ -157,7 +164,7 @@ public final class Coordinator: Sendable {
     func backUp(_ instance: FleetFile.Instance, runID: String, agentWait: Duration) async -> InstanceOutcome {
         let started = ContinuousClock.now
         var outcome = await self.attempt(instance, runID: runID, agentWait: agentWait)
-        self.record(&outcome, runID: runID, started: started)
+        await self.record(&outcome, runID: runID, started: started)
         return outcome
     }
 
@@ -287,7 +294,9 @@ public final class Coordinator: Sendable {
                     outcome.warnings.append("not-ready: \(group.id) is still \(group.state.rawValue) at the provider: \(error)")
                 }
                 outcome.state = result.failed ? .failed : (result.achieved < policy.wanted ? .downgraded : .succeeded)
-                self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy, steps: result.steps + after)
+                if let error = await self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy, steps: result.steps + after) {
+                    outcome.warnings.append("catalog-write-failed: group \(group.id) is at the provider but not in the catalog: \(error)")
+                }
             } else {
                 outcome.state = .failed
             }
@@ -296,8 +305,24 @@ public final class Coordinator: Sendable {
         return outcome
     }
 
+    /// Writes to the catalog on a thread of its own and says what failed, if
+    /// anything. A write waits for SQLite's fsync (synchronous = FULL), which
+    /// a busy disk — a backup's disk — can stretch past a second. On the
+    /// cooperative pool, a few of them at once (instances finishing together)
+    /// would hold every pool thread, and the heartbeats to agents frozen
+    /// meanwhile go out through that pool: they would thaw for engine silence.
+    func catalogWrite(_ write: @escaping @Sendable (any CatalogStore) throws -> Void) async -> (any Error)? {
+        guard let catalog = self.catalog else { return nil }
+        do {
+            try await DedicatedThread.run(name: "quiesce-catalog") { try write(catalog) }
+            return nil
+        } catch {
+            return error
+        }
+    }
+
     func recordGroup(_ group: SnapshotGroup, outcome: InstanceOutcome, runID: String, token: String, policy: FleetFile.Policy,
-                     steps: [PlanOutcome.StepRecord]) {
+                     steps: [PlanOutcome.StepRecord]) async -> (any Error)? {
         var timings: [String: UInt64] = [:]
         for step in steps { timings[step.id, default: 0] += UInt64(max(step.elapsed.microseconds, 0)) }
         let record = GroupRecord(
@@ -307,15 +332,19 @@ public final class Coordinator: Sendable {
             frozenUs: outcome.frozen.map { UInt64(max($0.microseconds, 0)) },
             applicationStallUs: outcome.stall.map { UInt64(max($0.microseconds, 0)) },
             stepTimingsUs: timings, tags: group.tags, disks: group.disks)
-        try? self.catalog?.record(record)
+        return await self.catalogWrite { try $0.record(record) }
     }
 
-    func record(_ outcome: inout InstanceOutcome, runID: String, started: ContinuousClock.Instant) {
+    /// Records the instance's outcome; a failed write is a warning on the outcome (the report still has it).
+    func record(_ outcome: inout InstanceOutcome, runID: String, started: ContinuousClock.Instant) async {
         outcome.duration = .now - started
-        try? self.catalog?.record(InstanceRecord(
+        let row = InstanceRecord(
             runID: runID, instanceID: outcome.instanceID, state: outcome.state, wantedLevel: outcome.wanted, minimumLevel: outcome.minimum,
             achievedLevel: outcome.achieved, reasons: outcome.reasons.map(Self.reason), groupID: outcome.groupID,
-            durationUs: UInt64(max(outcome.duration.microseconds, 0))))
+            durationUs: UInt64(max(outcome.duration.microseconds, 0)))
+        if let error = await self.catalogWrite({ try $0.record(row) }) {
+            outcome.warnings.append("catalog-write-failed: the outcome of \(outcome.instanceID) is not in the catalog: \(error)")
+        }
     }
 
     static func reason(_ text: String) -> Reason {
