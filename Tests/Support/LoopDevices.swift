@@ -127,11 +127,7 @@ public struct CommandFailed: Error, CustomStringConvertible {
 /// tests running in parallel do not starve Swift's cooperative pool — which
 /// the engine and agent under test depend on for their heartbeats.
 public func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        let thread = Thread { continuation.resume(with: Result { try work() }) }
-        thread.stackSize = 1 << 20
-        thread.start()
-    }
+    try await DedicatedThread.run(name: "test-blocking", work)
 }
 
 /// Runs `body` with fresh loop devices and cleans them up afterwards (thaw,
