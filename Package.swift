@@ -191,7 +191,7 @@ let package = Package(
         ),
         // Real loop devices and filesystems for tests (root only).
         .target(name: "QuiesceTestSupport", dependencies: ["QuiesceCore"], path: "Tests/Support"),
-        .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore"]),
+        .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore", "QuiesceTestSupport"]),
         .testTarget(name: "QuiesceFleetTests", dependencies: ["QuiesceCore", "QuiesceFleet", "QuiescePlugins"]),
         .testTarget(name: "QuiescePluginsTests", dependencies: ["QuiesceCore", "QuiescePlugins", "QuiescePluginProto", "QuiesceTestSupport"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),

@@ -70,8 +70,12 @@ enum ExitStatus {
     static let unavailable = ExitCode(69)
 }
 
+/// Through `OutputQueue`, after anything a run queued before it; written, with
+/// whatever the run queued on stdout, before it returns (an error may end the command).
 func printError(_ message: String) {
-    FileHandle.standardError.write(Data(("quiesce: " + message + "\n").utf8))
+    OutputQueue.standardError.write("quiesce: " + message + "\n")
+    OutputQueue.standardOutput.flush()
+    OutputQueue.standardError.flush()
 }
 
 /// The catalog at `path` (default `$QUIESCE_HOME/catalog.db`); an error is a message and exit 1.

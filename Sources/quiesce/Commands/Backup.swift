@@ -88,7 +88,7 @@ struct Backup: AsyncParsableCommand {
         }
         let printer = RunPrinter(json: self.output == .json)
         let report = self.engine ? try await self.runInEngine(printer) : try await self.runHere(printer)
-        printer.finish(report)
+        await printer.finish(report)
         if report.exitCode != 0 { throw ExitCode(report.exitCode) }
     }
 
@@ -201,7 +201,10 @@ struct Backup: AsyncParsableCommand {
 }
 
 /// What a run prints, the same for one-shot runs and runs through an engine:
-/// a progress bar on a terminal and the report, or JSON lines.
+/// a progress bar on a terminal and the report, or JSON lines. Everything
+/// goes through `OutputQueue`: events come from the run's tasks while other
+/// instances are frozen, and a reader that is not reading (a pager, a paused
+/// terminal) must not hold them up.
 final class RunPrinter: @unchecked Sendable {
     let json: Bool
     private let lock = NSLock()
@@ -229,23 +232,28 @@ final class RunPrinter: @unchecked Sendable {
         }
     }
 
-    func finish(_ report: RunReport) {
+    /// Prints the report and waits (on a thread of its own) until everything printed is written.
+    func finish(_ report: RunReport) async {
         self.lock.withLock { self.progress }?.done()
         if self.json {
             Self.printJSON(["event": "report", "run": report.runID, "makespan_ms": report.makespan.milliseconds, "exit_code": Int(report.exitCode),
                             "instances": report.instances.map(\.json)])
         } else {
-            print(report.renderTable())
+            OutputQueue.standardOutput.write(report.renderTable() + "\n")
+        }
+        _ = try? await DedicatedThread.run(name: "quiesce-output") {
+            OutputQueue.standardError.flush()
+            OutputQueue.standardOutput.flush()
         }
     }
 
     func emit(_ value: [String: Any], text: String) {
-        if self.json { Self.printJSON(value) } else { FileHandle.standardError.write(Data((text + "\n").utf8)) }
+        if self.json { Self.printJSON(value) } else { OutputQueue.standardError.write(text + "\n") }
     }
 
     static func printJSON(_ value: [String: Any]) {
         guard let data = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
-        FileHandle.standardOutput.write(data + Data("\n".utf8))
+        OutputQueue.standardOutput.write(Array(data) + Array("\n".utf8))
     }
 }
 
@@ -287,11 +295,11 @@ final class Progress: @unchecked Sendable {
             let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
             return "\r[\(bar)] \(done)/\(self.total)  running \(self.running)  ok \(self.succeeded)  downgraded \(self.downgraded)  failed \(self.failed)  \(String(format: "%.1f", rate))/s  ETA \(eta)  "
         }
-        FileHandle.standardError.write(Data(line.utf8))
+        OutputQueue.standardError.write(line)
     }
 
     func done() {
         guard self.enabled else { return }
-        FileHandle.standardError.write(Data("\n".utf8))
+        OutputQueue.standardError.write("\n")
     }
 }
