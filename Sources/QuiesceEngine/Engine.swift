@@ -83,7 +83,13 @@ public final class Engine: Sendable {
                 capabilities: ["commands", "heartbeat"])])
         let adminServer: GRPCServer<HTTP2ServerTransport.Posix>?
         if let path = self.configuration.adminSocketPath {
-            try Self.prepareSocketPath(path)
+            do {
+                try Self.prepareSocketPath(path)
+            } catch {
+                // Said to whoever waits in listeningAddress(), which would otherwise wait for good.
+                self.publish(.failure(error))
+                throw error
+            }
             adminServer = GRPCServer(transport: SecureTransports.adminListener(socketPath: path), services: [AdminService(engine: self)] + adminServices)
         } else {
             adminServer = nil

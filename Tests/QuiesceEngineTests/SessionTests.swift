@@ -5,6 +5,7 @@ import QuiesceCore
 import QuiesceEngine
 import QuiescePKI
 import QuiesceProto
+import QuiesceTestSupport
 import QuiesceWire
 import Testing
 
@@ -196,6 +197,24 @@ struct SessionTests {
         #expect(await second.engine.registry.waitFor(["i-back"], timeout: .seconds(10)).isEmpty)
         try await waitUntil { runner.sessionsOpened == 2 }
         #expect(try await second.engine.facts(of: "i-back").osFamily == "linux")
+    }
+
+    @Test("an engine whose admin socket another engine serves fails to start, saying so, instead of waiting for good")
+    func adminSocketTaken() async throws {
+        let fleet = try await Fleet.start()
+        defer { fleet.discard() }
+        let outcome = await within(.seconds(10)) { () async -> String in
+            do {
+                let second = try await Fleet.start(directory: fleet.directory)
+                second.discard()
+                return "started"
+            } catch {
+                return "\(error)"
+            }
+        }
+        #expect(outcome?.contains("another engine is already listening") == true, "\(outcome ?? "still waiting after 10 s")")
+        // The first engine's socket is still there: the one that failed did not remove it.
+        #expect(FileManager.default.fileExists(atPath: fleet.directory + "/admin.sock"))
     }
 
     @Test("a second session for the same instance replaces the first")
