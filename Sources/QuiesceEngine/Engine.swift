@@ -63,6 +63,17 @@ public final class Engine: Sendable {
     /// are served on the admin socket next to the engine's own (`quiesce serve`
     /// adds fleet runs there).
     public func run(adminServices: [any RegistrableRPCService] = []) async throws {
+        // Before any server is built (one built and never served must not be dropped):
+        // a socket path another engine serves is an error for whoever waits in
+        // listeningAddress() too, which would otherwise wait for good.
+        if let path = self.configuration.adminSocketPath {
+            do {
+                try Self.prepareSocketPath(path)
+            } catch {
+                self.publish(.failure(error))
+                throw error
+            }
+        }
         let registry = self.registry
         let logger = self.logger
         let agentTransport = SecureTransports.agentListener(
@@ -83,13 +94,6 @@ public final class Engine: Sendable {
                 capabilities: ["commands", "heartbeat"])])
         let adminServer: GRPCServer<HTTP2ServerTransport.Posix>?
         if let path = self.configuration.adminSocketPath {
-            do {
-                try Self.prepareSocketPath(path)
-            } catch {
-                // Said to whoever waits in listeningAddress(), which would otherwise wait for good.
-                self.publish(.failure(error))
-                throw error
-            }
             adminServer = GRPCServer(transport: SecureTransports.adminListener(socketPath: path), services: [AdminService(engine: self)] + adminServices)
         } else {
             adminServer = nil
