@@ -36,7 +36,15 @@ final class Fleet: Sendable {
                 adminSocketPath: directory + "/admin.sock", limits: limits),
             logger: logger)
         let task = Task { try await engine.run() }
-        let address = try await engine.listeningAddress()
+        let address: ListenAddress
+        do {
+            address = try await engine.listeningAddress()
+        } catch {
+            // An engine that could not listen must not keep its admin socket (a retry would meet it).
+            engine.shutdown()
+            task.cancel()
+            throw error
+        }
         return Fleet(directory: directory, ca: ca, engine: engine, address: address, task: task)
     }
 
