@@ -59,9 +59,11 @@ public final class Engine: Sendable {
         self.logger = logger
     }
 
-    /// Serves until ``shutdown()`` or until the task is cancelled. `adminServices`
-    /// are served on the admin socket next to the engine's own (`quiesce serve`
-    /// adds fleet runs there).
+    /// Serves until ``shutdown()`` or until the task is cancelled; both stop it
+    /// gracefully (sessions closed, accepted connections served out), and it
+    /// returns once the servers have stopped. `adminServices` are served on the
+    /// admin socket next to the engine's own (`quiesce serve` adds fleet runs
+    /// there).
     public func run(adminServices: [any RegistrableRPCService] = []) async throws {
         // Before any server is built (one built and never served must not be dropped):
         // a socket path another engine serves is an error for whoever waits in
@@ -107,7 +109,29 @@ public final class Engine: Sendable {
             self.publish(.failure(EngineError.stopped))
             return
         }
+        // Cancelling the serving task would be unsafe: NIO traps ("Deinited
+        // NIOAsyncWriter without calling finish()") when a server's task is
+        // cancelled while an accepted connection still waits in its queue
+        // (apple/swift-nio#3481), and connections arrive at any moment: agents
+        // redialling, admin clients, an engine probing the admin socket. So the
+        // servers run in a task that does not inherit cancellation, and
+        // cancelling this one begins the graceful shutdown, which serves out
+        // what was accepted and closes it; run returns once the servers have
+        // stopped. The servers' tasks run on the event loops (see EventLoopTaskExecutor).
+        let serving = Task(executorPreference: EventLoopTaskExecutor.shared) {
+            try await self.serve(agentServer: agentServer, adminServer: adminServer, agentTransport: agentTransport)
+        }
+        try await withTaskCancellationHandler {
+            try await serving.value
+        } onCancel: {
+            self.shutdown()
+        }
+    }
 
+    private func serve(
+        agentServer: GRPCServer<HTTP2ServerTransport.Posix>, adminServer: GRPCServer<HTTP2ServerTransport.Posix>?,
+        agentTransport: HTTP2ServerTransport.Posix
+    ) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await agentServer.serve() }
             if let adminServer { group.addTask { try await adminServer.serve() } }
@@ -189,10 +213,12 @@ public final class Engine: Sendable {
     /// The instance's live session.
     /// - Throws: `EngineError.noSession`, with how its last session ended if it had one.
     func liveSession(for instanceID: String) async throws -> AgentSession {
-        guard let session = await self.registry.session(for: instanceID) else {
-            throw EngineError.noSession(instanceID: instanceID, lastEnd: await self.registry.endedSessions().last { $0.instanceID == instanceID }?.reason)
-        }
-        return session
+        let session = await self.registry.session(for: instanceID)
+        // A session that has just closed can still be registered for a moment (the
+        // registry hears of the end after the session does): it is not live either.
+        if let session, !session.isClosed { return session }
+        let lastEnd = await self.registry.endedSessions().last { $0.instanceID == instanceID }?.reason
+        throw EngineError.noSession(instanceID: instanceID, lastEnd: lastEnd ?? session?.closeReason?.message)
     }
 
     /// Asks an agent for its facts; `includeHookHashes` has it hash every hook (what plans pin).

@@ -27,6 +27,29 @@ public enum ConcurrencyExecutor {
     }
 }
 
+/// A task executor on NIO's event loops: tasks that prefer it run on the
+/// threads that do the network I/O whatever Swift's global executor is. The
+/// engine serves on it, so its sessions (the heartbeats to frozen agents
+/// among them) never wait for a cooperative pool that other code in the same
+/// process may keep busy: with `useEventLoops` (the shipped binaries) nothing
+/// changes; in a process that keeps Swift's own pool (the test suite, an
+/// embedding program) the engine behaves as it does in `quiesce serve`.
+/// The same rule holds as on any executor here: no blocking calls (invariant 9).
+public final class EventLoopTaskExecutor: TaskExecutor {
+    public static let shared = EventLoopTaskExecutor(group: MultiThreadedEventLoopGroup.singleton)
+
+    private let group: any EventLoopGroup
+
+    public init(group: any EventLoopGroup) { self.group = group }
+
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let executor = self.asUnownedTaskExecutor()
+        // any(): the current loop when called from one, so a task stays on its thread.
+        self.group.any().execute { job.runSynchronously(on: executor) }
+    }
+}
+
 /// A deadline that fires a closure unless it is cancelled first: an entry in
 /// an event loop's timer heap instead of a task sleeping on a dispatch timer
 /// (`Task.sleep` goes through dispatch even with the event loops as the global

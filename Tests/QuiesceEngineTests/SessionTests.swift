@@ -7,6 +7,7 @@ import QuiescePKI
 import QuiesceProto
 import QuiesceTestSupport
 import QuiesceWire
+import Synchronization
 import Testing
 
 @Suite("Agent sessions over mutual TLS")
@@ -259,4 +260,85 @@ func waitUntil(timeout: Duration = .seconds(10), _ condition: @Sendable () async
         try await Task.sleep(for: .milliseconds(20))
     }
     throw TestFailure("condition not met within \(timeout)")
+}
+
+extension SessionTests {
+    /// NIO traps ("Deinited NIOAsyncWriter without calling finish()") when a
+    /// server's serving task is cancelled while an accepted connection is still
+    /// queued, unserved (apple/swift-nio#3481). Cancelling the task that runs
+    /// `Engine.run` is how `quiesce backup`, the bench and the test fleet end an
+    /// engine, and connections arrive at any moment (agents redialling, an
+    /// admin client, a second engine probing the admin socket). The engine must
+    /// turn that cancellation into its graceful shutdown: this test hammers
+    /// both listeners while cancelling, 12 times; the old code crashed the
+    /// whole test process here.
+    @Test("cancelling the engine's task while connections arrive stops it cleanly, 12 times over")
+    func cancelWhileConnecting() async throws {
+        for round in 0..<12 {
+            let fleet = try await Fleet.start()
+            let stop = StopFlag()
+            let port = fleet.address.port
+            let adminPath = fleet.directory + "/admin.sock"
+            // Two threads dial as fast as they can: TCP to the agent port, unix to the admin socket.
+            let dialers = (0..<2).map { kind in
+                Task.detached {
+                    try await blocking {
+                        var dialled = 0
+                        while !stop.isSet {
+                            if kind == 0 { dialled += tcpDial(port: port) ? 1 : 0 } else { dialled += unixDial(adminPath) ? 1 : 0 }
+                            usleep(200)  // fast, without exhausting the listener's descriptors (NIO then pauses accepting for 1 s)
+                        }
+                        return dialled
+                    }
+                }
+            }
+            try await Task.sleep(for: .milliseconds(5 + round % 7))
+            fleet.engineTask.cancel()
+            let ended = await within(.seconds(10)) { () async -> Bool in
+                _ = try? await fleet.engineTask.value
+                return true
+            }
+            stop.set()
+            var dialled = 0
+            for dialer in dialers { dialled += try await dialer.value }
+            fleet.discard()
+            #expect(ended == true, "round \(round): the engine's run did not return within 10 s of its task being cancelled")
+            #expect(dialled > 0, "round \(round): nothing was dialled")
+        }
+    }
+}
+
+private final class StopFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    var isSet: Bool { self.flag.load(ordering: .acquiring) }
+    func set() { self.flag.store(true, ordering: .releasing) }
+}
+
+/// One TCP connect to 127.0.0.1:port and close; true when it connected.
+private func tcpDial(port: Int) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = in_port_t(UInt16(port).bigEndian)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+    }
+}
+
+/// One unix-socket connect and close; true when it connected.
+private func unixDial(_ path: String) -> Bool {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+    }
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+    }
 }
