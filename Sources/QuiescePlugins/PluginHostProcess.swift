@@ -22,8 +22,6 @@ final class PluginHostProcess: @unchecked Sendable {
     }
 
     static let maxFrame = 16 << 20
-    /// Writing to a host that died must fail with EPIPE, not end the engine.
-    private static let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN) }()
     static let stderrTailBytes = 4096
 
     let path: String
@@ -58,7 +56,8 @@ final class PluginHostProcess: @unchecked Sendable {
 
     /// Starts a host for `pluginPath` and reads its hello (the plugin's info, or why it did not load).
     static func start(executable: String, pluginPath: String, timeout: Duration) async throws -> (PluginHostProcess, Hello) {
-        _ = Self.ignoreSIGPIPE
+        // Writing to a host that died must fail with EPIPE, not end the engine (or whatever embeds the registry).
+        BrokenPipes.ignoreSignal()
         return try await DedicatedThread.run(name: "quiesce-plugin-host") {
             var toHost: [Int32] = [-1, -1], fromHost: [Int32] = [-1, -1], errors: [Int32] = [-1, -1]
             guard quiesce_pipe(&toHost, 0) == 0, quiesce_pipe(&fromHost, 0) == 0, quiesce_pipe(&errors, 0) == 0 else {

@@ -12,6 +12,8 @@ enum AgentMain {
     static func main() async {
         // One session, small work per message: one event loop thread runs the network and every task.
         ConcurrencyExecutor.useEventLoops(threads: 1)
+        // A log reader that goes away (a restarted journal) must not end the agent, least of all while frozen.
+        BrokenPipes.ignoreSignal()
         await QuiesceAgentCommand.main()
     }
 }
@@ -112,7 +114,7 @@ struct Run: AsyncParsableCommand {
         do {
             try await task.value
         } catch {
-            FileHandle.standardError.write(Data("quiesce-agent: \(error)\n".utf8))
+            BrokenPipes.printError("quiesce-agent: \(error)\n")
             throw ExitCode(1)
         }
     }

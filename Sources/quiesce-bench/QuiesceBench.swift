@@ -14,6 +14,7 @@ import QuiesceWire
 enum BenchMain {
     static func main() async {
         ConcurrencyExecutor.useEventLoops()
+        BrokenPipes.ignoreSignal()
         await QuiesceBench.main()
     }
 }

@@ -12,6 +12,8 @@ enum QuiesceMain {
     static func main() async {
         // Tasks run on the event loops that do the engine's network I/O (see ConcurrencyExecutor).
         ConcurrencyExecutor.useEventLoops()
+        // A reader of our output that goes away (`quiesce backup | head`) must not end a run with agents frozen.
+        BrokenPipes.ignoreSignal()
         await Quiesce.main()
     }
 }

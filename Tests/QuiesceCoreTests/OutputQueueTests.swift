@@ -64,8 +64,10 @@ struct OutputQueueTests {
         try #require(pipe(&fds) == 0)
         close(fds[0])
         defer { close(fds[1]) }
-        let previous = signal(SIGPIPE, SIG_IGN)
-        defer { signal(SIGPIPE, previous) }
+        // As in every Quiesce binary. Never toggled back: restoring the default while
+        // another test writes to a pipe whose reader died (a crashed plugin host) would
+        // kill the whole test process without a word.
+        BrokenPipes.ignoreSignal()
         let queue = OutputQueue(fd: fds[1], name: "test-output")
         queue.write("nobody reads this\n")
         #expect(await within(.seconds(10)) { () async -> Bool in

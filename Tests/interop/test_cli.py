@@ -102,3 +102,41 @@ def test_help_reads_well(bin_dir):
     assert result.returncode == 0
     for word in ("demo", "serve", "agents", "facts", "ca", "Exit codes"):
         assert word in result.stdout
+
+
+def gone_reader():
+    """A pipe whose read end is already closed: whoever writes to it meets EPIPE (or SIGPIPE,
+    which subprocess restores to its default in the child, as a shell would)."""
+    r, w = os.pipe()
+    os.close(r)
+    return w
+
+
+def test_demo_finishes_when_nobody_reads_its_progress(bin_dir):
+    # `quiesce demo 2>&1 | head -1` and friends: the progress lines on stderr go nowhere;
+    # the command must still finish its work and exit 0, not die of SIGPIPE (-13) or
+    # trap on the write error (-4).
+    w = gone_reader()
+    try:
+        result = subprocess.run([os.path.join(bin_dir, "quiesce"), "demo", "--sessions-only", "--agents", "2"],
+                                stdout=subprocess.PIPE, stderr=w, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert result.returncode == 0, f"exit {result.returncode}"
+    assert "demo-2" in result.stdout
+
+
+def test_exit_codes_hold_when_nobody_reads_stderr(bin_dir, tmp_path):
+    # Scripts rely on the exit code, also when they threw stderr away early: the error
+    # line is lost, the status is not (it was -13, SIGPIPE, for both commands).
+    cases = [
+        (["quiesce-agent", "run", "--engine", "127.0.0.1:1", "--cert", str(tmp_path / "missing.pem"), "--key", "k", "--ca", "c"], 1),
+        (["quiesce", "agents", "--admin-socket", str(tmp_path / "none.sock")], 69),
+    ]
+    for args, expected in cases:
+        w = gone_reader()
+        try:
+            result = subprocess.run([os.path.join(bin_dir, args[0]), *args[1:]], stdout=subprocess.DEVNULL, stderr=w, timeout=60)
+        finally:
+            os.close(w)
+        assert result.returncode == expected, f"{args[0]} {args[1]}: exit {result.returncode}, expected {expected}"

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import QuiesceCore
 import Synchronization
 
 /// Holds log records in memory while a filesystem is frozen: a write to a
@@ -28,7 +29,7 @@ public final class LogGate: Sendable {
             return (state.held, state.dropped)
         }
         if dropped > 0 {
-            FileHandle.standardError.write(Data("quiesce-agent: \(dropped) log records were dropped while frozen (buffer of \(Self.capacity))\n".utf8))
+            BrokenPipes.printError("quiesce-agent: \(dropped) log records were dropped while frozen (buffer of \(Self.capacity))\n")
         }
         for write in held { write() }
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import QuiesceCore
 import QuiesceDemo
 
 struct Demo: AsyncParsableCommand {
@@ -32,7 +33,7 @@ struct Demo: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let progress: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data(("• " + line + "\n").utf8)) }
+        let progress: @Sendable (String) -> Void = { line in BrokenPipes.printError("• " + line + "\n") }
         if !self.sessionsOnly {
             if let missing = FleetDemo.missingRequirement {
                 printError(missing + "; showing the sessions part only")
@@ -51,7 +52,7 @@ struct Demo: AsyncParsableCommand {
             }
         }
         let demo = QuiesceDemo.Demo(agentCount: self.agents, json: self.output == .json) { line in
-            FileHandle.standardError.write(Data(("• " + line + "\n").utf8))
+            BrokenPipes.printError("• " + line + "\n")
         }
         do {
             print(try await demo.run())

@@ -75,7 +75,7 @@ struct Serve: AsyncParsableCommand {
             if let address = try? await engine.listeningAddress() {
                 let line = "quiesce engine \(QuiesceVersion.software) listening on \(address); admin socket \(self.admin.socketPath); "
                     + "\(registry.plugins.count) plugins (\(registry.plugins.map(\.name).sorted().joined(separator: ", "))); catalog \(catalogPath)\n"
-                FileHandle.standardOutput.write(Data(line.utf8))
+                BrokenPipes.printOutput(line)
             }
         }
         defer { ready.cancel() }
