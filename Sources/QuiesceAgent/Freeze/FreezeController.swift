@@ -23,6 +23,8 @@ public final class FreezeController: Sendable {
     public let syncfs: SyncfsRule
     private let logger: Logger
     private let state = Mutex(State())
+    /// Serializes thawOurselves (see there).
+    private let ownThaw = NSLock()
     private let watchdogStarted = Mutex(false)
     /// Current holds, for the thaw reply.
     let holdStates: @Sendable () -> [Quiesce_Agent_V1_HoldState]
@@ -402,8 +404,16 @@ public final class FreezeController: Sendable {
     }
 
     /// The guard is gone while frozen: FITHAW with the agent's descriptors, "/" first.
+    /// One caller at a time (the guard's reader thread and a thaw command can both
+    /// get here): the first thaws and closes the descriptors; a second waiting
+    /// behind it must not FITHAW numbers that were closed meanwhile and may name
+    /// another file by now. Callers are on threads of their own, never the pool.
     private func thawOurselves(id: String, cause: Quiesce_Agent_V1_ThawCause, holds: [Quiesce_Agent_V1_HoldState], detail: String) -> Quiesce_Agent_V1_ThawResult? {
-        guard let active = self.state.withLock({ $0.active }), active.id == id else { return nil }
+        self.ownThaw.lock()
+        defer { self.ownThaw.unlock() }
+        guard let active = self.state.withLock({ $0.active }), active.id == id else {
+            return self.state.withLock { $0.lastThaw?.freezeID == id ? $0.lastThaw : nil }
+        }
         var mounts: [GuardMessage.MountThawed] = Array(repeating: .init(thawed: false, errno: 0), count: active.descriptors.count)
         for index in active.descriptors.indices.reversed() {
             if quiesce_fithaw(active.descriptors[index]) == 0 {

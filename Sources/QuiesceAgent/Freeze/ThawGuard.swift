@@ -94,8 +94,11 @@ final class ThawGuard: Sendable {
     let executable: String
     let oomAdjusted: Bool
     let memoryLocked: Bool
-    private let socket: Int32
-    private let state = Mutex(State())
+    /// The socket (our end of the socketpair) lives in `state`: once the guard is
+    /// lost it is closed and its number may belong to anything else in the process
+    /// (another agent's guard socket, in the test suite; a TLS connection), so
+    /// every use checks, under the lock, that it is still ours.
+    private let state: Mutex<State>
     /// Messages nobody asked for (a budget thaw), and the guard's loss.
     private let unsolicited: @Sendable (GuardMessage?) -> Void
 
@@ -110,6 +113,8 @@ final class ThawGuard: Sendable {
     private struct State {
         var alive = true
         var pending: Pending?
+        /// -1 once closed.
+        var socket: Int32
     }
 
     /// The guard next to the running executable (or the test bundle).
@@ -160,7 +165,7 @@ final class ThawGuard: Sendable {
         }
         let guardProcess = ThawGuard(pid: pid, executable: executable, socket: pair[0], oomAdjusted: oom, memoryLocked: locked, unsolicited: unsolicited)
         do {
-            try await guardProcess.startReader()
+            try await guardProcess.startReader(socket: pair[0])
         } catch {
             close(pair[0])  // end-of-file for the guard: it exits
             _ = try? await DedicatedThread.run { var status: Int32 = 0; waitpid(childPID, &status, 0) }
@@ -172,7 +177,7 @@ final class ThawGuard: Sendable {
     private init(pid: Int32, executable: String, socket: Int32, oomAdjusted: Bool, memoryLocked: Bool, unsolicited: @escaping @Sendable (GuardMessage?) -> Void) {
         self.pid = pid
         self.executable = executable
-        self.socket = socket
+        self.state = Mutex(State(socket: socket))
         self.oomAdjusted = oomAdjusted
         self.memoryLocked = memoryLocked
         self.unsolicited = unsolicited
@@ -199,8 +204,8 @@ final class ThawGuard: Sendable {
     /// thread in between cost one more wake-up per reply, 0.05-0.07 ms each on
     /// the freeze window's path. NIO owns a duplicate of the socket for reading;
     /// requests are sent on `socket` (with SCM_RIGHTS, which NIO does not do).
-    private func startReader() async throws {
-        let readSide = dup(self.socket)
+    private func startReader(socket: Int32) async throws {
+        let readSide = dup(socket)
         guard readSide >= 0 else { throw ThawGuardError.spawnFailed(self.executable, errno) }
         do {
             _ = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -279,13 +284,13 @@ final class ThawGuard: Sendable {
     }
 
     private func lost() {
-        let pending = self.state.withLock { state -> Pending? in
+        let (pending, socket) = self.state.withLock { state -> (Pending?, Int32) in
             state.alive = false
-            defer { state.pending = nil }
-            return state.pending
+            defer { state.pending = nil; state.socket = -1 }
+            return (state.pending, state.socket)
         }
         pending?.continuation.resume(throwing: ThawGuardError.lost)
-        close(self.socket)
+        if socket >= 0 { close(socket) }
         // Reap it (it is our child) without blocking the cooperative pool.
         let pid = self.pid
         var status: Int32 = 0
@@ -301,13 +306,13 @@ final class ThawGuard: Sendable {
     ) async throws -> [GuardMessage] {
         try await withCheckedThrowingContinuation { continuation in
             let problem: (any Error)? = self.state.withLock { state in
-                guard state.alive else { return ThawGuardError.lost }
+                guard state.alive, state.socket >= 0 else { return ThawGuardError.lost }
                 guard state.pending == nil else { return ThawGuardError.protocolError("a request is already outstanding") }
                 state.pending = Pending(accepts: accepts, finishes: finishes, continuation: continuation)
                 let bytes = Array(text.utf8)
                 let sent = bytes.withUnsafeBytes { raw in
                     descriptors.withUnsafeBufferPointer { fds in
-                        quiesce_send_with_fds(self.socket, raw.baseAddress, UInt(raw.count), fds.baseAddress, Int32(fds.count))
+                        quiesce_send_with_fds(state.socket, raw.baseAddress, UInt(raw.count), fds.baseAddress, Int32(fds.count))
                     }
                 }
                 if sent < 0 {
@@ -320,15 +325,22 @@ final class ThawGuard: Sendable {
         }
     }
 
-    /// Sends a request whose answer nobody waits for (it arrives as unsolicited). Safe from any thread.
+    /// Sends a request whose answer nobody waits for (it arrives as unsolicited).
+    /// Safe from any thread; false once the guard is gone.
     func post(_ text: String) -> Bool {
         let bytes = Array(text.utf8)
-        return bytes.withUnsafeBytes { raw in quiesce_send_with_fds(self.socket, raw.baseAddress, UInt(raw.count), nil, 0) } >= 0
+        return self.state.withLock { state in
+            guard state.socket >= 0 else { return false }
+            return bytes.withUnsafeBytes { raw in quiesce_send_with_fds(state.socket, raw.baseAddress, UInt(raw.count), nil, 0) } >= 0
+        }
     }
 
-    /// Ends the guard (the agent is stopping): closing our end is end-of-file for it.
+    /// Ends the guard (the agent is stopping): shutting our end down is end-of-file
+    /// for it. Nothing to do once it is gone (the number is no longer ours).
     func shutdown() {
-        _ = Glibc.shutdown(self.socket, Int32(SHUT_RDWR))
+        self.state.withLock { state in
+            if state.socket >= 0 { _ = Glibc.shutdown(state.socket, Int32(SHUT_RDWR)) }
+        }
     }
 }
 
