@@ -4,7 +4,9 @@ loop devices, a fleet file; the report, JSON lines, exit codes, the catalog.
 Root only (loop devices, FIFREEZE); everything is unmounted and detached after."""
 import json
 import os
+import signal
 import socket
+import sqlite3
 import subprocess
 import time
 
@@ -234,6 +236,31 @@ def test_backup_through_a_running_serve(bin_dir, fleet):
     assert server.wait(timeout=30) == 0
     for m in fleet.mounts:
         subprocess.run(["timeout", "5", "sh", "-c", f"echo x > {m}/after"], check=True)
+
+
+def test_backup_interrupted_stops_starting_and_records_the_run(bin_dir, fleet):
+    # Ctrl-C on a one-shot backup that waits for its agents: nothing new starts, every
+    # instance is reported with the reason, the run is recorded as finished, exit 3
+    # (some failed). It used to die on the spot and leave the run 'running'.
+    w = fleet.dir
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "quiesce"), "backup", "--fleet", str(w / "fleet.yaml"), "--listen", f"127.0.0.1:{fleet.port}",
+         "--ca-dir", str(w / "ca"), "--catalog", str(w / "catalog.db"), "--admin-socket", str(w / "admin.sock"),
+         "--output", "json", "--run-id", "r-int", "--agent-wait-s", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, out + err
+    assert "stopping: instances being backed up finish" in err
+    report = [json.loads(line) for line in out.splitlines()][-1]
+    assert report["event"] == "report" and report["run"] == "r-int"
+    assert len(report["instances"]) == 3
+    assert all(i["reasons"][0].startswith("run-stopped: interrupted by SIGINT") for i in report["instances"]), report
+    with sqlite3.connect(w / "catalog.db") as db:
+        state, finished = db.execute("SELECT state, finished_at FROM runs WHERE id = 'r-int'").fetchone()
+    assert finished is not None and state != "running", state
 
 
 def test_backup_engine_flag_refuses_one_shot_options_and_says_when_no_engine(bin_dir, tmp_path):

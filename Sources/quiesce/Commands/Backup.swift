@@ -123,6 +123,20 @@ struct Backup: AsyncParsableCommand {
         let runID = self.runID ?? Coordinator.newRunID()
         printer.start(total: fleet.instances.count)
         let coordinator = Coordinator(engine: engine, plugins: registry, providers: providers, catalog: catalog, fleet: fleet)
+        // Ctrl-C (or SIGTERM) once: no new instance starts, those being backed up finish
+        // (a freeze is never cut short from here), the rest are reported and the run is
+        // recorded. Twice: stop now; agents frozen at that moment thaw by themselves
+        // within 1 s of the engine falling silent.
+        let signals = onStopSignals { number, count in
+            let name = number == SIGINT ? "SIGINT" : "SIGTERM"
+            if count > 1 {
+                printError("stopping now (\(name) again); agents still frozen thaw by themselves within 1 s; run \(runID) stays unfinished in the catalog")
+                Glibc.exit(128 + number)
+            }
+            coordinator.stopStarting(reason: "interrupted by \(name)")
+            printError("stopping: instances being backed up finish, no new ones start (\(name) again to stop now)")
+        }
+        defer { signals.forEach { $0.cancel() } }
         return await coordinator.run(runID: runID, agentWait: self.agentWaitSeconds.map { .seconds($0) }) { printer.handle($0) }
     }
 

@@ -49,26 +49,18 @@ struct Serve: AsyncParsableCommand {
         }
         let (catalog, catalogPath) = try openCatalog(self.catalog)
         let runs = FleetRunService(engine: engine, plugins: registry, catalog: catalog)
-        let stops = Mutex(0)
-        let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number)
-            source.setEventHandler {
-                let count = stops.withLock { $0 += 1; return $0 }
-                let running = runs.running
-                if count > 1 || running.isEmpty {
-                    engine.shutdown()
-                    return
-                }
-                printError("stopping: waiting for the instances of \(running.joined(separator: ", ")) being backed up to finish "
-                           + "(no new ones start; signal again to stop now)")
-                Task {
-                    await runs.drain(reason: "the engine is shutting down")
-                    engine.shutdown()
-                }
+        let signals = onStopSignals { _, count in
+            let running = runs.running
+            if count > 1 || running.isEmpty {
+                engine.shutdown()
+                return
             }
-            source.resume()
-            return source
+            printError("stopping: waiting for the instances of \(running.joined(separator: ", ")) being backed up to finish "
+                       + "(no new ones start; signal again to stop now)")
+            Task {
+                await runs.drain(reason: "the engine is shutting down")
+                engine.shutdown()
+            }
         }
         defer { signals.forEach { $0.cancel() } }
         let ready = Task {
