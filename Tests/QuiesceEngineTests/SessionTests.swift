@@ -285,14 +285,19 @@ extension SessionTests {
                     try await blocking {
                         var dialled = 0
                         while !stop.isSet {
-                            if kind == 0 { dialled += tcpDial(port: port) ? 1 : 0 } else { dialled += unixDial(adminPath) ? 1 : 0 }
-                            usleep(200)  // fast, without exhausting the listener's descriptors (NIO then pauses accepting for 1 s)
+                            if kind == 0 ? tcpDial(port: port) : unixDial(adminPath) {
+                                dialled += 1
+                                stop.connected()
+                            }
+                            usleep(500)  // fast, without exhausting the listener's descriptors (NIO then pauses accepting for 1 s)
                         }
                         return dialled
                     }
                 }
             }
-            try await Task.sleep(for: .milliseconds(5 + round % 7))
+            // Both dialers under way (on a loaded machine their threads start late), then a little more.
+            for _ in 0..<500 where stop.connections < 2 { try await Task.sleep(for: .milliseconds(10)) }
+            try await Task.sleep(for: .milliseconds(2 + round % 7))
             fleet.engineTask.cancel()
             let ended = await within(.seconds(10)) { () async -> Bool in
                 _ = try? await fleet.engineTask.value
@@ -310,8 +315,11 @@ extension SessionTests {
 
 private final class StopFlag: Sendable {
     private let flag = Atomic<Bool>(false)
+    private let count = Atomic<Int>(0)
     var isSet: Bool { self.flag.load(ordering: .acquiring) }
     func set() { self.flag.store(true, ordering: .releasing) }
+    var connections: Int { self.count.load(ordering: .acquiring) }
+    func connected() { self.count.add(1, ordering: .relaxed) }
 }
 
 /// One TCP connect to 127.0.0.1:port and close; true when it connected.

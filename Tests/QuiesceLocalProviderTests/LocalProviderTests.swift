@@ -5,13 +5,22 @@ import QuiesceTestSupport
 import Testing
 
 /// Writes `count` bytes of random data at `offset` of `path` (the rest stays a hole).
+/// Opened O_CLOEXEC (Foundation's FileHandle is inheritable): a long-lived child another
+/// test spawns meanwhile would keep the file — and its mount — busy ("umount: target is busy").
 func writeRandom(_ path: String, offset: Int, count: Int) throws {
-    let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
-    defer { try? handle.close() }
-    try handle.seek(toOffset: UInt64(offset))
+    let fd = open(path, O_WRONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw CommandFailed(description: "cannot open \(path): \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
     let random = try FileHandle(forReadingFrom: URL(fileURLWithPath: "/dev/urandom"))
     defer { try? random.close() }
-    try handle.write(contentsOf: try random.read(upToCount: count) ?? Data())
+    let bytes = try random.read(upToCount: count) ?? Data()
+    var done = 0
+    while done < bytes.count {
+        let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, bytes.count - done, off_t(offset + done)) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { throw CommandFailed(description: "cannot write \(path): \(String(cString: strerror(errno)))") }
+        done += n
+    }
 }
 
 /// A 64 MiB sparse disk image with 8 MiB of data in two extents.

@@ -121,6 +121,7 @@ private func runFlat(_ flat: [String]) throws -> String {
 
 public struct CommandFailed: Error, CustomStringConvertible {
     public var description: String
+    public init(description: String) { self.description = description }
 }
 
 /// Runs blocking set-up (mkfs, mount, losetup) on a thread of its own, so
@@ -253,22 +254,30 @@ extension LoopDevices {
     }
 }
 
-/// Writes a script or other file that a test is about to execute, through a
-/// descriptor opened with O_CLOEXEC. Foundation's writers leave theirs
-/// inheritable: a child that another test spawns meanwhile keeps it open for
-/// its whole life, and executing the file then fails with ETXTBSY.
+/// Writes a script or other file that a test is about to execute. The file is
+/// never open for writing in this process: the text goes to a scratch file in
+/// the temp directory and `install` (a child) copies it into place. Any
+/// descriptor this process holds for writing — even O_CLOEXEC — is copied into
+/// every child another test forks meanwhile until that child execs, and
+/// executing the script then fails with ETXTBSY ("could not start lock: Text
+/// file busy" in the holds test, once in 40 runs after the O_CLOEXEC fix).
 public func writeExecutable(_ path: String, _ text: String, mode: mode_t = 0o700) throws {
-    unlink(path)
-    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
-    guard fd >= 0 else { throw CommandFailed(description: "cannot create \(path): \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
+    let source = FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-exec-\(UUID().uuidString)").path
+    let fd = open(source, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
+    guard fd >= 0 else { throw CommandFailed(description: "cannot create \(source): \(String(cString: strerror(errno)))") }
+    defer { unlink(source) }
     var bytes = Array(text.utf8)[...]
     while !bytes.isEmpty {
         let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         if written < 0 && errno == EINTR { continue }
-        guard written > 0 else { throw CommandFailed(description: "cannot write \(path): \(String(cString: strerror(errno)))") }
+        guard written > 0 else {
+            close(fd)
+            throw CommandFailed(description: "cannot write \(source): \(String(cString: strerror(errno)))")
+        }
         bytes = bytes.dropFirst(written)
     }
-    // The umask may have cleared bits of `mode`.
-    guard fchmod(fd, mode) == 0 else { throw CommandFailed(description: "cannot chmod \(path): \(String(cString: strerror(errno)))") }
+    close(fd)
+    // install replaces whatever is at `path` (a symlink included) with a new file of this mode.
+    unlink(path)
+    try run("install", "-m", String(mode, radix: 8), source, path)
 }

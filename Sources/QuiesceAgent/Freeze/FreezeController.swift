@@ -433,28 +433,34 @@ public final class FreezeController: Sendable {
         id: String, cause: Quiesce_Agent_V1_ThawCause, frozenMicros: UInt64, withinBudget: Bool, mounts: [GuardMessage.MountThawed],
         holds: [Quiesce_Agent_V1_HoldState], detail: String
     ) -> Quiesce_Agent_V1_ThawResult? {
-        let (active, events): (Active?, (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?) = self.state.withLock { state in
-            guard let active = state.active, active.id == id else { return (nil, nil) }
+        func describe(_ active: Active) -> Quiesce_Agent_V1_ThawResult {
+            var result = Quiesce_Agent_V1_ThawResult()
+            result.freezeID = id
+            result.cause = cause
+            result.frozenUs = frozenMicros
+            result.withinBudget = withinBudget
+            result.holds = holds
+            for (path, mount) in zip(active.mountPoints, mounts) {
+                var entry = Quiesce_Agent_V1_MountThaw()
+                entry.mountPoint = path
+                // EINVAL from FITHAW: it was no longer frozen (someone thawed it under us).
+                entry.thawed = mount.thawed
+                if mount.errno == EINVAL { entry.reason = "already-thawed-by-someone-else" } else if mount.errno != 0 { entry.reason = "thaw-failed-errno-\(mount.errno)" }
+                result.mounts.append(entry)
+            }
+            return result
+        }
+        // "Not frozen" and the thaw that ended it become visible together: a status
+        // read in between used to see neither the freeze nor its thaw.
+        let ended: (Active, Quiesce_Agent_V1_ThawResult, (@Sendable (Quiesce_Agent_V1_AgentEvent) -> Void)?)? = self.state.withLock { state in
+            guard let active = state.active, active.id == id else { return nil }
+            let result = describe(active)
             state.active = nil
-            return (active, state.events)
+            state.lastThaw = result
+            return (active, result, state.events)
         }
-        guard let active else { return self.state.withLock { $0.lastThaw?.freezeID == id ? $0.lastThaw : nil } }
-        var result = Quiesce_Agent_V1_ThawResult()
-        result.freezeID = id
-        result.cause = cause
-        result.frozenUs = frozenMicros
-        result.withinBudget = withinBudget
-        result.holds = holds
-        for (path, mount) in zip(active.mountPoints, mounts) {
-            var entry = Quiesce_Agent_V1_MountThaw()
-            entry.mountPoint = path
-            // EINVAL from FITHAW: it was no longer frozen (someone thawed it under us).
-            entry.thawed = mount.thawed
-            if mount.errno == EINVAL { entry.reason = "already-thawed-by-someone-else" } else if mount.errno != 0 { entry.reason = "thaw-failed-errno-\(mount.errno)" }
-            result.mounts.append(entry)
-        }
+        guard let (active, result, events) = ended else { return self.state.withLock { $0.lastThaw?.freezeID == id ? $0.lastThaw : nil } }
         active.descriptors.forEach { close($0) }
-        self.state.withLock { $0.lastThaw = result }
         LogGate.shared.open()
         let how = cause.word
         self.logger.info("thawed", metadata: [
