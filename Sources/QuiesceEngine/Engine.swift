@@ -245,26 +245,10 @@ public final class Engine: Sendable {
         guard (info.st_mode & S_IFMT) == S_IFSOCK else {
             throw EngineError.badSocketPath(path: path, detail: "exists and is not a socket; refusing to replace it")
         }
-        if Self.socketAnswers(path) {
+        if UnixSocket.answers(path) {
             throw EngineError.badSocketPath(path: path, detail: "another engine is already listening here")
         }
         unlink(path)
-    }
-
-    private static func socketAnswers(_ path: String) -> Bool {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (i, byte) in path.utf8.prefix(buffer.count - 1).enumerated() { buffer[i] = byte }
-        }
-        return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0
-            }
-        }
     }
 }
 

@@ -103,13 +103,7 @@ struct Run: AsyncParsableCommand {
             handler: handler)
         let task = Task { try await runner.run() }
         quiesceUnblockStopSignals()
-        let signals = [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number)
-            source.setEventHandler { task.cancel() }
-            source.resume()
-            return source
-        }
+        let signals = onStopSignals { _, _ in task.cancel() }
         defer { signals.forEach { $0.cancel() } }
         do {
             try await task.value

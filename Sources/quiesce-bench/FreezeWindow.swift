@@ -358,19 +358,8 @@ extension Duration {
 
 /// A connected unix stream socket (blocking), or an error naming the path.
 private func connectUnix(_ path: String) throws -> Int32 {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-    }
-    let result = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
-    guard result == 0 else {
-        close(fd)
-        throw ValidationError("cannot connect to \(path)")
-    }
+    let fd = UnixSocket.connect(path)
+    guard fd >= 0 else { throw ValidationError("cannot connect to \(path)") }
     return fd
 }
 

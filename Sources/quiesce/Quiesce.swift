@@ -6,7 +6,6 @@ import QuiesceCore
 import QuiesceEngine
 import QuiescePKI
 import QuiesceWire
-import Synchronization
 
 @main
 enum QuiesceMain {
@@ -79,20 +78,6 @@ func printError(_ message: String) {
     OutputQueue.standardError.write("quiesce: " + message + "\n")
     OutputQueue.standardOutput.flush()
     OutputQueue.standardError.flush()
-}
-
-/// SIGINT and SIGTERM as requests to stop: `handler` gets the signal and how many
-/// stop signals have arrived so far (1 = stop gracefully, more = stop now), on a
-/// dispatch thread. Keep the sources until the command ends.
-func onStopSignals(_ handler: @escaping @Sendable (_ signal: Int32, _ count: Int) -> Void) -> [DispatchSourceSignal] {
-    let stops = Mutex(0)
-    return [SIGINT, SIGTERM].map { number -> DispatchSourceSignal in
-        signal(number, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: number)
-        source.setEventHandler { handler(number, stops.withLock { $0 += 1; return $0 }) }
-        source.resume()
-        return source
-    }
 }
 
 /// The catalog at `path` (default `$QUIESCE_HOME/catalog.db`); an error is a message and exit 1.

@@ -285,7 +285,7 @@ extension SessionTests {
                     try await blocking {
                         var dialled = 0
                         while !stop.isSet {
-                            if kind == 0 ? tcpDial(port: port) : unixDial(adminPath) {
+                            if kind == 0 ? tcpDial(port: port) : UnixSocket.answers(adminPath) {
                                 dialled += 1
                                 stop.connected()
                             }
@@ -333,20 +333,5 @@ private func tcpDial(port: Int) -> Bool {
     address.sin_addr.s_addr = inet_addr("127.0.0.1")
     return withUnsafePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-    }
-}
-
-/// One unix-socket connect and close; true when it connected.
-private func unixDial(_ path: String) -> Bool {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { return false }
-    defer { close(fd) }
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-    }
-    return withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
     }
 }

@@ -111,9 +111,8 @@ final class ThawGuard: Sendable {
     }
 
     private struct State {
-        var alive = true
         var pending: Pending?
-        /// -1 once closed.
+        /// -1 once the guard is lost (the socket closed).
         var socket: Int32
     }
 
@@ -183,7 +182,7 @@ final class ThawGuard: Sendable {
         self.unsolicited = unsolicited
     }
 
-    var isAlive: Bool { self.state.withLock { $0.alive } }
+    var isAlive: Bool { self.state.withLock { $0.socket >= 0 } }
 
     private static func receive(_ socket: Int32) -> String? {
         var buffer = [UInt8](repeating: 0, count: 8192)
@@ -285,7 +284,6 @@ final class ThawGuard: Sendable {
 
     private func lost() {
         let (pending, socket) = self.state.withLock { state -> (Pending?, Int32) in
-            state.alive = false
             defer { state.pending = nil; state.socket = -1 }
             return (state.pending, state.socket)
         }
@@ -306,7 +304,7 @@ final class ThawGuard: Sendable {
     ) async throws -> [GuardMessage] {
         try await withCheckedThrowingContinuation { continuation in
             let problem: (any Error)? = self.state.withLock { state in
-                guard state.alive, state.socket >= 0 else { return ThawGuardError.lost }
+                guard state.socket >= 0 else { return ThawGuardError.lost }
                 guard state.pending == nil else { return ThawGuardError.protocolError("a request is already outstanding") }
                 state.pending = Pending(accepts: accepts, finishes: finishes, continuation: continuation)
                 let bytes = Array(text.utf8)
