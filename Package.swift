@@ -187,6 +187,8 @@ let package = Package(
                 "QuiesceCoordinator", "QuiesceFleet",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]
         ),
         // Real loop devices and filesystems for tests (root only).

@@ -69,7 +69,8 @@ floor = {r["load"]: r["window_ms"]["p50"] for r in rows if r["method"] == "raw f
 header = ["LOAD", "METHOD", "RUNS", "WINDOW P50", "P99", "MAX", "P50 - FLOOR", "FROZEN P50", "FROZEN P99", "SYNCED", "SYNCFS P50"]
 def ms(v): return f"{v:.2f} ms" if v is not None else "-"
 rtt = [r for r in rows if r["method"].startswith("command round trip")]
-rows = [r for r in rows if not r["method"].startswith("command round trip")]
+stack = {r["method"]: r["window_ms"] for r in rows if r["method"].startswith("stack round trip")}
+rows = [r for r in rows if not r["method"].startswith(("command round trip", "stack round trip"))]
 table = []
 for r in rows:
     w, f = r["window_ms"], r.get("frozen_ms") or {}
@@ -90,6 +91,20 @@ for load in floor:
 for r in rtt:
     print(f"engine -> agent -> engine {r['method']} (freeze status, no work): "
           f"p50 {r['window_ms']['p50']:.2f} ms, p99 {r['window_ms']['p99']:.2f} ms over {r['runs']}")
+warm, cold = stack.get("stack round trip"), stack.get("stack round trip after 3 ms idle")
+if warm and cold:
+    print(f"bare stack round trip (same transports and Session RPC, no Quiesce code on either end): p50 {warm['p50']:.2f} ms, "
+          f"p99 {warm['p99']:.2f}; after 3 ms idle p50 {cold['p50']:.2f} ms, p99 {cold['p99']:.2f}")
+    by = {(r["load"], r["method"]): r["window_ms"]["p50"] for r in rows}
+    guard = None
+    if ("idle", "reference: C agent") in by and ("idle", "reference: C agent + guard") in by:
+        guard = by[("idle", "reference: C agent + guard")] - by[("idle", "reference: C agent")]
+    extra = f" + the guard's hop {guard:+.2f}" if guard is not None else ""
+    # A freeze window needs two exchanges with the agent (freeze, thaw), each one of the stack's round trips at least.
+    low = 2 * warm["p50"] + (guard or 0)
+    high = 2 * cold["p50"] + (guard or 0)
+    print(f"floor for quiesce over the raw floor with this stack: two round trips{extra} = {low:+.2f} ms (both ends awake) "
+          f"to {high:+.2f} ms (both asleep, as between a freeze's steps); the target is +0.70 ms")
 for r in rows:
     b = r.get("breakdown_p50_ms") or {}
     if b:

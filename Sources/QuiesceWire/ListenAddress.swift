@@ -70,8 +70,8 @@ public struct ListenAddress: Sendable, Hashable, CustomStringConvertible {
 
     var grpcTarget: any ResolvableTarget {
         switch self.host {
-        case .ipv4(let h): ResolvableTargets.IPv4.ipv4(host: h, port: self.port)
-        case .ipv6(let h): ResolvableTargets.IPv6.ipv6(host: h, port: self.port)
+        case .ipv4(let h): ResolvableTargets.IPv4.ipv4(address: h, port: self.port)
+        case .ipv6(let h): ResolvableTargets.IPv6.ipv6(address: h, port: self.port)
         case .name(let h): ResolvableTargets.DNS.dns(host: h, port: self.port)
         }
     }

@@ -150,6 +150,14 @@ struct FreezeWindow: AsyncParsableCommand {
             }
         }
 
+        // The bare stack's round trip: the same transports and session RPC with
+        // none of Quiesce's code on either end (see StackRoundTrip).
+        let stack = try await StackRoundTrip.measure(
+            ca: ca, bench: Bundle.main.executablePath ?? CommandLine.arguments[0], work: self.work, runs: max(self.runs, 20),
+            idle: .milliseconds(3))
+        Self.report(load: "idle", method: "stack round trip", samples: stack.warm.map { Sample(windowMs: $0.ms, frozenMs: .nan) })
+        Self.report(load: "idle", method: "stack round trip after 3 ms idle", samples: stack.afterIdle.map { Sample(windowMs: $0.ms, frozenMs: .nan) })
+
         // The bare command round trip (no filesystem work): freeze status, back to
         // back, and after 3 ms of quiet (as a thaw follows a freeze: both ends asleep).
         for (method, pause) in [("command round trip", Duration.zero), ("command round trip after 3 ms idle", .milliseconds(3))] {

@@ -1,0 +1,173 @@
+import ArgumentParser
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import QuiesceCore
+import QuiescePKI
+import QuiesceProto
+import QuiesceWire
+import Synchronization
+
+/// The bare stack's round trip: the same transports as the engine and the
+/// agent (SecureTransports: mutual TLS, HTTP/2, the session's flush settings),
+/// the same Session RPC and messages, but none of Quiesce's code on the path —
+/// no registry, no command tracking, no deadlines, no handler. The server (in
+/// the bench's process, as the engine is) writes a command and waits for the
+/// answer; the peer (its own process with one event loop, as the agent) echoes
+/// each command's id back. What this costs is the floor for any engine ↔ agent
+/// exchange built on grpc-swift here, so the freeze window can be set against it.
+enum StackRoundTrip {
+    struct Result: Sendable {
+        var warm: [Duration] = []
+        var afterIdle: [Duration] = []
+    }
+
+    /// Times `runs` round trips back to back and `runs` after `idle` of quiet each.
+    static func measure(ca: CADirectory, bench: String, work: String, runs: Int, idle: Duration) async throws -> Result {
+        let probe = Probe(runs: runs, idle: idle)
+        let listener = SecureTransports.agentListener(
+            address: ListenAddress(host: .ipv4("127.0.0.1"), port: 0), identity: ca.engineFiles)
+        let server = GRPCServer(transport: listener, services: [probe])
+        return try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await server.serve() }
+            defer { server.beginGracefulShutdown() }
+            guard let bound = try await listener.listeningAddress.ipv4 else { throw ValidationError("the echo listener has no IPv4 address") }
+            let instance = "bench-stack-echo"
+            try ca.issue(.agent(instanceID: instance))
+            let files = ca.agentFiles(instanceID: instance)
+            let peer = Process()
+            peer.executableURL = URL(fileURLWithPath: bench)
+            peer.arguments = [
+                "stack-echo", "--engine", "127.0.0.1:\(bound.port)", "--cert", files.certificatePath, "--key", files.keyPath,
+                "--ca", files.trustRootsPath,
+            ]
+            // One event loop, as quiesce-agent runs.
+            peer.environment = ProcessInfo.processInfo.environment.merging(["QUIESCE_EVENT_LOOPS": "1"]) { $1 }
+            let log = work + "/stack-echo.log"
+            _ = FileManager.default.createFile(atPath: log, contents: nil)
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+            peer.standardOutput = handle
+            peer.standardError = handle
+            try peer.run()
+            defer { kill(peer.processIdentifier, SIGKILL); peer.waitUntilExit() }
+            guard let result = await probe.result(within: .seconds(60)) else {
+                throw ValidationError("the stack-echo peer did not finish its round trips; see \(log)")
+            }
+            return try result.get()
+        }
+    }
+
+    /// The engine's end: one session, commands written straight from the handler.
+    final class Probe: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol, Sendable {
+        let runs: Int
+        let idle: Duration
+        private let outcome = Mutex<(result: Swift.Result<Result, any Error>?, waiter: CheckedContinuation<Swift.Result<Result, any Error>?, Never>?)>((nil, nil))
+
+        init(runs: Int, idle: Duration) {
+            self.runs = runs
+            self.idle = idle
+        }
+
+        func session(
+            request: RPCAsyncSequence<Quiesce_Agent_V1_AgentMessage, any Error>, response: RPCWriter<Quiesce_Agent_V1_EngineMessage>,
+            context: ServerContext
+        ) async throws {
+            var iterator = request.makeAsyncIterator()
+            do {
+                guard try await iterator.next() != nil else { throw ValidationError("the peer closed before its first message") }
+                var result = Result()
+                var id: UInt64 = 0
+                for pause in [Duration.zero, self.idle] {
+                    for _ in 0..<self.runs {
+                        if pause > .zero { try await Task.sleep(for: pause) }
+                        id += 1
+                        var message = Quiesce_Agent_V1_EngineMessage()
+                        message.command.id = id
+                        message.command.freezeStatus = .init()
+                        let t0 = ContinuousClock.now
+                        try await response.write(message)
+                        guard let answer = try await iterator.next() else { throw ValidationError("the peer closed after \(id - 1) answers") }
+                        let elapsed = ContinuousClock.now - t0
+                        guard answer.result.commandID == id else {
+                            throw ValidationError("expected the answer to command \(id), found one to \(answer.result.commandID)")
+                        }
+                        if pause > .zero { result.afterIdle.append(elapsed) } else { result.warm.append(elapsed) }
+                    }
+                }
+                self.deliver(.success(result))
+            } catch {
+                self.deliver(.failure(error))
+                throw error
+            }
+        }
+
+        private func deliver(_ result: Swift.Result<Result, any Error>) {
+            let waiter = self.outcome.withLock { state -> CheckedContinuation<Swift.Result<Result, any Error>?, Never>? in
+                if state.result == nil { state.result = result }
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume(returning: result)
+        }
+
+        func result(within limit: Duration) async -> Swift.Result<Result, any Error>? {
+            let timer = DeadlineTimer(after: limit) { [weak self] in
+                let waiter = self?.outcome.withLock { state in
+                    defer { state.waiter = nil }
+                    return state.waiter
+                }
+                waiter?.resume(returning: nil)
+            }
+            defer { timer.cancel() }
+            return await withCheckedContinuation { continuation in
+                let ready = self.outcome.withLock { state -> Swift.Result<Result, any Error>?? in
+                    if let result = state.result { return .some(result) }
+                    state.waiter = continuation
+                    return .none
+                }
+                if case .some(let result) = ready { continuation.resume(returning: result) }
+            }
+        }
+    }
+}
+
+/// The agent's end of the bare round trip (started by `freeze`, not by hand).
+struct StackEcho: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "stack-echo",
+        abstract: "Dial an engine-like listener and answer every command at once (the bare stack's round trip; started by 'freeze').",
+        shouldDisplay: false)
+
+    @Option(help: ArgumentHelp("The listener to dial.", valueName: "host:port"))
+    var engine: String
+    @Option(help: ArgumentHelp("Client certificate (PEM).", valueName: "path"))
+    var cert: String
+    @Option(help: ArgumentHelp("Its private key (PEM).", valueName: "path"))
+    var key: String
+    @Option(help: ArgumentHelp("The CA certificate to trust (PEM).", valueName: "path"))
+    var ca: String
+
+    func run() async throws {
+        let transport = SecureTransports.agentDialer(
+            engine: try ListenAddress(parsing: self.engine), identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca))
+        try await withGRPCClient(transport: transport) { client in
+            let service = Quiesce_Agent_V1_AgentService.Client(wrapping: client)
+            let (outbound, continuation) = AsyncStream<Quiesce_Agent_V1_AgentMessage>.makeStream()
+            var hello = Quiesce_Agent_V1_AgentMessage()
+            hello.hello.instanceID = "bench-stack-echo"
+            continuation.yield(hello)
+            let request = StreamingClientRequest<Quiesce_Agent_V1_AgentMessage> { writer in
+                for await message in outbound { try await writer.write(message) }
+            }
+            try await service.session(request: request) { response in
+                for try await message in response.messages {
+                    guard case .command(let command) = message.kind else { continue }
+                    var answer = Quiesce_Agent_V1_AgentMessage()
+                    answer.result.commandID = command.id
+                    continuation.yield(answer)
+                }
+                continuation.finish()
+            }
+        }
+    }
+}
