@@ -98,13 +98,21 @@ if warm and cold:
     by = {(r["load"], r["method"]): r["window_ms"]["p50"] for r in rows}
     guard = None
     if ("idle", "reference: C agent") in by and ("idle", "reference: C agent + guard") in by:
-        guard = by[("idle", "reference: C agent + guard")] - by[("idle", "reference: C agent")]
+        # A hop costs time; a negative difference between the two reference rows is noise.
+        guard = max(by[("idle", "reference: C agent + guard")] - by[("idle", "reference: C agent")], 0.0)
     extra = f" + the guard's hop {guard:+.2f}" if guard is not None else ""
     # A freeze window needs two exchanges with the agent (freeze, thaw), each one of the stack's round trips at least.
     low = 2 * warm["p50"] + (guard or 0)
     high = 2 * cold["p50"] + (guard or 0)
     print(f"floor for quiesce over the raw floor with this stack: two round trips{extra} = {low:+.2f} ms (both ends awake) "
           f"to {high:+.2f} ms (both asleep, as between a freeze's steps); the target is +0.70 ms")
+    agent_warm, agent_cold = stack.get("stack round trip, real agent"), stack.get("stack round trip, real agent after 3 ms idle")
+    ours = {r["method"]: r["window_ms"] for r in rtt}
+    ours_warm, ours_cold = ours.get("command round trip"), ours.get("command round trip after 3 ms idle")
+    if agent_warm and agent_cold and ours_warm and ours_cold:
+        print(f"a command's round trip over the bare stack's (p50, awake / after 3 ms idle): quiesce-agent's share "
+              f"{agent_warm['p50'] - warm['p50']:+.2f} / {agent_cold['p50'] - cold['p50']:+.2f} ms (bare probe -> real agent), "
+              f"the engine's {ours_warm['p50'] - agent_warm['p50']:+.2f} / {ours_cold['p50'] - agent_cold['p50']:+.2f} ms (real engine -> real agent)")
 for r in rows:
     b = r.get("breakdown_p50_ms") or {}
     if b:

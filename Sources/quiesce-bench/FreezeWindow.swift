@@ -152,11 +152,20 @@ struct FreezeWindow: AsyncParsableCommand {
 
         // The bare stack's round trip: the same transports and session RPC with
         // none of Quiesce's code on either end (see StackRoundTrip).
-        let stack = try await StackRoundTrip.measure(
-            ca: ca, bench: Bundle.main.executablePath ?? CommandLine.arguments[0], work: self.work, runs: max(self.runs, 20),
-            idle: .milliseconds(3))
-        Self.report(load: "idle", method: "stack round trip", samples: stack.warm.map { Sample(windowMs: $0.ms, frozenMs: .nan) })
-        Self.report(load: "idle", method: "stack round trip after 3 ms idle", samples: stack.afterIdle.map { Sample(windowMs: $0.ms, frozenMs: .nan) })
+        // Then the same probe against the real agent: the agent's share of a command's round trip.
+        let peers: [(label: String, instance: String, peer: StackRoundTrip.Peer)] = [
+            ("stack round trip", "bench-stack-echo", .init(
+                executable: Bundle.main.executablePath ?? CommandLine.arguments[0], arguments: ["stack-echo"],
+                environment: ["QUIESCE_EVENT_LOOPS": "1"])),  // one event loop, as quiesce-agent runs
+            ("stack round trip, real agent", "bench-stack-agent", .init(
+                executable: self.agent, arguments: ["run", "--hook-dir", self.work + "/hooks.d", "--log-level", "warning"], gentle: true)),
+        ]
+        for (label, instance, peer) in peers {
+            let stack = try await StackRoundTrip.measure(
+                ca: ca, peer: peer, instance: instance, work: self.work, runs: max(self.runs, 20), idle: .milliseconds(3))
+            Self.report(load: "idle", method: label, samples: stack.warm.map { Sample(windowMs: $0.ms, frozenMs: .nan) })
+            Self.report(load: "idle", method: label + " after 3 ms idle", samples: stack.afterIdle.map { Sample(windowMs: $0.ms, frozenMs: .nan) })
+        }
 
         // The bare command round trip (no filesystem work): freeze status, back to
         // back, and after 3 ms of quiet (as a thaw follows a freeze: both ends asleep).

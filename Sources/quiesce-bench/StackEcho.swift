@@ -10,20 +10,32 @@ import Synchronization
 
 /// The bare stack's round trip: the same transports as the engine and the
 /// agent (SecureTransports: mutual TLS, HTTP/2, the session's flush settings),
-/// the same Session RPC and messages, but none of Quiesce's code on the path —
-/// no registry, no command tracking, no deadlines, no handler. The server (in
-/// the bench's process, as the engine is) writes a command and waits for the
-/// answer; the peer (its own process with one event loop, as the agent) echoes
-/// each command's id back. What this costs is the floor for any engine ↔ agent
-/// exchange built on grpc-swift here, so the freeze window can be set against it.
+/// the same Session RPC and messages, but none of Quiesce's engine code on the
+/// path — no registry, no command tracking, no deadlines. The server (in the
+/// bench's process, as the engine is) writes a command and waits for the
+/// answer. Its peer is either `quiesce-bench stack-echo` (its own process with
+/// one event loop, as the agent: it echoes each command's id back, no agent
+/// code either), which gives the floor for any engine ↔ agent exchange built on
+/// grpc-swift here; or the real quiesce-agent, which gives the agent's share of
+/// a command's round trip (the rest of the engine's is the engine's).
 enum StackRoundTrip {
     struct Result: Sendable {
         var warm: [Duration] = []
         var afterIdle: [Duration] = []
     }
 
+    /// The process at the other end: the executable, and its arguments before the
+    /// connection's (`--engine host:port --cert … --key … --ca …` are appended).
+    struct Peer {
+        var executable: String
+        var arguments: [String]
+        var environment: [String: String] = [:]
+        /// SIGTERM and wait (an agent thaws, ends its guard), or SIGKILL.
+        var gentle = false
+    }
+
     /// Times `runs` round trips back to back and `runs` after `idle` of quiet each.
-    static func measure(ca: CADirectory, bench: String, work: String, runs: Int, idle: Duration) async throws -> Result {
+    static func measure(ca: CADirectory, peer: Peer, instance: String, work: String, runs: Int, idle: Duration) async throws -> Result {
         let probe = Probe(runs: runs, idle: idle)
         let listener = SecureTransports.agentListener(
             address: ListenAddress(host: .ipv4("127.0.0.1"), port: 0), identity: ca.engineFiles)
@@ -32,26 +44,28 @@ enum StackRoundTrip {
             group.addTask { try await server.serve() }
             defer { server.beginGracefulShutdown() }
             guard let bound = try await listener.listeningAddress.ipv4 else { throw ValidationError("the echo listener has no IPv4 address") }
-            let instance = "bench-stack-echo"
-            try ca.issue(.agent(instanceID: instance))
+            if !FileManager.default.fileExists(atPath: ca.agentFiles(instanceID: instance).certificatePath) {
+                try ca.issue(.agent(instanceID: instance))
+            }
             let files = ca.agentFiles(instanceID: instance)
-            let peer = Process()
-            peer.executableURL = URL(fileURLWithPath: bench)
-            peer.arguments = [
-                "stack-echo", "--engine", "127.0.0.1:\(bound.port)", "--cert", files.certificatePath, "--key", files.keyPath,
-                "--ca", files.trustRootsPath,
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: peer.executable)
+            process.arguments = peer.arguments + [
+                "--engine", "127.0.0.1:\(bound.port)", "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
             ]
-            // One event loop, as quiesce-agent runs.
-            peer.environment = ProcessInfo.processInfo.environment.merging(["QUIESCE_EVENT_LOOPS": "1"]) { $1 }
-            let log = work + "/stack-echo.log"
+            process.environment = ProcessInfo.processInfo.environment.merging(peer.environment) { $1 }
+            let log = work + "/\(instance).log"
             _ = FileManager.default.createFile(atPath: log, contents: nil)
             let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-            peer.standardOutput = handle
-            peer.standardError = handle
-            try peer.run()
-            defer { kill(peer.processIdentifier, SIGKILL); peer.waitUntilExit() }
+            process.standardOutput = handle
+            process.standardError = handle
+            try process.run()
+            defer {
+                kill(process.processIdentifier, peer.gentle ? SIGTERM : SIGKILL)
+                process.waitUntilExit()
+            }
             guard let result = await probe.result(within: .seconds(60)) else {
-                throw ValidationError("the stack-echo peer did not finish its round trips; see \(log)")
+                throw ValidationError("\(peer.executable) did not finish its round trips; see \(log)")
             }
             return try result.get()
         }
@@ -74,7 +88,16 @@ enum StackRoundTrip {
         ) async throws {
             var iterator = request.makeAsyncIterator()
             do {
-                guard try await iterator.next() != nil else { throw ValidationError("the peer closed before its first message") }
+                guard let first = try await iterator.next() else { throw ValidationError("the peer closed before its first message") }
+                if case .hello = first.kind {
+                    // What a real agent needs before it takes commands: the engine's hello (no idle
+                    // heartbeats from it for an hour, so every answer read below is a command's).
+                    var hello = Quiesce_Agent_V1_EngineMessage()
+                    hello.hello.protocol = .init(ProtocolVersionNumber.agentSession)
+                    hello.hello.sessionID = "stack-probe"
+                    hello.hello.heartbeatIntervalMs = 3_600_000
+                    try await response.write(hello)
+                }
                 var result = Result()
                 var id: UInt64 = 0
                 for pause in [Duration.zero, self.idle] {
@@ -86,10 +109,14 @@ enum StackRoundTrip {
                         message.command.freezeStatus = .init()
                         let t0 = ContinuousClock.now
                         try await response.write(message)
-                        guard let answer = try await iterator.next() else { throw ValidationError("the peer closed after \(id - 1) answers") }
+                        var answer: Quiesce_Agent_V1_CommandResult?
+                        while answer == nil {  // an agent's heartbeat or event is not the answer
+                            guard let next = try await iterator.next() else { throw ValidationError("the peer closed after \(id - 1) answers") }
+                            if case .result(let result) = next.kind { answer = result }
+                        }
                         let elapsed = ContinuousClock.now - t0
-                        guard answer.result.commandID == id else {
-                            throw ValidationError("expected the answer to command \(id), found one to \(answer.result.commandID)")
+                        guard let answer, answer.commandID == id else {
+                            throw ValidationError("expected the answer to command \(id), found one to \(answer?.commandID ?? 0)")
                         }
                         if pause > .zero { result.afterIdle.append(elapsed) } else { result.warm.append(elapsed) }
                     }
