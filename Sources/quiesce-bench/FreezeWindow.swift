@@ -321,10 +321,12 @@ struct FreezeWindow: AsyncParsableCommand {
         }
     }
 
-    static func start(_ path: String, _ arguments: [String], log: String) throws -> Process {
+    /// Starts `path` with its output in `log`; `environment` is added to this process's.
+    static func start(_ path: String, _ arguments: [String], log: String, environment: [String: String] = [:]) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         process.standardOutput = handle

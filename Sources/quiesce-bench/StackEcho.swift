@@ -17,7 +17,7 @@ import Synchronization
 /// one event loop, as the agent: it echoes each command's id back, no agent
 /// code either), which gives the floor for any engine ↔ agent exchange built on
 /// grpc-swift here; or the real quiesce-agent, which gives the agent's share of
-/// a command's round trip (the rest of the engine's is the engine's).
+/// what a command adds to that (the rest is the engine's).
 enum StackRoundTrip {
     struct Result: Sendable {
         var warm: [Duration] = []
@@ -48,18 +48,13 @@ enum StackRoundTrip {
                 try ca.issue(.agent(instanceID: instance))
             }
             let files = ca.agentFiles(instanceID: instance)
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: peer.executable)
-            process.arguments = peer.arguments + [
-                "--engine", "127.0.0.1:\(bound.port)", "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
-            ]
-            process.environment = ProcessInfo.processInfo.environment.merging(peer.environment) { $1 }
             let log = work + "/\(instance).log"
-            _ = FileManager.default.createFile(atPath: log, contents: nil)
-            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-            process.standardOutput = handle
-            process.standardError = handle
-            try process.run()
+            let process = try FreezeWindow.start(
+                peer.executable,
+                peer.arguments + [
+                    "--engine", "127.0.0.1:\(bound.port)", "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
+                ],
+                log: log, environment: peer.environment)
             defer {
                 kill(process.processIdentifier, peer.gentle ? SIGTERM : SIGKILL)
                 process.waitUntilExit()
