@@ -95,7 +95,6 @@ warm, cold = stack.get("stack round trip"), stack.get("stack round trip after 3 
 if warm and cold:
     print(f"bare stack round trip (same transports and Session RPC, no Quiesce code on either end): p50 {warm['p50']:.2f} ms, "
           f"p99 {warm['p99']:.2f}; after 3 ms idle p50 {cold['p50']:.2f} ms, p99 {cold['p99']:.2f}")
-    by = {(r["load"], r["method"]): r["window_ms"]["p50"] for r in rows}
     guard = None
     if ("idle", "reference: C agent") in by and ("idle", "reference: C agent + guard") in by:
         # A hop costs time; a negative difference between the two reference rows is noise.

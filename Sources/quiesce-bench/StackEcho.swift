@@ -6,7 +6,6 @@ import QuiesceCore
 import QuiescePKI
 import QuiesceProto
 import QuiesceWire
-import Synchronization
 
 /// The bare stack's round trip: the same transports as the engine and the
 /// agent (SecureTransports: mutual TLS, HTTP/2, the session's flush settings),
@@ -59,10 +58,15 @@ enum StackRoundTrip {
                 kill(process.processIdentifier, peer.gentle ? SIGTERM : SIGKILL)
                 process.waitUntilExit()
             }
-            guard let result = await probe.result(within: .seconds(60)) else {
-                throw ValidationError("\(peer.executable) did not finish its round trips; see \(log)")
+            // The probe's outcome, or nothing within a minute (a peer that never dialled).
+            let outcome = await withTaskGroup(of: Swift.Result<Result, any Error>?.self) { race in
+                race.addTask { await probe.outcome.first { _ in true } }
+                race.addTask { try? await Task.sleep(for: .seconds(60)); return nil }
+                defer { race.cancelAll() }
+                return await race.next() ?? nil
             }
-            return try result.get()
+            guard let outcome else { throw ValidationError("\(peer.executable) did not finish its round trips; see \(log)") }
+            return try outcome.get()
         }
     }
 
@@ -70,11 +74,14 @@ enum StackRoundTrip {
     final class Probe: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol, Sendable {
         let runs: Int
         let idle: Duration
-        private let outcome = Mutex<(result: Swift.Result<Result, any Error>?, waiter: CheckedContinuation<Swift.Result<Result, any Error>?, Never>?)>((nil, nil))
+        /// The session's measurements or its error, once.
+        let outcome: AsyncStream<Swift.Result<Result, any Error>>
+        private let report: AsyncStream<Swift.Result<Result, any Error>>.Continuation
 
         init(runs: Int, idle: Duration) {
             self.runs = runs
             self.idle = idle
+            (self.outcome, self.report) = AsyncStream.makeStream()
         }
 
         func session(
@@ -124,31 +131,8 @@ enum StackRoundTrip {
         }
 
         private func deliver(_ result: Swift.Result<Result, any Error>) {
-            let waiter = self.outcome.withLock { state -> CheckedContinuation<Swift.Result<Result, any Error>?, Never>? in
-                if state.result == nil { state.result = result }
-                defer { state.waiter = nil }
-                return state.waiter
-            }
-            waiter?.resume(returning: result)
-        }
-
-        func result(within limit: Duration) async -> Swift.Result<Result, any Error>? {
-            let timer = DeadlineTimer(after: limit) { [weak self] in
-                let waiter = self?.outcome.withLock { state in
-                    defer { state.waiter = nil }
-                    return state.waiter
-                }
-                waiter?.resume(returning: nil)
-            }
-            defer { timer.cancel() }
-            return await withCheckedContinuation { continuation in
-                let ready = self.outcome.withLock { state -> Swift.Result<Result, any Error>?? in
-                    if let result = state.result { return .some(result) }
-                    state.waiter = continuation
-                    return .none
-                }
-                if case .some(let result) = ready { continuation.resume(returning: result) }
-            }
+            self.report.yield(result)
+            self.report.finish()
         }
     }
 }
