@@ -3,10 +3,14 @@
 # image in an XFS reflink pool, loop-mounted and really frozen; one agent per
 # instance over mutual TLS on loopback; the coordinator against the local
 # provider limited to a burst of 20 and 50 creates/s. Prints makespan against
-# the rate-limit bound, frozen-window p50/p99 at each size, and peak memory.
+# the rate-limit bound, frozen-window p50/p99 at each size, where the window
+# goes (engine, agent, kernel), the scaling targets, and peak memory. Then one
+# instance through the product as an operator runs it (`quiesce backup` and a
+# real quiesce-agent process) beside the raw floor on the same two disks
+# (scripts/bench-backup-cli.py), with the targets against that floor.
 #
-#   scripts/bench-fleet.sh            release build, 10 and 100 instances
-#   scripts/bench-fleet.sh --quick    debug build, 5 and 25 instances, 25+ samples each (smoke pass)
+#   scripts/bench-fleet.sh            release build, 1, 10 and 100 instances
+#   scripts/bench-fleet.sh --quick    debug build, 1 and 10 instances, 25+ samples each (smoke pass)
 #   INSTANCES=10,50,100 scripts/bench-fleet.sh
 #   POOL_ON=disk scripts/bench-fleet.sh   the pool's image on this machine's disk (/var/tmp)
 #   BENCH_ARGS="--max-frozen 100 --planning 32" scripts/bench-fleet.sh   other run settings
@@ -20,11 +24,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-fleet: needs root (loop devices, mount, FIFREEZE)" >&2; exit 1; }
 
-config=release; instances=${INSTANCES:-10,100}; samples=300
-if [ "${1:-}" = "--quick" ]; then config=debug; instances=${INSTANCES:-5,25}; samples=25; fi
+config=release; instances=${INSTANCES:-1,10,100}; samples=300; cli_runs=100; one_shot=5
+if [ "${1:-}" = "--quick" ]; then config=debug; instances=${INSTANCES:-1,10}; samples=25; cli_runs=5; one_shot=2; fi
 build=(-c "$config")
 [ -n "${SWIFT_BUILD_PATH:-}" ] && build+=(--build-path "$SWIFT_BUILD_PATH")
-for product in quiesce-bench quiesce-thaw-guard quiesce-plugin-host quiesce-plugin-crash quiesce-plugin-linux-freeze; do
+for product in quiesce-bench quiesce quiesce-agent quiesce-thaw-guard quiesce-plugin-host quiesce-plugin-crash quiesce-plugin-linux-freeze; do
   swift build "${build[@]}" --product "$product" >/dev/null
 done
 bin=$(swift build "${build[@]}" --show-bin-path)
@@ -50,3 +54,7 @@ mount "$loop" "$work/pool"
 
 echo "== fleet backup ($config build; instances $instances; 2 disks each; burst 20, 50 creates/s; pool image in $base)"
 "$bin/quiesce-bench" fleet --pool "$work/pool" --instances "$instances" --burst 20 --per-second 50 --samples "$samples" ${BENCH_ARGS:-}
+
+echo
+echo "== one instance through the product (quiesce backup + a quiesce-agent process) beside the raw floor, same disks, same run"
+python3 scripts/bench-backup-cli.py --pool "$work/pool" --bin "$bin" --runs "$cli_runs" --one-shot "$one_shot"

@@ -13,20 +13,31 @@ public struct AgentConfiguration: Sendable {
     /// name. Nil: take it from the certificate.
     public var instanceID: String?
     public var limits: SessionLimits
-    /// Waits between failed connection attempts.
+    /// Waits between failed connection attempts (exponential, full jitter, up to its cap).
     public var backoff: Backoff
+    /// Once a session with the engine was established, waits are capped at this
+    /// instead of `backoff.cap`. One-shot `quiesce backup` runs (from cron) start an
+    /// engine only for the run: between runs nobody listens, and with a 30 s cap the
+    /// next run would wait up to 30 s for this agent to dial again. An engine that
+    /// was reached once is worth asking for often; one never reached (a wrong
+    /// address, a fleet being provisioned) keeps the long cap. Jitter is kept.
+    public var knownEngineCap: Duration
     /// A session that lasted this long resets the backoff.
     public var healthySession: Duration
 
+    public static let defaultKnownEngineCap: Duration = .seconds(2)
+
     public init(
         engine: ListenAddress, identity: TLSFiles, instanceID: String? = nil, limits: SessionLimits = .defaults,
-        backoff: Backoff = Backoff(), healthySession: Duration = .seconds(30)
+        backoff: Backoff = Backoff(), knownEngineCap: Duration = AgentConfiguration.defaultKnownEngineCap,
+        healthySession: Duration = .seconds(30)
     ) {
         self.engine = engine
         self.identity = identity
         self.instanceID = instanceID
         self.limits = limits
         self.backoff = backoff
+        self.knownEngineCap = knownEngineCap
         self.healthySession = healthySession
     }
 }

@@ -76,6 +76,15 @@ public final class AgentRunner: Sendable {
                 return
             }
             if end.established && end.duration >= self.configuration.healthySession { backoff.reset() }
+            if end.established {
+                // An engine was reached: from now on never wait longer than the known-engine cap.
+                let cap = min(self.configuration.knownEngineCap, self.configuration.backoff.cap)
+                if backoff.cap > cap {
+                    backoff.cap = cap
+                    backoff.base = min(backoff.base, cap)
+                    backoff.floor = min(backoff.floor, cap)
+                }
+            }
             let wait = backoff.next()
             let why = end.error.map(Self.describe) ?? "the engine closed the session"
             self.state.withLock { $0.lastError = why }

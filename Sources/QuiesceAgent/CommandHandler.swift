@@ -49,7 +49,8 @@ public struct BuiltinCommandHandler: CommandHandling {
 
     public init(
         facts: FactsCollector = FactsCollector(), hooks: HookRunner? = nil, guardExecutable: String? = nil,
-        silenceLimit: Duration = .seconds(1), syncfs: SyncfsRule = .default, startsGuard: Bool = true, logger: Logger = Logger(label: "quiesce.agent.freeze")
+        silenceLimit: Duration = .seconds(1), syncfs: SyncfsRule = .default, expediteRCU: Bool = true, startsGuard: Bool = true,
+        logger: Logger = Logger(label: "quiesce.agent.freeze")
     ) {
         self.facts = facts
         self.startsGuard = startsGuard
@@ -64,7 +65,8 @@ public struct BuiltinCommandHandler: CommandHandling {
         }
         self.holds = holds
         let freezer = FreezeController(
-            guardExecutable: guardExecutable, silenceLimit: silenceLimit, syncfs: syncfs, holdStates: { holds.states() }, logger: logger)
+            guardExecutable: guardExecutable, silenceLimit: silenceLimit, syncfs: syncfs, expediteRCU: expediteRCU,
+            holdStates: { holds.states() }, logger: logger)
         sink.freezer = freezer
         self.freezer = freezer
     }

@@ -32,6 +32,8 @@ public struct InstanceOutcome: Sendable {
 /// Progress, as it happens (for a progress bar or JSON lines).
 public enum RunEvent: Sendable {
     case waitingForAgents(missing: [String], wait: Duration)
+    /// The wait for agents is over: how long it took, and who is still missing (they are backed up without an agent, or fail).
+    case agentsWaited(waited: Duration, arrived: Int, missing: [String])
     case instanceStarted(String)
     case instanceFinished(InstanceOutcome)
 }
@@ -40,6 +42,8 @@ public struct RunReport: Sendable {
     public var runID: String
     public var instances: [InstanceOutcome]
     public var makespan: Duration
+    /// How long the run waited for agents to connect before backing anything up (inside the makespan).
+    public var agentWait: Duration = .zero
 
     /// 0 every instance at its wanted level; 2 some downgraded (none below its minimum); 3 some failed.
     public var exitCode: Int32 {
@@ -107,13 +111,18 @@ public final class Coordinator: Sendable {
         let wanted = Set(self.fleet.instances.map(\.id))
         let wait = agentWait ?? .seconds(self.fleet.agentWaitSeconds)
         var missing = await self.engine.registry.waitFor(wanted, timeout: .zero)
+        var agentWait: Duration = .zero
         if !missing.isEmpty {
+            let absent = missing.count
             events(.waitingForAgents(missing: missing.sorted(), wait: wait))
             // In slices, so that a stop (the engine shutting down) does not wait out the whole wait.
-            let deadline = ContinuousClock.now + wait
+            let waitBegan = ContinuousClock.now
+            let deadline = waitBegan + wait
             while !missing.isEmpty, self.stopping.withLock({ $0 == nil }), ContinuousClock.now < deadline {
                 missing = await self.engine.registry.waitFor(wanted, timeout: min(.seconds(1), deadline - .now))
             }
+            agentWait = .now - waitBegan
+            events(.agentsWaited(waited: agentWait, arrived: absent - missing.count, missing: missing.sorted()))
         }
         let limit = max(1, self.fleet.concurrency)
         let outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
@@ -148,7 +157,7 @@ public final class Coordinator: Sendable {
         }
         let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
         var report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
-                               makespan: .now - started)
+                               makespan: .now - started, agentWait: agentWait)
         let state = report.runState
         let finished = await self.catalogWrite { try $0.finishRun(runID, state: state, at: Date()) }
         // The report has no run-level warnings: a run the catalog could not record is said on every instance.
@@ -324,7 +333,12 @@ public final class Coordinator: Sendable {
     func recordGroup(_ group: SnapshotGroup, outcome: InstanceOutcome, runID: String, token: String, policy: FleetFile.Policy,
                      steps: [PlanOutcome.StepRecord]) async -> (any Error)? {
         var timings: [String: UInt64] = [:]
-        for step in steps { timings[step.id, default: 0] += UInt64(max(step.elapsed.microseconds, 0)) }
+        for step in steps {
+            timings[step.id, default: 0] += UInt64(max(step.elapsed.microseconds, 0))
+            // The agent's and the kernel's shares, for the breakdown (bench-fleet, `quiesce show`).
+            if let agent = step.agent { timings[step.id + ".agent", default: 0] += UInt64(max(agent.microseconds, 0)) }
+            if let kernel = step.kernel { timings[step.id + ".kernel", default: 0] += UInt64(max(kernel.microseconds, 0)) }
+        }
         let record = GroupRecord(
             id: group.id, runID: runID, instanceID: outcome.instanceID, provider: group.provider, providerGroupID: group.id,
             idempotencyToken: token, wantedLevel: policy.wanted, achievedLevel: outcome.achieved ?? .crash,

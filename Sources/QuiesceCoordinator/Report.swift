@@ -32,7 +32,9 @@ extension RunReport {
                 "\(outcome.disks)", String(format: "%.2f s", outcome.duration.timeInterval), outcome.reasons.first ?? "",
             ])
         }
-        var text = "Run \(self.runID): \(self.instances.count) instances in \(String(format: "%.1f", self.makespan.timeInterval)) s\n\n"
+        var text = "Run \(self.runID): \(self.instances.count) instances in \(String(format: "%.1f", self.makespan.timeInterval)) s"
+        if self.agentWait > .zero { text += " (\(String(format: "%.1f", self.agentWait.timeInterval)) s of it waiting for agents to connect)" }
+        text += "\n\n"
         text += table.render()
         for outcome in self.instances where outcome.reasons.count > 1 {
             text += "\n\n\(outcome.instanceID):"

@@ -73,6 +73,8 @@ extension RunEvent {
                     $0.instanceIds = missing
                     $0.waitS = UInt32(clamping: wait.components.seconds)
                 }
+            case .agentsWaited:
+                break  // not on the admin wire: an engine that serves runs has its agents connected already
             case .instanceStarted(let id):
                 $0.started = .with { $0.instanceID = id }
             case .instanceFinished(let outcome):

@@ -14,10 +14,16 @@ public struct PlanOutcome: Sendable {
         public var ok: Bool
         /// "exit 3", "freeze-ebusy: …", "timed out", "" when it worked.
         public var detail: String
+        /// The whole call, engine clock: from sending the command to reading its answer.
         public var elapsed: Duration
         public var attempt: Int
+        /// The agent's share of `elapsed` (its own clock, from reading the command to sending the answer).
+        public var agent: Duration?
+        /// The kernel's share of that (freeze: the slowest mount's syncfs + FIFREEZE, measured by the thaw guard).
+        public var kernel: Duration?
 
-        public init(phase: String, id: String, action: String, ok: Bool, detail: String, elapsed: Duration, attempt: Int) {
+        public init(phase: String, id: String, action: String, ok: Bool, detail: String, elapsed: Duration, attempt: Int,
+                    agent: Duration? = nil, kernel: Duration? = nil) {
             self.phase = phase
             self.id = id
             self.action = action
@@ -25,6 +31,8 @@ public struct PlanOutcome: Sendable {
             self.detail = detail
             self.elapsed = elapsed
             self.attempt = attempt
+            self.agent = agent
+            self.kernel = kernel
         }
     }
 
@@ -154,6 +162,8 @@ public struct PlanRunner: Sendable {
     struct StepResult {
         var ok: Bool
         var detail: String
+        var agent: Duration? = nil
+        var kernel: Duration? = nil
     }
 
     /// Why the started quiesce steps are being undone.
@@ -203,7 +213,7 @@ public struct PlanRunner: Sendable {
         let end = ContinuousClock.now
         if step.blocking { state.lastBlockEnd = end }
         state.outcome.steps.append(.init(phase: phase, id: step.id, action: step.actionSummary, ok: result.ok, detail: result.detail,
-                                         elapsed: end - begin, attempt: state.attempt))
+                                         elapsed: end - begin, attempt: state.attempt, agent: result.agent, kernel: result.kernel))
         return result
     }
 
@@ -242,14 +252,15 @@ public struct PlanRunner: Sendable {
             }
             state.frozen = true
             state.freezeMounts = action.mountPoints
-            return .init(ok: true, detail: "")
+            let kernel = freeze.mounts.map { $0.syncfsUs + $0.freezeUs }.max().map { Duration.microseconds(Int64($0)) }
+            return .init(ok: true, detail: "", agent: reply.elapsed, kernel: kernel)
         case .thaw?:
             let reply = try await self.engine.thaw(self.freezeID, on: self.instanceID, deadline: timeout)
             if let thaw = reply.payload, reply.isOK {
                 state.outcome.thaw = thaw
                 state.outcome.frozen = .microseconds(Int64(thaw.frozenUs))
                 state.frozen = false
-                return .init(ok: true, detail: "")
+                return .init(ok: true, detail: "", agent: reply.elapsed)
             }
             if reply.reason == "unknown-freeze" && !state.frozen { return .init(ok: true, detail: "nothing was frozen") }
             return .init(ok: false, detail: Self.describe(reply.status))

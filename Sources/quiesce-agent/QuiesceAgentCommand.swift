@@ -36,7 +36,12 @@ struct QuiesceAgentCommand: AsyncParsableCommand {
 struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Connect to the engine and serve its commands until stopped.",
-        discussion: "Reconnects with exponential backoff and jitter (up to 30 s) whenever the session ends.")
+        discussion: """
+            Reconnects with exponential backoff and full jitter whenever the session ends: up to \
+            --reconnect-max seconds (30) while no engine has answered yet, and up to \
+            --reconnect-max-known seconds (2) once one has, so a one-shot `quiesce backup` (an engine \
+            that runs only while it backs up, e.g. from cron) finds this agent within about that long.
+            """)
 
     @Option(help: ArgumentHelp("The engine's agent port.", valueName: "host:port"))
     var engine: String
@@ -66,6 +71,14 @@ struct Run: AsyncParsableCommand {
     var syncfs = SyncfsRule.Mode.auto.rawValue
     @Option(help: ArgumentHelp("With --syncfs auto: flush first when this much of the page cache is dirty (Dirty + Writeback, as meminfo counts them).", valueName: "MiB"))
     var syncfsMinDirtyMib = SyncfsRule.defaultMinDirtyMiB
+    @Option(help: ArgumentHelp(
+        "Expedite the kernel's RCU grace periods while the thaw guard runs FIFREEZE (/sys/kernel/rcu_expedited, set for those milliseconds and put back): an idle filesystem's freeze waits for grace periods, tens of ms on a quiet VM, ~0.5 ms expedited. auto: unless rcu_normal is set; never: leave the kernel alone.",
+        valueName: "auto|never"))
+    var rcuExpedite = "auto"
+    @Option(help: ArgumentHelp("Longest wait between attempts to reach an engine that has never answered.", valueName: "seconds"))
+    var reconnectMax: Double = 30
+    @Option(help: ArgumentHelp("Longest wait between attempts once an engine has answered (a one-shot backup waits about this long for this agent).", valueName: "seconds"))
+    var reconnectMaxKnown: Double = AgentConfiguration.defaultKnownEngineCap.timeInterval
 
     func validate() throws {
         guard Logger.Level(rawValue: self.logLevel) != nil else {
@@ -74,6 +87,14 @@ struct Run: AsyncParsableCommand {
         do { _ = try ListenAddress(parsing: self.engine) } catch { throw ValidationError("--engine: \(error)") }
         guard SyncfsRule.Mode(rawValue: self.syncfs) != nil else {
             throw ValidationError("--syncfs: expected auto, always or never, found \"\(self.syncfs)\"")
+        }
+        guard ["auto", "never"].contains(self.rcuExpedite) else {
+            throw ValidationError("--rcu-expedite: expected auto or never, found \"\(self.rcuExpedite)\"")
+        }
+        for (flag, value) in [("--reconnect-max", self.reconnectMax), ("--reconnect-max-known", self.reconnectMaxKnown)] {
+            guard value.isFinite, value >= 0.2, value <= 3600 else {
+                throw ValidationError("\(flag): expected seconds between 0.2 and 3600, found \(value)")
+            }
         }
         guard self.syncfsMinDirtyMib <= 1 << 30 else {
             throw ValidationError("--syncfs-min-dirty-mib: expected at most \(1 << 30) MiB, found \(self.syncfsMinDirtyMib)")
@@ -94,12 +115,15 @@ struct Run: AsyncParsableCommand {
         let engine = try ListenAddress(parsing: self.engine)
         let locations = HookLocations(prescript: self.prescript, postscript: self.postscript, hookDirectory: self.hookDir)
         let syncfs = SyncfsRule(mode: SyncfsRule.Mode(rawValue: self.syncfs) ?? .auto, minDirtyBytes: self.syncfsMinDirtyMib << 20)
-        let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs)
+        let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
+                                           expediteRCU: self.rcuExpedite == "auto")
         let runner = AgentRunner(
             configuration: AgentConfiguration(
                 engine: engine,
                 identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
-                instanceID: self.instanceID),
+                instanceID: self.instanceID,
+                backoff: Backoff(cap: .milliseconds(Int64(self.reconnectMax * 1000))),
+                knownEngineCap: .milliseconds(Int64(self.reconnectMaxKnown * 1000))),
             handler: handler)
         let task = Task { try await runner.run() }
         quiesceUnblockStopSignals()

@@ -38,15 +38,42 @@ struct FleetRun: AsyncParsableCommand {
     @Option(help: "At least this many frozen windows per size (rounds of the whole fleet).")
     var samples = 300
 
+    /// One size's figures, for the tables and the targets.
+    struct Measured {
+        var count: Int
+        var row: [String]
+        var frozenP50: Double
+        var frozenP99: Double
+        /// Where the frozen window goes, p50 ms: freeze call (engine) / agent / kernel, snapshot, thaw call / agent.
+        var breakdown: [String]
+    }
+
     func run() async throws {
-        var results: [[String]] = []
+        var results: [Measured] = []
         for count in self.instances.split(separator: ",").compactMap({ Int($0) }) {
             results.append(try await self.measure(count))
         }
         var table = TextTable(headers: ["INSTANCES", "DISKS", "MAKESPAN S", "RATE BOUND S", "RATIO", "FROZEN P50 MS", "P99 MS", "MAX MS",
                                         "SNAPSHOT P50 MS", "P99 MS", "LEVELS", "PEAK RSS MIB"])
-        for row in results { table.append(row) }
+        for result in results { table.append(result.row) }
         print(table.render())
+        print("")
+        var parts = TextTable(headers: ["INSTANCES", "FREEZE CALL", "AGENT", "FIFREEZE", "SNAPSHOT", "THAW CALL", "AGENT", "FROZEN (GUEST)"])
+        for result in results { parts.append(["\(result.count)"] + result.breakdown) }
+        print("Where the frozen window goes (p50 ms; calls on the engine's clock, AGENT its share on the guest, FIFREEZE the guard's syncfs + ioctl of the slowest mount):")
+        print(parts.render())
+        // Scaling targets (issue 19): against the smallest size, measured in this run.
+        if let base = results.first, results.count > 1 {
+            print("")
+            var targets = TextTable(headers: ["TARGET", "FIGURE", "BOUND", "MET"])
+            for result in results.dropFirst() {
+                for (what, figure, bound) in [("frozen p50 at \(result.count) <= 2 x at \(base.count)", result.frozenP50, 2 * base.frozenP50),
+                                              ("frozen p99 at \(result.count) <= 3 x at \(base.count)", result.frozenP99, 3 * base.frozenP99)] {
+                    targets.append([what, String(format: "%.2f ms", figure), String(format: "<= %.2f ms", bound), figure <= bound ? "yes" : "NO"])
+                }
+            }
+            print(targets.render())
+        }
         print("""
             RUN: concurrency \(self.concurrency), max_frozen \(self.maxFrozen.map(String.init) ?? "default"), planning \(self.planning.map(String.init) ?? "default").
             Each size runs as many rounds as give at least \(self.samples) frozen windows (a fresh run each, full token bucket); MAKESPAN is their median.
@@ -57,7 +84,7 @@ struct FleetRun: AsyncParsableCommand {
             """)
     }
 
-    func measure(_ count: Int) async throws -> [String] {
+    func measure(_ count: Int) async throws -> Measured {
         let system = System()
         let root = self.pool + "/bench-fleet-\(getpid())-\(count)"
         defer {
@@ -211,10 +238,17 @@ struct FleetRun: AsyncParsableCommand {
         let levels = Dictionary(grouping: instances, by: { $0.achieved?.name ?? "failed" }).map { "\($1.count) \($0)" }.sorted().joined(separator: ", ")
         let hwm = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8))?
             .split(separator: "\n").first { $0.hasPrefix("VmHWM:") }?.split(separator: " ").dropFirst().first.flatMap { Double($0) } ?? 0
-        return [
+        let row = [
             "\(count)", "\(count * 2)", String(format: "%.2f", makespan), String(format: "%.2f", bound),
             bound > 0 ? String(format: "%.2f", makespan / bound) : "-", pct(0.5), pct(0.99), frozen.last.map { String(format: "%.2f", $0) } ?? "-",
             snap(0.5), snap(0.99), levels, String(format: "%.0f", hwm / 1024),
         ]
+        let breakdown = ["freeze", "freeze.agent", "freeze.kernel", "snapshot", "thaw", "thaw.agent"].map { step in
+            perStep[step].map { percentiles($0)(0.5) } ?? "-"
+        } + [pct(0.5)]
+        func value(_ p: Double) -> Double {
+            frozen.isEmpty ? .nan : frozen[max(0, Int((Double(frozen.count) * p).rounded(.up)) - 1)]
+        }
+        return Measured(count: count, row: row, frozenP50: value(0.5), frozenP99: value(0.99), breakdown: breakdown)
     }
 }

@@ -102,7 +102,12 @@ struct CoordinatorTests {
             #expect(ghost.reasons.first?.hasPrefix("agent-not-connected") == true && ghost.reasons.first?.hasSuffix("needs at least filesystem") == true)
             #expect(report.exitCode == 3)
             #expect(report.instances.map(\.instanceID) == ["app-1", "loose-1", "base-1", "ghost-1"])
-            #expect(events.count == 9, "one waiting event (ghost-1), then started and finished per instance")
+            #expect(events.count == 10, "one waiting event (ghost-1), the wait's end, then started and finished per instance")
+            let waited = events.all.compactMap { event -> (Duration, Int, [String])? in
+                if case .agentsWaited(let waited, let arrived, let missing) = event { (waited, arrived, missing) } else { nil }
+            }
+            #expect(waited.count == 1 && waited.first?.2 == ["ghost-1"] && waited.first?.1 == 0, "\(waited)")
+            #expect(report.agentWait == waited.first?.0 && report.agentWait > .zero)
 
             // The catalog and the provider agree; the level tag is the proven level.
             let groups = try catalog.groups(GroupFilter(runID: "r1"))
@@ -156,6 +161,7 @@ final class EventLog: @unchecked Sendable {
     private var events: [RunEvent] = []
     func append(_ event: RunEvent) { self.lock.withLock { self.events.append(event) } }
     var count: Int { self.lock.withLock { self.events.count } }
+    var all: [RunEvent] { self.lock.withLock { self.events } }
 }
 
 /// The local provider with a delay before each create: a cloud API that is slow to answer.

@@ -18,7 +18,8 @@ enum GuardMessage: Sendable, Equatable {
         var errno: Int32
     }
     case ready(pid: Int32, oomAdjusted: Bool, memoryLocked: Bool)
-    case frozen(id: String, all: Bool, budgetMs: UInt32, mounts: [MountFrozen])
+    /// `rcu`: whether grace periods were expedited for the FIFREEZEs (expedited, already, normal, unavailable, not-asked).
+    case frozen(id: String, all: Bool, budgetMs: UInt32, mounts: [MountFrozen], rcu: String)
     case thawed(id: String, cause: String, frozenMicros: UInt64, withinBudget: Bool, mounts: [MountThawed])
     case error(id: String, reason: String, detail: String)
 
@@ -33,7 +34,7 @@ enum GuardMessage: Sendable, Equatable {
         case "READY" where head.count == 4:
             guard let pid = Int32(head[1]) else { return nil }
             self = .ready(pid: pid, oomAdjusted: head[2] == "1", memoryLocked: head[3] == "1")
-        case "FROZEN" where head.count == 5:
+        case "FROZEN" where head.count == 5 || head.count == 6:
             guard let budget = UInt32(head[3]), let count = Int(head[4]), lines.count == count else { return nil }
             var mounts: [MountFrozen] = []
             for line in lines {
@@ -41,7 +42,7 @@ enum GuardMessage: Sendable, Equatable {
                 guard f.count == 4, let e = Int32(f[1]), let s = UInt64(f[2]), let z = UInt64(f[3]) else { return nil }
                 mounts.append(MountFrozen(frozen: f[0] == "1", errno: e, syncfsMicros: s, freezeMicros: z))
             }
-            self = .frozen(id: head[1], all: head[2] == "1", budgetMs: budget, mounts: mounts)
+            self = .frozen(id: head[1], all: head[2] == "1", budgetMs: budget, mounts: mounts, rcu: head.count == 6 ? head[5] : "not-asked")
         case "THAWED" where head.count == 6:
             guard let micros = UInt64(head[3]), let count = Int(head[5]), lines.count == count else { return nil }
             var mounts: [MountThawed] = []
@@ -62,7 +63,7 @@ enum GuardMessage: Sendable, Equatable {
 
     var freezeID: String? {
         switch self {
-        case .frozen(let id, _, _, _), .thawed(let id, _, _, _, _), .error(let id, _, _): id
+        case .frozen(let id, _, _, _, _), .thawed(let id, _, _, _, _), .error(let id, _, _): id
         case .ready: nil
         }
     }

@@ -237,6 +237,11 @@ final class RunPrinter: @unchecked Sendable {
             self.emit(["event": "waiting", "missing": missing, "wait_s": wait.components.seconds],
                       text: "quiesce: waiting up to \(wait.components.seconds) s for \(missing.count) agent(s): "
                           + "\(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? ", …" : "")")
+        case .agentsWaited(let waited, let arrived, let missing):
+            let seconds = String(format: "%.2f", waited.timeInterval)
+            self.emit(["event": "agents", "waited_ms": waited.milliseconds, "arrived": arrived, "missing": missing],
+                      text: "quiesce: \(arrived) agent(s) connected after \(seconds) s"
+                          + (missing.isEmpty ? "" : "; still missing: \(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? ", …" : "")"))
         case .instanceStarted(let id):
             if self.json { Self.printJSON(["event": "started", "instance": id]) }
             progress?.instanceStarted()
@@ -250,7 +255,8 @@ final class RunPrinter: @unchecked Sendable {
     func finish(_ report: RunReport) async {
         self.lock.withLock { self.progress }?.done()
         if self.json {
-            Self.printJSON(["event": "report", "run": report.runID, "makespan_ms": report.makespan.milliseconds, "exit_code": Int(report.exitCode),
+            Self.printJSON(["event": "report", "run": report.runID, "makespan_ms": report.makespan.milliseconds,
+                            "agent_wait_ms": report.agentWait.milliseconds, "exit_code": Int(report.exitCode),
                             "instances": report.instances.map(\.json)])
         } else {
             OutputQueue.standardOutput.write(report.renderTable() + "\n")
