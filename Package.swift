@@ -17,6 +17,7 @@ let package = Package(
         // The built-in plugins, loaded with dlopen like any third party's.
         .library(name: "quiesce-plugin-crash", type: .dynamic, targets: ["QuiescePluginCrash"]),
         .library(name: "quiesce-plugin-linux-freeze", type: .dynamic, targets: ["QuiescePluginLinuxFreeze"]),
+        .library(name: "quiesce-plugin-mariadb", type: .dynamic, targets: ["QuiescePluginMariaDB"]),
         // The plugin ABI header and the Swift kit, for plugin authors.
         .library(name: "CQuiescePlugin", targets: ["CQuiescePlugin"]),
         .library(name: "QuiescePluginKit", targets: ["QuiescePluginKit"]),
@@ -58,6 +59,7 @@ let package = Package(
         .target(name: "QuiescePluginKit", dependencies: ["CQuiescePlugin", "QuiescePluginProto"]),
         .target(name: "QuiescePluginCrash", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/crash"),
         .target(name: "QuiescePluginLinuxFreeze", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/linux-freeze"),
+        .target(name: "QuiescePluginMariaDB", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/mariadb"),
         // Loads one plugin with dlopen and answers over a pipe (C, no runtime of its own).
         .executableTarget(
             name: "quiesce-plugin-host", dependencies: ["CQuiescePlugin"],

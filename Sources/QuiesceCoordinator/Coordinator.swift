@@ -27,6 +27,8 @@ public struct InstanceOutcome: Sendable {
     public var snapshot: Duration?
     public var duration: Duration
     public var attempts: Int
+    /// What the application's hold recorded under its lock (binlog position, GTID, marker), also in the group's tags.
+    public var metadata: [String: String] = [:]
 }
 
 /// Progress, as it happens (for a progress bar or JSON lines).
@@ -274,6 +276,7 @@ public final class Coordinator: Sendable {
             outcome.stall = result.blocked
             outcome.frozen = result.frozen
             outcome.snapshot = result.steps.last { $0.phase == "snapshot" }?.elapsed
+            outcome.metadata = result.metadata
             // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a pause.
             if !result.snapshotTaken, let error = created.error, error.isRetryable, attempt <= policy.retries {
                 outcome.warnings.append("attempt \(attempt): provider \(error); retrying after the thaw")
@@ -295,7 +298,9 @@ public final class Coordinator: Sendable {
                 }
                 // The level tag only now: the thaw reply has proved it.
                 if let error = await timed("tag", {
-                    _ = try await provider.provider.tag(group.id, ["quiesce:level": result.achieved.name, "ConsistencyLevel": result.achieved.tagValue])
+                    var tags = ["quiesce:level": result.achieved.name, "ConsistencyLevel": result.achieved.tagValue]
+                    for (key, value) in result.metadata { tags["quiesce:" + key] = value }
+                    _ = try await provider.provider.tag(group.id, tags)
                 }) {
                     outcome.warnings.append("tag-failed: the level tags of \(group.id) could not be written: \(error)")
                 }

@@ -15,6 +15,7 @@ extension InstanceOutcome {
         item["stall_ms"] = self.stall.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
         item["frozen_ms"] = self.frozen.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
         item["snapshot_ms"] = self.snapshot.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
+        if !self.metadata.isEmpty { item["metadata"] = self.metadata }
         return item
     }
 }

@@ -57,6 +57,9 @@ public struct PlanOutcome: Sendable {
     public var frozen: Duration?
     /// From the start of the first blocking step to the end of the last one (the application's stall), measured by the engine.
     public var blocked: Duration?
+    /// What holds recorded under their lock (`quiesce-meta KEY=VALUE` lines: a binlog position, a GTID, a marker),
+    /// kept only when the hold proved it held until its release.
+    public var metadata: [String: String] = [:]
 }
 
 /// Runs a validated plan against a connected agent: prepare, quiesce, the
@@ -157,6 +160,8 @@ public struct PlanRunner: Sendable {
         var firstBlock: ContinuousClock.Instant?
         var lastBlockEnd: ContinuousClock.Instant?
         var freezeMounts: [String] = []
+        /// Holds whose hook said at release that its lock did not hold (exit code not 0).
+        var brokenHolds: [String] = []
     }
 
     struct StepResult {
@@ -164,6 +169,8 @@ public struct PlanRunner: Sendable {
         var detail: String
         var agent: Duration? = nil
         var kernel: Duration? = nil
+        /// The hook named why it failed (its last line of output, `code: detail`): recorded instead of the step's generic reason.
+        var hookReason: String? = nil
     }
 
     /// Why the started quiesce steps are being undone.
@@ -189,20 +196,51 @@ public struct PlanRunner: Sendable {
 
     private func apply(_ step: PlanStep, _ result: StepResult, to state: inout RunState) {
         let reason = step.onFailure.reason.isEmpty ? "\(step.id)-failed" : step.onFailure.reason
+        let text = result.hookReason ?? "\(reason): \(result.detail)"
         switch step.onFailure.outcome {
         case .downgradeTo(let level)?:
             let level = ConsistencyLevel(level) ?? .crash
             if level < state.outcome.achieved { state.outcome.achieved = level }
-            state.outcome.reasons.append("\(reason): \(result.detail)")
+            state.outcome.reasons.append(text)
         case .fail?, nil:
             state.outcome.failed = true
-            state.outcome.reasons.append("\(reason): \(result.detail)")
+            state.outcome.reasons.append(text)
         }
+    }
+
+    /// A hook may say why it failed in its own words: when the last line of its
+    /// output reads `code: detail` with a kebab-case code of at least two words
+    /// (`mariadb-lock-timeout: no lock within 500 ms; …`), that line is the reason
+    /// recorded, instead of the step's generic one.
+    static func hookReason(in output: Substring) -> String? {
+        guard let line = output.split(separator: "\n").last(where: { !$0.allSatisfy(\.isWhitespace) }),
+              let colon = line.firstIndex(of: ":") else { return nil }
+        let code = line[..<colon]
+        guard code.contains("-"), code.first.map({ $0.isASCII && $0.isLowercase }) == true, code.last != "-",
+              code.allSatisfy({ $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "-") }) else { return nil }
+        return String(line.prefix(1000))
+    }
+
+    /// `quiesce-meta KEY=VALUE` lines of a hold's output: what it recorded under its lock.
+    static func holdMetadata(in output: Substring) -> [String: String] {
+        var metadata: [String: String] = [:]
+        for line in output.split(separator: "\n") where line.hasPrefix("quiesce-meta ") {
+            let pair = line.dropFirst("quiesce-meta ".count)
+            guard let equals = pair.firstIndex(of: "=") else { continue }
+            let key = pair[..<equals], value = pair[pair.index(after: equals)...]
+            guard !key.isEmpty, key.count <= 64, value.count <= 256,
+                  key.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "." || $0 == "_" || $0 == "-") }) else { continue }
+            metadata[String(key)] = String(value)
+        }
+        return metadata
     }
 
     private func execute(_ step: PlanStep, phase: String, state: inout RunState) async -> StepResult {
         let begin = ContinuousClock.now
-        if step.blocking && state.firstBlock == nil { state.firstBlock = begin }
+        // A hold blocks the application from its ready line on (the lock is taken just before it),
+        // not while its hook starts: counted from its answer below.
+        let isHold: Bool = if case .hold? = step.action.kind { true } else { false }
+        if step.blocking && !isHold && state.firstBlock == nil { state.firstBlock = begin }
         let timeout = Duration.milliseconds(Int64(step.timeoutMs))
         let result: StepResult
         do {
@@ -211,6 +249,7 @@ public struct PlanRunner: Sendable {
             result = StepResult(ok: false, detail: "no answer: \(error)")
         }
         let end = ContinuousClock.now
+        if step.blocking && isHold && result.ok && state.firstBlock == nil { state.firstBlock = end }
         if step.blocking { state.lastBlockEnd = end }
         state.outcome.steps.append(.init(phase: phase, id: step.id, action: step.actionSummary, ok: result.ok, detail: result.detail,
                                          elapsed: end - begin, attempt: state.attempt, agent: result.agent, kernel: result.kernel))
@@ -274,8 +313,13 @@ public struct PlanRunner: Sendable {
                 $0.maxHoldMs = UInt32(self.budget.milliseconds)
             }, on: self.instanceID, deadline: timeout + slack)
             guard reply.isOK, let hold = reply.payload, hold.ready else {
+                // The agent quotes the hook's output after "output: ".
+                let output = reply.payload.map { payload -> Substring in
+                    guard let range = payload.detail.range(of: "output: ", options: .backwards) else { return Substring(payload.detail) }
+                    return payload.detail[range.upperBound...]
+                }
                 return .init(ok: false, detail: reply.payload.map { "\($0.refusal == .none ? "not-ready" : $0.refusal.reasonCode): \($0.detail)" }
-                    ?? Self.describe(reply.status))
+                    ?? Self.describe(reply.status), hookReason: output.flatMap { Self.hookReason(in: $0) })
             }
             state.heldIDs.append(action.holdID)
             return .init(ok: true, detail: "")
@@ -283,6 +327,14 @@ public struct PlanRunner: Sendable {
             let reply = try await self.engine.release(action.holdID, on: self.instanceID, deadline: timeout + slack)
             guard reply.isOK, let release = reply.payload else { return .init(ok: false, detail: Self.describe(reply.status)) }
             if !release.aliveAtRelease { return .init(ok: false, detail: "hold \(action.holdID) had already ended") }
+            let output = Substring(String(decoding: release.outputTail, as: UTF8.self))
+            // Released on request, the hook says whether its lock held to the end: exit 0.
+            if release.exited && release.exitCode != 0 {
+                let why = Self.hookReason(in: output) ?? output.split(separator: "\n").last.map(String.init) ?? ""
+                state.brokenHolds.append("hold-failed-at-release: hold \(action.holdID) exited \(release.exitCode) when released: \(why)")
+                return .init(ok: false, detail: "exit \(release.exitCode): \(why)")
+            }
+            for (key, value) in Self.holdMetadata(in: output) { state.outcome.metadata[key] = value }
             return .init(ok: true, detail: "")
         case nil:
             return .init(ok: false, detail: "unknown action")
@@ -317,6 +369,12 @@ public struct PlanRunner: Sendable {
                 state.outcome.reasons.append(broken)
             }
         }
+        // A hold that says its lock did not hold (its session was lost): the freeze still held.
+        if state.outcome.achieved == .application, let broken = state.brokenHolds.first {
+            state.outcome.achieved = .filesystem
+            state.outcome.reasons.append(broken)
+        }
+        if state.outcome.achieved < .application { state.outcome.metadata = [:] }
         if !state.outcome.snapshotTaken { state.outcome.achieved = min(state.outcome.achieved, .crash) }
         if let minimum = ConsistencyLevel(self.policy.minimum), state.outcome.achieved < minimum, !state.outcome.failed {
             state.outcome.failed = true
