@@ -24,3 +24,6 @@ scripts/bench-snapshot.sh --quick
 scripts/bench-freeze.sh --quick
 scripts/bench-plan.sh --quick
 scripts/bench-fleet.sh --quick
+
+echo "== the MariaDB proof (each level restored and checked)"
+scripts/prove-mariadb.sh --idle-runs 3 --write-seconds 1
