@@ -34,7 +34,7 @@ extension RunReport {
             ])
         }
         var text = "Run \(self.runID): \(self.instances.count) instances in \(String(format: "%.1f", self.makespan.timeInterval)) s"
-        if self.agentWait > .zero { text += " (\(String(format: "%.1f", self.agentWait.timeInterval)) s of it waiting for agents to connect)" }
+        if self.agentWait >= .milliseconds(50) { text += " (\(String(format: "%.1f", self.agentWait.timeInterval)) s of it waiting for agents to connect)" }
         text += "\n\n"
         text += table.render()
         for outcome in self.instances where outcome.reasons.count > 1 {

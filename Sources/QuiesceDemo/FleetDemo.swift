@@ -67,6 +67,8 @@ public struct FleetDemo: Sendable {
         }
     }
 
+    static var ramDirectory: String { "/dev/shm/quiesce-demo-\(getpid())" }
+
     /// Runs the demo; returns what to print on stdout and the run's exit code.
     public func run() async throws -> (output: String, exitCode: Int32) {
         let directory = "/tmp/quiesce-demo-\(getpid())"
@@ -81,11 +83,15 @@ public struct FleetDemo: Sendable {
                 throw CommandError(text: "could not undo \(left.joined(separator: ", ")); \(directory) is left in place")
             }
             try? FileManager.default.removeItem(atPath: directory)
+            try? FileManager.default.removeItem(atPath: Self.ramDirectory)
             return result
         } catch {
             await stack.run()
             let left = (try? await system.blocking { system.cleanUp() }) ?? []
-            if left.isEmpty { try? FileManager.default.removeItem(atPath: directory) }
+            if left.isEmpty {
+                try? FileManager.default.removeItem(atPath: directory)
+                try? FileManager.default.removeItem(atPath: Self.ramDirectory)
+            }
             else { self.progress("could not undo \(left.joined(separator: ", ")); \(directory) is left in place") }
             throw error
         }
@@ -96,8 +102,15 @@ public struct FleetDemo: Sendable {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
 
         self.progress("making the pool: an XFS filesystem with reflink on a loop device")
+        // The pool's image in RAM where there is /dev/shm, as in bench-fleet: every instance here
+        // shares this machine's one disk, and each FIFREEZE's cache flush would wait for that disk
+        // (10-20 ms here) — what the demo shows is then the machine's disk, not Quiesce's window.
+        let inRAM = FileManager.default.isWritableFile(atPath: "/dev/shm")
+        if inRAM {
+            try FileManager.default.createDirectory(atPath: Self.ramDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        }
         let pool = try await system.blocking {
-            let image = directory + "/pool.img"
+            let image = (inRAM ? Self.ramDirectory : directory) + "/pool.img"
             try system.run("truncate", "-s", "512M", image)
             try system.run("mkfs.xfs", "-q", "-m", "reflink=1", image)
             return try system.mount(try system.attach(image), at: directory + "/pool")
@@ -111,7 +124,8 @@ public struct FleetDemo: Sendable {
             mounts[instance.id] = try await system.blocking {
                 try system.run("truncate", "-s", "64M", image)
                 try system.run("mkfs.\(instance.fsType)", "-q", "-F", image)
-                let mountPoint = try system.mount(try system.attach(image), at: directory + "/\(instance.id)")
+                // Direct I/O, as a VM's disk with cache=none: the guest's writes reach the image, not a host page cache.
+                let mountPoint = try system.mount(try system.attach(image, directIO: true), at: directory + "/\(instance.id)")
                 // Something to snapshot.
                 try Data(repeating: 0x5a, count: 1 << 20).write(to: URL(fileURLWithPath: mountPoint + "/data.bin"))
                 return mountPoint

@@ -46,6 +46,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -83,6 +84,14 @@ static struct freeze current;
 // before it answers. It is left alone when an administrator set it already,
 // or set rcu_normal (real-time systems ask for normal grace periods).
 // Both files are opened at start-up: nothing is opened on the freeze path.
+//
+// Several guards on one kernel (containers, tests, the demo's and the bench's
+// in-process fleets) share the knob: the last one out turns it off, not the
+// first. flock(2) on the two files (no writes; released by the kernel if a
+// guard dies) keeps the count: an exclusive lock on rcu_expedited serializes
+// the read-modify-write, and each guard that relies on a 1 that guards set
+// holds a shared lock on rcu_normal. A 1 nobody holds that way is an
+// administrator's, and is left alone.
 static int rcu_expedited_fd = -1, rcu_normal_fd = -1;
 
 static int read_flag(int fd) {
@@ -97,16 +106,43 @@ static const char *rcu_expedite_begin(int asked, int *set) {
     *set = 0;
     if (!asked) return "not-asked";
     if (rcu_expedited_fd < 0) return "unavailable";
-    if (rcu_normal_fd >= 0 && read_flag(rcu_normal_fd) == 1) return "normal";
+    flock(rcu_expedited_fd, LOCK_EX);
+    const char *word;
     int value = read_flag(rcu_expedited_fd);
-    if (value == 1) return "already";
-    if (value != 0 || pwrite(rcu_expedited_fd, "1", 1, 0) != 1) return "unavailable";
-    *set = 1;
-    return "expedited";
+    if (rcu_normal_fd >= 0 && read_flag(rcu_normal_fd) == 1) {
+        word = "normal";
+    } else if (value == 0) {
+        if (pwrite(rcu_expedited_fd, "1", 1, 0) == 1) {
+            if (rcu_normal_fd >= 0) flock(rcu_normal_fd, LOCK_SH);
+            *set = 1;
+            word = "expedited";
+        } else {
+            word = "unavailable";
+        }
+    } else if (value == 1) {
+        if (rcu_normal_fd >= 0 && flock(rcu_normal_fd, LOCK_EX | LOCK_NB) != 0) {
+            // Another guard set it and is still freezing: rely on it too, and count.
+            flock(rcu_normal_fd, LOCK_SH);
+            *set = 1;
+            word = "expedited";
+        } else {
+            if (rcu_normal_fd >= 0) flock(rcu_normal_fd, LOCK_UN);
+            word = "already";
+        }
+    } else {
+        word = "unavailable";
+    }
+    flock(rcu_expedited_fd, LOCK_UN);
+    return word;
 }
 
 static void rcu_expedite_end(int set) {
-    if (set) (void)!pwrite(rcu_expedited_fd, "0", 1, 0);
+    if (!set) return;
+    flock(rcu_expedited_fd, LOCK_EX);
+    // The last guard relying on it turns it off (taking the lock exclusively means nobody else holds it).
+    if (rcu_normal_fd < 0 || flock(rcu_normal_fd, LOCK_EX | LOCK_NB) == 0) (void)!pwrite(rcu_expedited_fd, "0", 1, 0);
+    if (rcu_normal_fd >= 0) flock(rcu_normal_fd, LOCK_UN);
+    flock(rcu_expedited_fd, LOCK_UN);
 }
 
 static uint64_t now_ns(void) {

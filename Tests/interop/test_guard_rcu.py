@@ -128,3 +128,27 @@ def test_bad_expedite_value_is_refused(bin_dir, tmp_path, mount):
         assert reply.startswith("ERROR - bad-request expected \"FREEZE <id> <budget_ms> <syncfs> [<concurrent> 1..1 [<expedite 0|1>]]\""), reply
     finally:
         guard.close()
+
+
+def test_guards_on_one_kernel_share_the_knob_and_the_last_one_out_turns_it_off(bin_dir, tmp_path, mount):
+    """Another guard is in its FIFREEZEs (it set the knob and holds its shared lock on rcu_normal, as
+    the guard does): this guard relies on the 1 too and leaves it on when it finishes, for the other
+    to turn off. Without the count, the first guard out turned it off under the other's feet."""
+    import fcntl
+    d = knobs(tmp_path, 1, 0)
+    other = os.open(d / "rcu_normal", os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_SH)
+    guard = Guard(bin_dir, d)
+    try:
+        reply = guard.freeze("f5", mount, 1)
+        assert head(reply)[5] == "expedited", reply
+        assert (d / "rcu_expedited").read_text() == "1\n", "turned off while another guard still relies on it"
+        assert guard.thaw("f5").startswith("THAWED f5 command ")
+        # The other guard gone (its lock with it): the next freeze finds an administrator's 1 and leaves it.
+        fcntl.flock(other, fcntl.LOCK_UN)
+        reply = guard.freeze("f6", mount, 1)
+        assert head(reply)[5] == "already" and (d / "rcu_expedited").read_text() == "1\n", reply
+        assert guard.thaw("f6").startswith("THAWED f6 command ")
+    finally:
+        os.close(other)
+        guard.close()
