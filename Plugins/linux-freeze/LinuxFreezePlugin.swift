@@ -63,15 +63,10 @@ enum LinuxFreezePlugin: QuiescePlugin {
             }
             // read-only and second mounts of a frozen filesystem need no freeze of their own.
         }
-        let missing = only.subtracting(facts.mounts.map(\.mountPoint))
         if !(try options.bool("fs_freeze")) {
             lower(to: .crash, "fs-freeze-off: policy \(policy.name) turns the filesystem freeze off")
-        } else if !facts.guardReady {
-            lower(to: .crash, "guard-missing: the agent's thaw guard is not running, and nothing is frozen without it")
-        } else if !facts.capabilities.isEmpty && !facts.capabilities.contains("fsfreeze") {
-            lower(to: .crash, "agent-cannot-freeze: the agent does not offer fsfreeze (it offers \(facts.capabilities.joined(separator: ", ")))")
-        } else if !missing.isEmpty {
-            lower(to: .crash, "mount-not-found: only_mounts names \(missing.sorted().joined(separator: ", ")), which the instance does not have")
+        } else if let blocker = facts.freezeBlocker(only: only) {
+            lower(to: .crash, blocker)
         } else if eligible.isEmpty {
             let detail = ineligible.isEmpty ? "no ext3, ext4 or XFS mount to freeze" : ineligible.joined(separator: ", ") + " (eligible: ext3, ext4, XFS)"
             lower(to: .crash, "no-eligible-filesystem: \(detail)")

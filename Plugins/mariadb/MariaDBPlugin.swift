@@ -63,13 +63,8 @@ enum MariaDBPlugin: QuiescePlugin {
         let eligible = facts.mounts
             .filter { $0.freezable && (only.isEmpty || only.contains($0.mountPoint)) && !skip.contains($0.mountPoint) }
             .map(\.mountPoint)
-        let missing = only.subtracting(facts.mounts.map(\.mountPoint))
-        if !facts.guardReady {
-            lower(to: .crash, "guard-missing: the agent's thaw guard is not running, and nothing is frozen without it")
-        } else if !facts.capabilities.isEmpty && !facts.capabilities.contains("fsfreeze") {
-            lower(to: .crash, "agent-cannot-freeze: the agent does not offer fsfreeze (it offers \(facts.capabilities.joined(separator: ", ")))")
-        } else if !missing.isEmpty {
-            lower(to: .crash, "mount-not-found: only_mounts names \(missing.sorted().joined(separator: ", ")), which the instance does not have")
+        if let blocker = facts.freezeBlocker(only: only) {
+            lower(to: .crash, blocker)
         } else if eligible.isEmpty {
             lower(to: .crash, "no-eligible-filesystem: no ext3, ext4 or XFS mount to freeze")
         }

@@ -129,3 +129,23 @@ extension Quiesce_Plugin_V1_HookFact {
         }
     }
 }
+
+extension Quiesce_Plugin_V1_InstanceFacts {
+    /// Why nothing can be frozen on this instance whatever its mounts — the thaw guard
+    /// is not running, the agent does not offer fsfreeze, or `only` names a mount the
+    /// instance does not have — as "code: detail" (the plan is then crash-consistent),
+    /// or nil.
+    public func freezeBlocker(only: Set<String> = []) -> String? {
+        if !self.guardReady {
+            return "guard-missing: the agent's thaw guard is not running, and nothing is frozen without it"
+        }
+        if !self.capabilities.isEmpty && !self.capabilities.contains("fsfreeze") {
+            return "agent-cannot-freeze: the agent does not offer fsfreeze (it offers \(self.capabilities.joined(separator: ", ")))"
+        }
+        let missing = only.subtracting(self.mounts.map(\.mountPoint))
+        if !missing.isEmpty {
+            return "mount-not-found: only_mounts names \(missing.sorted().joined(separator: ", ")), which the instance does not have"
+        }
+        return nil
+    }
+}
