@@ -313,9 +313,9 @@ public struct PlanRunner: Sendable {
                 $0.maxHoldMs = UInt32(self.budget.milliseconds)
             }, on: self.instanceID, deadline: timeout + slack)
             guard reply.isOK, let hold = reply.payload, hold.ready else {
-                // The agent quotes the hook's output after "output: ".
+                // The agent quotes the hook's output after "output: " (or "Output: ").
                 let output = reply.payload.map { payload -> Substring in
-                    guard let range = payload.detail.range(of: "output: ", options: .backwards) else { return Substring(payload.detail) }
+                    guard let range = payload.detail.range(of: "output: ", options: [.backwards, .caseInsensitive]) else { return Substring(payload.detail) }
                     return payload.detail[range.upperBound...]
                 }
                 return .init(ok: false, detail: reply.payload.map { "\($0.refusal == .none ? "not-ready" : $0.refusal.reasonCode): \($0.detail)" }
