@@ -187,6 +187,17 @@ def main():
             print(f"{name:44} {len(v):>5} {pct(v, .5):>8.2f} ms {pct(v, .99):>6.2f} ms {max(v):>6.2f} ms")
         print(f"one-shot runs waited for the agent to dial in: p50 {pct(waits, .5) / 1000:.2f} s, max {max(waits) / 1000:.2f} s "
               f"(quiesce-agent --reconnect-max-known, default 2 s)")
+        # Where the product's window goes, from the catalog (engine clock; .agent: the agent's share; .kernel: the guard's FIFREEZE).
+        import sqlite3
+        db = sqlite3.connect(f"{w}/catalog.db")
+        steps = {}
+        for (timings,) in db.execute("SELECT step_timings_us FROM snapshot_groups WHERE run_id LIKE 'engine-%'"):
+            for step, us in json.loads(timings).items():
+                steps.setdefault(step, []).append(us / 1000)
+        db.close()
+        order = ["freeze", "freeze.agent", "freeze.kernel", "snapshot", "thaw", "thaw.agent"]
+        print("quiesce backup --engine, p50 / p99 ms: " + ", ".join(
+            f"{k} {pct(steps[k], .5):.2f} / {pct(steps[k], .99):.2f}" for k in order if k in steps))
         f50, f99 = pct(expedited, .5), pct(expedited, .99)
         p50, p99 = pct(engine, .5), pct(engine, .99)
         targets = [("frozen p50 <= floor p50 + 1 ms", p50, f50 + 1), ("frozen p99 <= floor p99 + 2 ms", p99, f99 + 2)]
