@@ -271,11 +271,11 @@ def main():
             try:
                 a, b = copy.query("SELECT a.n, b.n FROM app.pair_a a JOIN app.pair_b b ON a.id = b.id").split("\t")
                 pair = "equal" if a == b else f"{a} vs {b}"
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError):
                 pair = "unreadable"
             try:
                 restored_max = copy.query("SELECT MAX(n) FROM app.counter")
-            except RuntimeError as e:
+            except RuntimeError:
                 restored_max = "unreadable"
             log = copy.log()
             recovery = []

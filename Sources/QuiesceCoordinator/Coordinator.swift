@@ -339,10 +339,10 @@ public final class Coordinator: Sendable {
                      steps: [PlanOutcome.StepRecord]) async -> (any Error)? {
         var timings: [String: UInt64] = [:]
         for step in steps {
-            timings[step.id, default: 0] += UInt64(max(step.elapsed.microseconds, 0))
-            // The agent's and the kernel's shares, for the breakdown (bench-fleet, `quiesce show`).
-            if let agent = step.agent { timings[step.id + ".agent", default: 0] += UInt64(max(agent.microseconds, 0)) }
-            if let kernel = step.kernel { timings[step.id + ".kernel", default: 0] += UInt64(max(kernel.microseconds, 0)) }
+            // With the agent's and the kernel's shares, for the breakdown (bench-fleet, `quiesce show`).
+            for (key, time) in [(step.id, step.elapsed), (step.id + ".agent", step.agent), (step.id + ".kernel", step.kernel)] {
+                if let time { timings[key, default: 0] += UInt64(max(time.microseconds, 0)) }
+            }
         }
         let record = GroupRecord(
             id: group.id, runID: runID, instanceID: outcome.instanceID, provider: group.provider, providerGroupID: group.id,

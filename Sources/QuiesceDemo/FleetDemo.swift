@@ -74,6 +74,9 @@ public struct FleetDemo: Sendable {
         let directory = "/tmp/quiesce-demo-\(getpid())"
         let system = System()
         let stack = Teardown()
+        func removeDirectories() {
+            for path in [directory, Self.ramDirectory] { try? FileManager.default.removeItem(atPath: path) }
+        }
         do {
             let result = try await self.body(system: system, directory: directory, stack: stack)
             await stack.run()
@@ -82,16 +85,12 @@ public struct FleetDemo: Sendable {
             guard left.isEmpty else {
                 throw CommandError(text: "could not undo \(left.joined(separator: ", ")); \(directory) is left in place")
             }
-            try? FileManager.default.removeItem(atPath: directory)
-            try? FileManager.default.removeItem(atPath: Self.ramDirectory)
+            removeDirectories()
             return result
         } catch {
             await stack.run()
             let left = (try? await system.blocking { system.cleanUp() }) ?? []
-            if left.isEmpty {
-                try? FileManager.default.removeItem(atPath: directory)
-                try? FileManager.default.removeItem(atPath: Self.ramDirectory)
-            }
+            if left.isEmpty { removeDirectories() }
             else { self.progress("could not undo \(left.joined(separator: ", ")); \(directory) is left in place") }
             throw error
         }

@@ -205,10 +205,13 @@ struct FleetRun: AsyncParsableCommand {
         engine.shutdown()
         _ = try? await engineTask.value
 
+        // Nearest rank: the smallest value with at least p of the samples at or below it (nan when there are none).
+        func rank(_ sorted: [Double], _ p: Double) -> Double {
+            sorted.isEmpty ? .nan : sorted[max(0, Int((Double(sorted.count) * p).rounded(.up)) - 1)]
+        }
         func percentiles(_ values: [Double]) -> (Double) -> String {
             let sorted = values.sorted()
-            // Nearest rank: the smallest value with at least p of the samples at or below it.
-            return { p in sorted.isEmpty ? "-" : String(format: "%.2f", sorted[max(0, Int((Double(sorted.count) * p).rounded(.up)) - 1)]) }
+            return { p in sorted.isEmpty ? "-" : String(format: "%.2f", rank(sorted, p)) }
         }
         // Where the time goes: each step's p50/p99 over the run's groups (engine clock).
         let groups = (1...rounds).flatMap { (try? catalog.groups(GroupFilter(runID: "bench-\(count)-\($0)"))) ?? [] }
@@ -246,9 +249,6 @@ struct FleetRun: AsyncParsableCommand {
         let breakdown = ["freeze", "freeze.agent", "freeze.kernel", "snapshot", "thaw", "thaw.agent"].map { step in
             perStep[step].map { percentiles($0)(0.5) } ?? "-"
         } + [pct(0.5)]
-        func value(_ p: Double) -> Double {
-            frozen.isEmpty ? .nan : frozen[max(0, Int((Double(frozen.count) * p).rounded(.up)) - 1)]
-        }
-        return Measured(count: count, row: row, frozenP50: value(0.5), frozenP99: value(0.99), breakdown: breakdown)
+        return Measured(count: count, row: row, frozenP50: rank(frozen, 0.5), frozenP99: rank(frozen, 0.99), breakdown: breakdown)
     }
 }

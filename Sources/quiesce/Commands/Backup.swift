@@ -236,12 +236,12 @@ final class RunPrinter: @unchecked Sendable {
         case .waitingForAgents(let missing, let wait):
             self.emit(["event": "waiting", "missing": missing, "wait_s": wait.components.seconds],
                       text: "quiesce: waiting up to \(wait.components.seconds) s for \(missing.count) agent(s): "
-                          + "\(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? ", …" : "")")
+                          + Self.someOf(missing))
         case .agentsWaited(let waited, let arrived, let missing):
             let seconds = String(format: "%.2f", waited.timeInterval)
             self.emit(["event": "agents", "waited_ms": waited.milliseconds, "arrived": arrived, "missing": missing],
                       text: "quiesce: \(arrived) agent(s) connected after \(seconds) s"
-                          + (missing.isEmpty ? "" : "; still missing: \(missing.prefix(5).joined(separator: ", "))\(missing.count > 5 ? ", …" : "")"))
+                          + (missing.isEmpty ? "" : "; still missing: " + Self.someOf(missing)))
         case .instanceStarted(let id):
             if self.json { Self.printJSON(["event": "started", "instance": id]) }
             progress?.instanceStarted()
@@ -269,6 +269,11 @@ final class RunPrinter: @unchecked Sendable {
 
     func emit(_ value: [String: Any], text: String) {
         if self.json { Self.printJSON(value) } else { OutputQueue.standardError.write(text + "\n") }
+    }
+
+    /// The first five instance ids, then "…" when there are more.
+    static func someOf(_ ids: [String]) -> String {
+        ids.prefix(5).joined(separator: ", ") + (ids.count > 5 ? ", …" : "")
     }
 
     static func printJSON(_ value: [String: Any]) {
