@@ -34,6 +34,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
     ],
     targets: [
         // Types, levels, versions and errors. No I/O.
@@ -82,6 +83,24 @@ let package = Package(
             name: "QuiesceLocalProvider",
             dependencies: ["QuiesceCore", "CQuiesceLinux", .product(name: "Crypto", package: "swift-crypto")]
         ),
+        // The `ec2` snapshot provider: the EC2 Query API signed with SigV4 (our own code on
+        // swift-crypto), over async-http-client; credentials as every AWS tool reads them.
+        .target(
+            name: "QuiesceEC2",
+            dependencies: [
+                "QuiesceCore",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        // Every provider kind in one place: each parses and checks its own fleet-file
+        // block and builds `any SnapshotProvider`; also the in-memory provider.
+        .target(
+            name: "QuiesceProviders",
+            dependencies: ["QuiesceCore", "QuiesceFleet", "QuiesceLocalProvider", "QuiesceEC2", "QuiesceCatalog"]
+        ),
         // The catalog: every run, group, disk snapshot, level and reason (SQLite via GRDB).
         .target(
             name: "QuiesceCatalog",
@@ -91,7 +110,7 @@ let package = Package(
         // (list, show, restore, prune, verify).
         .target(
             name: "QuiesceInventory",
-            dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceLocalProvider"]
+            dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceLocalProvider", "QuiesceProviders"]
         ),
         // The engine's CA: key pairs, certificates, on-disk layout.
         .target(
@@ -143,7 +162,7 @@ let package = Package(
             name: "QuiesceCoordinator",
             dependencies: [
                 "QuiesceCore", "QuiesceEngine", "QuiesceFleet", "QuiescePlugins", "QuiescePluginProto", "QuiesceCatalog",
-                "QuiesceLocalProvider", "QuiesceProto",
+                "QuiesceLocalProvider", "QuiesceProto", "QuiesceProviders",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -161,7 +180,7 @@ let package = Package(
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceWire", "QuiesceDemo", "QuiesceInventory",
                 "QuiesceCatalog", "QuiesceLocalProvider", "QuiescePlugins", "QuiescePluginProto", "QuiesceProto", "QuiesceFleet",
-                "QuiesceCoordinator",
+                "QuiesceCoordinator", "QuiesceProviders", "QuiesceEC2",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -210,9 +229,14 @@ let package = Package(
             dependencies: [
                 "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire", "QuiesceEngine", "QuiesceAgent", "QuiesceTestSupport",
                 "QuiescePlugins", "QuiescePluginProto", "QuiesceCoordinator", "QuiesceFleet", "QuiesceCatalog", "QuiesceLocalProvider",
+                "QuiesceProviders",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]
+        ),
+        .testTarget(
+            name: "QuiesceProvidersTests",
+            dependencies: ["QuiesceCore", "QuiesceEC2", "QuiesceProviders", "QuiesceFleet", "QuiesceCatalog"]
         ),
         .testTarget(
             name: "QuiesceAgentTests",

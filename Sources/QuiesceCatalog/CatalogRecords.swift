@@ -53,7 +53,10 @@ public struct GroupRecord: Sendable, Codable, Hashable {
     public var id: String
     public var runID: String?
     public var instanceID: String
+    /// The fleet's name for the provider that holds the group ("aws", "pool").
     public var provider: String
+    /// Its kind ("ec2", "local").
+    public var providerKind: String
     public var providerGroupID: String
     public var idempotencyToken: String
     public var wantedLevel: ConsistencyLevel
@@ -73,8 +76,9 @@ public struct GroupRecord: Sendable, Codable, Hashable {
     public init(id: String, runID: String?, instanceID: String, provider: String, providerGroupID: String, idempotencyToken: String,
                 wantedLevel: ConsistencyLevel, achievedLevel: ConsistencyLevel, reasons: [Reason], state: SnapshotState,
                 createdAt: Date, frozenUs: UInt64? = nil, applicationStallUs: UInt64? = nil, stepTimingsUs: [String: UInt64] = [:],
-                tags: [String: String] = [:], disks: [DiskSnapshot]) {
+                tags: [String: String] = [:], disks: [DiskSnapshot], providerKind: String? = nil) {
         self.id = id
+        self.providerKind = providerKind ?? provider
         self.runID = runID
         self.instanceID = instanceID
         self.provider = provider
@@ -163,6 +167,31 @@ public protocol CatalogStore: Sendable {
     func record(_ instance: InstanceRecord) throws
     /// The instances of a run, by id.
     func instances(ofRun runID: String) throws -> [InstanceRecord]
+    /// Remembers how a fleet provider was configured (never its secrets), so that
+    /// `quiesce snapshots|restore|prune|verify` reach its groups without the fleet file.
+    func recordProvider(_ provider: ProviderRecord) throws
+    func providers() throws -> [ProviderRecord]
+}
+
+extension CatalogStore {
+    public func recordProvider(_ provider: ProviderRecord) throws {}
+    public func providers() throws -> [ProviderRecord] { [] }
+}
+
+/// A fleet provider as the catalog remembers it: name, kind and the settings
+/// that locate it (a pool's path; a region, a profile name, an endpoint). Credentials are never among them.
+public struct ProviderRecord: Sendable, Codable, Hashable {
+    public var name: String
+    public var kind: String
+    public var settings: [String: String]
+    public var updatedAt: Date
+
+    public init(name: String, kind: String, settings: [String: String], updatedAt: Date = Date()) {
+        self.name = name
+        self.kind = kind
+        self.settings = settings
+        self.updatedAt = updatedAt
+    }
 }
 
 /// Identifies a process across pid reuse: its start time in clock ticks since boot.

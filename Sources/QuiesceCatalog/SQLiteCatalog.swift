@@ -98,6 +98,20 @@ public final class SQLiteCatalog: CatalogStore {
                 );
                 """)
         }
+        migrator.registerMigration("v3: provider names and kinds") { db in
+            // `provider` holds the fleet's provider name from now on; rows from before
+            // hold the kind there, which is also the name the CLI gives a pool it opens.
+            try db.execute(sql: """
+                ALTER TABLE snapshot_groups ADD COLUMN provider_kind TEXT;
+                UPDATE snapshot_groups SET provider_kind = provider WHERE provider_kind IS NULL;
+                CREATE TABLE providers (
+                  name TEXT PRIMARY KEY,
+                  kind TEXT NOT NULL,
+                  settings TEXT NOT NULL,
+                  updated_at REAL NOT NULL
+                );
+                """)
+        }
         return migrator
     }
 
@@ -169,20 +183,20 @@ public final class SQLiteCatalog: CatalogStore {
             try db.execute(sql: """
                 INSERT INTO snapshot_groups
                   (id, run_id, instance_id, provider, provider_group_id, idempotency_token, wanted_level, achieved_level,
-                   reasons, state, created_at, frozen_us, application_stall_us, step_timings_us, tags)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   reasons, state, created_at, frozen_us, application_stall_us, step_timings_us, tags, provider_kind)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT(id) DO UPDATE SET
                   run_id = excluded.run_id, instance_id = excluded.instance_id, provider = excluded.provider,
                   provider_group_id = excluded.provider_group_id, idempotency_token = excluded.idempotency_token,
                   wanted_level = excluded.wanted_level, achieved_level = excluded.achieved_level, reasons = excluded.reasons,
                   state = excluded.state, created_at = excluded.created_at, frozen_us = excluded.frozen_us,
                   application_stall_us = excluded.application_stall_us, step_timings_us = excluded.step_timings_us,
-                  tags = excluded.tags
+                  tags = excluded.tags, provider_kind = excluded.provider_kind
                 """, arguments: [
                     group.id, group.runID, group.instanceID, group.provider, group.providerGroupID, group.idempotencyToken,
                     group.wantedLevel.name, group.achievedLevel.name, try Self.json(group.reasons), group.state.rawValue,
                     group.createdAt.timeIntervalSince1970, group.frozenUs.map(Int64.init), group.applicationStallUs.map(Int64.init),
-                    try Self.json(group.stepTimingsUs), try Self.json(group.tags),
+                    try Self.json(group.stepTimingsUs), try Self.json(group.tags), group.providerKind,
                 ])
             for (position, disk) in group.disks.enumerated() {
                 try db.execute(sql: """
@@ -269,7 +283,27 @@ public final class SQLiteCatalog: CatalogStore {
             reasons: try Self.decode([Reason].self, row["reasons"]), state: SnapshotState(rawValue: row["state"]) ?? .failed,
             createdAt: Date(timeIntervalSince1970: row["created_at"]), frozenUs: frozen.map(UInt64.init),
             applicationStallUs: stall.map(UInt64.init), stepTimingsUs: try Self.decode([String: UInt64].self, row["step_timings_us"]),
-            tags: try Self.decode([String: String].self, row["tags"]), disks: disks)
+            tags: try Self.decode([String: String].self, row["tags"]), disks: disks, providerKind: row["provider_kind"])
+    }
+
+    // MARK: providers
+
+    public func recordProvider(_ provider: ProviderRecord) throws {
+        try self.write { db in
+            try db.execute(sql: """
+                INSERT INTO providers (name, kind, settings, updated_at) VALUES (?, ?, ?, ?)
+                ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, settings = excluded.settings, updated_at = excluded.updated_at
+                """, arguments: [provider.name, provider.kind, try Self.json(provider.settings), provider.updatedAt.timeIntervalSince1970])
+        }
+    }
+
+    public func providers() throws -> [ProviderRecord] {
+        try self.database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM providers ORDER BY name").map { row in
+                ProviderRecord(name: row["name"], kind: row["kind"], settings: try Self.decode([String: String].self, row["settings"]),
+                               updatedAt: Date(timeIntervalSince1970: row["updated_at"]))
+            }
+        }
     }
 
     // MARK: helpers

@@ -5,6 +5,7 @@ import QuiesceEngine
 import QuiesceFleet
 import QuiescePluginProto
 import QuiescePlugins
+import QuiesceProviders
 import Synchronization
 
 /// What happened to one instance in a run.
@@ -36,6 +37,8 @@ public enum RunEvent: Sendable {
     case waitingForAgents(missing: [String], wait: Duration)
     /// The wait for agents is over: how long it took, and who is still missing (they are backed up without an agent, or fail).
     case agentsWaited(waited: Duration, arrived: Int, missing: [String])
+    /// A provider's check before anything was frozen: every item, passed or not.
+    case providerChecked(provider: String, kind: String, items: [ProviderCheckItem])
     case instanceStarted(String)
     case instanceFinished(InstanceOutcome)
 }
@@ -71,9 +74,12 @@ public final class Coordinator: Sendable {
     public struct Provider: Sendable {
         public var provider: any SnapshotProvider
         public var bucket: TokenBucket
-        public init(provider: any SnapshotProvider, bucket: TokenBucket) {
+        /// How the catalog remembers it (name, kind, settings), so later commands reach its groups.
+        public var record: ProviderRecord?
+        public init(provider: any SnapshotProvider, bucket: TokenBucket, record: ProviderRecord? = nil) {
             self.provider = provider
             self.bucket = bucket
+            self.record = record
         }
     }
 
@@ -89,8 +95,17 @@ public final class Coordinator: Sendable {
     /// every instance's facts and plan would finish late together, the first provider slot
     /// would wait for all of them, and their CPU would stretch the freezes of the first ones.
     let planSlots: Slots
+    /// Why an instance may not start, from its provider's check before the run.
+    private let checkFailures = Mutex<[String: [String]]>([:])
+    /// How the coordinator waits between attempts; tests give a manual clock.
+    let sleep: @Sendable (Duration) async -> Void
+    /// Throttles (from prepare or create) an instance may see before it fails; they do not use up the policy's retries.
+    let throttleRetries: Int
 
-    public init(engine: Engine, plugins: PluginRegistry, providers: [String: Provider], catalog: (any CatalogStore)?, fleet: FleetFile) {
+    public init(engine: Engine, plugins: PluginRegistry, providers: [String: Provider], catalog: (any CatalogStore)?, fleet: FleetFile,
+                throttleRetries: Int = 12, sleep: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }) {
+        self.sleep = sleep
+        self.throttleRetries = throttleRetries
         self.engine = engine
         self.plugins = plugins
         self.providers = providers
@@ -126,6 +141,7 @@ public final class Coordinator: Sendable {
             agentWait = .now - waitBegan
             events(.agentsWaited(waited: agentWait, arrived: absent - missing.count, missing: missing.sorted()))
         }
+        await self.checkProviders(events: events)
         let limit = max(1, self.fleet.concurrency)
         let outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
             var results: [InstanceOutcome] = []
@@ -171,6 +187,28 @@ public final class Coordinator: Sendable {
         return report
     }
 
+    /// Records each provider the fleet uses in the catalog, then runs its check over its
+    /// instances before anything is frozen: a blocking failure of the provider itself
+    /// fails all of its instances, an instance's own failure fails that instance.
+    func checkProviders(events: @escaping @Sendable (RunEvent) -> Void) async {
+        for spec in self.fleet.providers {
+            let instances = self.fleet.instances.filter { $0.provider == spec.name }
+            guard !instances.isEmpty, let provider = self.providers[spec.name] else { continue }
+            if let record = provider.record { _ = await self.catalogWrite { try $0.recordProvider(record) } }
+            let items = await provider.provider.check(instances.map(ProviderKinds.target))
+            events(.providerChecked(provider: spec.name, kind: provider.provider.kind, items: items))
+            let failed = items.filter { !$0.ok && $0.blocking }
+            guard !failed.isEmpty else { continue }
+            self.checkFailures.withLock { failures in
+                for instance in instances {
+                    for item in failed where item.instanceID == nil || item.instanceID == instance.id {
+                        failures[instance.id, default: []].append("provider-check: \(spec.name) \(item.item): \(item.detail); nothing was frozen")
+                    }
+                }
+            }
+        }
+    }
+
     /// One instance, start to record. Never throws: every failure is an outcome with its reason.
     func backUp(_ instance: FleetFile.Instance, runID: String, agentWait: Duration) async -> InstanceOutcome {
         let started = ContinuousClock.now
@@ -200,6 +238,12 @@ public final class Coordinator: Sendable {
             outcome.reasons.append("provider-missing: provider \(instance.provider) is not configured")
             return outcome
         }
+        if let failures = self.checkFailures.withLock({ $0[instance.id] }) {
+            outcome.reasons = failures
+            return outcome
+        }
+        let target = ProviderKinds.target(instance)
+        let readyTimeout = ProviderKinds.readyTimeout(self.fleet.provider(named: instance.provider))
         // Without an agent nothing can be quiesced; a crash-consistent snapshot (an empty
         // plan: no guest action) is still taken when the policy accepts one.
         var withoutAgent: Plan?
@@ -235,8 +279,49 @@ public final class Coordinator: Sendable {
         }
 
         var backoff = Backoff(base: .milliseconds(200), cap: .seconds(5), floor: .milliseconds(50))
-        for attempt in 1...(policy.retries + 1) {
+        var attempt = 0
+        var failures = 0
+        var throttles = 0
+        /// After a provider error: true to try again (after a pause, nothing frozen), false to give up.
+        func retry(after error: ProviderError, step: String) async -> Bool {
+            if case .throttled(let after, _) = error {
+                await provider.bucket.throttled()
+                throttles += 1
+                guard throttles <= self.throttleRetries else { return false }
+                outcome.warnings.append("attempt \(attempt): provider throttled at \(step); retrying after the thaw: \(error)")
+                await self.sleep(max(backoff.next(), after ?? .zero))
+                return true
+            }
+            guard error.isRetryable, failures < policy.retries else { return false }
+            failures += 1
+            outcome.warnings.append("attempt \(attempt): provider \(error) at \(step); retrying after the thaw")
+            await self.sleep(backoff.next())
+            return true
+        }
+        let token = "\(runID)/\(instance.id)"
+        while true {
+            attempt += 1
             outcome.attempts = attempt
+            // Before anything is frozen: the group's disks, and a group this token already made.
+            let prepared: PreparedGroup
+            do {
+                prepared = try await provider.provider.prepare(target, token: token)
+            } catch let error as ProviderError {
+                if await retry(after: error, step: "prepare") { continue }
+                outcome.reasons = ["provider-failed: \(error); nothing was frozen"]
+                return outcome
+            } catch {
+                outcome.reasons = ["provider-failed: \(error); nothing was frozen"]
+                return outcome
+            }
+            outcome.disks = prepared.disks.count
+            if let existing = prepared.existing {
+                switch await self.adopt(existing, prepared: prepared, instance: instance, policy: policy, provider: provider, runID: runID,
+                                        token: token, attempt: attempt, into: &outcome) {
+                case .done: return outcome
+                case .discarded: break
+                }
+            }
             let plan: Plan
             do {
                 if let withoutAgent {
@@ -252,18 +337,18 @@ public final class Coordinator: Sendable {
             }
             // The provider slot first: a queue at the provider never lengthens a freeze.
             await provider.bucket.acquire()
-            let token = "\(runID)/\(instance.id)"
             let created = Created()
             let tags = ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name]
             let runner = PlanRunner(engine: self.engine, instanceID: instance.id, policy: planPolicy, freezeID: "\(runID)-\(attempt)")
             // A quiescing plan waits for one of the run's max_frozen slots, unfrozen, like for a token.
             let quiesces = (plan.prepare + plan.quiesce).contains { $0.blocking }
+            let request = CreateGroupRequest(
+                disks: prepared.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)",
+                instance: target.providerInstance, excludeBoot: target.excludeBoot)
             let run = {
                 await runner.run(plan) {
                     do {
-                        let group = try await provider.provider.createGroup(CreateGroupRequest(
-                            disks: instance.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)"))
-                        created.set(group)
+                        created.set(try await provider.provider.createGroup(request))
                     } catch let error as ProviderError {
                         created.setError(error)
                         throw error
@@ -272,20 +357,20 @@ public final class Coordinator: Sendable {
             }
             let result = quiesces ? await self.frozenSlots.holding(run) : await run()
             outcome.reasons = result.reasons
-            outcome.warnings = result.warnings
+            outcome.warnings += result.warnings
             outcome.stall = result.blocked
             outcome.frozen = result.frozen
             outcome.snapshot = result.steps.last { $0.phase == "snapshot" }?.elapsed
             outcome.metadata = result.metadata
             // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a pause.
-            if !result.snapshotTaken, let error = created.error, error.isRetryable, attempt <= policy.retries {
-                outcome.warnings.append("attempt \(attempt): provider \(error); retrying after the thaw")
-                try? await Task.sleep(for: backoff.next())
-                continue
+            if !result.snapshotTaken, let error = created.error {
+                if await retry(after: error, step: "create") { continue }
             }
             if let group = created.group, result.snapshotTaken {
+                await provider.bucket.succeeded()
                 outcome.achieved = result.achieved
                 outcome.groupID = group.id
+                outcome.disks = group.disks.count
                 // The provider calls after the thaw, timed like the plan's steps.
                 var after: [PlanOutcome.StepRecord] = []
                 func timed(_ id: String, _ call: () async throws -> Void) async -> (any Error)? {
@@ -298,17 +383,16 @@ public final class Coordinator: Sendable {
                 }
                 // The level tag only now: the thaw reply has proved it.
                 if let error = await timed("tag", {
-                    var tags = ["quiesce:level": result.achieved.name, "ConsistencyLevel": result.achieved.tagValue]
-                    for (key, value) in result.metadata { tags["quiesce:" + key] = value }
-                    _ = try await provider.provider.tag(group.id, tags)
+                    created.set(try await provider.provider.tag(group.id, Self.levelTags(result.achieved, reasons: result.reasons, metadata: result.metadata)))
                 }) {
                     outcome.warnings.append("tag-failed: the level tags of \(group.id) could not be written: \(error)")
                 }
-                if let error = await timed("provider-ready", { created.set(try await provider.provider.waitUntilReady(group.id, timeout: .seconds(600))) }) {
+                if let error = await timed("provider-ready", { created.set(try await provider.provider.waitUntilReady(group.id, timeout: readyTimeout)) }) {
                     outcome.warnings.append("not-ready: \(group.id) is still \(group.state.rawValue) at the provider: \(error)")
                 }
                 outcome.state = result.failed ? .failed : (result.achieved < policy.wanted ? .downgraded : .succeeded)
-                if let error = await self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy, steps: result.steps + after) {
+                if let error = await self.recordGroup(created.group!, outcome: outcome, runID: runID, token: token, policy: policy,
+                                                      providerName: instance.provider, steps: result.steps + after) {
                     outcome.warnings.append("catalog-write-failed: group \(group.id) is at the provider but not in the catalog: \(error)")
                 }
             } else {
@@ -316,7 +400,66 @@ public final class Coordinator: Sendable {
             }
             return outcome
         }
-        return outcome
+    }
+
+    /// The tags that say what a group proved: Quiesce's, the seed's, and AWS's own VSS tooling's (`AppConsistent`).
+    static func levelTags(_ level: ConsistencyLevel, reasons: [String], metadata: [String: String]) -> [String: String] {
+        var tags = ["quiesce:level": level.name, "ConsistencyLevel": level.tagValue, "AppConsistent": level == .application ? "true" : "false"]
+        if let reason = reasons.first { tags["quiesce:reason"] = String(reason.prefix(255)) }
+        for (key, value) in metadata { tags["quiesce:" + key] = value }
+        return tags
+    }
+
+    enum Adoption { case done, discarded }
+
+    /// A group this run's token already names (invariant 7: no duplicates). With a catalog row it
+    /// was finished: its outcome is the row's. Without one, an earlier attempt made it and its
+    /// record was lost: its level tag, when the thaw had proved one, is adopted; a group with no
+    /// level tag made by an attempt of this same run (a reply lost in the window) or holding
+    /// fewer disks than asked is deleted and made again, one from an earlier process is adopted
+    /// as crash-consistent, since nothing proves more.
+    func adopt(_ existing: SnapshotGroup, prepared: PreparedGroup, instance: FleetFile.Instance, policy: FleetFile.Policy,
+               provider: Provider, runID: String, token: String, attempt: Int, into outcome: inout InstanceOutcome) async -> Adoption {
+        let complete = Set(existing.disks.map(\.diskID)).isSuperset(of: prepared.disks)
+        if let row = try? self.catalog?.group(existing.id), complete {
+            outcome.achieved = row.achievedLevel
+            outcome.groupID = row.id
+            outcome.reasons = row.reasons.map { "\($0.code): \($0.message)" }
+            outcome.frozen = row.frozenUs.map { .microseconds(Int64($0)) }
+            outcome.stall = row.applicationStallUs.map { .microseconds(Int64($0)) }
+            outcome.warnings.append("already-done: group \(row.id) was made with this run's token; nothing new was taken")
+            outcome.state = row.achievedLevel < policy.wanted ? .downgraded : .succeeded
+            return .done
+        }
+        let level = existing.tags["quiesce:level"].flatMap(ConsistencyLevel.init(name:))
+        if !complete || (level == nil && attempt > 1) {
+            do {
+                try await provider.provider.delete(existing.id)
+                outcome.warnings.append("discarded: group \(existing.id) from attempt \(attempt - 1) "
+                    + (complete ? "had no proven level" : "held \(existing.disks.count) of \(prepared.disks.count) disks") + "; deleted, taken again")
+                return .discarded
+            } catch {
+                outcome.warnings.append("discard-failed: group \(existing.id) could not be deleted: \(error)")
+            }
+        }
+        let achieved = level ?? .crash
+        outcome.achieved = achieved
+        outcome.groupID = existing.id
+        outcome.reasons = level != nil
+            ? ["adopted: group \(existing.id) was made with this run's token by an earlier attempt whose record was lost; its level is from its tags"]
+            : ["adopted-unproven: group \(existing.id) was made with this run's token by an earlier process, which never recorded the level it proved; recorded crash-consistent"]
+        var group = existing
+        if level == nil, let tagged = try? await provider.provider.tag(existing.id, Self.levelTags(.crash, reasons: outcome.reasons, metadata: [:])) {
+            group = tagged
+        }
+        if let ready = try? await provider.provider.waitUntilReady(existing.id, timeout: ProviderKinds.readyTimeout(self.fleet.provider(named: instance.provider))) {
+            group = ready
+        }
+        outcome.state = achieved < policy.minimum ? .failed : achieved < policy.wanted ? .downgraded : .succeeded
+        if let error = await self.recordGroup(group, outcome: outcome, runID: runID, token: token, policy: policy, providerName: instance.provider, steps: []) {
+            outcome.warnings.append("catalog-write-failed: group \(group.id) is at the provider but not in the catalog: \(error)")
+        }
+        return .done
     }
 
     /// Writes to the catalog on a thread of its own and says what failed, if
@@ -336,7 +479,7 @@ public final class Coordinator: Sendable {
     }
 
     func recordGroup(_ group: SnapshotGroup, outcome: InstanceOutcome, runID: String, token: String, policy: FleetFile.Policy,
-                     steps: [PlanOutcome.StepRecord]) async -> (any Error)? {
+                     providerName: String, steps: [PlanOutcome.StepRecord]) async -> (any Error)? {
         var timings: [String: UInt64] = [:]
         for step in steps {
             // With the agent's and the kernel's shares, for the breakdown (bench-fleet, `quiesce show`).
@@ -345,12 +488,12 @@ public final class Coordinator: Sendable {
             }
         }
         let record = GroupRecord(
-            id: group.id, runID: runID, instanceID: outcome.instanceID, provider: group.provider, providerGroupID: group.id,
+            id: group.id, runID: runID, instanceID: outcome.instanceID, provider: providerName, providerGroupID: group.id,
             idempotencyToken: token, wantedLevel: policy.wanted, achievedLevel: outcome.achieved ?? .crash,
             reasons: outcome.reasons.map(Self.reason), state: group.state, createdAt: group.createdAt,
             frozenUs: outcome.frozen.map { UInt64(max($0.microseconds, 0)) },
             applicationStallUs: outcome.stall.map { UInt64(max($0.microseconds, 0)) },
-            stepTimingsUs: timings, tags: group.tags, disks: group.disks)
+            stepTimingsUs: timings, tags: group.tags, disks: group.disks, providerKind: group.provider)
         return await self.catalogWrite { try $0.record(record) }
     }
 

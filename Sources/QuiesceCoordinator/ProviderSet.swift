@@ -1,46 +1,56 @@
 import Foundation
 import QuiesceCore
 import QuiesceFleet
-import QuiesceLocalProvider
+import QuiesceProviders
 import Synchronization
 
-/// The providers an engine's runs use, one per pool and rate limit. Shared by
-/// every run of one engine, so two runs against the same pool take their slots
-/// from the same token bucket instead of each getting a full burst.
+/// The providers an engine's runs use, one per configuration and rate limit.
+/// Shared by every run of one engine, so two runs against the same pool or the
+/// same EC2 account take their slots from the same token bucket instead of each
+/// getting a full burst. Providers are built by ``ProviderKinds``.
 public final class ProviderSet: Sendable {
     private struct Key: Hashable {
         var kind: String
-        var pool: String
+        var settings: [String: String]
         var burst: Int
         var perSecond: Double
     }
 
     private let cache = Mutex<[Key: Coordinator.Provider]>([:])
+    private let environment: [String: String]
 
-    public init() {}
+    public init(environment: [String: String] = ProcessInfo.processInfo.environment) { self.environment = environment }
 
     /// The fleet's providers by name.
-    /// - Throws: `FleetFileError` naming the file, line and provider when a pool cannot be opened.
+    /// - Throws: `FleetFileError` naming the file, line and provider when one cannot be built
+    ///   (a pool that cannot be opened, no AWS credentials or region).
     public func providers(for fleet: FleetFile) throws -> [String: Coordinator.Provider] {
         var result: [String: Coordinator.Provider] = [:]
         var problems: [FleetProblem] = []
         for spec in fleet.providers {
-            let key = Key(kind: spec.kind, pool: spec.pool, burst: spec.burst, perSecond: spec.perSecond)
-            if let known = self.cache.withLock({ $0[key] }) {
+            let key = Key(kind: spec.kind, settings: spec.settings.mapValues(\.text), burst: spec.burst, perSecond: spec.perSecond)
+            if var known = self.cache.withLock({ $0[key] }) {
+                known.record = ProviderKinds.record(spec)
                 result[spec.name] = known
                 continue
             }
             do {
-                let provider = try LocalProvider(pool: spec.pool, createBurst: spec.burst, createsPerSecond: spec.perSecond)
-                let made = Coordinator.Provider(provider: provider, bucket: TokenBucket(burst: spec.burst, perSecond: spec.perSecond))
+                let provider = try ProviderKinds.make(spec, environment: self.environment)
+                let made = Coordinator.Provider(provider: provider, bucket: TokenBucket(burst: spec.burst, perSecond: spec.perSecond),
+                                                record: ProviderKinds.record(spec))
                 result[spec.name] = self.cache.withLock { cache in
-                    if let raced = cache[key] { return raced }
+                    if var raced = cache[key] {
+                        raced.record = made.record
+                        return raced
+                    }
                     cache[key] = made
                     return made
                 }
             } catch {
-                problems.append(FleetProblem(file: fleet.path, line: spec.line, column: 0, field: "providers.\(spec.name).pool",
-                                             message: "cannot open the pool \(spec.pool): \(error)"))
+                let field = spec.kind == "local" ? "providers.\(spec.name).pool" : "providers.\(spec.name)"
+                let detail = (error as? ProviderError).map { "\($0)" } ?? "\(error)"
+                problems.append(FleetProblem(file: fleet.path, line: spec.line, column: 0, field: field,
+                                             message: spec.kind == "local" ? "cannot open the pool \(spec.pool): \(detail)" : detail))
             }
         }
         if !problems.isEmpty { throw FleetFileError(problems: problems) }

@@ -4,9 +4,21 @@ import QuiesceCore
 /// A provider's rate limit: `burst` creates at once, `perSecond` sustained.
 /// A slot is taken *before* anything is frozen (invariant 4), so a queue at the
 /// provider never lengthens a freeze.
+///
+/// The rate adapts to what the provider says (AIMD, as TCP does): each throttle
+/// halves it and empties the bucket, each create that goes through adds a tenth
+/// of the configured rate back, up to the configured rate. A fleet file's rate
+/// that is higher than what the account really has (other tools share EC2's
+/// limits) then costs a few throttles, not failed instances.
 public actor TokenBucket {
     public let burst: Double
-    public let perSecond: Double
+    /// The configured sustained rate.
+    public let configuredPerSecond: Double
+    /// The rate now: the configured one, or less after throttles.
+    public private(set) var perSecond: Double
+    /// Throttles reported, and the lowest rate they brought it to.
+    public private(set) var throttles = 0
+    public private(set) var lowestPerSecond: Double
     private var tokens: Double
     private var updated: ContinuousClock.Instant
     /// Callers waiting, in order (fair: first come, first served).
@@ -16,6 +28,8 @@ public actor TokenBucket {
     public init(burst: Int, perSecond: Double) {
         self.burst = Double(max(burst, 1))
         self.perSecond = max(perSecond, 0.001)
+        self.configuredPerSecond = max(perSecond, 0.001)
+        self.lowestPerSecond = max(perSecond, 0.001)
         self.tokens = Double(max(burst, 1))
         self.updated = .now
     }
@@ -60,6 +74,22 @@ public actor TokenBucket {
             try? await Task.sleep(for: .microseconds(Int64(wait * 1_000_000) + 1))
         }
         self.draining = false
+    }
+
+    /// The provider throttled a call: halve the rate (not below 1/20 of the configured one) and spend what is in the bucket.
+    public func throttled() {
+        self.refill()
+        self.throttles += 1
+        self.perSecond = max(self.configuredPerSecond / 20, self.perSecond / 2)
+        self.lowestPerSecond = min(self.lowestPerSecond, self.perSecond)
+        self.tokens = min(self.tokens, 0)
+    }
+
+    /// A call went through: add a tenth of the configured rate back.
+    public func succeeded() {
+        guard self.perSecond < self.configuredPerSecond else { return }
+        self.refill()
+        self.perSecond = min(self.configuredPerSecond, self.perSecond + self.configuredPerSecond / 10)
     }
 
     private func refill() {

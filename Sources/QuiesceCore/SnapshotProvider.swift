@@ -35,12 +35,74 @@ public struct CreateGroupRequest: Sendable, Hashable {
     /// the existing group instead of making another (invariant 7).
     public var idempotencyToken: String
     public var description: String
+    /// The provider's own instance id (an EC2 instance id), when the whole
+    /// instance is snapshotted as one group by the provider (EC2 CreateSnapshots,
+    /// ECS CreateSnapshotGroup); `disks` then lists what it was resolved to.
+    public var instance: String?
+    /// With `instance`: leave its boot disk out.
+    public var excludeBoot: Bool
 
-    public init(disks: [String], tags: [String: String] = [:], idempotencyToken: String, description: String = "") {
+    public init(disks: [String], tags: [String: String] = [:], idempotencyToken: String, description: String = "", instance: String? = nil,
+                excludeBoot: Bool = false) {
         self.disks = disks
         self.tags = tags
         self.idempotencyToken = idempotencyToken
         self.description = description
+        self.instance = instance
+        self.excludeBoot = excludeBoot
+    }
+}
+
+/// What one fleet instance points at in its provider.
+public struct ProviderTarget: Sendable, Hashable {
+    /// The fleet's instance id (web-1).
+    public var instanceID: String
+    /// The provider's instance id (i-0abc…), when the fleet file names one.
+    public var providerInstance: String?
+    /// Disk ids the fleet file lists; empty with `providerInstance`: every disk attached to it.
+    public var disks: [String]
+    public var excludeBoot: Bool
+    public var excludeDisks: [String]
+
+    public init(instanceID: String, providerInstance: String? = nil, disks: [String], excludeBoot: Bool = false, excludeDisks: [String] = []) {
+        self.instanceID = instanceID
+        self.providerInstance = providerInstance
+        self.disks = disks
+        self.excludeBoot = excludeBoot
+        self.excludeDisks = excludeDisks
+    }
+}
+
+/// One line of a provider's check: what was checked, whether it passed, and
+/// what is missing when it did not ("ec2:CreateSnapshots is not allowed").
+public struct ProviderCheckItem: Sendable, Hashable, Codable {
+    /// The fleet instance the item is about, or nil for the provider itself (credentials, permissions).
+    public var instanceID: String?
+    public var item: String
+    public var ok: Bool
+    public var detail: String
+    /// False for what only some commands need (prune's delete, restore's create):
+    /// a run still starts when such an item fails; `quiesce check` reports it.
+    public var blocking: Bool
+
+    public init(instanceID: String? = nil, item: String, ok: Bool, detail: String, blocking: Bool = true) {
+        self.instanceID = instanceID
+        self.item = item
+        self.ok = ok
+        self.detail = detail
+        self.blocking = blocking
+    }
+}
+
+/// What a provider found before a freeze: the disks the group will hold, and a
+/// group an earlier attempt already made with the same token (to adopt, not duplicate).
+public struct PreparedGroup: Sendable, Hashable {
+    public var disks: [String]
+    public var existing: SnapshotGroup?
+
+    public init(disks: [String], existing: SnapshotGroup? = nil) {
+        self.disks = disks
+        self.existing = existing
     }
 }
 
@@ -111,8 +173,9 @@ public struct SnapshotGroup: Sendable, Codable, Hashable {
 
 /// Where a restore puts the data.
 public enum RestoreTarget: Sendable, Hashable {
-    /// A new disk with this id.
-    case newDisk(String)
+    /// A new disk with this name (for a cloud: a new volume, named by a tag, in
+    /// `zone` or the source disk's zone).
+    case newDisk(String, zone: String? = nil)
     /// Over the original disk, which nothing may have attached.
     case inPlace
 }
@@ -163,4 +226,26 @@ public protocol SnapshotProvider: Sendable {
     func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String
     /// Adds (or replaces) tags on a group: the level tag is set once the thaw reply has proved it.
     func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup
+
+    /// Checks, before anything is frozen, everything a run of `targets` needs:
+    /// credentials, permissions, that each instance and its disks exist and are
+    /// attached, the provider's own limits. Returns every item, passed or not.
+    func check(_ targets: [ProviderTarget]) async -> [ProviderCheckItem]
+    /// Before a freeze: the disks of `target`'s group, and the group `token` already names, if any.
+    func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup
+}
+
+extension SnapshotProvider {
+    /// Providers without an outside service: nothing to check but the disk list's length.
+    public func check(_ targets: [ProviderTarget]) async -> [ProviderCheckItem] {
+        targets.filter { $0.disks.count > self.capabilities.maxDisksPerGroup }.map {
+            ProviderCheckItem(instanceID: $0.instanceID, item: "disks", ok: false,
+                              detail: "a group holds at most \(self.capabilities.maxDisksPerGroup) disks, found \($0.disks.count)")
+        }
+    }
+
+    /// The fleet file's disks, and the group tagged with `token`.
+    public func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup {
+        PreparedGroup(disks: target.disks, existing: try await self.list(tags: ["quiesce:token": token]).first)
+    }
 }

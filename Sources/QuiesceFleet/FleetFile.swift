@@ -9,6 +9,7 @@ import Yams
 ///
 ///     providers:
 ///       pool: { kind: local, pool: /var/lib/quiesce/pool, burst: 20, per_second: 50 }
+///       aws: { kind: ec2, region: us-east-1, profile: prod }
 ///     policies:
 ///       app:
 ///         plugin: linux-freeze
@@ -19,15 +20,29 @@ import Yams
 ///         options: { skip_mounts: [/boot/efi] }
 ///     instances:
 ///       - { id: web-1, policy: app, provider: pool, disks: [web-1-root, web-1-data] }
+///       - { id: db-1, policy: app, provider: aws, ec2_instance: i-0abc12345def67890, exclude_boot_volume: true }
 ///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, planning: 2 }
 public struct FleetFile: Sendable {
     public struct Provider: Sendable, Equatable {
         public var name: String
         public var kind: String
-        public var pool: String
         public var burst: Int
         public var perSecond: Double
         public var line: Int
+        /// The kind's own keys (pool; region, profile, endpoint_url …), checked against its ``ProviderKindSpec``.
+        public var settings: [String: FleetSetting] = [:]
+
+        public init(name: String, kind: String, burst: Int, perSecond: Double, line: Int, settings: [String: FleetSetting] = [:]) {
+            self.name = name
+            self.kind = kind
+            self.burst = burst
+            self.perSecond = perSecond
+            self.line = line
+            self.settings = settings
+        }
+
+        /// The local provider's pool ("" for other kinds).
+        public var pool: String { self.settings["pool"]?.string ?? "" }
     }
 
     public struct Policy: Sendable, Equatable {
@@ -46,10 +61,13 @@ public struct FleetFile: Sendable {
         public var id: String
         public var policy: String
         public var provider: String
+        /// Provider disk ids; empty when the provider finds them (an `ec2_instance`).
         public var disks: [String]
         /// Options for this instance only, over its policy's (e.g. only_mounts).
         public var options: [String: OptionInput]
         public var line: Int
+        /// Its provider kind's instance keys (ec2_instance, exclude_boot_volume, exclude_volumes).
+        public var providerSettings: [String: FleetSetting] = [:]
     }
 
     public var path: String
@@ -130,20 +148,30 @@ extension FleetFile {
         let fields = reader.fields(top, at: "(top level)", allowed: ["providers", "policies", "instances", "run", "groups"])
 
         if let providers = fields["providers"], let mapping = reader.mapping(providers, at: "providers") {
+            let allKinds = ProviderKindSpec.builtIn
             for (key, value) in mapping {
                 guard let name = reader.name(key, at: "providers") else { continue }
                 let field = "providers.\(name)"
                 guard let body = reader.mapping(value, at: field) else { continue }
-                let f = reader.fields(body, at: field, allowed: ["kind", "pool", "burst", "per_second"])
-                let kind = reader.string(f["kind"], at: field + ".kind", required: true) ?? ""
-                if !kind.isEmpty && kind != "local" {
-                    reader.problem(f["kind"]!, field + ".kind", "expected a provider kind this engine has (local), found \"\(kind)\"")
+                let kind = body.first { $0.key.string == "kind" }.flatMap { $0.value.string } ?? ""
+                let spec = ProviderKindSpec.named(kind)
+                // An unknown kind is checked against every kind's keys, so that its other mistakes show too.
+                let kindKeys = spec?.keys ?? allKinds.flatMap(\.keys)
+                var allowed = ["kind", "burst", "per_second"]
+                for key in kindKeys.map(\.name) where !allowed.contains(key) { allowed.append(key) }
+                let f = reader.fields(body, at: field, allowed: allowed)
+                _ = reader.string(f["kind"], at: field + ".kind", required: true)
+                if !kind.isEmpty && spec == nil {
+                    reader.problem(f["kind"]!, field + ".kind",
+                                   "expected a provider kind this engine has (\(allKinds.map(\.name).sorted().joined(separator: ", "))), found \"\(kind)\"")
                 }
-                let pool = reader.string(f["pool"], at: field + ".pool", required: kind == "local") ?? ""
-                if !pool.isEmpty && !pool.hasPrefix("/") { reader.problem(f["pool"]!, field + ".pool", "expected an absolute path, found \"\(pool)\"") }
-                let burst = reader.int(f["burst"], at: field + ".burst", range: 1...10_000) ?? 20
-                let perSecond = reader.double(f["per_second"], at: field + ".per_second", range: 0.01...100_000) ?? 50
-                fleet.providers.append(.init(name: name, kind: kind, pool: pool, burst: burst, perSecond: perSecond, line: Reader.line(key)))
+                var settings: [String: FleetSetting] = [:]
+                for spec in kindKeys where settings[spec.name] == nil {
+                    if let setting = reader.setting(f[spec.name], spec, at: field) { settings[spec.name] = setting }
+                }
+                let burst = reader.int(f["burst"], at: field + ".burst", range: 1...10_000) ?? spec?.defaultBurst ?? 20
+                let perSecond = reader.double(f["per_second"], at: field + ".per_second", range: 0.01...100_000) ?? spec?.defaultPerSecond ?? 50
+                fleet.providers.append(.init(name: name, kind: kind, burst: burst, perSecond: perSecond, line: Reader.line(key), settings: settings))
             }
         } else if fields["providers"] == nil {
             reader.problem(root, "providers", "missing: a fleet needs at least one provider")
@@ -184,7 +212,11 @@ extension FleetFile {
             for (index, item) in sequence.enumerated() {
                 let field = "instances[\(index)]"
                 guard let body = reader.mapping(item, at: field) else { continue }
-                let f = reader.fields(body, at: field, allowed: ["id", "policy", "provider", "disks", "options", "group"])
+                let named = body.first { $0.key.string == "provider" }.flatMap { $0.value.string }
+                let providerSpec = (named.flatMap { fleet.provider(named: $0) } ?? (fleet.providers.count == 1 ? fleet.providers[0] : nil))
+                    .flatMap { ProviderKindSpec.named($0.kind) }
+                let f = reader.fields(body, at: field, allowed: ["id", "policy", "provider", "disks", "options", "group"]
+                    + (providerSpec?.instanceKeys.map(\.name) ?? []))
                 let id = reader.string(f["id"], at: field + ".id", required: true) ?? ""
                 if !id.isEmpty {
                     if !Reader.isName(id) {
@@ -208,18 +240,28 @@ extension FleetFile {
                     reader.problem(f["provider"]!, field + ".provider",
                                    "expected a provider defined under providers (\(fleet.providers.map(\.name).joined(separator: ", "))), found \"\(provider)\"")
                 }
+                var providerSettings: [String: FleetSetting] = [:]
+                for key in providerSpec?.instanceKeys ?? [] {
+                    if let setting = reader.setting(f[key.name], key, at: field) { providerSettings[key.name] = setting }
+                }
+                let disksOptional = providerSpec?.disksOptionalWith.map { f[$0] != nil } ?? false
                 let disks = reader.stringList(f["disks"], at: field + ".disks") ?? []
                 if let node = f["disks"], case .sequence = node, disks.isEmpty { reader.problem(f["disks"]!, field + ".disks", "expected at least one disk id, found an empty list") }
-                if f["disks"] == nil { reader.problem(item, field + ".disks", "missing: list the instance's disks (provider disk ids)") }
-                for disk in disks where !Reader.isName(disk) {
-                    reader.problem(f["disks"]!, field + ".disks", "expected disk ids (letters, digits, '.', '_', '-'), found \"\(disk)\"")
+                if f["disks"] == nil && !disksOptional {
+                    reader.problem(item, field + ".disks", "missing: list the instance's disks (provider disk ids)"
+                        + (providerSpec?.disksOptionalWith.map { ", or name the instance with \($0) to snapshot every disk attached to it" } ?? ""))
+                }
+                for disk in disks where !Reader.isName(disk) || providerSpec?.diskPattern.map({ !ProviderKindSpec.matches(disk, $0.regex) }) ?? false {
+                    reader.problem(f["disks"]!, field + ".disks",
+                                   "expected \(providerSpec?.diskPattern?.words ?? "disk ids (letters, digits, '.', '_', '-')"), found \"\(disk)\"")
                 }
                 if let group = f["group"] {
                     reader.problem(group, field + ".group", "multi-instance consistency groups are not supported yet; remove the key")
                 }
                 let plugin = fleet.policy(named: policy).flatMap { plugins?.plugin(named: $0.plugin) }
                 let options = reader.options(f["options"], at: field + ".options", plugin: plugin)
-                fleet.instances.append(.init(id: id, policy: policy, provider: provider, disks: disks, options: options, line: Reader.line(item)))
+                fleet.instances.append(.init(id: id, policy: policy, provider: provider, disks: disks, options: options, line: Reader.line(item),
+                                             providerSettings: providerSettings))
             }
         } else if fields["instances"] == nil {
             reader.problem(root, "instances", "missing: list the instances to back up")
@@ -352,6 +394,48 @@ struct Reader {
             return nil
         }
         return value
+    }
+
+    /// A provider kind's key, checked as its spec says.
+    mutating func setting(_ node: Node?, _ spec: ProviderKindSpec.Key, at parent: String) -> FleetSetting? {
+        let field = "\(parent).\(spec.name)"
+        guard let node else {
+            if spec.required { _ = self.string(nil, at: field, required: true) }
+            return nil
+        }
+        let line = node.mark?.line ?? 0, column = node.mark?.column ?? 0
+        switch spec.kind {
+        case .int(let range):
+            return self.int(node, at: field, range: range).map { FleetSetting(.int($0), line: line, column: column) }
+        case .bool:
+            guard case .scalar = node, node.tag == Tag(.bool), let value = node.bool else {
+                self.problem(node, field, "expected true or false, found \(Self.kind(node))")
+                return nil
+            }
+            return FleetSetting(.bool(value), line: line, column: column)
+        case .list(let regex, let words):
+            guard let items = self.stringList(node, at: field) else { return nil }
+            for item in items where !ProviderKindSpec.matches(item, regex) {
+                self.problem(node, field, "expected \(words), found \"\(item)\"")
+            }
+            return FleetSetting(.list(items), line: line, column: column)
+        case .string, .absolutePath, .url, .name, .pattern:
+            guard let text = self.string(node, at: field, required: false) else { return nil }
+            let problem: String? = switch spec.kind {
+            case .absolutePath: text.hasPrefix("/") ? nil : "expected an absolute path, found \"\(text)\""
+            case .url:
+                URL(string: text).flatMap { url in ["http", "https"].contains(url.scheme ?? "") && !(url.host ?? "").isEmpty ? url : nil } != nil
+                    ? nil : "expected an http:// or https:// URL with a host, found \"\(text)\""
+            case .name: Self.isName(text) ? nil : "expected a name (letters, digits, '.', '_', '-'), found \"\(text)\""
+            case .pattern(let regex, let words): ProviderKindSpec.matches(text, regex) ? nil : "expected \(words), found \"\(text)\""
+            default: text.isEmpty ? "expected a non-empty string, found \"\"" : nil
+            }
+            if let problem {
+                self.problem(node, field, problem)
+                return nil
+            }
+            return FleetSetting(.string(text), line: line, column: column)
+        }
     }
 
     mutating func level(_ node: Node?, at field: String) -> ConsistencyLevel? {

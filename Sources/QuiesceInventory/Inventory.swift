@@ -2,16 +2,35 @@ import Foundation
 import QuiesceCatalog
 import QuiesceCore
 import QuiesceLocalProvider
+import QuiesceProviders
 
 /// Snapshot groups as an operator works with them: what the catalog recorded,
-/// checked against and acted on through the provider that holds them.
+/// checked against and acted on through the provider that holds them — each
+/// group's own, found by the provider name it recorded, so one catalog may hold
+/// groups of several providers (a local pool and an EC2 account, say).
 public struct Inventory: Sendable {
     public let catalog: any CatalogStore
-    public let provider: LocalProvider
+    public let providers: ProviderDirectory
 
-    public init(catalog: any CatalogStore, provider: LocalProvider) {
+    public init(catalog: any CatalogStore, providers: ProviderDirectory) {
         self.catalog = catalog
-        self.provider = provider
+        self.providers = providers
+    }
+
+    /// Every local group in one pool.
+    public init(catalog: any CatalogStore, provider: LocalProvider) {
+        self.init(catalog: catalog, providers: ProviderDirectory(catalog: catalog, localPool: provider.pool, defaultPool: provider.pool))
+    }
+
+    /// The provider holding `group`.
+    public func provider(of group: GroupRecord) throws -> any SnapshotProvider {
+        try self.providers.provider(name: group.provider, kind: group.providerKind)
+    }
+
+    /// Where a restored disk is, for people: a local image's path, a cloud volume's id.
+    public func location(ofRestored disk: String, group: GroupRecord) -> String {
+        if let local = try? self.provider(of: group) as? LocalProvider, let path = try? local.diskPath(disk) { return path }
+        return disk
     }
 
     public func groups(_ filter: GroupFilter) throws -> [GroupRecord] { try self.catalog.groups(filter) }
@@ -24,8 +43,9 @@ public struct Inventory: Sendable {
     }
 
     /// Restores every disk of a group (or one), as new disks named `<disk>-<suffix>` or in place.
-    public func restore(_ id: String, disk: String?, inPlace: Bool, newSuffix: String) async throws -> [(disk: String, restoredAs: String)] {
+    public func restore(_ id: String, disk: String?, inPlace: Bool, newSuffix: String, zone: String? = nil) async throws -> [(disk: String, restoredAs: String)] {
         let group = try self.group(id)
+        let provider = try self.provider(of: group)
         let disks = try disk.map { name -> [String] in
             guard group.disks.contains(where: { $0.diskID == name }) else {
                 throw InventoryError.notFound("group \(id) has no disk \"\(name)\"; it has \(group.disks.map(\.diskID).joined(separator: ", "))")
@@ -34,8 +54,8 @@ public struct Inventory: Sendable {
         } ?? group.disks.map(\.diskID)
         var restored: [(String, String)] = []
         for name in disks {
-            let target: RestoreTarget = inPlace ? .inPlace : .newDisk("\(name)-\(newSuffix)")
-            restored.append((name, try await self.provider.restore(group.providerGroupID, disk: name, to: target)))
+            let target: RestoreTarget = inPlace ? .inPlace : .newDisk("\(name)-\(newSuffix)", zone: zone)
+            restored.append((name, try await provider.restore(group.providerGroupID, disk: name, to: target)))
         }
         return restored
     }
@@ -48,7 +68,7 @@ public struct Inventory: Sendable {
         guard !dryRun else { return plan }
         for group in plan.delete {
             do {
-                try await self.provider.delete(group.providerGroupID)
+                try await self.provider(of: group).delete(group.providerGroupID)
             } catch ProviderError.notFound {
                 // Already gone from the pool: drop the record too.
             }
@@ -78,9 +98,11 @@ public struct Inventory: Sendable {
     /// `deep`, also checks the filesystem on a throw-away copy (read-only on the snapshot).
     public func verify(_ id: String, deep: Bool) async throws -> [DiskCheck] {
         let group = try self.group(id)
+        let found = try self.provider(of: group)
+        guard let local = found as? LocalProvider else { return try await self.verifyAtProvider(group, provider: found, deep: deep) }
         let sums: [(disk: String, recorded: String?, actual: String)]
         do {
-            sums = try await self.provider.verify(group.providerGroupID)
+            sums = try await local.verify(group.providerGroupID)
         } catch ProviderError.notFound(let detail) {
             return group.disks.map { DiskCheck(disk: $0.diskID, outcome: .missing, filesystem: nil, detail: detail) }
         }
@@ -98,16 +120,41 @@ public struct Inventory: Sendable {
                 continue
             }
             if deep {
-                let path = self.provider.snapshotPath(group: group.providerGroupID, disk: disk.diskID)
-                let provider = self.provider
+                let path = local.snapshotPath(group: group.providerGroupID, disk: disk.diskID)
                 checks.append(try await DedicatedThread.run(name: "quiesce-fsck") {
-                    try FilesystemCheck.check(snapshot: path, scratch: provider.pool + "/.verify", disk: disk.diskID)
+                    try FilesystemCheck.check(snapshot: path, scratch: local.pool + "/.verify", disk: disk.diskID)
                 })
             } else {
                 checks.append(DiskCheck(disk: disk.diskID, outcome: .ok, filesystem: nil, detail: "sha256 \(sum.actual)"))
             }
         }
         return checks
+    }
+}
+
+extension Inventory {
+    /// A cloud's snapshots cannot be read here: each recorded snapshot must still exist at the
+    /// provider, be the one recorded, and be usable (completed).
+    func verifyAtProvider(_ group: GroupRecord, provider: any SnapshotProvider, deep: Bool) async throws -> [DiskCheck] {
+        let live: SnapshotGroup
+        do {
+            live = try await provider.describe(group.providerGroupID)
+        } catch ProviderError.notFound(let detail) {
+            return group.disks.map { DiskCheck(disk: $0.diskID, outcome: .missing, filesystem: nil, detail: detail) }
+        }
+        let note = deep ? " (a deep check needs the data: restore it and check the volume)" : ""
+        return group.disks.map { disk in
+            guard let now = live.disks.first(where: { $0.diskID == disk.diskID }) else {
+                return DiskCheck(disk: disk.diskID, outcome: .missing, filesystem: nil, detail: "no snapshot of \(disk.diskID) at \(provider.kind) any more")
+            }
+            guard now.snapshotID == disk.snapshotID else {
+                return DiskCheck(disk: disk.diskID, outcome: .checksumMismatch, filesystem: nil,
+                                 detail: "expected snapshot \(disk.snapshotID), found \(now.snapshotID)")
+            }
+            let usable = live.state == .ready
+            return DiskCheck(disk: disk.diskID, outcome: usable ? .ok : .missing, filesystem: nil,
+                             detail: "\(now.snapshotID) \(usable ? "completed" : live.state.rawValue) at \(provider.kind)\(note)")
+        }
     }
 }
 

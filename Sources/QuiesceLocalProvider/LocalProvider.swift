@@ -69,6 +69,36 @@ public struct LocalProvider: SnapshotProvider {
 
     // MARK: SnapshotProvider
 
+    /// The pool can be written, and every listed disk image is in it.
+    public func check(_ targets: [ProviderTarget]) async -> [ProviderCheckItem] {
+        var items: [ProviderCheckItem] = [ProviderCheckItem(
+            item: "pool", ok: FileManager.default.isWritableFile(atPath: self.snapshotsDirectory),
+            detail: "\(self.pool) (\(self.reflinkSupported ? "reflink" : "no reflink: sparse copies, inside the freeze window"))")]
+        for target in targets {
+            if target.providerInstance != nil || target.disks.isEmpty {
+                items.append(ProviderCheckItem(instanceID: target.instanceID, item: "disks", ok: false,
+                                               detail: "the local provider needs the instance's disks listed (disks: [...]); it cannot discover them"))
+                continue
+            }
+            let missing = target.disks.filter { (try? self.diskPath($0)).map { !FileManager.default.fileExists(atPath: $0) } ?? true }
+            items.append(ProviderCheckItem(
+                instanceID: target.instanceID, item: "disks", ok: missing.isEmpty && target.disks.count <= self.capabilities.maxDisksPerGroup,
+                detail: !missing.isEmpty ? "expected disk images in \(self.disksDirectory), missing: \(missing.joined(separator: ", "))"
+                    : target.disks.count > self.capabilities.maxDisksPerGroup
+                    ? "a group holds at most \(self.capabilities.maxDisksPerGroup) disks, found \(target.disks.count)"
+                    : "\(target.disks.count) disk\(target.disks.count == 1 ? "" : "s") in the pool"))
+        }
+        return items
+    }
+
+    /// The group a token names is found by its id: no listing.
+    public func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup {
+        let id = Self.groupID(forToken: token)
+        guard FileManager.default.fileExists(atPath: "\(self.snapshotsDirectory)/\(id)/group.json") else { return PreparedGroup(disks: target.disks) }
+        let group = try self.readGroup(id)
+        return PreparedGroup(disks: target.disks, existing: group.idempotencyToken == token ? group : nil)
+    }
+
     public func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup {
         let provider = self
         return try await DedicatedThread.run(name: "quiesce-local-create") { try provider.createBlocking(request) }
@@ -208,7 +238,7 @@ public struct LocalProvider: SnapshotProvider {
         let source = self.snapshotPath(group: groupID, disk: disk)
         let newID: String
         switch target {
-        case .newDisk(let id):
+        case .newDisk(let id, _):
             newID = id
             if FileManager.default.fileExists(atPath: try self.diskPath(id)) {
                 throw ProviderError.conflict("disk \"\(id)\" already exists; choose another name or restore in place")

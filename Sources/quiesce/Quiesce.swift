@@ -32,7 +32,7 @@ struct Quiesce: AsyncParsableCommand {
             69 the engine could not be reached.
             """,
         version: QuiesceVersion.software,
-        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, CA.self]
+        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Check.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, CA.self]
     )
 }
 

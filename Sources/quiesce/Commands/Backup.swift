@@ -242,6 +242,12 @@ final class RunPrinter: @unchecked Sendable {
             self.emit(["event": "agents", "waited_ms": waited.milliseconds, "arrived": arrived, "missing": missing],
                       text: "quiesce: \(arrived) agent(s) connected after \(seconds) s"
                           + (missing.isEmpty ? "" : "; still missing: " + Self.someOf(missing)))
+        case .providerChecked(let name, let kind, let items):
+            let failed = items.filter { !$0.ok }
+            self.emit(["event": "check", "provider": name, "kind": kind, "passed": items.count - failed.count,
+                       "failed": failed.map { ["instance": $0.instanceID ?? "", "item": $0.item, "detail": $0.detail, "blocking": $0.blocking] }],
+                      text: "quiesce: provider \(name) (\(kind)): \(items.count - failed.count) of \(items.count) checks passed"
+                          + failed.map { "\n  \($0.blocking ? "failed" : "warning"): \($0.instanceID.map { "\($0): " } ?? "")\($0.item): \($0.detail)" }.joined())
         case .instanceStarted(let id):
             if self.json { Self.printJSON(["event": "started", "instance": id]) }
             progress?.instanceStarted()

@@ -2,21 +2,30 @@ import ArgumentParser
 import Foundation
 import QuiesceCatalog
 import QuiesceCore
+import QuiesceFleet
 import QuiesceInventory
-import QuiesceLocalProvider
+import QuiesceProviders
 
-/// Where snapshots and their records live.
+/// Where snapshots and their records live. Each group is reached through the
+/// provider it recorded: the catalog remembers every fleet provider a run used
+/// (a pool's path; an EC2 region, profile and endpoint — never credentials).
 struct StoreOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The catalog (default: $QUIESCE_HOME/catalog.db).", valueName: "path"))
     var catalog: String?
-    @Option(help: ArgumentHelp("The local provider's pool (default: $QUIESCE_HOME/pool).", valueName: "dir"))
+    @Option(help: ArgumentHelp("The pool of every local group (default: the pool its run recorded, else $QUIESCE_HOME/pool).", valueName: "dir"))
     var pool: String?
+    @Option(help: ArgumentHelp("A fleet file whose providers are used instead of the ones the catalog recorded (same names).", valueName: "file"))
+    var fleet: String?
 
     func inventory() throws -> Inventory {
         do {
             let catalog = try SQLiteCatalog(path: self.catalog ?? defaultStateDirectory() + "/catalog.db")
-            let provider = try LocalProvider(pool: self.pool ?? defaultStateDirectory() + "/pool")
-            return Inventory(catalog: catalog, provider: provider)
+            let fleet = try self.fleet.map { try FleetFile.load($0) }
+            return Inventory(catalog: catalog, providers: ProviderDirectory(
+                catalog: catalog, fleet: fleet, localPool: self.pool, defaultPool: defaultStateDirectory() + "/pool"))
+        } catch let error as FleetFileError {
+            for problem in error.problems { printError("\(problem)") }
+            throw ExitCode(65)
         } catch {
             printError("\(error)")
             throw ExitStatus.failure
@@ -119,7 +128,7 @@ struct Show: AsyncParsableCommand {
             return
         }
         print("""
-            group       \(group.id)  (\(group.provider) \(group.providerGroupID))
+            group       \(group.id)  (provider \(group.provider), \(group.providerKind) \(group.providerGroupID))
             instance    \(group.instanceID)\(group.runID.map { "  run \($0)" } ?? "")
             created     \(ISO8601DateFormatter().string(from: group.createdAt))  state \(group.state.rawValue)
             level       \(group.achievedLevel.name) (wanted \(group.wantedLevel.name))
@@ -155,20 +164,30 @@ struct Restore: AsyncParsableCommand {
     var disk: String?
     @Flag(help: "Write new disks named DISK-restored-GROUP.")
     var asNew = false
-    @Flag(help: "Overwrite the original disks (refused while a disk is attached or mounted).")
+    @Flag(help: "Overwrite the original disks (refused while a disk is attached or mounted; local pools only).")
     var inPlace = false
+    @Option(help: ArgumentHelp("A cloud's availability zone for the new volumes (default: the source volume's).", valueName: "zone"))
+    var zone: String?
+    @Option(help: "Output format: table or json.")
+    var output: OutputFormat = .table
 
     func validate() throws {
         guard self.asNew != self.inPlace else { throw ValidationError("expected exactly one of --as-new or --in-place") }
+        if self.zone != nil && self.inPlace { throw ValidationError("--zone: only with --as-new (a new volume is made in it)") }
     }
 
     func run() async throws {
         let inventory = try self.store.inventory()
-        let restored = try await operatorErrors {
-            try await inventory.restore(self.group, disk: self.disk, inPlace: self.inPlace, newSuffix: "restored-\(self.group)")
+        let (group, restored) = try await operatorErrors {
+            let group = try inventory.group(self.group)
+            return (group, try await inventory.restore(self.group, disk: self.disk, inPlace: self.inPlace, newSuffix: "restored-\(self.group)", zone: self.zone))
+        }
+        if self.output == .json {
+            print(try encodeJSON(restored.map { ["disk": $0.disk, "restored_as": $0.restoredAs, "location": inventory.location(ofRestored: $0.restoredAs, group: group)] }))
+            return
         }
         for (disk, target) in restored {
-            print("restored \(disk) → \(try inventory.provider.diskPath(target))")
+            print("restored \(disk) → \(inventory.location(ofRestored: target, group: group))")
         }
     }
 }

@@ -1,0 +1,366 @@
+import Crypto
+import Foundation
+import QuiesceCore
+
+/// The `ec2` provider: EBS snapshots through the EC2 Query API.
+///
+/// A group is every snapshot tagged `quiesce:group=<id>`; the id is derived from
+/// the run's token, and each snapshot also carries `quiesce:token`, so a group
+/// is found again after a lost reply or an engine that died between create and
+/// record (CreateSnapshot(s) take no client token). With the instance named
+/// (`ec2_instance`), one CreateSnapshots call snapshots every volume of it at
+/// one point in time; otherwise each listed volume gets its own CreateSnapshot,
+/// all started at once while the guest is frozen.
+///
+/// Reads (Describe*) are retried with jittered backoff on throttling and 5xx,
+/// honouring `Retry-After`; creates never are: inside a freeze a throttle is
+/// reported at once, so the coordinator thaws first and retries later.
+public struct EC2Provider: SnapshotProvider {
+    public let kind = "ec2"
+    public let capabilities: ProviderCapabilities
+    public let client: EC2Client
+    /// Between DescribeSnapshots polls while waiting for `completed` (doubling up to 15 s).
+    public var pollInterval: Duration
+    /// Progress while waiting: group id, disks completed, disks in all, the least progress ("42%").
+    public var progress: (@Sendable (String, Int, Int, String) -> Void)?
+    /// Attempts for a read before its error is returned.
+    public var readAttempts = 6
+
+    public init(client: EC2Client, createBurst: Int, createsPerSecond: Double, pollInterval: Duration = .seconds(2)) {
+        self.client = client
+        self.pollInterval = pollInterval
+        self.capabilities = ProviderCapabilities(
+            maxDisksPerGroup: 40, createBurst: createBurst, createsPerSecond: createsPerSecond,
+            pointInTimeFixedOnReturn: true, atomicMultiDiskGroup: true)
+    }
+
+    /// "eg-" and 20 hex digits of the token's SHA-256: the same token always names the same group.
+    public static func groupID(forToken token: String) -> String {
+        "eg-" + SHA256.hash(data: Data(token.utf8)).prefix(10).map { String(format: "%02x", $0) }.joined()
+    }
+
+    // MARK: calls
+
+    /// A read, retried on throttling and transient errors.
+    func read(_ action: String, _ parameters: [(String, String)]) async throws -> XMLTree {
+        var backoff = Backoff(base: .milliseconds(100), cap: .seconds(5), floor: .milliseconds(20))
+        var attempt = 1
+        while true {
+            do {
+                return try await self.client.call(action, parameters)
+            } catch let error as EC2Error where (error.isThrottle || error.isTransient) && attempt < self.readAttempts {
+                attempt += 1
+                try await Task.sleep(for: max(backoff.next(), error.retryAfter ?? .zero))
+            } catch let error as EC2Error {
+                throw error.providerError
+            }
+        }
+    }
+
+    /// A write, once; its error typed for the coordinator.
+    func write(_ action: String, _ parameters: [(String, String)]) async throws -> XMLTree {
+        do {
+            return try await self.client.call(action, parameters)
+        } catch let error as EC2Error {
+            throw error.providerError
+        }
+    }
+
+    /// Every page of a Describe call's `set` items.
+    func readAll(_ action: String, _ parameters: [(String, String)], set: String) async throws -> [XMLTree] {
+        var items: [XMLTree] = []
+        var next: String?
+        repeat {
+            let reply = try await self.read(action, parameters + (next.map { [("NextToken", $0)] } ?? []))
+            items += reply.items(set)
+            next = reply.value("nextToken").flatMap { $0.isEmpty ? nil : $0 }
+        } while next != nil
+        return items
+    }
+
+    static func tagParameters(_ tags: [String: String], prefix: String) -> [(String, String)] {
+        tags.sorted { $0.key < $1.key }.enumerated().flatMap { index, tag in
+            [("\(prefix)\(index + 1).Key", tag.key), ("\(prefix)\(index + 1).Value", String(tag.value.prefix(255)))]
+        }
+    }
+
+    static func filters(_ filters: [(String, [String])]) -> [(String, String)] {
+        filters.enumerated().flatMap { index, filter in
+            [("Filter.\(index + 1).Name", filter.0)] + filter.1.enumerated().map { ("Filter.\(index + 1).Value.\($0.offset + 1)", $0.element) }
+        }
+    }
+
+    /// The snapshots of a group (or carrying `tags`), Quiesce's only.
+    func snapshots(tags: [String: String]) async throws -> [XMLTree] {
+        var filters = tags.sorted { $0.key < $1.key }.map { ("tag:\($0.key)", [$0.value]) }
+        filters.append(("tag-key", ["quiesce:group"]))
+        return try await self.readAll("DescribeSnapshots", [("Owner.1", "self")] + Self.filters(filters), set: "snapshotSet")
+    }
+
+    static func date(_ text: String?) -> Date? {
+        guard let text else { return nil }
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.date(from: text) ?? ISO8601DateFormatter().date(from: text)
+    }
+
+    /// Snapshot items (DescribeSnapshots, CreateSnapshot(s)) as one group.
+    func group(_ id: String, from items: [XMLTree], spanUs: UInt64 = 0) -> SnapshotGroup {
+        let states = items.map { $0.value("status") ?? $0.value("state") ?? "pending" }
+        let state: SnapshotState = states.contains("error") ? .failed : states.allSatisfy { $0 == "completed" } ? .ready : .pending
+        var tags = items.first?.tags ?? [:]
+        for item in items.dropFirst() { tags.merge(item.tags) { old, _ in old } }
+        let disks = items.map { item in
+            DiskSnapshot(diskID: item.value("volumeId") ?? "", snapshotID: item.value("snapshotId") ?? "",
+                         sizeBytes: UInt64(item.value("volumeSize").flatMap(Int.init) ?? 0) << 30, dataBytes: 0, method: .provider, durationUs: spanUs)
+        }.sorted { $0.diskID < $1.diskID }
+        return SnapshotGroup(
+            id: id, provider: self.kind, idempotencyToken: tags["quiesce:token"] ?? "", description: items.first?.value("description") ?? "",
+            tags: tags, state: state, createdAt: items.compactMap { Self.date($0.value("startTime")) }.min() ?? Date(), spanUs: spanUs, disks: disks)
+    }
+
+    // MARK: SnapshotProvider
+
+    public func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup {
+        let id = Self.groupID(forToken: request.idempotencyToken)
+        var tags = request.tags
+        tags["quiesce:group"] = id
+        tags["quiesce:token"] = request.idempotencyToken
+        let began = ContinuousClock.now
+        do {
+            var items: [XMLTree]
+            if let instance = request.instance {
+                var parameters = [("InstanceSpecification.InstanceId", instance), ("Description", request.description),
+                                  ("TagSpecification.1.ResourceType", "snapshot")]
+                if request.excludeBoot { parameters.append(("InstanceSpecification.ExcludeBootVolume", "true")) }
+                parameters += Self.tagParameters(tags, prefix: "TagSpecification.1.Tag.")
+                items = try await self.write("CreateSnapshots", parameters).items("snapshotSet")
+                // The instance's volumes may have changed since they were resolved: keep to the ones asked for.
+                let extra = items.filter { !request.disks.isEmpty && !request.disks.contains($0.value("volumeId") ?? "") }
+                if !extra.isEmpty {
+                    for item in extra { _ = try? await self.write("DeleteSnapshot", [("SnapshotId", item.value("snapshotId") ?? "")]) }
+                    items.removeAll { extra.contains($0) }
+                }
+            } else {
+                guard !request.disks.isEmpty else { throw ProviderError.permanent("a group needs at least one volume") }
+                let base = [("Description", request.description), ("TagSpecification.1.ResourceType", "snapshot")]
+                    + Self.tagParameters(tags, prefix: "TagSpecification.1.Tag.")
+                items = try await withThrowingTaskGroup(of: XMLTree.self) { group in
+                    for volume in request.disks {
+                        group.addTask { try await self.write("CreateSnapshot", [("VolumeId", volume)] + base) }
+                    }
+                    var made: [XMLTree] = []
+                    for try await item in group { made.append(item) }
+                    return made
+                }
+            }
+            return self.group(id, from: items.map { var item = $0; if item.tags.isEmpty { item.children.append(Self.tagSet(tags)) }; return item },
+                              spanUs: UInt64(max((ContinuousClock.now - began).microseconds, 0)))
+        } catch let error as ProviderError {
+            // The request may have been carried out: look for the token before saying it failed.
+            guard case .transient = error else { throw error }
+            if let found = try? await self.snapshots(tags: ["quiesce:group": id]), !found.isEmpty,
+               request.instance != nil || Set(found.compactMap { $0.value("volumeId") }) == Set(request.disks) {
+                return self.group(id, from: found, spanUs: UInt64(max((ContinuousClock.now - began).microseconds, 0)))
+            }
+            throw error
+        }
+    }
+
+    static func tagSet(_ tags: [String: String]) -> XMLTree {
+        XMLTree(name: "tagSet", text: "", children: tags.map { key, value in
+            XMLTree(name: "item", text: "", children: [XMLTree(name: "key", text: key, children: []), XMLTree(name: "value", text: value, children: [])])
+        })
+    }
+
+    public func describe(_ groupID: String) async throws -> SnapshotGroup {
+        let items = try await self.snapshots(tags: ["quiesce:group": groupID])
+        guard !items.isEmpty else { throw ProviderError.notFound("no EC2 snapshot is tagged quiesce:group=\(groupID)") }
+        return self.group(groupID, from: items)
+    }
+
+    public func list(tags: [String: String]) async throws -> [SnapshotGroup] {
+        let items = try await self.snapshots(tags: tags)
+        return Dictionary(grouping: items) { $0.tags["quiesce:group"] ?? "" }
+            .map { self.group($0.key, from: $0.value) }
+            .sorted { ($0.createdAt, $0.id) < ($1.createdAt, $1.id) }
+    }
+
+    public func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup {
+        let deadline = ContinuousClock.now + timeout
+        var interval = self.pollInterval
+        while true {
+            let group = try await self.describe(groupID)
+            switch group.state {
+            case .ready: return group
+            case .failed:
+                throw ProviderError.permanent("EC2 snapshot group \(groupID): a snapshot is in state error")
+            case .pending:
+                if let progress = self.progress {
+                    let items = try await self.snapshots(tags: ["quiesce:group": groupID])
+                    let done = items.filter { ($0.value("status") ?? $0.value("state")) == "completed" }.count
+                    progress(groupID, done, items.count, items.compactMap { $0.value("progress") }.min() ?? "")
+                }
+                guard ContinuousClock.now + interval < deadline else {
+                    throw ProviderError.transient("EC2 snapshot group \(groupID) still pending after \(timeout)")
+                }
+                try await Task.sleep(for: interval)
+                interval = min(interval * 2, .seconds(15))
+            }
+        }
+    }
+
+    public func delete(_ groupID: String) async throws {
+        let items = try await self.snapshots(tags: ["quiesce:group": groupID])
+        guard !items.isEmpty else { throw ProviderError.notFound("no EC2 snapshot is tagged quiesce:group=\(groupID)") }
+        for item in items {
+            do {
+                _ = try await self.write("DeleteSnapshot", [("SnapshotId", item.value("snapshotId") ?? "")])
+            } catch ProviderError.notFound {
+                continue
+            }
+        }
+    }
+
+    public func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String {
+        guard case .newDisk(let name, let givenZone) = target else {
+            throw ProviderError.permanent("the ec2 provider restores only to a new volume (--as-new); attach it in place of the old one yourself")
+        }
+        let items = try await self.snapshots(tags: ["quiesce:group": groupID])
+        guard let item = items.first(where: { $0.value("volumeId") == disk || $0.value("snapshotId") == disk }),
+              let snapshot = item.value("snapshotId") else {
+            throw ProviderError.notFound("EC2 snapshot group \(groupID) has no snapshot of \(disk)")
+        }
+        var zone = givenZone
+        if zone == nil {
+            let volumes = try? await self.read("DescribeVolumes", [("VolumeId.1", disk)]).items("volumeSet")
+            zone = volumes?.first?.value("availabilityZone")
+        }
+        guard let zone, !zone.isEmpty else {
+            throw ProviderError.permanent("the source volume \(disk) is gone, so its availability zone is unknown: give one with --zone")
+        }
+        let tags = ["Name": name, "quiesce:restored-from": snapshot, "quiesce:source-volume": disk, "quiesce:group": groupID]
+        let reply = try await self.write("CreateVolume", [("SnapshotId", snapshot), ("AvailabilityZone", zone), ("TagSpecification.1.ResourceType", "volume")]
+            + Self.tagParameters(tags, prefix: "TagSpecification.1.Tag."))
+        guard let volume = reply.value("volumeId"), !volume.isEmpty else {
+            throw ProviderError.permanent("EC2 CreateVolume answered without a volumeId")
+        }
+        return volume
+    }
+
+    public func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup {
+        var group = try await self.describe(groupID)
+        let ids = group.disks.map(\.snapshotID)
+        _ = try await self.write("CreateTags", ids.enumerated().map { ("ResourceId.\($0 + 1)", $1) } + Self.tagParameters(tags, prefix: "Tag."))
+        group.tags.merge(tags) { _, new in new }
+        return group
+    }
+
+    // MARK: before a freeze
+
+    /// An instance's volumes in device order, the boot volume first, and its root device.
+    func volumes(of instance: String) async throws -> (volumes: [(id: String, device: String)], root: String, state: String)? {
+        let reservations = try await self.read("DescribeInstances", [("InstanceId.1", instance)]).items("reservationSet")
+        guard let item = reservations.flatMap({ $0.items("instancesSet") }).first else { return nil }
+        let root = item.value("rootDeviceName") ?? ""
+        let volumes = item.items("blockDeviceMapping").compactMap { mapping -> (String, String)? in
+            guard let id = mapping.value("ebs/volumeId") else { return nil }
+            return (id, mapping.value("deviceName") ?? "")
+        }
+        return (volumes, root, item.value("instanceState/name") ?? "")
+    }
+
+    static func resolve(_ target: ProviderTarget, volumes: [(id: String, device: String)], root: String) -> [String] {
+        volumes.filter { !(target.excludeBoot && $0.device == root) && !target.excludeDisks.contains($0.id) }.map(\.id)
+    }
+
+    public func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup {
+        var disks = target.disks
+        if let instance = target.providerInstance, disks.isEmpty {
+            guard let found = try await self.volumes(of: instance) else { throw ProviderError.notFound("EC2 instance \(instance) does not exist") }
+            disks = Self.resolve(target, volumes: found.volumes, root: found.root)
+        }
+        let id = Self.groupID(forToken: token)
+        let items = try await self.snapshots(tags: ["quiesce:group": id])
+        return PreparedGroup(disks: disks, existing: items.isEmpty ? nil : self.group(id, from: items))
+    }
+
+    /// Credentials and permissions (DryRun), each instance and its volumes, the group size limit.
+    public func check(_ targets: [ProviderTarget]) async -> [ProviderCheckItem] {
+        var items = [ProviderCheckItem(item: "credentials", ok: true, detail: "\(self.client.credentials); region \(self.client.region); endpoint \(self.client.endpoint)")]
+        var firstInstance: String?
+        var firstVolume: (id: String, zone: String)?
+        for target in targets {
+            var disks = target.disks
+            if let instance = target.providerInstance {
+                do {
+                    guard let found = try await self.volumes(of: instance) else {
+                        items.append(.init(instanceID: target.instanceID, item: "instance", ok: false, detail: "EC2 instance \(instance) does not exist in \(self.client.region)"))
+                        continue
+                    }
+                    firstInstance = firstInstance ?? instance
+                    let resolved = Self.resolve(target, volumes: found.volumes, root: found.root)
+                    items.append(.init(instanceID: target.instanceID, item: "instance", ok: !resolved.isEmpty,
+                                       detail: "\(instance) (\(found.state)): " + (resolved.isEmpty ? "no volume left after the exclusions"
+                                           : "\(resolved.count) volume\(resolved.count == 1 ? "" : "s"): \(resolved.joined(separator: ", "))")))
+                    let attached = Set(found.volumes.map(\.id))
+                    let strangers = target.disks.filter { !attached.contains($0) }
+                    if !strangers.isEmpty {
+                        items.append(.init(instanceID: target.instanceID, item: "volumes", ok: false,
+                                           detail: "expected volumes attached to \(instance), found not attached: \(strangers.joined(separator: ", "))"))
+                    }
+                    if disks.isEmpty { disks = resolved }
+                } catch {
+                    items.append(.init(instanceID: target.instanceID, item: "instance", ok: false, detail: "DescribeInstances \(instance): \(error)"))
+                    continue
+                }
+            }
+            if disks.count > self.capabilities.maxDisksPerGroup {
+                items.append(.init(instanceID: target.instanceID, item: "volumes", ok: false,
+                                   detail: "a group holds at most \(self.capabilities.maxDisksPerGroup) volumes, found \(disks.count)"))
+            }
+            guard !target.disks.isEmpty else { continue }
+            do {
+                let found = try await self.read("DescribeVolumes", target.disks.enumerated().map { ("VolumeId.\($0 + 1)", $1) }).items("volumeSet")
+                let byID = Dictionary(found.compactMap { item in item.value("volumeId").map { ($0, item) } }, uniquingKeysWith: { a, _ in a })
+                var problems: [String] = []
+                for disk in target.disks {
+                    guard let volume = byID[disk] else { problems.append("\(disk) does not exist"); continue }
+                    if firstVolume == nil { firstVolume = (disk, volume.value("availabilityZone") ?? "") }
+                    if volume.value("status") != "in-use" { problems.append("\(disk) is \(volume.value("status") ?? "?"), not attached") }
+                }
+                items.append(.init(instanceID: target.instanceID, item: "volumes", ok: problems.isEmpty,
+                                   detail: problems.isEmpty ? "\(target.disks.count) volume\(target.disks.count == 1 ? "" : "s") attached" : problems.joined(separator: "; ")))
+            } catch {
+                items.append(.init(instanceID: target.instanceID, item: "volumes", ok: false, detail: "DescribeVolumes: \(error)"))
+            }
+        }
+        // Permissions, asked with DryRun: EC2 says DryRunOperation when the call would be allowed.
+        var probes: [(String, String, [(String, String)], Bool)] = [
+            ("ec2:DescribeSnapshots", "DescribeSnapshots", [("Owner.1", "self"), ("MaxResults", "5")], true),
+        ]
+        if let instance = firstInstance {
+            probes.append(("ec2:CreateSnapshots", "CreateSnapshots", [("InstanceSpecification.InstanceId", instance)], true))
+        }
+        if let volume = firstVolume {
+            probes.append(("ec2:CreateSnapshot", "CreateSnapshot", [("VolumeId", volume.id)], true))
+            probes.append(("ec2:CreateVolume (restore)", "CreateVolume", [("SnapshotId", "snap-00000000000000000"), ("AvailabilityZone", volume.zone)], false))
+        }
+        probes.append(("ec2:CreateTags", "CreateTags", [("ResourceId.1", "snap-00000000000000000"), ("Tag.1.Key", "quiesce:check"), ("Tag.1.Value", "1")], true))
+        probes.append(("ec2:DeleteSnapshot (prune)", "DeleteSnapshot", [("SnapshotId", "snap-00000000000000000")], false))
+        for (permission, action, parameters, blocking) in probes {
+            let dryRun = action != "DescribeSnapshots"
+            do {
+                _ = try await self.client.call(action, parameters + (dryRun ? [("DryRun", "true")] : []))
+                items.append(.init(item: "permission \(permission)", ok: true, detail: "allowed", blocking: blocking))
+            } catch let error as EC2Error where error.code == "DryRunOperation" {
+                items.append(.init(item: "permission \(permission)", ok: true, detail: "allowed (DryRun)", blocking: blocking))
+            } catch let error as EC2Error where error.isDenied {
+                items.append(.init(item: "permission \(permission)", ok: false, detail: "missing: \(error.code ?? "") — \(error)", blocking: blocking))
+            } catch {
+                items.append(.init(item: "permission \(permission)", ok: false, detail: "could not be checked: \(error)", blocking: blocking))
+            }
+        }
+        return items
+    }
+}
