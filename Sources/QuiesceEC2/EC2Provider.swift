@@ -41,7 +41,8 @@ public struct EC2Provider: SnapshotProvider {
 
     // MARK: calls
 
-    /// A read, retried on throttling and transient errors.
+    /// A call that may be repeated (a read, CreateTags, DeleteSnapshot, CreateVolume with a client
+    /// token), retried on throttling and transient errors outside any freeze.
     func read(_ action: String, _ parameters: [(String, String)]) async throws -> XMLTree {
         var backoff = Backoff(base: .milliseconds(100), cap: .seconds(5), floor: .milliseconds(20))
         var attempt = 1
@@ -57,6 +58,23 @@ public struct EC2Provider: SnapshotProvider {
         }
     }
 
+    /// A check's probe: retried like a read, its EC2 error kept (DryRunOperation means allowed).
+    func probe(_ action: String, _ parameters: [(String, String)]) async -> EC2Error? {
+        var backoff = Backoff(base: .milliseconds(100), cap: .seconds(5), floor: .milliseconds(20))
+        for attempt in 1...self.readAttempts {
+            do {
+                _ = try await self.client.call(action, parameters)
+                return nil
+            } catch let error as EC2Error {
+                guard (error.isThrottle || error.isTransient) && attempt < self.readAttempts else { return error }
+                try? await Task.sleep(for: max(backoff.next(), error.retryAfter ?? .zero))
+            } catch {
+                return EC2Error(action: action, kind: .badReply("\(error)"))
+            }
+        }
+        return nil
+    }
+
     /// A write, once; its error typed for the coordinator.
     func write(_ action: String, _ parameters: [(String, String)]) async throws -> XMLTree {
         do {
@@ -66,12 +84,13 @@ public struct EC2Provider: SnapshotProvider {
         }
     }
 
-    /// Every page of a Describe call's `set` items.
-    func readAll(_ action: String, _ parameters: [(String, String)], set: String) async throws -> [XMLTree] {
+    /// Every page of a Describe call's `set` items; `once`: no retries (inside a freeze window).
+    func readAll(_ action: String, _ parameters: [(String, String)], set: String, once: Bool = false) async throws -> [XMLTree] {
         var items: [XMLTree] = []
         var next: String?
         repeat {
-            let reply = try await self.read(action, parameters + (next.map { [("NextToken", $0)] } ?? []))
+            let page = parameters + (next.map { [("NextToken", $0)] } ?? [])
+            let reply = once ? try await self.write(action, page) : try await self.read(action, page)
             items += reply.items(set)
             next = reply.value("nextToken").flatMap { $0.isEmpty ? nil : $0 }
         } while next != nil
@@ -91,10 +110,10 @@ public struct EC2Provider: SnapshotProvider {
     }
 
     /// The snapshots of a group (or carrying `tags`), Quiesce's only.
-    func snapshots(tags: [String: String]) async throws -> [XMLTree] {
+    func snapshots(tags: [String: String], once: Bool = false) async throws -> [XMLTree] {
         var filters = tags.sorted { $0.key < $1.key }.map { ("tag:\($0.key)", [$0.value]) }
         filters.append(("tag-key", ["quiesce:group"]))
-        return try await self.readAll("DescribeSnapshots", [("Owner.1", "self")] + Self.filters(filters), set: "snapshotSet")
+        return try await self.readAll("DescribeSnapshots", [("Owner.1", "self")] + Self.filters(filters), set: "snapshotSet", once: once)
     }
 
     static func date(_ text: String?) -> Date? {
@@ -157,9 +176,10 @@ public struct EC2Provider: SnapshotProvider {
             return self.group(id, from: items.map { var item = $0; if item.tags.isEmpty { item.children.append(Self.tagSet(tags)) }; return item },
                               spanUs: UInt64(max((ContinuousClock.now - began).microseconds, 0)))
         } catch let error as ProviderError {
-            // The request may have been carried out: look for the token before saying it failed.
+            // The request may have been carried out: look for the token (once: the guest is
+            // frozen) before saying it failed; a later attempt's prepare looks again, unfrozen.
             guard case .transient = error else { throw error }
-            if let found = try? await self.snapshots(tags: ["quiesce:group": id]), !found.isEmpty,
+            if let found = try? await self.snapshots(tags: ["quiesce:group": id], once: true), !found.isEmpty,
                request.instance != nil || Set(found.compactMap { $0.value("volumeId") }) == Set(request.disks) {
                 return self.group(id, from: found, spanUs: UInt64(max((ContinuousClock.now - began).microseconds, 0)))
             }
@@ -215,7 +235,7 @@ public struct EC2Provider: SnapshotProvider {
         guard !items.isEmpty else { throw ProviderError.notFound("no EC2 snapshot is tagged quiesce:group=\(groupID)") }
         for item in items {
             do {
-                _ = try await self.write("DeleteSnapshot", [("SnapshotId", item.value("snapshotId") ?? "")])
+                _ = try await self.read("DeleteSnapshot", [("SnapshotId", item.value("snapshotId") ?? "")])
             } catch ProviderError.notFound {
                 continue
             }
@@ -240,7 +260,10 @@ public struct EC2Provider: SnapshotProvider {
             throw ProviderError.permanent("the source volume \(disk) is gone, so its availability zone is unknown: give one with --zone")
         }
         let tags = ["Name": name, "quiesce:restored-from": snapshot, "quiesce:source-volume": disk, "quiesce:group": groupID]
-        let reply = try await self.write("CreateVolume", [("SnapshotId", snapshot), ("AvailabilityZone", zone), ("TagSpecification.1.ResourceType", "volume")]
+        // The client token makes a repeated CreateVolume (a lost reply) return the same volume.
+        let clientToken = "quiesce-" + SHA256.hash(data: Data("\(snapshot)/\(name)/\(zone)".utf8)).prefix(16).map { String(format: "%02x", $0) }.joined()
+        let reply = try await self.read("CreateVolume", [("SnapshotId", snapshot), ("AvailabilityZone", zone), ("ClientToken", clientToken),
+                                                         ("TagSpecification.1.ResourceType", "volume")]
             + Self.tagParameters(tags, prefix: "TagSpecification.1.Tag."))
         guard let volume = reply.value("volumeId"), !volume.isEmpty else {
             throw ProviderError.permanent("EC2 CreateVolume answered without a volumeId")
@@ -251,7 +274,7 @@ public struct EC2Provider: SnapshotProvider {
     public func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup {
         var group = try await self.describe(groupID)
         let ids = group.disks.map(\.snapshotID)
-        _ = try await self.write("CreateTags", ids.enumerated().map { ("ResourceId.\($0 + 1)", $1) } + Self.tagParameters(tags, prefix: "Tag."))
+        _ = try await self.read("CreateTags", ids.enumerated().map { ("ResourceId.\($0 + 1)", $1) } + Self.tagParameters(tags, prefix: "Tag."))
         group.tags.merge(tags) { _, new in new }
         return group
     }
@@ -260,7 +283,12 @@ public struct EC2Provider: SnapshotProvider {
 
     /// An instance's volumes in device order, the boot volume first, and its root device.
     func volumes(of instance: String) async throws -> (volumes: [(id: String, device: String)], root: String, state: String)? {
-        let reservations = try await self.read("DescribeInstances", [("InstanceId.1", instance)]).items("reservationSet")
+        let reservations: [XMLTree]
+        do {
+            reservations = try await self.read("DescribeInstances", [("InstanceId.1", instance)]).items("reservationSet")
+        } catch ProviderError.notFound {
+            return nil  // InvalidInstanceID.NotFound
+        }
         guard let item = reservations.flatMap({ $0.items("instancesSet") }).first else { return nil }
         let root = item.value("rootDeviceName") ?? ""
         let volumes = item.items("blockDeviceMapping").compactMap { mapping -> (String, String)? in
@@ -280,8 +308,14 @@ public struct EC2Provider: SnapshotProvider {
             guard let found = try await self.volumes(of: instance) else { throw ProviderError.notFound("EC2 instance \(instance) does not exist") }
             disks = Self.resolve(target, volumes: found.volumes, root: found.root)
         }
+        // By the token alone: a snapshot made by hand (or by another tool) with this run's token is adopted too.
         let id = Self.groupID(forToken: token)
-        let items = try await self.snapshots(tags: ["quiesce:group": id])
+        var items = try await self.readAll("DescribeSnapshots", [("Owner.1", "self")] + Self.filters([("tag:quiesce:token", [token])]), set: "snapshotSet")
+        let strays = items.filter { $0.tags["quiesce:group"] != id }.compactMap { $0.value("snapshotId") }
+        if !strays.isEmpty {
+            _ = try await self.read("CreateTags", strays.enumerated().map { ("ResourceId.\($0 + 1)", $1) } + Self.tagParameters(["quiesce:group": id], prefix: "Tag."))
+            items = try await self.snapshots(tags: ["quiesce:group": id])
+        }
         return PreparedGroup(disks: disks, existing: items.isEmpty ? nil : self.group(id, from: items))
     }
 
@@ -346,18 +380,20 @@ public struct EC2Provider: SnapshotProvider {
             probes.append(("ec2:CreateSnapshot", "CreateSnapshot", [("VolumeId", volume.id)], true))
             probes.append(("ec2:CreateVolume (restore)", "CreateVolume", [("SnapshotId", "snap-00000000000000000"), ("AvailabilityZone", volume.zone)], false))
         }
-        probes.append(("ec2:CreateTags", "CreateTags", [("ResourceId.1", "snap-00000000000000000"), ("Tag.1.Key", "quiesce:check"), ("Tag.1.Value", "1")], true))
+        // On something that exists (EC2 may say NotFound before it checks the permission).
+        let taggable = firstVolume?.id ?? firstInstance ?? "snap-00000000000000000"
+        probes.append(("ec2:CreateTags", "CreateTags", [("ResourceId.1", taggable), ("Tag.1.Key", "quiesce:check"), ("Tag.1.Value", "1")], true))
         probes.append(("ec2:DeleteSnapshot (prune)", "DeleteSnapshot", [("SnapshotId", "snap-00000000000000000")], false))
         for (permission, action, parameters, blocking) in probes {
             let dryRun = action != "DescribeSnapshots"
-            do {
-                _ = try await self.client.call(action, parameters + (dryRun ? [("DryRun", "true")] : []))
+            switch await self.probe(action, parameters + (dryRun ? [("DryRun", "true")] : [])) {
+            case nil:
                 items.append(.init(item: "permission \(permission)", ok: true, detail: "allowed", blocking: blocking))
-            } catch let error as EC2Error where error.code == "DryRunOperation" {
+            case let error? where error.code == "DryRunOperation":
                 items.append(.init(item: "permission \(permission)", ok: true, detail: "allowed (DryRun)", blocking: blocking))
-            } catch let error as EC2Error where error.isDenied {
+            case let error? where error.isDenied:
                 items.append(.init(item: "permission \(permission)", ok: false, detail: "missing: \(error.code ?? "") — \(error)", blocking: blocking))
-            } catch {
+            case let error?:
                 items.append(.init(item: "permission \(permission)", ok: false, detail: "could not be checked: \(error)", blocking: blocking))
             }
         }

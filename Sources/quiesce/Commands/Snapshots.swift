@@ -142,7 +142,7 @@ struct Show: AsyncParsableCommand {
         for disk in group.disks {
             table.append([
                 disk.diskID, disk.snapshotID, formatBytes(disk.sizeBytes), formatBytes(disk.dataBytes), disk.method.rawValue,
-                milliseconds(disk.durationUs), disk.sha256.map { String($0.prefix(16)) + "…" } ?? "(pending)",
+                milliseconds(disk.durationUs), disk.sha256.map { String($0.prefix(16)) + "…" } ?? (disk.method == .provider ? "-" : "(pending)"),
             ])
         }
         print(table.render())
