@@ -205,7 +205,7 @@ let package = Package(
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceAgent", "QuiesceWire", "QuiesceLocalProvider", "QuiesceCatalog",
                 "QuiesceEngine", "QuiesceProto", "CQuiesceLinux", "QuiescePlugins", "QuiescePluginProto", "QuiesceDemo",
-                "QuiesceCoordinator", "QuiesceFleet",
+                "QuiesceCoordinator", "QuiesceFleet", "QuiesceProviders",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),

@@ -370,20 +370,30 @@ public struct EC2Provider: SnapshotProvider {
             }
         }
         // Permissions, asked with DryRun: EC2 says DryRunOperation when the call would be allowed.
+        // The creates carry a tag specification, so tag-on-create (CreateTags with
+        // ec2:CreateAction) is checked with them; tagging an existing snapshot (the level,
+        // after the thaw) and deleting one are checked on a snapshot Quiesce made, when
+        // there is one yet (docs/ec2-iam-policy.json scopes both to Quiesce's snapshots).
+        let sample = try? await self.readAll("DescribeSnapshots", [("Owner.1", "self"), ("MaxResults", "5")] + Self.filters([("tag-key", ["quiesce:group"])]),
+                                            set: "snapshotSet").first?.value("snapshotId")
+        let tagSpec = { (type: String) in [("TagSpecification.1.ResourceType", type), ("TagSpecification.1.Tag.1.Key", "quiesce:check"), ("TagSpecification.1.Tag.1.Value", "1")] }
         var probes: [(String, String, [(String, String)], Bool)] = [
             ("ec2:DescribeSnapshots", "DescribeSnapshots", [("Owner.1", "self"), ("MaxResults", "5")], true),
         ]
         if let instance = firstInstance {
-            probes.append(("ec2:CreateSnapshots", "CreateSnapshots", [("InstanceSpecification.InstanceId", instance)], true))
+            probes.append(("ec2:CreateSnapshots + ec2:CreateTags on create", "CreateSnapshots", [("InstanceSpecification.InstanceId", instance)] + tagSpec("snapshot"), true))
         }
         if let volume = firstVolume {
-            probes.append(("ec2:CreateSnapshot", "CreateSnapshot", [("VolumeId", volume.id)], true))
-            probes.append(("ec2:CreateVolume (restore)", "CreateVolume", [("SnapshotId", "snap-00000000000000000"), ("AvailabilityZone", volume.zone)], false))
+            probes.append(("ec2:CreateSnapshot + ec2:CreateTags on create", "CreateSnapshot", [("VolumeId", volume.id)] + tagSpec("snapshot"), true))
+            probes.append(("ec2:CreateVolume (restore)", "CreateVolume", [("SnapshotId", sample ?? "snap-00000000000000000"), ("AvailabilityZone", volume.zone)] + tagSpec("volume"), false))
         }
-        // On something that exists (EC2 may say NotFound before it checks the permission).
-        let taggable = firstVolume?.id ?? firstInstance ?? "snap-00000000000000000"
-        probes.append(("ec2:CreateTags", "CreateTags", [("ResourceId.1", taggable), ("Tag.1.Key", "quiesce:check"), ("Tag.1.Value", "1")], true))
-        probes.append(("ec2:DeleteSnapshot (prune)", "DeleteSnapshot", [("SnapshotId", "snap-00000000000000000")], false))
+        if let sample {
+            probes.append(("ec2:CreateTags on Quiesce's snapshots", "CreateTags", [("ResourceId.1", sample), ("Tag.1.Key", "quiesce:check"), ("Tag.1.Value", "1")], true))
+            probes.append(("ec2:DeleteSnapshot (prune)", "DeleteSnapshot", [("SnapshotId", sample)], false))
+        } else {
+            items.append(.init(item: "permission ec2:CreateTags on Quiesce's snapshots", ok: true,
+                               detail: "not checked yet: no snapshot of Quiesce's exists (checked on one after the first run)", blocking: true))
+        }
         for (permission, action, parameters, blocking) in probes {
             let dryRun = action != "DescribeSnapshots"
             switch await self.probe(action, parameters + (dryRun ? [("DryRun", "true")] : [])) {

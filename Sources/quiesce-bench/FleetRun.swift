@@ -12,6 +12,7 @@ import QuiesceLocalProvider
 import QuiescePKI
 import QuiescePluginProto
 import QuiescePlugins
+import QuiesceProviders
 import QuiesceWire
 
 /// A fleet backup at scale: N instances × 2 disks (loop-mounted ext4 images in an
@@ -37,6 +38,18 @@ struct FleetRun: AsyncParsableCommand {
     var planning: Int?
     @Option(help: "At least this many frozen windows per size (rounds of the whole fleet).")
     var samples = 300
+    @Option(name: .customLong("ec2-endpoint"), help: ArgumentHelp(
+        "Snapshot through the ec2 provider at this endpoint (moto behind the fault proxy; scripts/bench-ec2.py) instead of the local pool.",
+        valueName: "url"))
+    var ec2Endpoint: String?
+    @Option(name: .customLong("ec2-instances"), help: ArgumentHelp("With --ec2-endpoint: a JSON list of EC2 instance ids, one per bench instance.", valueName: "file"))
+    var ec2Instances: String?
+    @Option(name: .customLong("bound-burst"), help: "The rate bound's burst (default --burst): the API's own bucket when it is not ours.")
+    var boundBurst: Int?
+    @Option(name: .customLong("bound-per-second"), help: "The rate bound's refill per second (default --per-second).")
+    var boundPerSecond: Double?
+    @Option(name: .customLong("run-prefix"), help: "Run ids start with this (distinct runs against one moto).")
+    var runPrefix = "bench"
 
     /// One size's figures, for the tables and the targets.
     struct Measured {
@@ -77,9 +90,9 @@ struct FleetRun: AsyncParsableCommand {
         print("""
             RUN: concurrency \(self.concurrency), max_frozen \(self.maxFrozen.map(String.init) ?? "default"), planning \(self.planning.map(String.init) ?? "default").
             Each size runs as many rounds as give at least \(self.samples) frozen windows (a fresh run each, full token bucket); MAKESPAN is their median.
-            RATE BOUND: (instances - burst) / per_second (one group create per instance, burst \(self.burst), \(self.perSecond)/s).
+            RATE BOUND: (instances - burst) / per_second (one group create per instance, burst \(self.boundBurst ?? self.burst), \(self.boundPerSecond ?? self.perSecond)/s\(self.boundBurst != nil || self.boundPerSecond != nil ? ": the API's own bucket; Quiesce's is \(self.burst), \(self.perSecond)/s" : "")).
             FROZEN: FIFREEZE -> last FITHAW on the guest (thaw reply frozen_us), per instance, over real loop-mounted ext4.
-            SNAPSHOT: the provider's create call inside that window (engine clock): a reflink clone of both disk images, no wait for the disk.
+            SNAPSHOT: the provider's create call inside that window (engine clock): \(self.ec2Endpoint == nil ? "a reflink clone of both disk images, no wait for the disk" : "one CreateSnapshots call to the EC2 API (moto behind the fault proxy)").
             PEAK RSS: this process (engine, coordinator and every in-process agent together); the thaw guards are separate processes.
             """)
     }
@@ -92,6 +105,12 @@ struct FleetRun: AsyncParsableCommand {
             if left.isEmpty { try? FileManager.default.removeItem(atPath: root) } else { print("bench: could not undo \(left)") }
         }
         let provider = try LocalProvider(pool: root + "/pool", createBurst: self.burst, createsPerSecond: self.perSecond)
+        let ec2IDs: [String] = try self.ec2Instances.map { path in
+            try JSONDecoder().decode([String].self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+        } ?? []
+        if self.ec2Endpoint != nil && ec2IDs.count < count {
+            throw ValidationError("--ec2-instances: expected at least \(count) instance ids, found \(ec2IDs.count)")
+        }
         FileHandle.standardError.write(Data("bench: making \(count) instances × 2 disks …\n".utf8))
         var mounts: [String: [String]] = [:]
         for index in 1...count {
@@ -139,16 +158,20 @@ struct FleetRun: AsyncParsableCommand {
         }
         let missing = await engine.registry.waitFor(Set(ids), timeout: .seconds(120))
         let plugins = await PluginRegistry.load()
+        let providerLine = self.ec2Endpoint.map {
+            "aws: { kind: ec2, region: us-east-1, endpoint_url: \"\($0)\", poll_ms: 20, burst: \(self.burst), per_second: \(self.perSecond) }"
+        } ?? "pool: { kind: local, pool: \(provider.pool), burst: \(self.burst), per_second: \(self.perSecond) }"
         var text = """
             providers:
-              pool: { kind: local, pool: \(provider.pool), burst: \(self.burst), per_second: \(self.perSecond) }
+              \(providerLine)
             policies:
-              fs: { plugin: linux-freeze, wanted: filesystem, minimum: crash }
+              fs: { plugin: linux-freeze, wanted: filesystem, minimum: crash, retries: 4 }
             instances:
 
             """
-        for id in ids {
-            text += "  - { id: \(id), policy: fs, disks: [\(id)-a, \(id)-b], options: { only_mounts: [\(mounts[id]!.joined(separator: ", "))] } }\n"
+        for (index, id) in ids.enumerated() {
+            let disks = self.ec2Endpoint == nil ? "disks: [\(id)-a, \(id)-b]" : "ec2_instance: \(ec2IDs[index])"
+            text += "  - { id: \(id), policy: fs, \(disks), options: { only_mounts: [\(mounts[id]!.joined(separator: ", "))] } }\n"
         }
         text += "run: { concurrency: \(self.concurrency), agent_wait_s: 1"
             + (self.maxFrozen.map { ", max_frozen: \($0)" } ?? "") + (self.planning.map { ", planning: \($0)" } ?? "") + " }\n"
@@ -182,12 +205,20 @@ struct FleetRun: AsyncParsableCommand {
         // each round is a fresh run with a full token bucket, after a pause that lets the provider's own limit refill.
         let rounds = max(1, (self.samples + count - 1) / count)
         var reports: [RunReport] = []
+        var throttles = 0
+        var lowestRate = self.perSecond
         for round in 1...rounds {
             let bucket = TokenBucket(burst: self.burst, perSecond: self.perSecond)
-            let coordinator = Coordinator(engine: engine, plugins: plugins, providers: ["pool": .init(provider: provider, bucket: bucket)],
-                                          catalog: catalog, fleet: fleet)
+            var providers: [String: Coordinator.Provider] = ["pool": .init(provider: provider, bucket: bucket)]
+            if self.ec2Endpoint != nil {
+                providers = try ProviderSet().providers(for: fleet)
+                providers["aws"]!.bucket = bucket
+            }
+            let coordinator = Coordinator(engine: engine, plugins: plugins, providers: providers, catalog: catalog, fleet: fleet)
             let runStarted = ContinuousClock.now
-            reports.append(await coordinator.run(runID: "bench-\(count)-\(round)"))
+            reports.append(await coordinator.run(runID: "\(self.runPrefix)-\(count)-\(round)"))
+            throttles += await bucket.throttles
+            lowestRate = min(lowestRate, await bucket.lowestPerSecond)
             let runEnded = ContinuousClock.now
             if round == 1, let first = await bucket.firstGrant, let last = await bucket.lastGrant {
                 func ms(_ d: Duration) -> String { String(format: "%.0f ms", Double(d.nanoseconds) / 1e6) }
@@ -214,7 +245,7 @@ struct FleetRun: AsyncParsableCommand {
             return { p in sorted.isEmpty ? "-" : String(format: "%.2f", rank(sorted, p)) }
         }
         // Where the time goes: each step's p50/p99 over the run's groups (engine clock).
-        let groups = (1...rounds).flatMap { (try? catalog.groups(GroupFilter(runID: "bench-\(count)-\($0)"))) ?? [] }
+        let groups = (1...rounds).flatMap { (try? catalog.groups(GroupFilter(runID: "\(self.runPrefix)-\(count)-\($0)"))) ?? [] }
         var perStep: [String: [Double]] = [:]
         for group in groups { for (step, us) in group.stepTimingsUs { perStep[step, default: []].append(Double(us) / 1000) } }
         let steps = perStep.keys.sorted().map { step -> String in
@@ -234,7 +265,11 @@ struct FleetRun: AsyncParsableCommand {
         let frozen = instances.compactMap { $0.frozen.map { Double($0.nanoseconds) / 1e6 } }.sorted()
         let pct = percentiles(frozen)
         let snap = percentiles(instances.compactMap { $0.snapshot.map { Double($0.nanoseconds) / 1e6 } })
-        let bound = max(0, Double(count - self.burst) / self.perSecond)
+        let bound = max(0, Double(count - (self.boundBurst ?? self.burst)) / (self.boundPerSecond ?? self.perSecond))
+        let retried = instances.filter { $0.attempts > 1 }.count
+        FileHandle.standardError.write(Data(String(format: "bench: provider at %d: %d throttles seen by the coordinator, %d instances retried, its rate went as low as %.2f/s (configured %.2f/s)\n",
+                                                   count, throttles, retried, lowestRate, self.perSecond).utf8))
+        print("PROVIDER \(count) throttles=\(throttles) retried=\(retried) lowest_rate=\(String(format: "%.2f", lowestRate)) failed=\(instances.filter { $0.state == .failed }.count)")
         let makespans = reports.map(\.makespan.timeInterval).sorted()
         let makespan = makespans[(makespans.count - 1) / 2]
         FileHandle.standardError.write(Data("bench: makespans at \(count) (s): \(makespans.map { String(format: "%.2f", $0) }.joined(separator: " "))\n".utf8))

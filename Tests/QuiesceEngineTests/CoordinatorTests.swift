@@ -31,6 +31,8 @@ struct CoordinatorTests {
                 }
                 mounts[id] = mountPoint
             }
+            // ghost-1's disk exists (the provider's check passes); its agent never connects.
+            #expect(FileManager.default.createFile(atPath: try provider.diskPath("ghost-1-data"), contents: Data(count: 4096)))
             // Seed scripts: valid on app-1, mode 0755 on loose-1, none on base-1.
             var locations: [String: HookLocations] = [:]
             for id in ["app-1", "loose-1", "base-1"] {
@@ -102,7 +104,9 @@ struct CoordinatorTests {
             #expect(ghost.reasons.first?.hasPrefix("agent-not-connected") == true && ghost.reasons.first?.hasSuffix("needs at least filesystem") == true)
             #expect(report.exitCode == 3)
             #expect(report.instances.map(\.instanceID) == ["app-1", "loose-1", "base-1", "ghost-1"])
-            #expect(events.count == 10, "one waiting event (ghost-1), the wait's end, then started and finished per instance")
+            #expect(events.count == 11, "one waiting event (ghost-1), the wait's end, the provider's check, then started and finished per instance")
+            let checked = events.all.compactMap { event -> [ProviderCheckItem]? in if case .providerChecked(_, _, let items) = event { items } else { nil } }
+            #expect(checked.count == 1 && checked[0].allSatisfy(\.ok) && checked[0].count == 5, "\(checked)")
             let waited = events.all.compactMap { event -> (Duration, Int, [String])? in
                 if case .agentsWaited(let waited, let arrived, let missing) = event { (waited, arrived, missing) } else { nil }
             }

@@ -87,9 +87,9 @@ class AWS:
         filters = [{"Name": f"tag:{k.replace('_', ':')}", "Values": [v]} for k, v in tags.items()]
         return self.ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
 
-    def fleet(self, rows, policies=None, extra="", provider_extra=""):
+    def fleet(self, rows, policies=None, extra="", provider_extra="", more_providers=""):
         policies = policies or "  base: { plugin: crash, wanted: crash }\n"
-        text = (f"providers:\n  aws: {{ kind: ec2, profile: moto, endpoint_url: \"{self.proxy.url}\", poll_ms: 20{provider_extra} }}\n"
+        text = (f"providers:\n  aws: {{ kind: ec2, profile: moto, endpoint_url: \"{self.proxy.url}\", poll_ms: 20{provider_extra} }}\n{more_providers}"
                 f"policies:\n{policies}instances:\n" + "".join(f"  - {r}\n" for r in rows) + (extra or "run: { agent_wait_s: 0 }\n"))
         path = self.dir / "fleet.yaml"
         path.write_text(text)
@@ -135,12 +135,19 @@ def report(proc):
 def test_backup_list_show_verify_restore_prune_through_every_command(aws):
     i1, v1 = aws.instance(data_volumes=2)
     i2, v2 = aws.instance(data_volumes=1)
-    fleet = aws.fleet([f"{{ id: web-1, policy: base, ec2_instance: {i1} }}",
-                       f"{{ id: web-2, policy: base, ec2_instance: {i2}, exclude_boot_volume: true }}",
-                       f"{{ id: web-3, policy: base, disks: [{v2[0]}] }}"])
+    # A local pool beside the EC2 account: one catalog holds both providers' groups.
+    pool = aws.dir / "pool"
+    (pool / "disks").mkdir(parents=True)
+    (pool / "disks" / "loc-1-root.img").write_bytes(b"local disk" * 1000)
+    fleet = aws.fleet([f"{{ id: web-1, policy: base, provider: aws, ec2_instance: {i1} }}",
+                       f"{{ id: web-2, policy: base, provider: aws, ec2_instance: {i2}, exclude_boot_volume: true }}",
+                       f"{{ id: web-3, policy: base, provider: aws, disks: [{v2[0]}] }}",
+                       "{ id: loc-1, policy: base, provider: pool, disks: [loc-1-root] }"],
+                      more_providers=f"  pool: {{ kind: local, pool: {pool} }}\n")
     checked = aws.quiesce("check", "--fleet", fleet)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "permission ec2:CreateSnapshots" in checked.stdout and "every check passed" in checked.stdout
+    assert "1 disk in the pool" in checked.stdout
     assert f"{i1} (running): 3 volumes" in checked.stdout
 
     proc = aws.backup(fleet, "--run-id", "r-e2e", "--output", "json")
@@ -160,8 +167,14 @@ def test_backup_list_show_verify_restore_prune_through_every_command(aws):
     listing = aws.store("snapshots", "--output", "json")
     assert listing.returncode == 0, listing.stderr
     groups = {g["instanceID"]: g for g in json.loads(listing.stdout)}
-    assert set(groups) == {"web-1", "web-2", "web-3"}
+    assert set(groups) == {"web-1", "web-2", "web-3", "loc-1"}
+    local = groups.pop("loc-1")
+    assert local["provider"] == "pool" and local["providerKind"] == "local" and local["state"] == "ready"
     assert all(g["provider"] == "aws" and g["providerKind"] == "ec2" and g["state"] == "ready" for g in groups.values())
+    # The local group through the same commands, found by the provider its run recorded (no --pool).
+    assert aws.store("verify", local["id"]).returncode == 0
+    restored_local = aws.store("restore", local["id"], "--as-new")
+    assert restored_local.returncode == 0 and str(pool / "disks" / f"loc-1-root-restored-{local['id']}.img") in restored_local.stdout
     shown = aws.store("show", groups["web-1"]["id"])
     assert shown.returncode == 0 and f"(provider aws, ec2 {groups['web-1']['id']})" in shown.stdout
     verified = aws.store("verify", groups["web-1"]["id"], "--output", "json")
@@ -187,7 +200,7 @@ def test_backup_list_show_verify_restore_prune_through_every_command(aws):
     pruned = aws.store("prune", "--keep-last", "0", "--instance", "web-1")
     assert pruned.returncode == 0 and "deleted 1" in pruned.stdout, pruned.stdout + pruned.stderr
     assert len(aws.snapshots(quiesce_run="r-e2e")) == 2
-    assert len(json.loads(aws.store("snapshots", "--output", "json").stdout)) == 2
+    assert len(json.loads(aws.store("snapshots", "--output", "json").stdout)) == 3
 
 
 def test_throttles_5xx_resets_and_pending_polls_make_no_duplicates_and_fail_nothing(aws):
@@ -227,7 +240,7 @@ def test_check_names_a_missing_permission_and_a_run_freezes_nothing(aws):
     checked = aws.quiesce("check", "--fleet", fleet, "--output", "json")
     assert checked.returncode == 3, checked.stdout + checked.stderr
     rows = json.loads(checked.stdout)
-    denied = next(r for r in rows if r["item"] == "permission ec2:CreateSnapshots")
+    denied = next(r for r in rows if r["item"] == "permission ec2:CreateSnapshots + ec2:CreateTags on create")
     assert denied["ok"] == "false" and "UnauthorizedOperation" in denied["detail"]
     missing = next(r for r in rows if r["instance"] == "web-2")
     assert missing["ok"] == "false" and "i-0000000000000dead does not exist" in missing["detail"]
@@ -235,14 +248,18 @@ def test_check_names_a_missing_permission_and_a_run_freezes_nothing(aws):
     proc = aws.backup(fleet, "--run-id", "r-denied", "--output", "json")
     assert proc.returncode == 3
     _, by = report(proc)
-    assert by["web-1"]["reasons"][0].startswith("provider-check: aws permission ec2:CreateSnapshots: missing: UnauthorizedOperation")
+    assert by["web-1"]["reasons"][0].startswith("provider-check: aws permission ec2:CreateSnapshots + ec2:CreateTags on create: missing: UnauthorizedOperation")
     assert aws.proxy.stats["requests"].get("CreateSnapshots", 0) == before + 1  # the check's DryRun only
     assert aws.snapshots(quiesce_run="r-denied") == []
-    # Only what prune needs missing: a warning, and the run goes on.
-    aws.proxy.deny_actions = {"DeleteSnapshot"}
+    # Only what prune needs missing (checked on a snapshot of Quiesce's, once there is one): a warning, and the run goes on.
+    aws.proxy.deny_actions = set()
     fleet = aws.fleet([f"{{ id: web-1, policy: base, ec2_instance: {i1} }}"])
     checked = aws.quiesce("check", "--fleet", fleet)
-    assert checked.returncode == 2 and "warning" in checked.stdout, checked.stdout
+    assert checked.returncode == 0 and "not checked yet: no snapshot of Quiesce's exists" in checked.stdout, checked.stdout
+    assert aws.backup(fleet, "--run-id", "r-first").returncode == 0
+    aws.proxy.deny_actions = {"DeleteSnapshot"}
+    checked = aws.quiesce("check", "--fleet", fleet)
+    assert checked.returncode == 2 and "warning" in checked.stdout and "ec2:DeleteSnapshot (prune)" in checked.stdout, checked.stdout
     assert aws.backup(fleet, "--run-id", "r-warn").returncode == 0
 
 
