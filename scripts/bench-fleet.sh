@@ -7,7 +7,10 @@
 # goes (engine, agent, kernel), the scaling targets, and peak memory. Then one
 # instance through the product as an operator runs it (`quiesce backup` and a
 # real quiesce-agent process) beside the raw floor on the same two disks
-# (scripts/bench-backup-cli.py), with the targets against that floor.
+# (scripts/bench-backup-cli.py), with the targets against that floor. Last, the
+# fleet through the ec2 provider against moto behind the fault proxy enforcing an
+# EC2-like token bucket (scripts/bench-ec2.py): makespan against the API's rate
+# bound, throttles, retries, duplicates, frozen windows with and without a queue.
 #
 #   scripts/bench-fleet.sh            release build, 1, 10 and 100 instances
 #   scripts/bench-fleet.sh --quick    debug build, 1 and 10 instances, 25+ samples each (smoke pass)
@@ -58,3 +61,8 @@ echo "== fleet backup ($config build; instances $instances; 2 disks each; burst 
 echo
 echo "== one instance through the product (quiesce backup + a quiesce-agent process) beside the raw floor, same disks, same run"
 python3 scripts/bench-backup-cli.py --pool "$work/pool" --bin "$bin" --runs "$cli_runs" --one-shot "$one_shot"
+
+echo
+echo "== the fleet through the ec2 provider: moto behind the fault proxy's token bucket (scripts/bench-ec2.py)"
+if [ "$config" = debug ]; then ec2_args=(--instances 10 --api-burst 3 --api-rate 10); else ec2_args=(--instances 100 --api-burst 10 --api-rate 20); fi
+python3 scripts/bench-ec2.py --bin "$bin" --pool "$work/pool" "${ec2_args[@]}" ${EC2_ARGS:-}

@@ -279,6 +279,8 @@ public final class Coordinator: Sendable {
         }
 
         var backoff = Backoff(base: .milliseconds(200), cap: .seconds(5), floor: .milliseconds(50))
+        // After a throttle the bucket paces the retry; the pause only spreads the retries out.
+        var throttleBackoff = Backoff(base: .milliseconds(100), cap: .seconds(2), floor: .milliseconds(20))
         var attempt = 0
         var failures = 0
         var throttles = 0
@@ -289,7 +291,7 @@ public final class Coordinator: Sendable {
                 throttles += 1
                 guard throttles <= self.throttleRetries else { return false }
                 outcome.warnings.append("attempt \(attempt): provider throttled at \(step); retrying after the thaw: \(error)")
-                await self.sleep(max(backoff.next(), after ?? .zero))
+                await self.sleep(max(throttleBackoff.next(), after ?? .zero))
                 return true
             }
             guard error.isRetryable, failures < policy.retries else { return false }

@@ -6,8 +6,10 @@ import QuiesceCore
 /// provider never lengthens a freeze.
 ///
 /// The rate adapts to what the provider says (AIMD, as TCP does): each throttle
-/// halves it and empties the bucket, each create that goes through adds a tenth
-/// of the configured rate back, up to the configured rate. A fleet file's rate
+/// takes it to 70 % and empties the bucket, each create that goes through adds a
+/// tenth of the configured rate back, up to the configured rate. (Halving, as TCP
+/// does, costs too much here: a rate set right still meets a throttle now and then,
+/// when freezes of different lengths bunch two creates together at the API.) A fleet file's rate
 /// that is higher than what the account really has (other tools share EC2's
 /// limits) then costs a few throttles, not failed instances.
 public actor TokenBucket {
@@ -76,11 +78,11 @@ public actor TokenBucket {
         self.draining = false
     }
 
-    /// The provider throttled a call: halve the rate (not below 1/20 of the configured one) and spend what is in the bucket.
+    /// The provider throttled a call: 70 % of the rate (not below 1/20 of the configured one), and spend what is in the bucket.
     public func throttled() {
         self.refill()
         self.throttles += 1
-        self.perSecond = max(self.configuredPerSecond / 20, self.perSecond / 2)
+        self.perSecond = max(self.configuredPerSecond / 20, self.perSecond * 0.7)
         self.lowestPerSecond = min(self.lowestPerSecond, self.perSecond)
         self.tokens = min(self.tokens, 0)
     }

@@ -281,21 +281,62 @@ public struct EC2Provider: SnapshotProvider {
 
     // MARK: before a freeze
 
-    /// An instance's volumes in device order, the boot volume first, and its root device.
-    func volumes(of instance: String) async throws -> (volumes: [(id: String, device: String)], root: String, state: String)? {
-        let reservations: [XMLTree]
-        do {
-            reservations = try await self.read("DescribeInstances", [("InstanceId.1", instance)]).items("reservationSet")
-        } catch ProviderError.notFound {
-            return nil  // InvalidInstanceID.NotFound
-        }
-        guard let item = reservations.flatMap({ $0.items("instancesSet") }).first else { return nil }
-        let root = item.value("rootDeviceName") ?? ""
+    struct InstanceInfo {
+        var volumes: [(id: String, device: String)]
+        var root: String
+        var state: String
+    }
+
+    static func instanceInfo(_ item: XMLTree) -> InstanceInfo {
         let volumes = item.items("blockDeviceMapping").compactMap { mapping -> (String, String)? in
             guard let id = mapping.value("ebs/volumeId") else { return nil }
             return (id, mapping.value("deviceName") ?? "")
         }
-        return (volumes, root, item.value("instanceState/name") ?? "")
+        return InstanceInfo(volumes: volumes, root: item.value("rootDeviceName") ?? "", state: item.value("instanceState/name") ?? "")
+    }
+
+    /// An instance's volumes in device order and its root device; nil when it does not exist.
+    func volumes(of instance: String) async throws -> (volumes: [(id: String, device: String)], root: String, state: String)? {
+        guard let info = try await self.describeInstances([instance])[instance] else { return nil }
+        return (info.volumes, info.root, info.state)
+    }
+
+    /// Instances by id, 200 to a call; an id EC2 does not know fails its whole call, which is
+    /// then asked one id at a time so that only that one is missing.
+    func describeInstances(_ ids: [String]) async throws -> [String: InstanceInfo] {
+        var found: [String: InstanceInfo] = [:]
+        for start in stride(from: 0, to: ids.count, by: 200) {
+            let batch = Array(ids[start..<min(ids.count, start + 200)])
+            do {
+                let reply = try await self.read("DescribeInstances", batch.enumerated().map { ("InstanceId.\($0 + 1)", $1) })
+                for item in reply.items("reservationSet").flatMap({ $0.items("instancesSet") }) {
+                    if let id = item.value("instanceId") { found[id] = Self.instanceInfo(item) }
+                }
+            } catch ProviderError.notFound where batch.count > 1 {
+                for id in batch { found.merge(try await self.describeInstances([id])) { a, _ in a } }
+            } catch ProviderError.notFound {
+                continue  // InvalidInstanceID.NotFound
+            }
+        }
+        return found
+    }
+
+    /// Volumes by id, in the same way.
+    func describeVolumes(_ ids: [String]) async throws -> [String: XMLTree] {
+        var found: [String: XMLTree] = [:]
+        for start in stride(from: 0, to: ids.count, by: 200) {
+            let batch = Array(ids[start..<min(ids.count, start + 200)])
+            do {
+                for item in try await self.read("DescribeVolumes", batch.enumerated().map { ("VolumeId.\($0 + 1)", $1) }).items("volumeSet") {
+                    if let id = item.value("volumeId") { found[id] = item }
+                }
+            } catch ProviderError.notFound where batch.count > 1 {
+                for id in batch { found.merge(try await self.describeVolumes([id])) { a, _ in a } }
+            } catch ProviderError.notFound {
+                continue
+            }
+        }
+        return found
     }
 
     static func resolve(_ target: ProviderTarget, volumes: [(id: String, device: String)], root: String) -> [String] {
@@ -324,50 +365,48 @@ public struct EC2Provider: SnapshotProvider {
         var items = [ProviderCheckItem(item: "credentials", ok: true, detail: "\(self.client.credentials); region \(self.client.region); endpoint \(self.client.endpoint)")]
         var firstInstance: String?
         var firstVolume: (id: String, zone: String)?
+        // Every instance and volume in a few batched calls, not one call each.
+        let instances: [String: InstanceInfo]
+        let volumes: [String: XMLTree]
+        do {
+            instances = try await self.describeInstances(Array(Set(targets.compactMap(\.providerInstance))).sorted())
+            volumes = try await self.describeVolumes(Array(Set(targets.flatMap(\.disks))).sorted())
+        } catch {
+            return items + [ProviderCheckItem(item: "describe", ok: false, detail: "the instances and volumes could not be described: \(error)")]
+        }
         for target in targets {
             var disks = target.disks
             if let instance = target.providerInstance {
-                do {
-                    guard let found = try await self.volumes(of: instance) else {
-                        items.append(.init(instanceID: target.instanceID, item: "instance", ok: false, detail: "EC2 instance \(instance) does not exist in \(self.client.region)"))
-                        continue
-                    }
-                    firstInstance = firstInstance ?? instance
-                    let resolved = Self.resolve(target, volumes: found.volumes, root: found.root)
-                    items.append(.init(instanceID: target.instanceID, item: "instance", ok: !resolved.isEmpty,
-                                       detail: "\(instance) (\(found.state)): " + (resolved.isEmpty ? "no volume left after the exclusions"
-                                           : "\(resolved.count) volume\(resolved.count == 1 ? "" : "s"): \(resolved.joined(separator: ", "))")))
-                    let attached = Set(found.volumes.map(\.id))
-                    let strangers = target.disks.filter { !attached.contains($0) }
-                    if !strangers.isEmpty {
-                        items.append(.init(instanceID: target.instanceID, item: "volumes", ok: false,
-                                           detail: "expected volumes attached to \(instance), found not attached: \(strangers.joined(separator: ", "))"))
-                    }
-                    if disks.isEmpty { disks = resolved }
-                } catch {
-                    items.append(.init(instanceID: target.instanceID, item: "instance", ok: false, detail: "DescribeInstances \(instance): \(error)"))
+                guard let found = instances[instance] else {
+                    items.append(.init(instanceID: target.instanceID, item: "instance", ok: false, detail: "EC2 instance \(instance) does not exist in \(self.client.region)"))
                     continue
                 }
+                firstInstance = firstInstance ?? instance
+                let resolved = Self.resolve(target, volumes: found.volumes, root: found.root)
+                items.append(.init(instanceID: target.instanceID, item: "instance", ok: !resolved.isEmpty,
+                                   detail: "\(instance) (\(found.state)): " + (resolved.isEmpty ? "no volume left after the exclusions"
+                                       : "\(resolved.count) volume\(resolved.count == 1 ? "" : "s"): \(resolved.joined(separator: ", "))")))
+                let attached = Set(found.volumes.map(\.id))
+                let strangers = target.disks.filter { !attached.contains($0) }
+                if !strangers.isEmpty {
+                    items.append(.init(instanceID: target.instanceID, item: "volumes", ok: false,
+                                       detail: "expected volumes attached to \(instance), found not attached: \(strangers.joined(separator: ", "))"))
+                }
+                if disks.isEmpty { disks = resolved }
             }
             if disks.count > self.capabilities.maxDisksPerGroup {
                 items.append(.init(instanceID: target.instanceID, item: "volumes", ok: false,
                                    detail: "a group holds at most \(self.capabilities.maxDisksPerGroup) volumes, found \(disks.count)"))
             }
             guard !target.disks.isEmpty else { continue }
-            do {
-                let found = try await self.read("DescribeVolumes", target.disks.enumerated().map { ("VolumeId.\($0 + 1)", $1) }).items("volumeSet")
-                let byID = Dictionary(found.compactMap { item in item.value("volumeId").map { ($0, item) } }, uniquingKeysWith: { a, _ in a })
-                var problems: [String] = []
-                for disk in target.disks {
-                    guard let volume = byID[disk] else { problems.append("\(disk) does not exist"); continue }
-                    if firstVolume == nil { firstVolume = (disk, volume.value("availabilityZone") ?? "") }
-                    if volume.value("status") != "in-use" { problems.append("\(disk) is \(volume.value("status") ?? "?"), not attached") }
-                }
-                items.append(.init(instanceID: target.instanceID, item: "volumes", ok: problems.isEmpty,
-                                   detail: problems.isEmpty ? "\(target.disks.count) volume\(target.disks.count == 1 ? "" : "s") attached" : problems.joined(separator: "; ")))
-            } catch {
-                items.append(.init(instanceID: target.instanceID, item: "volumes", ok: false, detail: "DescribeVolumes: \(error)"))
+            var problems: [String] = []
+            for disk in target.disks {
+                guard let volume = volumes[disk] else { problems.append("\(disk) does not exist"); continue }
+                if firstVolume == nil { firstVolume = (disk, volume.value("availabilityZone") ?? "") }
+                if volume.value("status") != "in-use" { problems.append("\(disk) is \(volume.value("status") ?? "?"), not attached") }
             }
+            items.append(.init(instanceID: target.instanceID, item: "volumes", ok: problems.isEmpty,
+                               detail: problems.isEmpty ? "\(target.disks.count) volume\(target.disks.count == 1 ? "" : "s") attached" : problems.joined(separator: "; ")))
         }
         // Permissions, asked with DryRun: EC2 says DryRunOperation when the call would be allowed.
         // The creates carry a tag specification, so tag-on-create (CreateTags with
@@ -394,9 +433,18 @@ public struct EC2Provider: SnapshotProvider {
             items.append(.init(item: "permission ec2:CreateTags on Quiesce's snapshots", ok: true,
                                detail: "not checked yet: no snapshot of Quiesce's exists (checked on one after the first run)", blocking: true))
         }
-        for (permission, action, parameters, blocking) in probes {
-            let dryRun = action != "DescribeSnapshots"
-            switch await self.probe(action, parameters + (dryRun ? [("DryRun", "true")] : [])) {
+        // All at once: each is one round trip, and a fleet's run waits for them before its first freeze.
+        let answers = await withTaskGroup(of: (Int, EC2Error?).self) { group in
+            for (index, probe) in probes.enumerated() {
+                let dryRun = probe.1 != "DescribeSnapshots"
+                group.addTask { (index, await self.probe(probe.1, probe.2 + (dryRun ? [("DryRun", "true")] : []))) }
+            }
+            var answers: [Int: EC2Error?] = [:]
+            for await (index, answer) in group { answers[index] = answer }
+            return answers
+        }
+        for (index, (permission, _, _, blocking)) in probes.enumerated() {
+            switch answers[index] ?? nil {
             case nil:
                 items.append(.init(item: "permission \(permission)", ok: true, detail: "allowed", blocking: blocking))
             case let error? where error.code == "DryRunOperation":

@@ -159,7 +159,7 @@ struct FleetRun: AsyncParsableCommand {
         let missing = await engine.registry.waitFor(Set(ids), timeout: .seconds(120))
         let plugins = await PluginRegistry.load()
         let providerLine = self.ec2Endpoint.map {
-            "aws: { kind: ec2, region: us-east-1, endpoint_url: \"\($0)\", poll_ms: 20, burst: \(self.burst), per_second: \(self.perSecond) }"
+            "aws: { kind: ec2, region: us-east-1, endpoint_url: \"\($0)\", poll_ms: 100, burst: \(self.burst), per_second: \(self.perSecond) }"
         } ?? "pool: { kind: local, pool: \(provider.pool), burst: \(self.burst), per_second: \(self.perSecond) }"
         var text = """
             providers:
