@@ -39,6 +39,9 @@ public enum RunEvent: Sendable {
     case agentsWaited(waited: Duration, arrived: Int, missing: [String])
     /// A provider's check before anything was frozen: every item, passed or not.
     case providerChecked(provider: String, kind: String, items: [ProviderCheckItem])
+    /// Every freeze is over; groups still copying at their providers (their point in time
+    /// fixed long ago) are waited for and their catalog rows updated.
+    case settling(groups: Int)
     case instanceStarted(String)
     case instanceFinished(InstanceOutcome)
 }
@@ -95,6 +98,16 @@ public final class Coordinator: Sendable {
     /// every instance's facts and plan would finish late together, the first provider slot
     /// would wait for all of them, and their CPU would stretch the freezes of the first ones.
     let planSlots: Slots
+    struct Unsettled: Sendable {
+        var providerName: String
+        var groupID: String
+        var timeout: Duration
+        var instanceID: String
+    }
+    /// What each provider's one batched prepare found before the run's first freeze, by token.
+    private let firstPrepared = Mutex<[String: PreparedGroup]>([:])
+    /// Groups recorded pending, to wait for once every freeze of the run is over.
+    private let unsettled = Mutex<[Unsettled]>([])
     /// Why an instance may not start, from its provider's check before the run.
     private let checkFailures = Mutex<[String: [String]]>([:])
     /// How the coordinator waits between attempts; tests give a manual clock.
@@ -141,9 +154,9 @@ public final class Coordinator: Sendable {
             agentWait = .now - waitBegan
             events(.agentsWaited(waited: agentWait, arrived: absent - missing.count, missing: missing.sorted()))
         }
-        await self.checkProviders(events: events)
+        await self.checkProviders(runID: runID, events: events)
         let limit = max(1, self.fleet.concurrency)
-        let outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
+        var outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
             var results: [InstanceOutcome] = []
             var next = 0
             func startNext() {
@@ -173,7 +186,9 @@ public final class Coordinator: Sendable {
             }
             return results
         }
+        let settleWarnings = await self.settle(events: events)
         let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
+        for index in outcomes.indices { outcomes[index].warnings += settleWarnings[outcomes[index].instanceID] ?? [] }
         var report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
                                makespan: .now - started, agentWait: agentWait)
         let state = report.runState
@@ -187,10 +202,44 @@ public final class Coordinator: Sendable {
         return report
     }
 
+    /// Waits for the groups recorded pending (a cloud still copying), each provider's all at
+    /// once, and updates their catalog rows; a group still pending at its timeout stays
+    /// `pending` in the catalog (`quiesce verify` looks again), with a warning on its instance.
+    func settle(events: @escaping @Sendable (RunEvent) -> Void) async -> [String: [String]] {
+        let waiting = self.unsettled.withLock { list in defer { list.removeAll() }; return list }
+        guard !waiting.isEmpty else { return [:] }
+        events(.settling(groups: waiting.count))
+        var warnings: [String: [String]] = [:]
+        for (name, items) in Dictionary(grouping: waiting, by: \.providerName) {
+            guard let provider = self.providers[name] else { continue }
+            let timeout = items.map(\.timeout).max() ?? .seconds(600)
+            let results = await provider.provider.waitUntilReady(items.map(\.groupID), timeout: timeout)
+            for item in items {
+                switch results[item.groupID] {
+                case .success(let ready)?:
+                    if let error = await self.catalogWrite({ catalog in
+                        guard var row = try catalog.group(item.groupID) else { return }
+                        row.state = ready.state
+                        row.disks = ready.disks
+                        row.tags = ready.tags
+                        try catalog.record(row)
+                    }) {
+                        warnings[item.instanceID, default: []].append("catalog-write-failed: the state of \(item.groupID) could not be updated: \(error)")
+                    }
+                case .failure(let error)?:
+                    warnings[item.instanceID, default: []].append("not-ready: \(item.groupID) is still pending at the provider: \(error)")
+                case nil:
+                    warnings[item.instanceID, default: []].append("not-ready: \(item.groupID): the provider did not say")
+                }
+            }
+        }
+        return warnings
+    }
+
     /// Records each provider the fleet uses in the catalog, then runs its check over its
     /// instances before anything is frozen: a blocking failure of the provider itself
     /// fails all of its instances, an instance's own failure fails that instance.
-    func checkProviders(events: @escaping @Sendable (RunEvent) -> Void) async {
+    func checkProviders(runID: String, events: @escaping @Sendable (RunEvent) -> Void) async {
         for spec in self.fleet.providers {
             let instances = self.fleet.instances.filter { $0.provider == spec.name }
             guard !instances.isEmpty, let provider = self.providers[spec.name] else { continue }
@@ -198,6 +247,13 @@ public final class Coordinator: Sendable {
             let items = await provider.provider.check(instances.map(ProviderKinds.target))
             events(.providerChecked(provider: spec.name, kind: provider.provider.kind, items: items))
             let failed = items.filter { !$0.ok && $0.blocking }
+            // One batched look for every instance's disks and earlier group (a cloud: a call or two
+            // for the whole fleet, not one per instance); an instance it misses prepares on its own.
+            let fine = instances.filter { instance in !failed.contains { $0.instanceID == nil || $0.instanceID == instance.id } }
+            if !fine.isEmpty, let prepared = try? await provider.provider.prepare(
+                fine.map { PrepareRequest(target: ProviderKinds.target($0), token: "\(runID)/\($0.id)") }) {
+                self.firstPrepared.withLock { $0.merge(prepared) { _, new in new } }
+            }
             guard !failed.isEmpty else { continue }
             self.checkFailures.withLock { failures in
                 for instance in instances {
@@ -307,7 +363,11 @@ public final class Coordinator: Sendable {
             // Before anything is frozen: the group's disks, and a group this token already made.
             let prepared: PreparedGroup
             do {
-                prepared = try await provider.provider.prepare(target, token: token)
+                if attempt == 1, let first = self.firstPrepared.withLock({ $0.removeValue(forKey: token) }) {
+                    prepared = first
+                } else {
+                    prepared = try await provider.provider.prepare(target, token: token)
+                }
             } catch let error as ProviderError {
                 if await retry(after: error, step: "prepare") { continue }
                 outcome.reasons = ["provider-failed: \(error); nothing was frozen"]
@@ -346,7 +406,7 @@ public final class Coordinator: Sendable {
             let quiesces = (plan.prepare + plan.quiesce).contains { $0.blocking }
             let request = CreateGroupRequest(
                 disks: prepared.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)",
-                instance: target.providerInstance, excludeBoot: target.excludeBoot)
+                instance: target.providerInstance, excludeBoot: target.excludeBoot, excludeDisks: target.excludeDisks)
             let run = {
                 await runner.run(plan) {
                     do {
@@ -389,7 +449,10 @@ public final class Coordinator: Sendable {
                 }) {
                     outcome.warnings.append("tag-failed: the level tags of \(group.id) could not be written: \(error)")
                 }
-                if let error = await timed("provider-ready", { created.set(try await provider.provider.waitUntilReady(group.id, timeout: readyTimeout)) }) {
+                if provider.provider.capabilities.settlesLater && created.group?.state == .pending {
+                    // Recorded pending now; waited for after the run's freezes (see `settle`).
+                    self.unsettled.withLock { $0.append(Unsettled(providerName: instance.provider, groupID: group.id, timeout: readyTimeout, instanceID: instance.id)) }
+                } else if let error = await timed("provider-ready", { created.set(try await provider.provider.waitUntilReady(group.id, timeout: readyTimeout)) }) {
                     outcome.warnings.append("not-ready: \(group.id) is still \(group.state.rawValue) at the provider: \(error)")
                 }
                 outcome.state = result.failed ? .failed : (result.achieved < policy.wanted ? .downgraded : .succeeded)

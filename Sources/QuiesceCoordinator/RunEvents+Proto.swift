@@ -73,7 +73,7 @@ extension RunEvent {
                     $0.instanceIds = missing
                     $0.waitS = UInt32(clamping: wait.components.seconds)
                 }
-            case .agentsWaited, .providerChecked:
+            case .agentsWaited, .providerChecked, .settling:
                 break  // not on the admin wire: an engine that serves runs has its agents connected already
             case .instanceStarted(let id):
                 $0.started = .with { $0.instanceID = id }

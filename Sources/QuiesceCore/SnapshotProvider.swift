@@ -16,8 +16,14 @@ public struct ProviderCapabilities: Sendable, Hashable, Codable {
     /// in time (EBS multi-volume snapshots); false means it is one point in time
     /// only while the guest is frozen across the whole create.
     public var atomicMultiDiskGroup: Bool
+    /// True when a group keeps copying for long after its point in time is fixed (EBS: minutes
+    /// to hours): the coordinator records it `pending` at once and waits for it after the
+    /// run's freezes, so the wait holds none of the run's concurrency. False: waited in line.
+    public var settlesLater: Bool
 
-    public init(maxDisksPerGroup: Int, createBurst: Int, createsPerSecond: Double, pointInTimeFixedOnReturn: Bool, atomicMultiDiskGroup: Bool) {
+    public init(maxDisksPerGroup: Int, createBurst: Int, createsPerSecond: Double, pointInTimeFixedOnReturn: Bool, atomicMultiDiskGroup: Bool,
+                settlesLater: Bool = false) {
+        self.settlesLater = settlesLater
         self.maxDisksPerGroup = maxDisksPerGroup
         self.createBurst = createBurst
         self.createsPerSecond = createsPerSecond
@@ -39,11 +45,13 @@ public struct CreateGroupRequest: Sendable, Hashable {
     /// instance is snapshotted as one group by the provider (EC2 CreateSnapshots,
     /// ECS CreateSnapshotGroup); `disks` then lists what it was resolved to.
     public var instance: String?
-    /// With `instance`: leave its boot disk out.
+    /// With `instance`: leave its boot disk out, and these.
     public var excludeBoot: Bool
+    public var excludeDisks: [String]
 
     public init(disks: [String], tags: [String: String] = [:], idempotencyToken: String, description: String = "", instance: String? = nil,
-                excludeBoot: Bool = false) {
+                excludeBoot: Bool = false, excludeDisks: [String] = []) {
+        self.excludeDisks = excludeDisks
         self.disks = disks
         self.tags = tags
         self.idempotencyToken = idempotencyToken
@@ -231,8 +239,21 @@ public protocol SnapshotProvider: Sendable {
     /// credentials, permissions, that each instance and its disks exist and are
     /// attached, the provider's own limits. Returns every item, passed or not.
     func check(_ targets: [ProviderTarget]) async -> [ProviderCheckItem]
-    /// Before a freeze: the disks of `target`'s group, and the group `token` already names, if any.
-    func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup
+    /// Before any freeze: for each request, the disks of its group and the group its token
+    /// already names, if any, by token. Batched, so that a run asks once, not once per instance.
+    func prepare(_ requests: [PrepareRequest]) async throws -> [String: PreparedGroup]
+    /// Waits for several groups at once (a cloud polls them in one call); each group's result by id.
+    func waitUntilReady(_ groupIDs: [String], timeout: Duration) async -> [String: Result<SnapshotGroup, ProviderError>]
+}
+
+/// One instance to prepare: what it points at, and its run's token.
+public struct PrepareRequest: Sendable, Hashable {
+    public var target: ProviderTarget
+    public var token: String
+    public init(target: ProviderTarget, token: String) {
+        self.target = target
+        self.token = token
+    }
 }
 
 extension SnapshotProvider {
@@ -244,8 +265,32 @@ extension SnapshotProvider {
         }
     }
 
-    /// The fleet file's disks, and the group tagged with `token`.
+    /// The fleet file's disks, and the group tagged with each token.
+    public func prepare(_ requests: [PrepareRequest]) async throws -> [String: PreparedGroup] {
+        var prepared: [String: PreparedGroup] = [:]
+        for request in requests {
+            prepared[request.token] = PreparedGroup(disks: request.target.disks, existing: try await self.list(tags: ["quiesce:token": request.token]).first)
+        }
+        return prepared
+    }
+
+    /// One instance.
     public func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup {
-        PreparedGroup(disks: target.disks, existing: try await self.list(tags: ["quiesce:token": token]).first)
+        try await self.prepare([PrepareRequest(target: target, token: token)])[token] ?? PreparedGroup(disks: target.disks)
+    }
+
+    /// One group after the other.
+    public func waitUntilReady(_ groupIDs: [String], timeout: Duration) async -> [String: Result<SnapshotGroup, ProviderError>] {
+        var results: [String: Result<SnapshotGroup, ProviderError>] = [:]
+        for id in groupIDs {
+            do {
+                results[id] = .success(try await self.waitUntilReady(id, timeout: timeout))
+            } catch let error as ProviderError {
+                results[id] = .failure(error)
+            } catch {
+                results[id] = .failure(.transient("\(error)"))
+            }
+        }
+        return results
     }
 }

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import QuiesceCore
+import Synchronization
 
 /// The `ec2` provider: EBS snapshots through the EC2 Query API.
 ///
@@ -16,6 +17,14 @@ import QuiesceCore
 /// honouring `Retry-After`; creates never are: inside a freeze a throttle is
 /// reported at once, so the coordinator thaws first and retries later.
 public struct EC2Provider: SnapshotProvider {
+    /// Groups this process made or found, so that tagging one after the thaw needs no describe first.
+    final class Cache: Sendable {
+        private let groups = Mutex<[String: SnapshotGroup]>([:])
+        func remember(_ group: SnapshotGroup) { self.groups.withLock { $0[group.id] = group } }
+        func group(_ id: String) -> SnapshotGroup? { self.groups.withLock { $0[id] } }
+    }
+
+    let cache = Cache()
     public let kind = "ec2"
     public let capabilities: ProviderCapabilities
     public let client: EC2Client
@@ -31,7 +40,7 @@ public struct EC2Provider: SnapshotProvider {
         self.pollInterval = pollInterval
         self.capabilities = ProviderCapabilities(
             maxDisksPerGroup: 40, createBurst: createBurst, createsPerSecond: createsPerSecond,
-            pointInTimeFixedOnReturn: true, atomicMultiDiskGroup: true)
+            pointInTimeFixedOnReturn: true, atomicMultiDiskGroup: true, settlesLater: true)
     }
 
     /// "eg-" and 20 hex digits of the token's SHA-256: the same token always names the same group.
@@ -152,14 +161,11 @@ public struct EC2Provider: SnapshotProvider {
                 var parameters = [("InstanceSpecification.InstanceId", instance), ("Description", request.description),
                                   ("TagSpecification.1.ResourceType", "snapshot")]
                 if request.excludeBoot { parameters.append(("InstanceSpecification.ExcludeBootVolume", "true")) }
+                for (index, volume) in request.excludeDisks.enumerated() {
+                    parameters.append(("InstanceSpecification.ExcludeDataVolumeId.\(index + 1)", volume))
+                }
                 parameters += Self.tagParameters(tags, prefix: "TagSpecification.1.Tag.")
                 items = try await self.write("CreateSnapshots", parameters).items("snapshotSet")
-                // The instance's volumes may have changed since they were resolved: keep to the ones asked for.
-                let extra = items.filter { !request.disks.isEmpty && !request.disks.contains($0.value("volumeId") ?? "") }
-                if !extra.isEmpty {
-                    for item in extra { _ = try? await self.write("DeleteSnapshot", [("SnapshotId", item.value("snapshotId") ?? "")]) }
-                    items.removeAll { extra.contains($0) }
-                }
             } else {
                 guard !request.disks.isEmpty else { throw ProviderError.permanent("a group needs at least one volume") }
                 let base = [("Description", request.description), ("TagSpecification.1.ResourceType", "snapshot")]
@@ -173,8 +179,10 @@ public struct EC2Provider: SnapshotProvider {
                     return made
                 }
             }
-            return self.group(id, from: items.map { var item = $0; if item.tags.isEmpty { item.children.append(Self.tagSet(tags)) }; return item },
-                              spanUs: UInt64(max((ContinuousClock.now - began).microseconds, 0)))
+            let group = self.group(id, from: items.map { var item = $0; if item.tags.isEmpty { item.children.append(Self.tagSet(tags)) }; return item },
+                                   spanUs: UInt64(max((ContinuousClock.now - began).microseconds, 0)))
+            self.cache.remember(group)
+            return group
         } catch let error as ProviderError {
             // The request may have been carried out: look for the token (once: the guest is
             // frozen) before saying it failed; a later attempt's prepare looks again, unfrozen.
@@ -272,10 +280,12 @@ public struct EC2Provider: SnapshotProvider {
     }
 
     public func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup {
-        var group = try await self.describe(groupID)
+        var group: SnapshotGroup
+        if let known = self.cache.group(groupID) { group = known } else { group = try await self.describe(groupID) }
         let ids = group.disks.map(\.snapshotID)
         _ = try await self.read("CreateTags", ids.enumerated().map { ("ResourceId.\($0 + 1)", $1) } + Self.tagParameters(tags, prefix: "Tag."))
         group.tags.merge(tags) { _, new in new }
+        self.cache.remember(group)
         return group
     }
 
@@ -343,21 +353,88 @@ public struct EC2Provider: SnapshotProvider {
         volumes.filter { !(target.excludeBoot && $0.device == root) && !target.excludeDisks.contains($0.id) }.map(\.id)
     }
 
-    public func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup {
-        var disks = target.disks
-        if let instance = target.providerInstance, disks.isEmpty {
-            guard let found = try await self.volumes(of: instance) else { throw ProviderError.notFound("EC2 instance \(instance) does not exist") }
-            disks = Self.resolve(target, volumes: found.volumes, root: found.root)
+    /// Two calls for up to 200 instances: DescribeInstances for those whose volumes are to be
+    /// found, DescribeSnapshots for every token at once (by the token alone, so that a snapshot
+    /// made by hand or by another tool with a run's token is adopted too; such a snapshot gets
+    /// its group's tag here).
+    public func prepare(_ requests: [PrepareRequest]) async throws -> [String: PreparedGroup] {
+        let discover = requests.filter { $0.target.providerInstance != nil && $0.target.disks.isEmpty }.compactMap(\.target.providerInstance)
+        let instances = try await self.describeInstances(Array(Set(discover)).sorted())
+        var prepared: [String: PreparedGroup] = [:]
+        for request in requests {
+            var disks = request.target.disks
+            if let instance = request.target.providerInstance, disks.isEmpty {
+                guard let found = instances[instance] else { throw ProviderError.notFound("EC2 instance \(instance) does not exist") }
+                disks = Self.resolve(request.target, volumes: found.volumes, root: found.root)
+            }
+            prepared[request.token] = PreparedGroup(disks: disks)
         }
-        // By the token alone: a snapshot made by hand (or by another tool) with this run's token is adopted too.
-        let id = Self.groupID(forToken: token)
-        var items = try await self.readAll("DescribeSnapshots", [("Owner.1", "self")] + Self.filters([("tag:quiesce:token", [token])]), set: "snapshotSet")
-        let strays = items.filter { $0.tags["quiesce:group"] != id }.compactMap { $0.value("snapshotId") }
-        if !strays.isEmpty {
-            _ = try await self.read("CreateTags", strays.enumerated().map { ("ResourceId.\($0 + 1)", $1) } + Self.tagParameters(["quiesce:group": id], prefix: "Tag."))
-            items = try await self.snapshots(tags: ["quiesce:group": id])
+        let tokens = requests.map(\.token)
+        for start in stride(from: 0, to: tokens.count, by: 200) {
+            let batch = Array(tokens[start..<min(tokens.count, start + 200)])
+            let items = try await self.readAll("DescribeSnapshots", [("Owner.1", "self")] + Self.filters([("tag:quiesce:token", batch)]), set: "snapshotSet")
+            for (token, found) in Dictionary(grouping: items, by: { $0.tags["quiesce:token"] ?? "" }) where prepared[token] != nil {
+                let id = Self.groupID(forToken: token)
+                var found = found
+                let strays = found.filter { $0.tags["quiesce:group"] != id }.compactMap { $0.value("snapshotId") }
+                if !strays.isEmpty {
+                    _ = try await self.read("CreateTags", strays.enumerated().map { ("ResourceId.\($0 + 1)", $1) }
+                        + Self.tagParameters(["quiesce:group": id], prefix: "Tag."))
+                    found = found.map { item in
+                        var item = item
+                        if item.tags["quiesce:group"] != id { item.children.removeAll { $0.name == "tagSet" }; item.children.append(Self.tagSet(item.tags.merging(["quiesce:group": id]) { $1 })) }
+                        return item
+                    }
+                }
+                let group = self.group(id, from: found)
+                self.cache.remember(group)
+                prepared[token]?.existing = group
+            }
         }
-        return PreparedGroup(disks: disks, existing: items.isEmpty ? nil : self.group(id, from: items))
+        return prepared
+    }
+
+    /// Polls every pending group in one DescribeSnapshots per 200 groups, doubling the pause up to 15 s.
+    public func waitUntilReady(_ groupIDs: [String], timeout: Duration) async -> [String: Result<SnapshotGroup, ProviderError>] {
+        var results: [String: Result<SnapshotGroup, ProviderError>] = [:]
+        var pending = groupIDs
+        let deadline = ContinuousClock.now + timeout
+        var interval = self.pollInterval
+        while !pending.isEmpty {
+            for start in stride(from: 0, to: pending.count, by: 200) {
+                let batch = Array(pending[start..<min(pending.count, start + 200)])
+                do {
+                    let items = try await self.readAll("DescribeSnapshots", [("Owner.1", "self")] + Self.filters([("tag:quiesce:group", batch)]), set: "snapshotSet")
+                    let byGroup = Dictionary(grouping: items) { $0.tags["quiesce:group"] ?? "" }
+                    for id in batch {
+                        guard let found = byGroup[id] else {
+                            results[id] = .failure(.notFound("no EC2 snapshot is tagged quiesce:group=\(id)"))
+                            continue
+                        }
+                        let group = self.group(id, from: found)
+                        switch group.state {
+                        case .ready: results[id] = .success(group)
+                        case .failed: results[id] = .failure(.permanent("EC2 snapshot group \(id): a snapshot is in state error"))
+                        case .pending: break
+                        }
+                    }
+                } catch let error as ProviderError {
+                    for id in batch { results[id] = .failure(error) }
+                } catch {
+                    for id in batch { results[id] = .failure(.transient("\(error)")) }
+                }
+            }
+            pending.removeAll { results[$0] != nil }
+            if let progress = self.progress { progress("\(groupIDs.count) groups", groupIDs.count - pending.count, groupIDs.count, "") }
+            guard !pending.isEmpty else { break }
+            guard ContinuousClock.now + interval < deadline else {
+                for id in pending { results[id] = .failure(.transient("EC2 snapshot group \(id) still pending after \(timeout)")) }
+                break
+            }
+            try? await Task.sleep(for: interval)
+            interval = min(interval * 2, .seconds(15))
+        }
+        return results
     }
 
     /// Credentials and permissions (DryRun), each instance and its volumes, the group size limit.

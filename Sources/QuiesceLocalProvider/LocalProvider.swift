@@ -92,11 +92,18 @@ public struct LocalProvider: SnapshotProvider {
     }
 
     /// The group a token names is found by its id: no listing.
-    public func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup {
-        let id = Self.groupID(forToken: token)
-        guard FileManager.default.fileExists(atPath: "\(self.snapshotsDirectory)/\(id)/group.json") else { return PreparedGroup(disks: target.disks) }
-        let group = try self.readGroup(id)
-        return PreparedGroup(disks: target.disks, existing: group.idempotencyToken == token ? group : nil)
+    public func prepare(_ requests: [PrepareRequest]) async throws -> [String: PreparedGroup] {
+        var prepared: [String: PreparedGroup] = [:]
+        for request in requests {
+            let id = Self.groupID(forToken: request.token)
+            var existing: SnapshotGroup?
+            if FileManager.default.fileExists(atPath: "\(self.snapshotsDirectory)/\(id)/group.json") {
+                let group = try self.readGroup(id)
+                existing = group.idempotencyToken == request.token ? group : nil
+            }
+            prepared[request.token] = PreparedGroup(disks: request.target.disks, existing: existing)
+        }
+        return prepared
     }
 
     public func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup {

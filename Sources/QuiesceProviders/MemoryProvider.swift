@@ -145,9 +145,14 @@ public final class MemoryProvider: SnapshotProvider, Sendable {
         return items
     }
 
-    public func prepare(_ target: ProviderTarget, token: String) async throws -> PreparedGroup {
+    /// One call per batch, like a cloud's one DescribeSnapshots for a whole run.
+    public func prepare(_ requests: [PrepareRequest]) async throws -> [String: PreparedGroup] {
         _ = try self.enter(.prepare)
-        return PreparedGroup(disks: target.disks, existing: self.state.withLock { $0.groups[Self.groupID(forToken: token)] })
+        return self.state.withLock { state in
+            Dictionary(uniqueKeysWithValues: requests.map {
+                ($0.token, PreparedGroup(disks: $0.target.disks, existing: state.groups[Self.groupID(forToken: $0.token)]))
+            })
+        }
     }
 
     public func delete(_ groupID: String) async throws {

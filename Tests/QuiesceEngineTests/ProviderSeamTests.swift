@@ -133,13 +133,15 @@ struct ProviderSeamTests {
     @Test("transient errors past the policy's retries fail the instance with the provider's words; prepare's throttles are retried too")
     func transient() async throws {
         try await self.withSetup(retries: 1) { s in
-            s.provider.script(.prepare, [.throttle(retryAfter: .milliseconds(500))])
+            // The first throttle meets the run's one batched prepare (the instance then prepares on its own), the second that.
+            s.provider.script(.prepare, [.throttle(retryAfter: .milliseconds(500)), .throttle(retryAfter: .milliseconds(500))])
             s.provider.script(.create, [.transient, .transient])
             let report = await s.coordinator.run(runID: "tr", agentWait: .zero)
             let outcome = try #require(report.instances.first)
             #expect(outcome.state == .failed && outcome.attempts == 3, "\(outcome.attempts) \(outcome.reasons)")
             #expect(outcome.reasons.contains { $0.contains("memory: create failed (scripted)") }, "\(outcome.reasons)")
-            #expect(s.provider.createsDone == 0 && s.provider.calls(.prepare) == 3)
+            #expect(s.provider.createsDone == 0 && s.provider.calls(.prepare) == 4, "\(s.provider.calls(.prepare))")
+            #expect(outcome.warnings.contains { $0.contains("throttled at prepare") }, "\(outcome.warnings)")
         }
     }
 }

@@ -248,6 +248,9 @@ final class RunPrinter: @unchecked Sendable {
                        "failed": failed.map { ["instance": $0.instanceID ?? "", "item": $0.item, "detail": $0.detail, "blocking": $0.blocking] }],
                       text: "quiesce: provider \(name) (\(kind)): \(items.count - failed.count) of \(items.count) checks passed"
                           + failed.map { "\n  \($0.blocking ? "failed" : "warning"): \($0.instanceID.map { "\($0): " } ?? "")\($0.item): \($0.detail)" }.joined())
+        case .settling(let groups):
+            self.emit(["event": "settling", "groups": groups],
+                      text: "quiesce: every freeze is over; waiting for \(groups) snapshot group(s) still copying at their provider (their point in time is fixed)")
         case .instanceStarted(let id):
             if self.json { Self.printJSON(["event": "started", "instance": id]) }
             progress?.instanceStarted()
