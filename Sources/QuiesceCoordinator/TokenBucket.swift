@@ -78,13 +78,21 @@ public actor TokenBucket {
         self.draining = false
     }
 
-    /// The provider throttled a call: 70 % of the rate (not below 1/20 of the configured one), and spend what is in the bucket.
+    /// When the rate was last cut: the throttles of calls already on their way then say nothing new.
+    private var lastCut: ContinuousClock.Instant?
+
+    /// The provider throttled a call: 70 % of the rate (not below 1/20 of the configured one), at
+    /// most once a second (as TCP cuts once per round trip: a burst of throttles from calls sent
+    /// before the cut is one signal), and spend what is in the bucket.
     public func throttled() {
         self.refill()
         self.throttles += 1
+        self.tokens = min(self.tokens, 0)
+        let now = ContinuousClock.now
+        if let last = self.lastCut, now - last < .seconds(1) { return }
+        self.lastCut = now
         self.perSecond = max(self.configuredPerSecond / 20, self.perSecond * 0.7)
         self.lowestPerSecond = min(self.lowestPerSecond, self.perSecond)
-        self.tokens = min(self.tokens, 0)
     }
 
     /// A call went through: add a tenth of the configured rate back.

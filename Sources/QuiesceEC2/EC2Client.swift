@@ -93,7 +93,17 @@ public struct EC2Client: Sendable {
     /// For tests: a fixed clock for the signature's date.
     var now: @Sendable () -> Date = { Date() }
 
-    public init(endpoint: URL, region: String, credentials: AWSCredentials, http: HTTPClient = .shared, timeout: Duration = .seconds(30)) {
+    /// One client for the process, never shut down (it lives as long as the process): its pool
+    /// holds up to 64 connections per endpoint, so that the creates of frozen instances do not
+    /// queue behind a fleet's other calls (async-http-client's shared client allows 8).
+    public static let http: HTTPClient = {
+        var configuration = HTTPClient.Configuration()
+        configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 64)
+        configuration.timeout = .init(connect: .seconds(10), read: .seconds(60))
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }()
+
+    public init(endpoint: URL, region: String, credentials: AWSCredentials, http: HTTPClient = EC2Client.http, timeout: Duration = .seconds(30)) {
         self.endpoint = endpoint
         self.region = region
         self.credentials = credentials

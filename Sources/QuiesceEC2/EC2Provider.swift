@@ -18,10 +18,16 @@ import Synchronization
 /// reported at once, so the coordinator thaws first and retries later.
 public struct EC2Provider: SnapshotProvider {
     /// Groups this process made or found, so that tagging one after the thaw needs no describe first.
+    /// And instances described in the last minute, so that the run's prepare does not describe again what its check just did.
     final class Cache: Sendable {
         private let groups = Mutex<[String: SnapshotGroup]>([:])
+        private let instances = Mutex<[String: (InstanceInfo, ContinuousClock.Instant)]>([:])
         func remember(_ group: SnapshotGroup) { self.groups.withLock { $0[group.id] = group } }
         func group(_ id: String) -> SnapshotGroup? { self.groups.withLock { $0[id] } }
+        func remember(_ id: String, _ info: InstanceInfo) { self.instances.withLock { $0[id] = (info, .now) } }
+        func instance(_ id: String) -> InstanceInfo? {
+            self.instances.withLock { $0[id].flatMap { ContinuousClock.now - $0.1 < .seconds(60) ? $0.0 : nil } }
+        }
     }
 
     let cache = Cache()
@@ -291,7 +297,7 @@ public struct EC2Provider: SnapshotProvider {
 
     // MARK: before a freeze
 
-    struct InstanceInfo {
+    struct InstanceInfo: Sendable {
         var volumes: [(id: String, device: String)]
         var root: String
         var state: String
@@ -313,17 +319,25 @@ public struct EC2Provider: SnapshotProvider {
 
     /// Instances by id, 200 to a call; an id EC2 does not know fails its whole call, which is
     /// then asked one id at a time so that only that one is missing.
-    func describeInstances(_ ids: [String]) async throws -> [String: InstanceInfo] {
+    func describeInstances(_ ids: [String], fresh: Bool = false) async throws -> [String: InstanceInfo] {
         var found: [String: InstanceInfo] = [:]
+        var ids = ids
+        if !fresh {
+            for id in ids { if let known = self.cache.instance(id) { found[id] = known } }
+            ids.removeAll { found[$0] != nil }
+        }
         for start in stride(from: 0, to: ids.count, by: 200) {
             let batch = Array(ids[start..<min(ids.count, start + 200)])
             do {
                 let reply = try await self.read("DescribeInstances", batch.enumerated().map { ("InstanceId.\($0 + 1)", $1) })
                 for item in reply.items("reservationSet").flatMap({ $0.items("instancesSet") }) {
-                    if let id = item.value("instanceId") { found[id] = Self.instanceInfo(item) }
+                    if let id = item.value("instanceId") {
+                        found[id] = Self.instanceInfo(item)
+                        self.cache.remember(id, Self.instanceInfo(item))
+                    }
                 }
             } catch ProviderError.notFound where batch.count > 1 {
-                for id in batch { found.merge(try await self.describeInstances([id])) { a, _ in a } }
+                for id in batch { found.merge(try await self.describeInstances([id], fresh: true)) { a, _ in a } }
             } catch ProviderError.notFound {
                 continue  // InvalidInstanceID.NotFound
             }
@@ -446,7 +460,7 @@ public struct EC2Provider: SnapshotProvider {
         let instances: [String: InstanceInfo]
         let volumes: [String: XMLTree]
         do {
-            instances = try await self.describeInstances(Array(Set(targets.compactMap(\.providerInstance))).sorted())
+            instances = try await self.describeInstances(Array(Set(targets.compactMap(\.providerInstance))).sorted(), fresh: true)
             volumes = try await self.describeVolumes(Array(Set(targets.flatMap(\.disks))).sorted())
         } catch {
             return items + [ProviderCheckItem(item: "describe", ok: false, detail: "the instances and volumes could not be described: \(error)")]
