@@ -64,5 +64,5 @@ python3 scripts/bench-backup-cli.py --pool "$work/pool" --bin "$bin" --runs "$cl
 
 echo
 echo "== the fleet through the ec2 provider: moto behind the fault proxy's token bucket (scripts/bench-ec2.py)"
-if [ "$config" = debug ]; then ec2_args=(--instances 10 --api-burst 3 --api-rate 10); else ec2_args=(--instances 100 --api-burst 10 --api-rate 20); fi
+if [ "$config" = debug ]; then ec2_args=(--instances 10 --api-burst 3 --api-rate 10); else ec2_args=(--instances 100 --api-burst 10 --api-rate 10); fi
 python3 scripts/bench-ec2.py --bin "$bin" --pool "$work/pool" "${ec2_args[@]}" ${EC2_ARGS:-}

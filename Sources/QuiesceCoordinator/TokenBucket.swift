@@ -5,11 +5,13 @@ import QuiesceCore
 /// A slot is taken *before* anything is frozen (invariant 4), so a queue at the
 /// provider never lengthens a freeze.
 ///
-/// The rate adapts to what the provider says (AIMD, as TCP does): each throttle
-/// takes it to 70 % and empties the bucket, each create that goes through adds a
-/// tenth of the configured rate back, up to the configured rate. (Halving, as TCP
-/// does, costs too much here: a rate set right still meets a throttle now and then,
-/// when freezes of different lengths bunch two creates together at the API.) A fleet file's rate
+/// The rate adapts to what the provider says (AIMD, as TCP does): a throttle takes
+/// it to 85 % (at most once a second) and empties the bucket; creates that go
+/// through add back a twentieth of the configured rate per second of them, up to
+/// the configured rate. (Halving, as TCP does, costs too much here: the rate saws
+/// between the cut and the API's limit, so a deep cut leaves the API idle, and a
+/// rate set right still meets a throttle now and then, when freezes of different
+/// lengths bunch two creates together at the API.) A fleet file's rate
 /// that is higher than what the account really has (other tools share EC2's
 /// limits) then costs a few throttles, not failed instances.
 public actor TokenBucket {
@@ -81,7 +83,7 @@ public actor TokenBucket {
     /// When the rate was last cut: the throttles of calls already on their way then say nothing new.
     private var lastCut: ContinuousClock.Instant?
 
-    /// The provider throttled a call: 70 % of the rate (not below 1/20 of the configured one), at
+    /// The provider throttled a call: 85 % of the rate (not below 1/20 of the configured one), at
     /// most once a second (as TCP cuts once per round trip: a burst of throttles from calls sent
     /// before the cut is one signal), and spend what is in the bucket.
     public func throttled() {
@@ -91,15 +93,15 @@ public actor TokenBucket {
         let now = ContinuousClock.now
         if let last = self.lastCut, now - last < .seconds(1) { return }
         self.lastCut = now
-        self.perSecond = max(self.configuredPerSecond / 20, self.perSecond * 0.7)
+        self.perSecond = max(self.configuredPerSecond / 20, self.perSecond * 0.85)
         self.lowestPerSecond = min(self.lowestPerSecond, self.perSecond)
     }
 
-    /// A call went through: add a tenth of the configured rate back.
+    /// A call went through: at the current rate, a twentieth of the configured rate back per second.
     public func succeeded() {
         guard self.perSecond < self.configuredPerSecond else { return }
         self.refill()
-        self.perSecond = min(self.configuredPerSecond, self.perSecond + self.configuredPerSecond / 10)
+        self.perSecond = min(self.configuredPerSecond, self.perSecond + self.configuredPerSecond / (20 * self.perSecond))
     }
 
     private func refill() {

@@ -70,8 +70,8 @@ struct ProviderSeamTests {
             #expect(s.provider.now >= .seconds(5))
             #expect(s.provider.calls(.create) == 4 && s.provider.createsDone == 1 && s.provider.groups.count == 1)
             let (throttles, lowest) = (await s.bucket.throttles, await s.bucket.lowestPerSecond)
-            // Three throttles within a second are one signal: one cut, to 70 %.
-            #expect(throttles == 3 && abs(lowest - 70) < 0.01, "\(throttles) \(lowest)")
+            // Three throttles within a second are one signal: one cut, to 85 %.
+            #expect(throttles == 3 && abs(lowest - 85) < 0.01, "\(throttles) \(lowest)")
             // Pending for two polls, then ready: waited outside the window.
             let group = try #require(try s.catalog.groups(GroupFilter(runID: "thr")).first)
             #expect(group.state == .ready && group.provider == "mem" && group.providerKind == "memory")

@@ -53,6 +53,9 @@ class FaultProxy:
         self.pending_polls = 0
         self.seen_pending = {}
         self.stats = {"requests": {}, "throttled": 0, "faults": {}, "creates_forwarded": 0}
+        # A listen backlog of 5 (the default) drops the SYNs of a client opening dozens of
+        # connections at once; their retransmits (1 s, 3 s, 7 s) would look like a slow API.
+        ThreadingHTTPServer.request_queue_size = 512
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
