@@ -220,7 +220,12 @@ public final class Coordinator: Sendable {
                     if let error = await self.catalogWrite({ catalog in
                         guard var row = try catalog.group(item.groupID) else { return }
                         row.state = ready.state
-                        row.disks = ready.disks
+                        // The provider's view, with the create's timing the row already has.
+                        row.disks = ready.disks.map { disk in
+                            var disk = disk
+                            disk.durationUs = row.disks.first { $0.diskID == disk.diskID }?.durationUs ?? disk.durationUs
+                            return disk
+                        }
                         row.tags = ready.tags
                         try catalog.record(row)
                     }) {

@@ -459,9 +459,15 @@ public struct EC2Provider: SnapshotProvider {
         // Every instance and volume in a few batched calls, not one call each.
         let instances: [String: InstanceInfo]
         let volumes: [String: XMLTree]
+        // The three describes at once (a run waits for its check before its first freeze).
+        async let sampled = try? await self.readAll("DescribeSnapshots", [("Owner.1", "self"), ("MaxResults", "5")] + Self.filters([("tag-key", ["quiesce:group"])]),
+                                                    set: "snapshotSet").first?.value("snapshotId")
+        async let describedInstances = self.describeInstances(Array(Set(targets.compactMap(\.providerInstance))).sorted(), fresh: true)
+        async let describedVolumes = self.describeVolumes(Array(Set(targets.flatMap(\.disks))).sorted())
+        let sample = await sampled
         do {
-            instances = try await self.describeInstances(Array(Set(targets.compactMap(\.providerInstance))).sorted(), fresh: true)
-            volumes = try await self.describeVolumes(Array(Set(targets.flatMap(\.disks))).sorted())
+            instances = try await describedInstances
+            volumes = try await describedVolumes
         } catch {
             return items + [ProviderCheckItem(item: "describe", ok: false, detail: "the instances and volumes could not be described: \(error)")]
         }
@@ -504,8 +510,6 @@ public struct EC2Provider: SnapshotProvider {
         // ec2:CreateAction) is checked with them; tagging an existing snapshot (the level,
         // after the thaw) and deleting one are checked on a snapshot Quiesce made, when
         // there is one yet (docs/ec2-iam-policy.json scopes both to Quiesce's snapshots).
-        let sample = try? await self.readAll("DescribeSnapshots", [("Owner.1", "self"), ("MaxResults", "5")] + Self.filters([("tag-key", ["quiesce:group"])]),
-                                            set: "snapshotSet").first?.value("snapshotId")
         let tagSpec = { (type: String) in [("TagSpecification.1.ResourceType", type), ("TagSpecification.1.Tag.1.Key", "quiesce:check"), ("TagSpecification.1.Tag.1.Value", "1")] }
         var probes: [(String, String, [(String, String)], Bool)] = [
             ("ec2:DescribeSnapshots", "DescribeSnapshots", [("Owner.1", "self"), ("MaxResults", "5")], true),
