@@ -110,3 +110,55 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+# -- guests on loop devices (root) -----------------------------------------------------
+
+
+def sh(*args):
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def mount_ext4(image, mount_point, loops, mounts, size="64M"):
+    """A fresh ext4 image of `size`, attached and mounted at `mount_point`; recorded in `loops` and `mounts` for undo()."""
+    sh("truncate", "-s", size, str(image))
+    sh("mkfs.ext4", "-q", "-F", str(image))
+    device = sh("losetup", "--find", "--show", str(image))
+    loops.append(device)
+    os.makedirs(mount_point, exist_ok=True)
+    sh("mount", device, str(mount_point))
+    mounts.append(str(mount_point))
+    return str(mount_point)
+
+
+def write_hooks(directory, pre="#!/bin/sh\nexit 0\n", post="#!/bin/sh\nexit 0\n"):
+    """A hook directory (0700) with prescript.sh and postscript.sh (0700), as the agent accepts them."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for name, text in (("prescript.sh", pre), ("postscript.sh", post)):
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o700)
+    return str(directory)
+
+
+def start_agent(bin_dir, port, ca_dir, instance, hooks):
+    """A quiesce-agent process for `instance` dialling 127.0.0.1:port with the CA's certificate for it."""
+    return subprocess.Popen(
+        [os.path.join(bin_dir, "quiesce-agent"), "run", "--engine", f"127.0.0.1:{port}",
+         "--cert", os.path.join(ca_dir, "agents", f"{instance}.pem"), "--key", os.path.join(ca_dir, "agents", f"{instance}.key"),
+         "--ca", os.path.join(ca_dir, "ca.pem"), "--prescript", os.path.join(hooks, "prescript.sh"),
+         "--postscript", os.path.join(hooks, "postscript.sh"), "--hook-dir", hooks, "--log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def undo(agents, mounts, loops):
+    """Stops the agents, thaws and unmounts every mount, detaches every loop device: also after a failure."""
+    for p in agents:
+        p.terminate()
+        p.wait(timeout=10)
+    for m in reversed(mounts):
+        subprocess.run(["fsfreeze", "--unfreeze", m], capture_output=True)
+        subprocess.run(["umount", "-l", m], capture_output=True)
+    for d in reversed(loops):
+        subprocess.run(["losetup", "-d", d], capture_output=True)

@@ -11,12 +11,9 @@ import subprocess
 import time
 
 import pytest
+from conftest import mount_ext4, sh, start_agent, undo, write_hooks
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices")
-
-
-def sh(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def free_port():
@@ -45,19 +42,8 @@ def fleet(bin_dir, tmp_path):
         sh("truncate", "-s", "64M", str(disks / "a-3-data.img"))  # a disk whose instance has no agent
         for a in ("a-1", "a-2"):
             sh(q, "ca", "issue", "--dir", str(w / "ca"), "--agent", a)
-            img = disks / f"{a}-data.img"
-            sh("truncate", "-s", "64M", str(img))
-            sh("mkfs.ext4", "-q", "-F", str(img))
-            dev = sh("losetup", "--find", "--show", str(img))
-            loops.append(dev)
-            (w / a).mkdir()
-            sh("mount", dev, str(w / a))
-            mounts.append(str(w / a))
-            hooks = w / f"h-{a}"
-            hooks.mkdir(mode=0o700)
-            for name, text in (("prescript.sh", "#!/bin/sh\necho pre\n"), ("postscript.sh", "#!/bin/sh\necho post\n")):
-                (hooks / name).write_text(text)
-                os.chmod(hooks / name, 0o700)
+            mount_ext4(disks / f"{a}-data.img", w / a, loops, mounts)
+            write_hooks(w / f"h-{a}", pre="#!/bin/sh\necho pre\n", post="#!/bin/sh\necho post\n")
         os.chmod(w / "h-a-2" / "prescript.sh", 0o755)
         port = free_port()
         rows = []
@@ -78,12 +64,7 @@ def fleet(bin_dir, tmp_path):
 
         def start_agents():
             for a in ("a-1", "a-2"):
-                agents.append(subprocess.Popen(
-                    [os.path.join(bin_dir, "quiesce-agent"), "run", "--engine", f"127.0.0.1:{port}",
-                     "--cert", str(w / "ca" / "agents" / f"{a}.pem"), "--key", str(w / "ca" / "agents" / f"{a}.key"),
-                     "--ca", str(w / "ca" / "ca.pem"), "--prescript", str(w / f"h-{a}" / "prescript.sh"),
-                     "--postscript", str(w / f"h-{a}" / "postscript.sh"), "--hook-dir", str(w / f"h-{a}"), "--log-level", "error"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                agents.append(start_agent(bin_dir, port, str(w / "ca"), a, str(w / f"h-{a}")))
 
         def backup(*extra):
             proc = subprocess.Popen(
@@ -123,14 +104,7 @@ def fleet(bin_dir, tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=10)
-        for p in agents:
-            p.terminate()
-            p.wait(timeout=10)
-        for m in reversed(mounts):
-            subprocess.run(["fsfreeze", "--unfreeze", m], capture_output=True)
-            subprocess.run(["umount", "-l", m], capture_output=True)
-        for d in reversed(loops):
-            subprocess.run(["losetup", "-d", d], capture_output=True)
+        undo(agents, mounts, loops)
 
 
 def test_backup_reports_every_level_with_reasons_and_exit_codes(bin_dir, fleet):

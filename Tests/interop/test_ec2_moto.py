@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import mount_ext4, start_agent, undo, write_hooks  # noqa: E402
 from ec2_fault_proxy import FaultProxy  # noqa: E402
 
 boto3 = pytest.importorskip("boto3")
@@ -291,8 +292,6 @@ def test_credentials_problems_are_said_with_the_fleet_line_and_no_secret(aws):
     assert checked.returncode == 3 and "configuration" in checked.stdout and "no AWS credentials" in checked.stdout
 
 
-def sh(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and FIFREEZE")
@@ -308,19 +307,9 @@ def test_agents_freeze_loop_disks_and_the_ec2_snapshots_carry_the_proven_level(a
         rows = []
         for a in ("a-1", "a-2"):
             assert aws.quiesce("ca", "issue", "--dir", str(w / "ca"), "--agent", a).returncode == 0
-            img = w / f"{a}.img"
-            sh("truncate", "-s", "64M", str(img))
-            sh("mkfs.ext4", "-q", "-F", str(img))
-            dev = sh("losetup", "--find", "--show", str(img))
-            loops.append(dev)
-            (w / a).mkdir()
-            sh("mount", dev, str(w / a))
-            mounts.append(str(w / a))
+            mount_ext4(w / f"{a}.img", w / a, loops, mounts)
             hooks = w / f"h-{a}"
-            hooks.mkdir(mode=0o700)
-            for name in ("prescript.sh", "postscript.sh"):
-                (hooks / name).write_text("#!/bin/sh\nexit 0\n")
-                os.chmod(hooks / name, 0o700)
+            write_hooks(hooks)
             instance, _ = aws.instance(data_volumes=1)
             rows.append(f"{{ id: {a}, policy: app, ec2_instance: {instance}, options: {{ only_mounts: [{w / a}], "
                         f"prescript_path: {hooks / 'prescript.sh'}, postscript_path: {hooks / 'postscript.sh'} }} }}")
@@ -333,12 +322,7 @@ def test_agents_freeze_loop_disks_and_the_ec2_snapshots_carry_the_proven_level(a
                                  "--run-id", "r-agents", "--output", "json"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=aws.env)
         for a in ("a-1", "a-2"):
-            agents.append(subprocess.Popen(
-                [os.path.join(aws.bin, "quiesce-agent"), "run", "--engine", f"127.0.0.1:{port}",
-                 "--cert", str(w / "ca" / "agents" / f"{a}.pem"), "--key", str(w / "ca" / "agents" / f"{a}.key"),
-                 "--ca", str(w / "ca" / "ca.pem"), "--prescript", str(w / f"h-{a}" / "prescript.sh"),
-                 "--postscript", str(w / f"h-{a}" / "postscript.sh"), "--hook-dir", str(w / f"h-{a}"), "--log-level", "error"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            agents.append(start_agent(aws.bin, port, str(w / "ca"), a, str(w / f"h-{a}")))
         out, err = proc.communicate(timeout=120)
         aws.outputs.append(out + err)
         assert proc.returncode == 2, out + err
@@ -359,11 +343,4 @@ def test_agents_freeze_loop_disks_and_the_ec2_snapshots_carry_the_proven_level(a
         for m in mounts:
             subprocess.run(["timeout", "5", "sh", "-c", f"echo x > {m}/after"], check=True)
     finally:
-        for p in agents:
-            p.terminate()
-            p.wait(timeout=10)
-        for m in reversed(mounts):
-            subprocess.run(["fsfreeze", "--unfreeze", m], capture_output=True)
-            subprocess.run(["umount", "-l", m], capture_output=True)
-        for d in reversed(loops):
-            subprocess.run(["losetup", "-d", d], capture_output=True)
+        undo(agents, mounts, loops)
