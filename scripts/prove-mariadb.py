@@ -50,12 +50,14 @@ class Server:
         with open(self.cnf, "w") as f:
             f.write(f"[client]\nsocket={self.sock}\nuser=root\n")
         os.chmod(self.cnf, 0o600)
+        # A tmpdir of its own: a bootstrap clears the #sql temporary files in its tmpdir.
+        os.makedirs(f"{rundir}/tmp", exist_ok=True)
         if install:
             sh("mariadb-install-db", "--no-defaults", f"--datadir={datadir}", "--user=root",
-               "--auth-root-authentication-method=socket", "--skip-test-db")
+               "--auth-root-authentication-method=socket", "--skip-test-db", f"--tmpdir={rundir}/tmp")
         self.proc = subprocess.Popen(
             ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={datadir}", f"--socket={self.sock}", "--skip-networking",
-             "--user=root", f"--pid-file={rundir}/mysql.pid", f"--log-error={self.err}", *extra],
+             "--user=root", f"--pid-file={rundir}/mysql.pid", f"--log-error={self.err}", f"--tmpdir={rundir}/tmp", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(300):
             if self.proc.poll() is not None:

@@ -14,6 +14,7 @@ import QuiescePluginProto
 import QuiescePlugins
 import QuiesceProviders
 import QuiesceWire
+import Synchronization
 
 /// A fleet backup at scale: N instances × 2 disks (loop-mounted ext4 images in an
 /// XFS reflink pool), one agent each over mutual TLS on loopback, the coordinator
@@ -216,14 +217,24 @@ struct FleetRun: AsyncParsableCommand {
             }
             let coordinator = Coordinator(engine: engine, plugins: plugins, providers: providers, catalog: catalog, fleet: fleet)
             let runStarted = ContinuousClock.now
-            reports.append(await coordinator.run(runID: "\(self.runPrefix)-\(count)-\(round)"))
+            let marks = Mutex<[String: ContinuousClock.Instant]>([:])
+            reports.append(await coordinator.run(runID: "\(self.runPrefix)-\(count)-\(round)") { event in
+                switch event {
+                case .providerChecked: marks.withLock { $0["checked"] = .now }
+                case .settling: marks.withLock { $0["settling"] = .now }
+                case .instanceFinished: marks.withLock { $0["last finished"] = .now }
+                default: break
+                }
+            })
             throttles += await bucket.throttles
             lowestRate = min(lowestRate, await bucket.lowestPerSecond)
             let runEnded = ContinuousClock.now
             if round == 1, let first = await bucket.firstGrant, let last = await bucket.lastGrant {
                 func ms(_ d: Duration) -> String { String(format: "%.0f ms", Double(d.nanoseconds) / 1e6) }
+                let seen = marks.withLock { $0 }.sorted { $0.value < $1.value }.map { "\($0.key) \(ms($0.value - runStarted))" }
                 FileHandle.standardError.write(Data(
-                    "bench: timeline at \(count): first token \(ms(first - runStarted)), last token \(ms(last - runStarted)), end \(ms(runEnded - runStarted))\n".utf8))
+                    ("bench: timeline at \(count): first token \(ms(first - runStarted)), last token \(ms(last - runStarted)), end \(ms(runEnded - runStarted))"
+                        + (seen.isEmpty ? "" : "; " + seen.joined(separator: ", ")) + "\n").utf8))
             }
             try await Task.sleep(for: .seconds(Double(self.burst) / self.perSecond + 0.1))
         }

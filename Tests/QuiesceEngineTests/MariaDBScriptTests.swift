@@ -23,8 +23,11 @@ struct MariaDBScriptTests {
         let clientConfig: String
 
         convenience init(datadir: String, directory: String) throws {
+            // A temporary directory of its own: a bootstrap clears the #sql temporary files it finds in
+            // its tmpdir, so two servers set up at once in one /tmp (parallel tests) break each other.
+            try FileManager.default.createDirectory(atPath: directory + "/tmp", withIntermediateDirectories: true)
             _ = try run("mariadb-install-db", "--no-defaults", "--datadir=\(datadir)", "--user=root",
-                        "--auth-root-authentication-method=socket", "--skip-test-db")
+                        "--auth-root-authentication-method=socket", "--skip-test-db", "--tmpdir=\(directory)/tmp")
             try self.init(existingDatadir: datadir, directory: directory, extra: [])
         }
 
@@ -38,9 +41,10 @@ struct MariaDBScriptTests {
             self.socket = directory + "/mysql.sock"
             self.clientConfig = directory + "/client.cnf"
             self.process.executableURL = URL(fileURLWithPath: "/usr/sbin/mariadbd")
+            try FileManager.default.createDirectory(atPath: directory + "/tmp", withIntermediateDirectories: true)
             self.process.arguments = [
                 "--no-defaults", "--datadir=\(datadir)", "--socket=\(self.socket)", "--skip-networking", "--user=root",
-                "--pid-file=\(directory)/mysql.pid", "--log-error=\(directory)/mysql.err",
+                "--pid-file=\(directory)/mysql.pid", "--log-error=\(directory)/mysql.err", "--tmpdir=\(directory)/tmp",
             ] + extra
             self.process.standardOutput = FileHandle.nullDevice
             self.process.standardError = FileHandle.nullDevice
