@@ -5,8 +5,9 @@ import QuiesceCore
 /// A slot is taken *before* anything is frozen (invariant 4), so a queue at the
 /// provider never lengthens a freeze.
 ///
-/// The rate adapts to what the provider says (AIMD, as TCP does): a throttle takes
-/// it to 85 % (at most once a second) and empties the bucket; creates that go
+/// The rate adapts to what the provider says (AIMD, as TCP does): a throttle empties
+/// the bucket, and a second one within 5 s takes the rate to 85 % (at most once a
+/// second); creates that go
 /// through add back a twentieth of the configured rate per second of them, up to
 /// the configured rate. (Halving, as TCP does, costs too much here: the rate saws
 /// between the cut and the API's limit, so a deep cut leaves the API idle, and a
@@ -82,15 +83,21 @@ public actor TokenBucket {
 
     /// When the rate was last cut: the throttles of calls already on their way then say nothing new.
     private var lastCut: ContinuousClock.Instant?
+    /// When the previous throttle came.
+    private var lastThrottle: ContinuousClock.Instant?
 
-    /// The provider throttled a call: 85 % of the rate (not below 1/20 of the configured one), at
-    /// most once a second (as TCP cuts once per round trip: a burst of throttles from calls sent
-    /// before the cut is one signal), and spend what is in the bucket.
+    /// The provider throttled a call: spend what is in the bucket, and take the rate to 85 %
+    /// (not below 1/20 of the configured one) when this is the second throttle within 5 s and
+    /// the rate was not cut in the last second. A lone throttle is noise (two creates whose
+    /// freezes took different times reach the API together, at a rate set right); a burst of
+    /// throttles from calls sent before a cut is one signal, as TCP cuts once per round trip.
     public func throttled() {
         self.refill()
         self.throttles += 1
         self.tokens = min(self.tokens, 0)
         let now = ContinuousClock.now
+        defer { self.lastThrottle = now }
+        guard let previous = self.lastThrottle, now - previous < .seconds(5) else { return }
         if let last = self.lastCut, now - last < .seconds(1) { return }
         self.lastCut = now
         self.perSecond = max(self.configuredPerSecond / 20, self.perSecond * 0.85)

@@ -70,7 +70,7 @@ struct ProviderSeamTests {
             #expect(s.provider.now >= .seconds(5))
             #expect(s.provider.calls(.create) == 4 && s.provider.createsDone == 1 && s.provider.groups.count == 1)
             let (throttles, lowest) = (await s.bucket.throttles, await s.bucket.lowestPerSecond)
-            // Three throttles within a second are one signal: one cut, to 85 %.
+            // Three throttles within a second: the first alone is noise, the second cuts to 85 %, the third is the same signal.
             #expect(throttles == 3 && abs(lowest - 85) < 0.01, "\(throttles) \(lowest)")
             // Pending for two polls, then ready: waited outside the window.
             let group = try #require(try s.catalog.groups(GroupFilter(runID: "thr")).first)
