@@ -174,6 +174,11 @@ public protocol CatalogStore: Sendable {
 }
 
 extension CatalogStore {
+    /// Several groups; a store that can writes them in one transaction.
+    public func record(_ groups: [GroupRecord]) throws {
+        for group in groups { try self.record(group) }
+    }
+
     public func recordProvider(_ provider: ProviderRecord) throws {}
     public func providers() throws -> [ProviderRecord] { [] }
 }

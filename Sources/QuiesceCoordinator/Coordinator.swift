@@ -214,27 +214,37 @@ public final class Coordinator: Sendable {
             guard let provider = self.providers[name] else { continue }
             let timeout = items.map(\.timeout).max() ?? .seconds(600)
             let results = await provider.provider.waitUntilReady(items.map(\.groupID), timeout: timeout)
+            var settled: [(Unsettled, SnapshotGroup)] = []
             for item in items {
                 switch results[item.groupID] {
                 case .success(let ready)?:
-                    if let error = await self.catalogWrite({ catalog in
-                        guard var row = try catalog.group(item.groupID) else { return }
-                        row.state = ready.state
-                        // The provider's view, with the create's timing the row already has.
-                        row.disks = ready.disks.map { disk in
-                            var disk = disk
-                            disk.durationUs = row.disks.first { $0.diskID == disk.diskID }?.durationUs ?? disk.durationUs
-                            return disk
-                        }
-                        row.tags = ready.tags
-                        try catalog.record(row)
-                    }) {
-                        warnings[item.instanceID, default: []].append("catalog-write-failed: the state of \(item.groupID) could not be updated: \(error)")
-                    }
+                    settled.append((item, ready))
                 case .failure(let error)?:
                     warnings[item.instanceID, default: []].append("not-ready: \(item.groupID) is still pending at the provider: \(error)")
                 case nil:
                     warnings[item.instanceID, default: []].append("not-ready: \(item.groupID): the provider did not say")
+                }
+            }
+            // Every settled row in one transaction (one fsync, not one per group).
+            let done = settled
+            if !done.isEmpty, let error = await self.catalogWrite({ catalog in
+                var rows: [GroupRecord] = []
+                for (item, ready) in done {
+                    guard var row = try catalog.group(item.groupID) else { continue }
+                    row.state = ready.state
+                    // The provider's view, with the create's timing the row already has.
+                    row.disks = ready.disks.map { disk in
+                        var disk = disk
+                        disk.durationUs = row.disks.first { $0.diskID == disk.diskID }?.durationUs ?? disk.durationUs
+                        return disk
+                    }
+                    row.tags = ready.tags
+                    rows.append(row)
+                }
+                try catalog.record(rows)
+            }) {
+                for (item, _) in settled {
+                    warnings[item.instanceID, default: []].append("catalog-write-failed: the state of \(item.groupID) could not be updated: \(error)")
                 }
             }
         }
