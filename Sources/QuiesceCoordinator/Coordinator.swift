@@ -156,6 +156,7 @@ public final class Coordinator: Sendable {
         }
         await self.checkProviders(runID: runID, events: events)
         let limit = max(1, self.fleet.concurrency)
+        let meanwhile = Task { await self.settleMeanwhile() }
         var outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
             var results: [InstanceOutcome] = []
             var next = 0
@@ -186,6 +187,8 @@ public final class Coordinator: Sendable {
             }
             return results
         }
+        meanwhile.cancel()
+        await meanwhile.value
         let settleWarnings = await self.settle(events: events)
         let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
         for index in outcomes.indices { outcomes[index].warnings += settleWarnings[outcomes[index].instanceID] ?? [] }
@@ -209,16 +212,37 @@ public final class Coordinator: Sendable {
         let waiting = self.unsettled.withLock { list in defer { list.removeAll() }; return list }
         guard !waiting.isEmpty else { return [:] }
         events(.settling(groups: waiting.count))
+        return await self.settle(waiting, finally: true)
+    }
+
+    /// While instances are still being backed up: every 2 s, one look at the groups recorded
+    /// pending so far; those that are ready get their rows now, the rest wait for the next look
+    /// (or the end of the run). The end of the run then waits only for the last few.
+    func settleMeanwhile() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(2))
+            if Task.isCancelled { return }
+            let waiting = self.unsettled.withLock { list in defer { list.removeAll() }; return list }
+            guard !waiting.isEmpty else { continue }
+            _ = await self.settle(waiting, finally: false)
+        }
+    }
+
+    /// - Parameter finally: wait up to each group's timeout and say what is still pending; otherwise look
+    ///   once and put whatever is not ready back on the list.
+    func settle(_ waiting: [Unsettled], finally: Bool) async -> [String: [String]] {
         var warnings: [String: [String]] = [:]
         for (name, items) in Dictionary(grouping: waiting, by: \.providerName) {
             guard let provider = self.providers[name] else { continue }
-            let timeout = items.map(\.timeout).max() ?? .seconds(600)
+            let timeout = finally ? (items.map(\.timeout).max() ?? .seconds(600)) : .zero
             let results = await provider.provider.waitUntilReady(items.map(\.groupID), timeout: timeout)
             var settled: [(Unsettled, SnapshotGroup)] = []
             for item in items {
                 switch results[item.groupID] {
                 case .success(let ready)?:
                     settled.append((item, ready))
+                case _ where !finally:
+                    self.unsettled.withLock { $0.append(item) }
                 case .failure(let error)?:
                     warnings[item.instanceID, default: []].append("not-ready: \(item.groupID) is still pending at the provider: \(error)")
                 case nil:
@@ -244,7 +268,11 @@ public final class Coordinator: Sendable {
                 try catalog.record(rows)
             }) {
                 for (item, _) in settled {
-                    warnings[item.instanceID, default: []].append("catalog-write-failed: the state of \(item.groupID) could not be updated: \(error)")
+                    if finally {
+                        warnings[item.instanceID, default: []].append("catalog-write-failed: the state of \(item.groupID) could not be updated: \(error)")
+                    } else {
+                        self.unsettled.withLock { $0.append(item) }
+                    }
                 }
             }
         }
