@@ -379,7 +379,7 @@ public final class Coordinator: Sendable {
 
         var backoff = Backoff(base: .milliseconds(200), cap: .seconds(5), floor: .milliseconds(50))
         // After a throttle the bucket paces the retry; the pause only spreads the retries out.
-        var throttleBackoff = Backoff(base: .milliseconds(100), cap: .seconds(2), floor: .milliseconds(20))
+        var throttleBackoff = Backoff(base: .milliseconds(100), cap: .seconds(1), floor: .milliseconds(20))
         var attempt = 0
         var failures = 0
         var throttles = 0

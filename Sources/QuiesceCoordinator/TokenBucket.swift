@@ -6,8 +6,8 @@ import QuiesceCore
 /// provider never lengthens a freeze.
 ///
 /// The rate adapts to what the provider says (AIMD, as TCP does): a throttle empties
-/// the bucket, and a second one within 5 s takes the rate to 85 % (at most once a
-/// second); creates that go
+/// the bucket, and a second one within 5 s takes the rate to 85 % (at most every
+/// half second); creates that go
 /// through add back a twentieth of the configured rate per second of them, up to
 /// the configured rate. (Halving, as TCP does, costs too much here: the rate saws
 /// between the cut and the API's limit, so a deep cut leaves the API idle, and a
@@ -88,7 +88,7 @@ public actor TokenBucket {
 
     /// The provider throttled a call: spend what is in the bucket, and take the rate to 85 %
     /// (not below 1/20 of the configured one) when this is the second throttle within 5 s and
-    /// the rate was not cut in the last second. A lone throttle is noise (two creates whose
+    /// the rate was not cut in the last half second. A lone throttle is noise (two creates whose
     /// freezes took different times reach the API together, at a rate set right); a burst of
     /// throttles from calls sent before a cut is one signal, as TCP cuts once per round trip.
     public func throttled() {
@@ -98,7 +98,7 @@ public actor TokenBucket {
         let now = ContinuousClock.now
         defer { self.lastThrottle = now }
         guard let previous = self.lastThrottle, now - previous < .seconds(5) else { return }
-        if let last = self.lastCut, now - last < .seconds(1) { return }
+        if let last = self.lastCut, now - last < .milliseconds(500) { return }
         self.lastCut = now
         self.perSecond = max(self.configuredPerSecond / 20, self.perSecond * 0.85)
         self.lowestPerSecond = min(self.lowestPerSecond, self.perSecond)
