@@ -280,7 +280,9 @@ struct FleetRun: AsyncParsableCommand {
         let retried = instances.filter { $0.attempts > 1 }.count
         FileHandle.standardError.write(Data(String(format: "bench: provider at %d: %d throttles seen by the coordinator, %d instances retried, its rate went as low as %.2f/s (configured %.2f/s)\n",
                                                    count, throttles, retried, lowestRate, self.perSecond).utf8))
-        print("PROVIDER \(count) throttles=\(throttles) retried=\(retried) lowest_rate=\(String(format: "%.2f", lowestRate)) failed=\(instances.filter { $0.state == .failed }.count)")
+        if self.ec2Endpoint != nil {  // for scripts/bench-ec2.py, which reads it
+            print("PROVIDER \(count) throttles=\(throttles) retried=\(retried) lowest_rate=\(String(format: "%.2f", lowestRate)) failed=\(instances.filter { $0.state == .failed }.count)")
+        }
         let makespans = reports.map(\.makespan.timeInterval).sorted()
         let makespan = makespans[(makespans.count - 1) / 2]
         FileHandle.standardError.write(Data("bench: makespans at \(count) (s): \(makespans.map { String(format: "%.2f", $0) }.joined(separator: " "))\n".utf8))
