@@ -36,8 +36,6 @@ public struct EC2Provider: SnapshotProvider {
     public let client: EC2Client
     /// Between DescribeSnapshots polls while waiting for `completed` (doubling up to 15 s).
     public var pollInterval: Duration
-    /// Progress while waiting: group id, disks completed, disks in all, the least progress ("42%").
-    public var progress: (@Sendable (String, Int, Int, String) -> Void)?
     /// Attempts for a read before its error is returned.
     public var readAttempts = 6
 
@@ -57,37 +55,41 @@ public struct EC2Provider: SnapshotProvider {
     // MARK: calls
 
     /// A call that may be repeated (a read, CreateTags, DeleteSnapshot, CreateVolume with a client
-    /// token), retried on throttling and transient errors outside any freeze.
-    func read(_ action: String, _ parameters: [(String, String)]) async throws -> XMLTree {
+    /// token, a check's DryRun), retried on throttling and transient errors outside any freeze;
+    /// the last error as EC2 gave it.
+    func retried(_ action: String, _ parameters: [(String, String)]) async throws(EC2Error) -> XMLTree {
         var backoff = Backoff(base: .milliseconds(100), cap: .seconds(5), floor: .milliseconds(20))
-        var attempt = 1
-        while true {
+        for attempt in 1... {
             do {
                 return try await self.client.call(action, parameters)
             } catch let error as EC2Error where (error.isThrottle || error.isTransient) && attempt < self.readAttempts {
-                attempt += 1
-                try await Task.sleep(for: max(backoff.next(), error.retryAfter ?? .zero))
+                try? await Task.sleep(for: max(backoff.next(), error.retryAfter ?? .zero))
             } catch let error as EC2Error {
-                throw error.providerError
+                throw error
+            } catch {
+                throw EC2Error(action: action, kind: .badReply("\(error)"))
             }
+        }
+        fatalError("unreachable: the loop returns or throws")
+    }
+
+    /// ``retried(_:_:)`` with its error typed for the coordinator.
+    func read(_ action: String, _ parameters: [(String, String)]) async throws -> XMLTree {
+        do {
+            return try await self.retried(action, parameters)
+        } catch {
+            throw error.providerError
         }
     }
 
-    /// A check's probe: retried like a read, its EC2 error kept (DryRunOperation means allowed).
+    /// A check's probe: its EC2 error kept (DryRunOperation means allowed), nil when the call went through.
     func probe(_ action: String, _ parameters: [(String, String)]) async -> EC2Error? {
-        var backoff = Backoff(base: .milliseconds(100), cap: .seconds(5), floor: .milliseconds(20))
-        for attempt in 1...self.readAttempts {
-            do {
-                _ = try await self.client.call(action, parameters)
-                return nil
-            } catch let error as EC2Error {
-                guard (error.isThrottle || error.isTransient) && attempt < self.readAttempts else { return error }
-                try? await Task.sleep(for: max(backoff.next(), error.retryAfter ?? .zero))
-            } catch {
-                return EC2Error(action: action, kind: .badReply("\(error)"))
-            }
+        do {
+            _ = try await self.retried(action, parameters)
+            return nil
+        } catch {
+            return error
         }
-        return nil
     }
 
     /// A write, once; its error typed for the coordinator.
@@ -221,26 +223,10 @@ public struct EC2Provider: SnapshotProvider {
     }
 
     public func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup {
-        let deadline = ContinuousClock.now + timeout
-        var interval = self.pollInterval
-        while true {
-            let group = try await self.describe(groupID)
-            switch group.state {
-            case .ready: return group
-            case .failed:
-                throw ProviderError.permanent("EC2 snapshot group \(groupID): a snapshot is in state error")
-            case .pending:
-                if let progress = self.progress {
-                    let items = try await self.snapshots(tags: ["quiesce:group": groupID])
-                    let done = items.filter { ($0.value("status") ?? $0.value("state")) == "completed" }.count
-                    progress(groupID, done, items.count, items.compactMap { $0.value("progress") }.min() ?? "")
-                }
-                guard ContinuousClock.now + interval < deadline else {
-                    throw ProviderError.transient("EC2 snapshot group \(groupID) still pending after \(timeout)")
-                }
-                try await Task.sleep(for: interval)
-                interval = min(interval * 2, .seconds(15))
-            }
+        switch await self.waitUntilReady([groupID], timeout: timeout)[groupID] {
+        case .success(let group)?: return group
+        case .failure(let error)?: throw error
+        case nil: throw ProviderError.notFound("no EC2 snapshot is tagged quiesce:group=\(groupID)")
         }
     }
 
@@ -309,12 +295,6 @@ public struct EC2Provider: SnapshotProvider {
             return (id, mapping.value("deviceName") ?? "")
         }
         return InstanceInfo(volumes: volumes, root: item.value("rootDeviceName") ?? "", state: item.value("instanceState/name") ?? "")
-    }
-
-    /// An instance's volumes in device order and its root device; nil when it does not exist.
-    func volumes(of instance: String) async throws -> (volumes: [(id: String, device: String)], root: String, state: String)? {
-        guard let info = try await self.describeInstances([instance])[instance] else { return nil }
-        return (info.volumes, info.root, info.state)
     }
 
     /// Instances by id, 200 to a call; an id EC2 does not know fails its whole call, which is
@@ -439,7 +419,6 @@ public struct EC2Provider: SnapshotProvider {
                 }
             }
             pending.removeAll { results[$0] != nil }
-            if let progress = self.progress { progress("\(groupIDs.count) groups", groupIDs.count - pending.count, groupIDs.count, "") }
             guard !pending.isEmpty else { break }
             guard ContinuousClock.now + interval < deadline else {
                 for id in pending { results[id] = .failure(.transient("EC2 snapshot group \(id) still pending after \(timeout)")) }

@@ -36,7 +36,6 @@ public final class MemoryProvider: SnapshotProvider, Sendable {
         var calls: [Operation: Int] = [:]
         var creates = 0
         var now: Duration = .zero
-        var restored: [String: String] = [:]
     }
 
     private let state = Mutex(State())
@@ -169,7 +168,6 @@ public final class MemoryProvider: SnapshotProvider, Sendable {
             guard let group = state.groups[groupID], group.disks.contains(where: { $0.diskID == disk }) else {
                 throw ProviderError.notFound("memory: no disk \(disk) in group \(groupID)")
             }
-            state.restored[name] = "\(groupID)/\(disk)"
             return name
         }
     }
