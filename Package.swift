@@ -18,6 +18,7 @@ let package = Package(
         .library(name: "quiesce-plugin-crash", type: .dynamic, targets: ["QuiescePluginCrash"]),
         .library(name: "quiesce-plugin-linux-freeze", type: .dynamic, targets: ["QuiescePluginLinuxFreeze"]),
         .library(name: "quiesce-plugin-mariadb", type: .dynamic, targets: ["QuiescePluginMariaDB"]),
+        .library(name: "quiesce-plugin-windows-vss", type: .dynamic, targets: ["QuiescePluginWindowsVSS"]),
         // The plugin ABI header and the Swift kit, for plugin authors.
         .library(name: "CQuiescePlugin", targets: ["CQuiescePlugin"]),
         .library(name: "QuiescePluginKit", targets: ["QuiescePluginKit"]),
@@ -61,6 +62,7 @@ let package = Package(
         .target(name: "QuiescePluginCrash", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/crash"),
         .target(name: "QuiescePluginLinuxFreeze", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/linux-freeze"),
         .target(name: "QuiescePluginMariaDB", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/mariadb"),
+        .target(name: "QuiescePluginWindowsVSS", dependencies: ["CQuiescePlugin", "QuiescePluginKit"], path: "Plugins/windows-vss"),
         // Loads one plugin with dlopen and answers over a pipe (C, no runtime of its own).
         .executableTarget(
             name: "quiesce-plugin-host", dependencies: ["CQuiescePlugin"],

@@ -36,9 +36,11 @@ extension CommandHandling {
 }
 
 /// The built-in actions: facts, hooks, freeze and thaw through the thaw
-/// guard, freeze status, holds. VSS answers UNIMPLEMENTED with reason
-/// "not-implemented" (that is the Windows agent's), so an engine can tell
-/// an agent without an action from a failed action.
+/// guard, freeze status, holds — or, given a VSS backend (Windows, or the VSS
+/// simulator), facts and VSS snapshot sets, the Windows agent's actions. An
+/// action the agent does not perform answers UNIMPLEMENTED with reason
+/// "not-implemented", so an engine can tell an agent without an action from a
+/// failed action.
 public struct BuiltinCommandHandler: CommandHandling {
     public let facts: FactsCollector
     public let hooks: HookRunner
@@ -46,11 +48,13 @@ public struct BuiltinCommandHandler: CommandHandling {
     public let holds: Holds
     /// Whether `prepare()` starts the thaw guard (without it every freeze is refused).
     public let startsGuard: Bool
+    /// The Windows side: VSS snapshot sets instead of FIFREEZE, scripts and holds.
+    public let vss: (any VssBackend)?
 
     public init(
         facts: FactsCollector = FactsCollector(), hooks: HookRunner? = nil, guardExecutable: String? = nil,
         silenceLimit: Duration = .seconds(1), syncfs: SyncfsRule = .default, expediteRCU: Bool = true, startsGuard: Bool = true,
-        logger: Logger = Logger(label: "quiesce.agent.freeze")
+        vssScenario: VssScenario? = nil, logger: Logger = Logger(label: "quiesce.agent.freeze")
     ) {
         self.facts = facts
         self.startsGuard = startsGuard
@@ -69,9 +73,10 @@ public struct BuiltinCommandHandler: CommandHandling {
             holdStates: { holds.states() }, logger: logger)
         sink.freezer = freezer
         self.freezer = freezer
+        self.vss = vssScenario.map { VssSimulator(scenario: $0, freezer: freezer) }
     }
 
-    public var capabilities: [String] { ["facts", "hooks", "fsfreeze", "holds"] }
+    public var capabilities: [String] { self.vss == nil ? ["facts", "hooks", "fsfreeze", "holds"] : ["facts", "vss"] }
 
     public func prepare() async {
         // Without a guard the agent still serves facts and hooks; freezes are refused ("guard-missing").
@@ -87,10 +92,12 @@ public struct BuiltinCommandHandler: CommandHandling {
 
     public func sessionEnded() async {
         self.freezer.attach(events: nil)
+        await self.vss?.abortAll(detail: "the session to the engine ended")
         await self.freezer.thawAll(cause: .engineSilent, detail: "the session to the engine ended")
     }
 
     public func shutdown() async {
+        await self.vss?.abortAll(detail: "the agent is stopping")
         await self.freezer.stop()
         await self.holds.releaseAll()
     }
@@ -105,11 +112,24 @@ public struct BuiltinCommandHandler: CommandHandling {
                 facts.guardReady = self.freezer.guardReady
                 facts.syncfs = self.freezer.syncfs.mode.policy
                 facts.syncfsMinDirtyBytes = self.freezer.syncfs.minDirtyBytes
+                if let vss = self.vss { facts = await vss.facts(base: facts) }
                 result.facts = facts
                 result.status = .ok
             } catch {
                 result.status = .init(code: .internalError, message: "could not collect facts: \(error)", reason: "facts-failed")
             }
+        case .vssFreeze(let request)? where self.vss != nil:
+            (result.status, result.vssFreeze) = await self.vss!.freeze(request)
+        case .vssThaw(let request)? where self.vss != nil:
+            (result.status, result.vssThaw) = await self.vss!.thaw(request)
+        case .freezeStatus:
+            result.freezeStatus = self.freezer.status()
+            result.status = .ok
+        case .some(let action) where self.vss != nil:
+            result.status = .init(
+                code: .unimplemented,
+                message: "\(action.name) is not implemented by the Windows agent \(QuiesceVersion.software) (it drives VSS: vss-freeze, vss-thaw)",
+                reason: "not-implemented")
         case .runHook(let request):
             if let refusal = self.refuseWhileFrozen("run-hook") {
                 result.status = refusal
@@ -127,9 +147,6 @@ public struct BuiltinCommandHandler: CommandHandling {
             (result.status, result.freeze) = await self.freezer.freeze(request)
         case .thaw(let request):
             (result.status, result.thaw) = await self.freezer.thaw(request)
-        case .freezeStatus:
-            result.freezeStatus = self.freezer.status()
-            result.status = .ok
         case .hold(let request):
             if let refusal = self.refuseWhileFrozen("hold") {
                 result.status = refusal

@@ -30,6 +30,9 @@ public struct InstanceOutcome: Sendable {
     public var attempts: Int
     /// What the application's hold recorded under its lock (binlog position, GTID, marker), also in the group's tags.
     public var metadata: [String: String] = [:]
+    /// Windows: each VSS writer's outcome ("SqlServerWriter STABLE", "Registry Writer excluded",
+    /// "X FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)").
+    public var vssWriters: [String] = []
 }
 
 /// Progress, as it happens (for a progress bar or JSON lines).
@@ -467,6 +470,11 @@ public final class Coordinator: Sendable {
             outcome.frozen = result.frozen
             outcome.snapshot = result.steps.last { $0.phase == "snapshot" }?.elapsed
             outcome.metadata = result.metadata
+            outcome.vssWriters = result.vssWriters.map { writer in
+                if writer.excluded { return "\(writer.name) excluded" }
+                let error = writer.lastError.isEmpty ? "" : " " + VssErrors.describe(writer.lastError, code: writer.lastErrorCode)
+                return "\(writer.name) \(writer.state)\(error)"
+            }
             // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a pause.
             if !result.snapshotTaken, let error = created.error {
                 if await retry(after: error, step: "create") { continue }

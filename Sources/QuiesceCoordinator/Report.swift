@@ -16,6 +16,7 @@ extension InstanceOutcome {
         item["frozen_ms"] = self.frozen.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
         item["snapshot_ms"] = self.snapshot.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
         if !self.metadata.isEmpty { item["metadata"] = self.metadata }
+        if !self.vssWriters.isEmpty { item["vss_writers"] = self.vssWriters }
         return item
     }
 }
@@ -40,6 +41,10 @@ extension RunReport {
         for outcome in self.instances where outcome.reasons.count > 1 {
             text += "\n\n\(outcome.instanceID):"
             for reason in outcome.reasons { text += "\n  \(reason)" }
+        }
+        for outcome in self.instances where !outcome.vssWriters.isEmpty {
+            text += "\n\n\(outcome.instanceID) VSS writers:"
+            for writer in outcome.vssWriters { text += "\n  \(writer)" }
         }
         let counts = Dictionary(grouping: self.instances, by: \.state).mapValues(\.count)
         text += "\n\n" + [InstanceRecord.State.succeeded, .downgraded, .failed].map { "\(counts[$0] ?? 0) \($0.rawValue)" }.joined(separator: ", ")

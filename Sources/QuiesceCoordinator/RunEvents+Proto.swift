@@ -25,6 +25,7 @@ extension InstanceOutcome {
             $0.snapshotUs = self.snapshot.map(\.microseconds) ?? -1
             $0.durationUs = self.duration.microseconds
             $0.attempts = UInt32(self.attempts)
+            $0.vssWriters = self.vssWriters
         }
     }
 
@@ -45,7 +46,7 @@ extension InstanceOutcome {
             warnings: proto.warnings, groupID: proto.groupID.isEmpty ? nil : proto.groupID, disks: Int(proto.disks),
             stall: proto.stallUs < 0 ? nil : .microseconds(proto.stallUs), frozen: proto.frozenUs < 0 ? nil : .microseconds(proto.frozenUs),
             snapshot: proto.snapshotUs < 0 ? nil : .microseconds(proto.snapshotUs),
-            duration: .microseconds(proto.durationUs), attempts: Int(proto.attempts))
+            duration: .microseconds(proto.durationUs), attempts: Int(proto.attempts), vssWriters: proto.vssWriters)
     }
 }
 

@@ -73,6 +73,39 @@ extension Engine {
         }
     }
 
+    /// Starts a VSS snapshot set on a Windows agent; answered once the volumes' writes are held
+    /// (or the set failed). Heartbeats as for ``freeze(_:on:deadline:)``: the agent releases the hold
+    /// after 1 s without one.
+    public func vssFreeze(_ request: Quiesce_Agent_V1_VssFreezeRequest, on instanceID: String, deadline: Duration = .seconds(30)) async throws
+        -> AgentReply<Quiesce_Agent_V1_VssFreezeResult>
+    {
+        let session = try await self.liveSession(for: instanceID)
+        let budget: Duration = .milliseconds(Int64(request.budgetMs > 0 ? request.budgetMs : VssErrors.holdLimitMs))
+        session.beginFreezeHeartbeats(request.freezeID, limit: deadline + budget + .seconds(2))
+        do {
+            let result = try await session.send(.vssFreeze(request), deadline: deadline)
+            let payload: Quiesce_Agent_V1_VssFreezeResult? = if case .vssFreeze(let v)? = result.payload { v } else { nil }
+            if !(result.status.isOK && payload?.allHeld == true) { session.endFreezeHeartbeats(request.freezeID) }
+            return AgentReply(status: result.status, payload: payload, elapsed: .microseconds(Int64(result.elapsedUs)))
+        } catch {
+            session.endFreezeHeartbeats(request.freezeID)
+            throw error
+        }
+    }
+
+    /// Releases a VSS set's hold and finishes the set (writers thaw, BackupComplete). The reply's
+    /// thaw cause, `writes_held` and writer states are the proof.
+    public func vssThaw(_ freezeID: String, on instanceID: String, deadline: Duration = .seconds(30)) async throws
+        -> AgentReply<Quiesce_Agent_V1_VssThawResult>
+    {
+        var request = Quiesce_Agent_V1_VssThawRequest()
+        request.freezeID = freezeID
+        defer { Task { await self.registry.session(for: instanceID)?.endFreezeHeartbeats(freezeID) } }
+        return try await self.call(.vssThaw(request), to: instanceID, deadline: deadline) {
+            if case .vssThaw(let value)? = $0 { value } else { nil }
+        }
+    }
+
     public func freezeStatus(of instanceID: String, deadline: Duration = .seconds(5)) async throws -> AgentReply<Quiesce_Agent_V1_FreezeStatus> {
         try await self.call(.freezeStatus(.init()), to: instanceID, deadline: deadline) {
             if case .freezeStatus(let value)? = $0 { value } else { nil }

@@ -16,6 +16,18 @@ extension InstanceFacts {
         self.hostname = facts.hostname
         self.guardReady = facts.guardReady
         self.capabilities = capabilities
+        self.osVersion = facts.osVersion
+        self.vssService = facts.vssService
+        self.vssWriters = facts.vssWriters.map { writer in
+            .with {
+                $0.name = writer.name
+                $0.writerID = writer.writerID
+                $0.instanceID = writer.instanceID
+                $0.state = writer.state
+                $0.components = writer.components
+                $0.lastError = writer.lastError
+            }
+        }
         self.mounts = facts.mounts.map { mount in
             .with {
                 $0.mountPoint = mount.mountPoint

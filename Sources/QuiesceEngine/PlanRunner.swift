@@ -21,6 +21,8 @@ public struct PlanOutcome: Sendable {
         public var agent: Duration?
         /// The kernel's share of that (freeze: the slowest mount's syncfs + FIFREEZE, measured by the thaw guard).
         public var kernel: Duration?
+        /// Whether the step's kind holds writes across the snapshot (ActionKind.holdsWrites): a freeze, a VSS hold.
+        public var holdsWrites: Bool = false
 
         public init(phase: String, id: String, action: String, ok: Bool, detail: String, elapsed: Duration, attempt: Int,
                     agent: Duration? = nil, kernel: Duration? = nil) {
@@ -60,6 +62,9 @@ public struct PlanOutcome: Sendable {
     /// What holds recorded under their lock (`quiesce-meta KEY=VALUE` lines: a binlog position, a GTID, a marker),
     /// kept only when the hold proved it held until its release.
     public var metadata: [String: String] = [:]
+    /// Windows: the VSS writers' states after the set (or when it failed), and the set's id.
+    public var vssWriters: [Quiesce_Agent_V1_VssWriter] = []
+    public var vssSetID: String = ""
 }
 
 /// Runs a validated plan against a connected agent: prepare, quiesce, the
@@ -102,6 +107,7 @@ public struct PlanRunner: Sendable {
             let attempts = Int(plan.quiesceRetries) + 1
             var backoff = Backoff(base: .milliseconds(200), cap: .seconds(2), floor: .milliseconds(50))
             let levelBefore = state.outcome.achieved, reasonsBefore = state.outcome.reasons
+            state.attempts = attempts
             for attempt in 1...attempts {
                 state.attempt = attempt
                 started = []
@@ -123,6 +129,7 @@ public struct PlanRunner: Sendable {
                 state.outcome.reasons = reasonsBefore
                 state.frozen = false
                 state.heldIDs = []
+                state.vssWriterFailures = []
                 try? await Task.sleep(for: backoff.next())
             }
         }
@@ -162,6 +169,12 @@ public struct PlanRunner: Sendable {
         var freezeMounts: [String] = []
         /// Holds whose hook said at release that its lock did not hold (exit code not 0).
         var brokenHolds: [String] = []
+        var attempts = 1
+        /// VSS: the set whose writes a vss-freeze step holds, and its thaw reply.
+        var vssSetID: String?
+        var vssThaw: Quiesce_Agent_V1_VssThawResult?
+        /// VSS writers that failed before the hold (the hold still stands): each caps the level at filesystem.
+        var vssWriterFailures: [String] = []
     }
 
     struct StepResult {
@@ -251,8 +264,10 @@ public struct PlanRunner: Sendable {
         let end = ContinuousClock.now
         if step.blocking && isHold && result.ok && state.firstBlock == nil { state.firstBlock = end }
         if step.blocking { state.lastBlockEnd = end }
-        state.outcome.steps.append(.init(phase: phase, id: step.id, action: step.actionSummary, ok: result.ok, detail: result.detail,
-                                         elapsed: end - begin, attempt: state.attempt, agent: result.agent, kernel: result.kernel))
+        var record = PlanOutcome.StepRecord(phase: phase, id: step.id, action: step.actionSummary, ok: result.ok, detail: result.detail,
+                                            elapsed: end - begin, attempt: state.attempt, agent: result.agent, kernel: result.kernel)
+        record.holdsWrites = ActionKind.of(step.action)?.holdsWrites ?? false
+        state.outcome.steps.append(record)
         return result
     }
 
@@ -336,19 +351,84 @@ public struct PlanRunner: Sendable {
             }
             for (key, value) in Self.holdMetadata(in: output) { state.outcome.metadata[key] = value }
             return .init(ok: true, detail: "")
+        case .vssFreeze(let action)?:
+            let spent = state.firstBlock.map { ContinuousClock.now - $0 } ?? .zero
+            let remaining = max(self.budget - spent, .milliseconds(100))
+            let limit = min(Int64(action.holdLimitMs == 0 ? VssErrors.holdLimitMs : action.holdLimitMs), remaining.milliseconds)
+            let reply = try await self.engine.vssFreeze(.with {
+                $0.freezeID = self.freezeID
+                $0.volumes = action.volumes
+                $0.includeWriters = action.includeWriters
+                $0.backupType = action.backupType == "full" ? .full : .copy
+                $0.budgetMs = UInt32(limit)
+                $0.includeWriterNames = action.includeWritersNamed
+                $0.excludeWriterNames = action.excludeWritersNamed
+            }, on: self.instanceID, deadline: timeout)
+            if let vss = reply.payload { state.outcome.vssWriters = vss.writers }
+            guard reply.isOK, let vss = reply.payload, vss.allHeld else {
+                let error = reply.payload.map { $0.error.isEmpty ? "" : " (\(VssErrors.describe($0.error, code: $0.errorCode)))" } ?? ""
+                return .init(ok: false, detail: Self.describe(reply.status) + (reply.status.message.contains("0x") ? "" : error))
+            }
+            state.frozen = true
+            state.vssSetID = vss.snapshotSetID
+            state.outcome.vssSetID = vss.snapshotSetID
+            let kernel = vss.volumes.map { $0.syncfsUs + $0.freezeUs }.max().map { Duration.microseconds(Int64($0)) }
+            // Writers that failed before the hold: the hold stands (filesystem-consistent at least).
+            let failed = vss.writers.filter { !$0.excluded && !$0.healthy }
+            if !failed.isEmpty {
+                let reasons = failed.map(Self.writerReason)
+                if failed.allSatisfy({ action.retryOn.contains($0.lastError) }) && state.attempt < state.attempts {
+                    // A new snapshot set may cure it: undo this one (the hold is released) and try again.
+                    return .init(ok: false, detail: reasons.joined(separator: "; "), agent: reply.elapsed, kernel: kernel)
+                }
+                state.vssWriterFailures = reasons
+                return .init(ok: true, detail: reasons.joined(separator: "; "), agent: reply.elapsed, kernel: kernel)
+            }
+            return .init(ok: true, detail: "", agent: reply.elapsed, kernel: kernel)
+        case .vssThaw?:
+            let reply = try await self.engine.vssThaw(self.freezeID, on: self.instanceID, deadline: timeout)
+            if let vss = reply.payload, reply.isOK {
+                state.vssThaw = vss
+                state.outcome.thaw = vss.thaw
+                state.outcome.frozen = .microseconds(Int64(vss.thaw.frozenUs))
+                state.outcome.vssWriters = vss.writers
+                state.frozen = false
+                let error = vss.error.isEmpty ? "" : VssErrors.describe(vss.error, code: vss.errorCode)
+                return .init(ok: true, detail: error, agent: reply.elapsed)
+            }
+            if reply.reason == "unknown-freeze" && !state.frozen { return .init(ok: true, detail: "nothing was frozen") }
+            return .init(ok: false, detail: Self.describe(reply.status))
         case nil:
             return .init(ok: false, detail: "unknown action")
         }
     }
 
+    /// "vss-writer-failed: SqlServerWriter FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".
+    static func writerReason(_ writer: Quiesce_Agent_V1_VssWriter) -> String {
+        let error = writer.lastError.isEmpty ? "" : " " + VssErrors.describe(writer.lastError, code: writer.lastErrorCode)
+        return "vss-writer-failed: \(writer.name) \(writer.state)\(error)"
+    }
+
     /// Invariant 3: above crash only with a thaw reply that proves the freeze held.
     private func prove(_ state: inout RunState) {
         if let first = state.firstBlock, let last = state.lastBlockEnd { state.outcome.blocked = last - first }
-        let froze = state.outcome.steps.contains { $0.phase == "quiesce" && $0.ok && $0.action.hasPrefix("freeze") }
+        // The steps that held writes across the snapshot (a freeze, a VSS hold): see ActionKind.holdsWrites.
+        let froze = state.outcome.steps.contains { $0.phase == "quiesce" && $0.ok && $0.holdsWrites }
         if state.outcome.achieved > .crash {
             var broken: String?
             if !froze {
                 broken = "not-frozen: no freeze held across the snapshot"
+            } else if let setID = state.vssSetID, let vss = state.vssThaw, !vss.writesHeld || vss.snapshotSetID != setID {
+                // VSS: the reply must name this set and say its writes were held until the engine's thaw.
+                if vss.snapshotSetID != setID {
+                    broken = "vss-set-mismatch: the thaw reply names snapshot set \(vss.snapshotSetID), not \(setID)"
+                } else if vss.error == "VSS_E_HOLD_WRITES_TIMEOUT" || vss.thaw.cause == .budget {
+                    broken = "vss-hold-timeout: \(VssErrors.describe("VSS_E_HOLD_WRITES_TIMEOUT")): the hold of writes ended after \(vss.thaw.frozenUs / 1000) ms, before the engine's thaw"
+                } else {
+                    broken = "vss-hold-lost: writes were released by \(vss.thaw.cause.word), not the engine's thaw\(vss.error.isEmpty ? "" : " (\(VssErrors.describe(vss.error, code: vss.errorCode)))")"
+                }
+            } else if state.vssSetID != nil && state.vssThaw == nil {
+                broken = "thaw-unproven: no VSS thaw reply for snapshot set \(state.vssSetID!)"
             } else if let thaw = state.outcome.thaw {
                 if thaw.freezeID != self.freezeID {
                     broken = "thaw-mismatch: the thaw reply names freeze \(thaw.freezeID), not \(self.freezeID)"
@@ -373,6 +453,20 @@ public struct PlanRunner: Sendable {
         if state.outcome.achieved == .application, let broken = state.brokenHolds.first {
             state.outcome.achieved = .filesystem
             state.outcome.reasons.append(broken)
+        }
+        // VSS writers: application only when every writer in the set failed nowhere and was STABLE after BackupComplete.
+        if state.outcome.achieved == .application, state.vssSetID != nil {
+            var failures = state.vssWriterFailures
+            if let vss = state.vssThaw {
+                for writer in vss.writers where !writer.excluded && writer.state != "STABLE" {
+                    let reason = Self.writerReason(writer)
+                    if !failures.contains(reason) { failures.append(reason) }
+                }
+            }
+            if !failures.isEmpty {
+                state.outcome.achieved = .filesystem
+                state.outcome.reasons += failures
+            }
         }
         if state.outcome.achieved < .application { state.outcome.metadata = [:] }
         if !state.outcome.snapshotTaken { state.outcome.achieved = min(state.outcome.achieved, .crash) }

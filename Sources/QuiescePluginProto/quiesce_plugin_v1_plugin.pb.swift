@@ -348,6 +348,37 @@ public nonisolated struct Quiesce_Plugin_V1_InstanceFacts: Sendable {
   /// What the agent announced ("facts", "hooks", "fsfreeze", "holds", "vss").
   public var capabilities: [String] = []
 
+  /// Windows: the VSS service's state ("running", "stopped", "disabled") and its writers.
+  public var vssService: String = String()
+
+  public var vssWriters: [Quiesce_Plugin_V1_VssWriterFact] = []
+
+  public var osVersion: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Plugin_V1_VssWriterFact: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var writerID: String = String()
+
+  public var instanceID: String = String()
+
+  /// "STABLE", "FAILED_AT_FREEZE" … (VSS_WRITER_STATE without its prefix).
+  public var state: String = String()
+
+  public var components: [String] = []
+
+  /// A VSS_E_* name, empty when none.
+  public var lastError: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -434,35 +465,34 @@ public nonisolated struct Quiesce_Plugin_V1_Policy: Sendable {
   public init() {}
 }
 
-public nonisolated struct Quiesce_Plugin_V1_PlanRequest: Sendable {
+public nonisolated struct Quiesce_Plugin_V1_PlanRequest: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   public var facts: Quiesce_Plugin_V1_InstanceFacts {
-    get {_facts ?? Quiesce_Plugin_V1_InstanceFacts()}
-    set {_facts = newValue}
+    get {_storage._facts ?? Quiesce_Plugin_V1_InstanceFacts()}
+    set {_uniqueStorage()._facts = newValue}
   }
   /// Returns true if `facts` has been explicitly set.
-  public var hasFacts: Bool {self._facts != nil}
+  public var hasFacts: Bool {_storage._facts != nil}
   /// Clears the value of `facts`. Subsequent reads from it will return its default value.
-  public mutating func clearFacts() {self._facts = nil}
+  public mutating func clearFacts() {_uniqueStorage()._facts = nil}
 
   public var policy: Quiesce_Plugin_V1_Policy {
-    get {_policy ?? Quiesce_Plugin_V1_Policy()}
-    set {_policy = newValue}
+    get {_storage._policy ?? Quiesce_Plugin_V1_Policy()}
+    set {_uniqueStorage()._policy = newValue}
   }
   /// Returns true if `policy` has been explicitly set.
-  public var hasPolicy: Bool {self._policy != nil}
+  public var hasPolicy: Bool {_storage._policy != nil}
   /// Clears the value of `policy`. Subsequent reads from it will return its default value.
-  public mutating func clearPolicy() {self._policy = nil}
+  public mutating func clearPolicy() {_uniqueStorage()._policy = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _facts: Quiesce_Plugin_V1_InstanceFacts? = nil
-  fileprivate var _policy: Quiesce_Plugin_V1_Policy? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Quiesce_Plugin_V1_SeedScriptRef: Sendable {
@@ -607,6 +637,50 @@ public nonisolated struct Quiesce_Plugin_V1_ReleaseAction: Sendable {
   public init() {}
 }
 
+/// Windows: one VSS snapshot set. Writers freeze, then the volumes' writes are
+/// held (at most 10 s) while the engine takes the snapshot. Undone by VssThawAction.
+public nonisolated struct Quiesce_Plugin_V1_VssFreezeAction: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Volume names as the facts report them ("C:\\").
+  public var volumes: [String] = []
+
+  /// On: writers take part (application-consistent); off: filesystem-consistent.
+  public var includeWriters: Bool = false
+
+  /// "copy" (the default: leaves the applications' backup history alone) or "full".
+  public var backupType: String = String()
+
+  /// Only these writers (names or ids); empty means all.
+  public var includeWritersNamed: [String] = []
+
+  /// Never these writers (names or ids).
+  public var excludeWritersNamed: [String] = []
+
+  /// The hold's limit, 1–10000 ms (VSS cancels a hold after 10 s).
+  public var holdLimitMs: UInt32 = 0
+
+  /// Writer errors after which the quiesce phase is tried again with a new
+  /// snapshot set (while the plan's quiesce_retries last), by VSS_E_* name.
+  public var retryOn: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Plugin_V1_VssThawAction: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Quiesce_Plugin_V1_Action: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -654,6 +728,22 @@ public nonisolated struct Quiesce_Plugin_V1_Action: Sendable {
     set {kind = .release(newValue)}
   }
 
+  public var vssFreeze: Quiesce_Plugin_V1_VssFreezeAction {
+    get {
+      if case .vssFreeze(let v)? = kind {return v}
+      return Quiesce_Plugin_V1_VssFreezeAction()
+    }
+    set {kind = .vssFreeze(newValue)}
+  }
+
+  public var vssThaw: Quiesce_Plugin_V1_VssThawAction {
+    get {
+      if case .vssThaw(let v)? = kind {return v}
+      return Quiesce_Plugin_V1_VssThawAction()
+    }
+    set {kind = .vssThaw(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -662,6 +752,8 @@ public nonisolated struct Quiesce_Plugin_V1_Action: Sendable {
     case thaw(Quiesce_Plugin_V1_ThawAction)
     case hold(Quiesce_Plugin_V1_HoldAction)
     case release(Quiesce_Plugin_V1_ReleaseAction)
+    case vssFreeze(Quiesce_Plugin_V1_VssFreezeAction)
+    case vssThaw(Quiesce_Plugin_V1_VssThawAction)
 
   }
 
@@ -1045,7 +1137,7 @@ nonisolated extension Quiesce_Plugin_V1_PluginInfo: SwiftProtobuf.Message, Swift
 
 nonisolated extension Quiesce_Plugin_V1_InstanceFacts: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".InstanceFacts"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{3}os_family\0\u{3}os_name\0\u{3}kernel_release\0\u{1}hostname\0\u{1}mounts\0\u{1}hooks\0\u{3}guard_ready\0\u{1}capabilities\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{3}os_family\0\u{3}os_name\0\u{3}kernel_release\0\u{1}hostname\0\u{1}mounts\0\u{1}hooks\0\u{3}guard_ready\0\u{1}capabilities\0\u{3}vss_service\0\u{3}vss_writers\0\u{3}os_version\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1062,6 +1154,9 @@ nonisolated extension Quiesce_Plugin_V1_InstanceFacts: SwiftProtobuf.Message, Sw
       case 7: try { try decoder.decodeRepeatedMessageField(value: &self.hooks) }()
       case 8: try { try decoder.decodeSingularBoolField(value: &self.guardReady) }()
       case 9: try { try decoder.decodeRepeatedStringField(value: &self.capabilities) }()
+      case 10: try { try decoder.decodeSingularStringField(value: &self.vssService) }()
+      case 11: try { try decoder.decodeRepeatedMessageField(value: &self.vssWriters) }()
+      case 12: try { try decoder.decodeSingularStringField(value: &self.osVersion) }()
       default: break
       }
     }
@@ -1095,6 +1190,15 @@ nonisolated extension Quiesce_Plugin_V1_InstanceFacts: SwiftProtobuf.Message, Sw
     if !self.capabilities.isEmpty {
       try visitor.visitRepeatedStringField(value: self.capabilities, fieldNumber: 9)
     }
+    if !self.vssService.isEmpty {
+      try visitor.visitSingularStringField(value: self.vssService, fieldNumber: 10)
+    }
+    if !self.vssWriters.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.vssWriters, fieldNumber: 11)
+    }
+    if !self.osVersion.isEmpty {
+      try visitor.visitSingularStringField(value: self.osVersion, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1108,6 +1212,64 @@ nonisolated extension Quiesce_Plugin_V1_InstanceFacts: SwiftProtobuf.Message, Sw
     if lhs.hooks != rhs.hooks {return false}
     if lhs.guardReady != rhs.guardReady {return false}
     if lhs.capabilities != rhs.capabilities {return false}
+    if lhs.vssService != rhs.vssService {return false}
+    if lhs.vssWriters != rhs.vssWriters {return false}
+    if lhs.osVersion != rhs.osVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Plugin_V1_VssWriterFact: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VssWriterFact"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}writer_id\0\u{3}instance_id\0\u{1}state\0\u{1}components\0\u{3}last_error\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.writerID) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.instanceID) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.state) }()
+      case 5: try { try decoder.decodeRepeatedStringField(value: &self.components) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.lastError) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.writerID.isEmpty {
+      try visitor.visitSingularStringField(value: self.writerID, fieldNumber: 2)
+    }
+    if !self.instanceID.isEmpty {
+      try visitor.visitSingularStringField(value: self.instanceID, fieldNumber: 3)
+    }
+    if !self.state.isEmpty {
+      try visitor.visitSingularStringField(value: self.state, fieldNumber: 4)
+    }
+    if !self.components.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.components, fieldNumber: 5)
+    }
+    if !self.lastError.isEmpty {
+      try visitor.visitSingularStringField(value: self.lastError, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Plugin_V1_VssWriterFact, rhs: Quiesce_Plugin_V1_VssWriterFact) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.writerID != rhs.writerID {return false}
+    if lhs.instanceID != rhs.instanceID {return false}
+    if lhs.state != rhs.state {return false}
+    if lhs.components != rhs.components {return false}
+    if lhs.lastError != rhs.lastError {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1297,36 +1459,74 @@ nonisolated extension Quiesce_Plugin_V1_PlanRequest: SwiftProtobuf.Message, Swif
   public static let protoMessageName: String = _protobuf_package + ".PlanRequest"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}facts\0\u{1}policy\0")
 
+  fileprivate class _StorageClass {
+    var _facts: Quiesce_Plugin_V1_InstanceFacts? = nil
+    var _policy: Quiesce_Plugin_V1_Policy? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _facts = source._facts
+      _policy = source._policy
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularMessageField(value: &self._facts) }()
-      case 2: try { try decoder.decodeSingularMessageField(value: &self._policy) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._facts) }()
+        case 2: try { try decoder.decodeSingularMessageField(value: &_storage._policy) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    try { if let v = self._facts {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-    } }()
-    try { if let v = self._policy {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
-    } }()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._facts {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      try { if let v = _storage._policy {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+      } }()
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Quiesce_Plugin_V1_PlanRequest, rhs: Quiesce_Plugin_V1_PlanRequest) -> Bool {
-    if lhs._facts != rhs._facts {return false}
-    if lhs._policy != rhs._policy {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._facts != rhs_storage._facts {return false}
+        if _storage._policy != rhs_storage._policy {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1601,9 +1801,88 @@ nonisolated extension Quiesce_Plugin_V1_ReleaseAction: SwiftProtobuf.Message, Sw
   }
 }
 
+nonisolated extension Quiesce_Plugin_V1_VssFreezeAction: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VssFreezeAction"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volumes\0\u{3}include_writers\0\u{3}backup_type\0\u{3}include_writers_named\0\u{3}exclude_writers_named\0\u{3}hold_limit_ms\0\u{3}retry_on\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedStringField(value: &self.volumes) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.includeWriters) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.backupType) }()
+      case 4: try { try decoder.decodeRepeatedStringField(value: &self.includeWritersNamed) }()
+      case 5: try { try decoder.decodeRepeatedStringField(value: &self.excludeWritersNamed) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.holdLimitMs) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.retryOn) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.volumes, fieldNumber: 1)
+    }
+    if self.includeWriters != false {
+      try visitor.visitSingularBoolField(value: self.includeWriters, fieldNumber: 2)
+    }
+    if !self.backupType.isEmpty {
+      try visitor.visitSingularStringField(value: self.backupType, fieldNumber: 3)
+    }
+    if !self.includeWritersNamed.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.includeWritersNamed, fieldNumber: 4)
+    }
+    if !self.excludeWritersNamed.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.excludeWritersNamed, fieldNumber: 5)
+    }
+    if self.holdLimitMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.holdLimitMs, fieldNumber: 6)
+    }
+    if !self.retryOn.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.retryOn, fieldNumber: 7)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Plugin_V1_VssFreezeAction, rhs: Quiesce_Plugin_V1_VssFreezeAction) -> Bool {
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs.includeWriters != rhs.includeWriters {return false}
+    if lhs.backupType != rhs.backupType {return false}
+    if lhs.includeWritersNamed != rhs.includeWritersNamed {return false}
+    if lhs.excludeWritersNamed != rhs.excludeWritersNamed {return false}
+    if lhs.holdLimitMs != rhs.holdLimitMs {return false}
+    if lhs.retryOn != rhs.retryOn {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Plugin_V1_VssThawAction: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VssThawAction"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Plugin_V1_VssThawAction, rhs: Quiesce_Plugin_V1_VssThawAction) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Quiesce_Plugin_V1_Action: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Action"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}run_hook\0\u{1}freeze\0\u{1}thaw\0\u{1}hold\0\u{1}release\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}run_hook\0\u{1}freeze\0\u{1}thaw\0\u{1}hold\0\u{1}release\0\u{3}vss_freeze\0\u{3}vss_thaw\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1676,6 +1955,32 @@ nonisolated extension Quiesce_Plugin_V1_Action: SwiftProtobuf.Message, SwiftProt
           self.kind = .release(v)
         }
       }()
+      case 6: try {
+        var v: Quiesce_Plugin_V1_VssFreezeAction?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .vssFreeze(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .vssFreeze(v)
+        }
+      }()
+      case 7: try {
+        var v: Quiesce_Plugin_V1_VssThawAction?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .vssThaw(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .vssThaw(v)
+        }
+      }()
       default: break
       }
     }
@@ -1706,6 +2011,14 @@ nonisolated extension Quiesce_Plugin_V1_Action: SwiftProtobuf.Message, SwiftProt
     case .release?: try {
       guard case .release(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    }()
+    case .vssFreeze?: try {
+      guard case .vssFreeze(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    }()
+    case .vssThaw?: try {
+      guard case .vssThaw(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
     }()
     case nil: break
     }

@@ -27,29 +27,11 @@ extension Quiesce_Plugin_V1_Level {
 }
 
 extension PlanStep {
-    /// "run-hook prescript", "freeze /data, /", "thaw", "hold db (hook db-hold)", "release db".
-    public var actionSummary: String {
-        switch self.action.kind {
-        case .runHook(let hook)?: "run-hook \(hook.hook.label)" + (hook.args.isEmpty ? "" : " " + hook.args.joined(separator: " "))
-        case .freeze(let freeze)?: "freeze \(freeze.mountPoints.joined(separator: ", "))" + (freeze.skipSyncfs ? " (no syncfs)" : "")
-        case .thaw?: "thaw"
-        case .hold(let hold)?: "hold \(hold.holdID) (\(hold.hook.label), ready on \"\(hold.readyLine)\")"
-        case .release(let release)?: "release \(release.holdID)"
-        case nil: "unknown action"
-        }
-    }
+    /// "run-hook prescript", "freeze /data, /", "thaw", "hold db (hook db-hold)", "release db" (see ActionKind.summary).
+    public var actionSummary: String { ActionKind.of(self.action)?.summary(self.action) ?? "unknown action" }
 
     /// The action's kind as one word.
-    public var actionKind: String {
-        switch self.action.kind {
-        case .runHook?: "run-hook"
-        case .freeze?: "freeze"
-        case .thaw?: "thaw"
-        case .hold?: "hold"
-        case .release?: "release"
-        case nil: "unknown"
-        }
-    }
+    public var actionKind: String { ActionKind.of(self.action)?.name ?? "unknown" }
 
     /// "downgrade to filesystem (prescript-failed)", "fail (freeze-failed)", or "".
     public var failureSummary: String {

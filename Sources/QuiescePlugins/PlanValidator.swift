@@ -48,7 +48,7 @@ public enum PlanValidator {
 
         let phases: [(String, [PlanStep])] = [("prepare", plan.prepare), ("quiesce", plan.quiesce), ("thaw", plan.thaw), ("cleanup", plan.cleanup)]
         var ids: Set<String> = []
-        var freezes = 0, holds: Set<String> = []
+        var freezes: [String] = [], holds: Set<String> = []
         for (phase, steps) in phases {
             for step in steps {
                 let name = step.id.isEmpty ? "a \(phase) step" : "step \(step.id)"
@@ -64,28 +64,22 @@ public enum PlanValidator {
                 } else if step.timeoutMs > Self.maxTimeoutMs {
                     problems.append("\(name): timeout \(step.timeoutMs) ms is above the limit of \(Self.maxTimeoutMs) ms")
                 }
-                switch step.action.kind {
-                case nil:
+                guard let kind = ActionKind.of(step.action) else {
                     problems.append("\(name) has no action this engine knows (unset, or from a newer plugin ABI)")
-                case .runHook(let hook)?:
-                    problems += Self.problems(in: hook.hook, step: name)
+                    continue
+                }
+                problems += kind.problems(step.action, phase, name)
+                if !kind.phases.contains(phase) {
+                    let allowed = ["prepare", "quiesce", "thaw", "cleanup"].filter(kind.phases.contains)
+                    problems.append("\(name): \(kind.name) steps belong in the \(allowed.joined(separator: " or ")) phase, not \(phase)")
+                }
+                if kind.holdsWrites { freezes.append(step.id) }
+                switch step.action.kind {
                 case .hold(let hold)?:
-                    problems += Self.problems(in: hold.hook, step: name)
-                    if hold.holdID.isEmpty || !Self.isName(hold.holdID, allowing: "-_.") { problems.append("\(name): hold_id \"\(hold.holdID)\" must be a short name") }
-                    if hold.readyLine.isEmpty { problems.append("\(name): a hold needs a ready_line") }
-                    if phase != "quiesce" { problems.append("\(name): holds belong in the quiesce phase, not \(phase)") }
                     if !holds.insert(hold.holdID).inserted { problems.append("\(name): hold \(hold.holdID) is started twice") }
                 case .release(let release)?:
                     if !holds.contains(release.holdID) { problems.append("\(name) releases hold \(release.holdID), which no quiesce step starts") }
-                    if phase != "thaw" && phase != "cleanup" { problems.append("\(name): releases belong in the thaw phase, not \(phase)") }
-                case .freeze(let freeze)?:
-                    freezes += 1
-                    if phase != "quiesce" { problems.append("\(name): freezes belong in the quiesce phase, not \(phase)") }
-                    if freeze.mountPoints.isEmpty { problems.append("\(name) freezes no mount point") }
-                    for mount in freeze.mountPoints where !mount.hasPrefix("/") { problems.append("\(name): mount point \"\(mount)\" is not an absolute path") }
-                    if Set(freeze.mountPoints).count != freeze.mountPoints.count { problems.append("\(name) names a mount point twice") }
-                case .thaw?:
-                    if phase != "thaw" { problems.append("\(name): thaws belong in the thaw phase, not \(phase)") }
+                default: break
                 }
                 if phase == "quiesce" || phase == "prepare" {
                     switch step.onFailure.outcome {
@@ -99,9 +93,18 @@ public enum PlanValidator {
                 }
             }
         }
-        if freezes > 1 { problems.append("the plan freezes \(freezes) times (at most once; list every mount in one freeze)") }
-        if expected >= .filesystem && !plan.quiesce.contains(where: { if case .freeze? = $0.action.kind { true } else { false } }) {
-            problems.append("expects \(expected.name) but no quiesce step freezes a filesystem")
+        if freezes.count > 1 {
+            problems.append("the plan holds writes in \(freezes.count) steps (\(freezes.joined(separator: ", "))); at most one: list every mount or volume in one step")
+        }
+        let holdsWrites = plan.quiesce.contains { ActionKind.of($0.action)?.holdsWrites == true }
+        if expected >= .filesystem && !holdsWrites {
+            problems.append("expects \(expected.name) but no quiesce step freezes a filesystem or holds a volume's writes")
+        } else if expected == .application {
+            // Some quiesce step must be able to prove application (a script, a hold, VSS writers).
+            let best = plan.quiesce.compactMap { ActionKind.of($0.action)?.proves($0.action) }.max() ?? .crash
+            if best < .application {
+                problems.append("expects application but no quiesce step can prove more than \(best.name) (a freeze script, a hold, or VSS with writers)")
+            }
         }
 
         // Every quiesce step names its undo: a thaw-phase step with the matching
@@ -123,10 +126,8 @@ public enum PlanValidator {
             if index > lastUndoIndex { problems.append("\(name): its undo \(step.undo) must come before the undo of the steps before it (thaw in reverse order)") }
             lastUndoIndex = min(lastUndoIndex, index)
             let undo = plan.thaw[index]
-            switch (step.action.kind, undo.action.kind) {
-            case (.freeze?, .thaw?), (.runHook?, .runHook?): break
-            case (.hold(let hold)?, .release(let release)?) where hold.holdID == release.holdID: break
-            default:
+            let kind = ActionKind.of(step.action), undoKind = ActionKind.of(undo.action)
+            if let kind, let undoKind, !(kind.undoneBy.contains(undoKind.name) && kind.undoes(step.action, undo.action)) {
                 problems.append("\(name) (\(step.actionKind)) cannot be undone by \(undo.id) (\(undo.actionKind))")
             }
         }

@@ -190,6 +190,10 @@ public nonisolated struct Quiesce_Admin_V1_InstanceOutcome: Sendable {
   /// The provider's create call, inside the frozen window; -1: none.
   public var snapshotUs: Int64 = 0
 
+  /// Windows: each VSS writer's outcome, "SqlServerWriter STABLE",
+  /// "Registry Writer excluded", "X FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".
+  public var vssWriters: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -611,7 +615,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceStarted: SwiftProtobuf.Message, S
 
 nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".InstanceOutcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0\u{3}snapshot_us\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0\u{3}snapshot_us\0\u{3}vss_writers\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -634,6 +638,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
       case 13: try { try decoder.decodeSingularInt64Field(value: &self.durationUs) }()
       case 14: try { try decoder.decodeSingularUInt32Field(value: &self.attempts) }()
       case 15: try { try decoder.decodeSingularInt64Field(value: &self.snapshotUs) }()
+      case 16: try { try decoder.decodeRepeatedStringField(value: &self.vssWriters) }()
       default: break
       }
     }
@@ -685,6 +690,9 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
     if self.snapshotUs != 0 {
       try visitor.visitSingularInt64Field(value: self.snapshotUs, fieldNumber: 15)
     }
+    if !self.vssWriters.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.vssWriters, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -704,6 +712,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
     if lhs.durationUs != rhs.durationUs {return false}
     if lhs.attempts != rhs.attempts {return false}
     if lhs.snapshotUs != rhs.snapshotUs {return false}
+    if lhs.vssWriters != rhs.vssWriters {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

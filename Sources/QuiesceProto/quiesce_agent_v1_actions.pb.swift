@@ -316,6 +316,10 @@ public nonisolated struct Quiesce_Agent_V1_Facts: Sendable {
 
   public var syncfsMinDirtyBytes: UInt64 = 0
 
+  /// Windows: the Volume Shadow Copy service's state ("running", "stopped",
+  /// "disabled"); empty on Linux. With it not running no snapshot set starts.
+  public var vssService: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -773,11 +777,28 @@ public nonisolated struct Quiesce_Agent_V1_VssWriter: Sendable {
 
   public var writerID: String = String()
 
+  /// VSS_WRITER_STATE without its prefix: "STABLE", "WAITING_FOR_THAW",
+  /// "FAILED_AT_FREEZE" …
   public var state: String = String()
 
+  /// STABLE (or, before BackupComplete, the waiting state its phase expects).
   public var healthy: Bool = false
 
+  /// The writer's failure: a VSS_E_* name, e.g. "VSS_E_WRITERERROR_RETRYABLE"; empty when none.
   public var lastError: String = String()
+
+  /// VSS_WRITER_STATE's number (1 STABLE … 12 FAILED_AT_BACKUP_COMPLETE).
+  public var stateCode: UInt32 = 0
+
+  /// The failure's HRESULT, e.g. 0x800423F3.
+  public var lastErrorCode: UInt32 = 0
+
+  public var instanceID: String = String()
+
+  public var components: [String] = []
+
+  /// Not part of this snapshot set (writers off, or left out by name or id).
+  public var excluded: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -791,6 +812,7 @@ public nonisolated struct Quiesce_Agent_V1_VssFreezeRequest: Sendable {
 
   public var freezeID: String = String()
 
+  /// Volume names as the facts report them ("C:\\", "D:\\").
   public var volumes: [String] = []
 
   /// On: writers take part → application-consistent. Off: filesystem-consistent.
@@ -798,7 +820,15 @@ public nonisolated struct Quiesce_Agent_V1_VssFreezeRequest: Sendable {
 
   public var backupType: Quiesce_Agent_V1_VssBackupType = .copy
 
+  /// The hold of writes ends by itself after this (at most 10000, VSS's limit;
+  /// 0 means 10000), counted from the hold.
   public var budgetMs: UInt32 = 0
+
+  /// Only these writers take part (names or writer ids); empty means all.
+  public var includeWriterNames: [String] = []
+
+  /// These writers never take part (names or writer ids).
+  public var excludeWriterNames: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -812,9 +842,28 @@ public nonisolated struct Quiesce_Agent_V1_VssFreezeResult: Sendable {
 
   public var freezeID: String = String()
 
+  /// The snapshot set's id, new for every set (a retry is a new set).
   public var snapshotSetID: String = String()
 
+  /// Every writer's state once writes are held (or when the set failed).
   public var writers: [Quiesce_Agent_V1_VssWriter] = []
+
+  /// The volumes whose writes are held.
+  public var volumes: [Quiesce_Agent_V1_MountFreeze] = []
+
+  /// Writes are held on every requested volume, until the thaw or the hold limit.
+  public var allHeld: Bool = false
+
+  /// The hold limit in force.
+  public var budgetMs: UInt32 = 0
+
+  /// Why the set failed before writes were held: a VSS_E_* name and its HRESULT.
+  public var error: String = String()
+
+  public var errorCode: UInt32 = 0
+
+  /// The requester's calls as they happened, e.g. "DoSnapshotSet 1.2 ms".
+  public var calls: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -838,6 +887,7 @@ public nonisolated struct Quiesce_Agent_V1_VssThawResult: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// How the hold ended: by this command (cause COMMAND), or the hold limit (BUDGET) …
   public var thaw: Quiesce_Agent_V1_ThawResult {
     get {_thaw ?? Quiesce_Agent_V1_ThawResult()}
     set {_thaw = newValue}
@@ -847,8 +897,20 @@ public nonisolated struct Quiesce_Agent_V1_VssThawResult: Sendable {
   /// Clears the value of `thaw`. Subsequent reads from it will return its default value.
   public mutating func clearThaw() {self._thaw = nil}
 
-  /// Writer states after the snapshot; all healthy is part of the proof.
+  /// Writer states after the snapshot and BackupComplete; all STABLE is part of the proof.
   public var writers: [Quiesce_Agent_V1_VssWriter] = []
+
+  public var snapshotSetID: String = String()
+
+  /// Writes were held from CommitSnapshots until this command, within the hold limit.
+  public var writesHeld: Bool = false
+
+  /// Why the set did not complete, e.g. "VSS_E_HOLD_WRITES_TIMEOUT" 0x80042314.
+  public var error: String = String()
+
+  public var errorCode: UInt32 = 0
+
+  public var calls: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -913,7 +975,7 @@ nonisolated extension Quiesce_Agent_V1_FactsRequest: SwiftProtobuf.Message, Swif
 
 nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Facts"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hostname\0\u{3}os_family\0\u{3}os_name\0\u{3}os_version\0\u{3}kernel_release\0\u{1}architecture\0\u{3}cpu_count\0\u{3}memory_bytes\0\u{1}mounts\0\u{1}hooks\0\u{3}vss_writers\0\u{3}guard_ready\0\u{3}boot_time_unix\0\u{1}syncfs\0\u{3}syncfs_min_dirty_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hostname\0\u{3}os_family\0\u{3}os_name\0\u{3}os_version\0\u{3}kernel_release\0\u{1}architecture\0\u{3}cpu_count\0\u{3}memory_bytes\0\u{1}mounts\0\u{1}hooks\0\u{3}vss_writers\0\u{3}guard_ready\0\u{3}boot_time_unix\0\u{1}syncfs\0\u{3}syncfs_min_dirty_bytes\0\u{3}vss_service\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -936,6 +998,7 @@ nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtob
       case 13: try { try decoder.decodeSingularUInt64Field(value: &self.bootTimeUnix) }()
       case 14: try { try decoder.decodeSingularEnumField(value: &self.syncfs) }()
       case 15: try { try decoder.decodeSingularUInt64Field(value: &self.syncfsMinDirtyBytes) }()
+      case 16: try { try decoder.decodeSingularStringField(value: &self.vssService) }()
       default: break
       }
     }
@@ -987,6 +1050,9 @@ nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtob
     if self.syncfsMinDirtyBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.syncfsMinDirtyBytes, fieldNumber: 15)
     }
+    if !self.vssService.isEmpty {
+      try visitor.visitSingularStringField(value: self.vssService, fieldNumber: 16)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1006,6 +1072,7 @@ nonisolated extension Quiesce_Agent_V1_Facts: SwiftProtobuf.Message, SwiftProtob
     if lhs.bootTimeUnix != rhs.bootTimeUnix {return false}
     if lhs.syncfs != rhs.syncfs {return false}
     if lhs.syncfsMinDirtyBytes != rhs.syncfsMinDirtyBytes {return false}
+    if lhs.vssService != rhs.vssService {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1941,7 +2008,7 @@ nonisolated extension Quiesce_Agent_V1_ReleaseResult: SwiftProtobuf.Message, Swi
 
 nonisolated extension Quiesce_Agent_V1_VssWriter: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VssWriter"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}writer_id\0\u{1}state\0\u{1}healthy\0\u{3}last_error\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}writer_id\0\u{1}state\0\u{1}healthy\0\u{3}last_error\0\u{3}state_code\0\u{3}last_error_code\0\u{3}instance_id\0\u{1}components\0\u{1}excluded\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1954,6 +2021,11 @@ nonisolated extension Quiesce_Agent_V1_VssWriter: SwiftProtobuf.Message, SwiftPr
       case 3: try { try decoder.decodeSingularStringField(value: &self.state) }()
       case 4: try { try decoder.decodeSingularBoolField(value: &self.healthy) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.lastError) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.stateCode) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.lastErrorCode) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.instanceID) }()
+      case 9: try { try decoder.decodeRepeatedStringField(value: &self.components) }()
+      case 10: try { try decoder.decodeSingularBoolField(value: &self.excluded) }()
       default: break
       }
     }
@@ -1975,6 +2047,21 @@ nonisolated extension Quiesce_Agent_V1_VssWriter: SwiftProtobuf.Message, SwiftPr
     if !self.lastError.isEmpty {
       try visitor.visitSingularStringField(value: self.lastError, fieldNumber: 5)
     }
+    if self.stateCode != 0 {
+      try visitor.visitSingularUInt32Field(value: self.stateCode, fieldNumber: 6)
+    }
+    if self.lastErrorCode != 0 {
+      try visitor.visitSingularUInt32Field(value: self.lastErrorCode, fieldNumber: 7)
+    }
+    if !self.instanceID.isEmpty {
+      try visitor.visitSingularStringField(value: self.instanceID, fieldNumber: 8)
+    }
+    if !self.components.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.components, fieldNumber: 9)
+    }
+    if self.excluded != false {
+      try visitor.visitSingularBoolField(value: self.excluded, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1984,6 +2071,11 @@ nonisolated extension Quiesce_Agent_V1_VssWriter: SwiftProtobuf.Message, SwiftPr
     if lhs.state != rhs.state {return false}
     if lhs.healthy != rhs.healthy {return false}
     if lhs.lastError != rhs.lastError {return false}
+    if lhs.stateCode != rhs.stateCode {return false}
+    if lhs.lastErrorCode != rhs.lastErrorCode {return false}
+    if lhs.instanceID != rhs.instanceID {return false}
+    if lhs.components != rhs.components {return false}
+    if lhs.excluded != rhs.excluded {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1991,7 +2083,7 @@ nonisolated extension Quiesce_Agent_V1_VssWriter: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Quiesce_Agent_V1_VssFreezeRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VssFreezeRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}freeze_id\0\u{1}volumes\0\u{3}include_writers\0\u{3}backup_type\0\u{3}budget_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}freeze_id\0\u{1}volumes\0\u{3}include_writers\0\u{3}backup_type\0\u{3}budget_ms\0\u{3}include_writer_names\0\u{3}exclude_writer_names\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2004,6 +2096,8 @@ nonisolated extension Quiesce_Agent_V1_VssFreezeRequest: SwiftProtobuf.Message, 
       case 3: try { try decoder.decodeSingularBoolField(value: &self.includeWriters) }()
       case 4: try { try decoder.decodeSingularEnumField(value: &self.backupType) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.budgetMs) }()
+      case 6: try { try decoder.decodeRepeatedStringField(value: &self.includeWriterNames) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.excludeWriterNames) }()
       default: break
       }
     }
@@ -2025,6 +2119,12 @@ nonisolated extension Quiesce_Agent_V1_VssFreezeRequest: SwiftProtobuf.Message, 
     if self.budgetMs != 0 {
       try visitor.visitSingularUInt32Field(value: self.budgetMs, fieldNumber: 5)
     }
+    if !self.includeWriterNames.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.includeWriterNames, fieldNumber: 6)
+    }
+    if !self.excludeWriterNames.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.excludeWriterNames, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2034,6 +2134,8 @@ nonisolated extension Quiesce_Agent_V1_VssFreezeRequest: SwiftProtobuf.Message, 
     if lhs.includeWriters != rhs.includeWriters {return false}
     if lhs.backupType != rhs.backupType {return false}
     if lhs.budgetMs != rhs.budgetMs {return false}
+    if lhs.includeWriterNames != rhs.includeWriterNames {return false}
+    if lhs.excludeWriterNames != rhs.excludeWriterNames {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2041,7 +2143,7 @@ nonisolated extension Quiesce_Agent_V1_VssFreezeRequest: SwiftProtobuf.Message, 
 
 nonisolated extension Quiesce_Agent_V1_VssFreezeResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VssFreezeResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}freeze_id\0\u{3}snapshot_set_id\0\u{1}writers\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}freeze_id\0\u{3}snapshot_set_id\0\u{1}writers\0\u{1}volumes\0\u{3}all_held\0\u{3}budget_ms\0\u{1}error\0\u{3}error_code\0\u{1}calls\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2052,6 +2154,12 @@ nonisolated extension Quiesce_Agent_V1_VssFreezeResult: SwiftProtobuf.Message, S
       case 1: try { try decoder.decodeSingularStringField(value: &self.freezeID) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.snapshotSetID) }()
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.writers) }()
+      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.volumes) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.allHeld) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.budgetMs) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.errorCode) }()
+      case 9: try { try decoder.decodeRepeatedStringField(value: &self.calls) }()
       default: break
       }
     }
@@ -2067,6 +2175,24 @@ nonisolated extension Quiesce_Agent_V1_VssFreezeResult: SwiftProtobuf.Message, S
     if !self.writers.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.writers, fieldNumber: 3)
     }
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.volumes, fieldNumber: 4)
+    }
+    if self.allHeld != false {
+      try visitor.visitSingularBoolField(value: self.allHeld, fieldNumber: 5)
+    }
+    if self.budgetMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.budgetMs, fieldNumber: 6)
+    }
+    if !self.error.isEmpty {
+      try visitor.visitSingularStringField(value: self.error, fieldNumber: 7)
+    }
+    if self.errorCode != 0 {
+      try visitor.visitSingularUInt32Field(value: self.errorCode, fieldNumber: 8)
+    }
+    if !self.calls.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.calls, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2074,6 +2200,12 @@ nonisolated extension Quiesce_Agent_V1_VssFreezeResult: SwiftProtobuf.Message, S
     if lhs.freezeID != rhs.freezeID {return false}
     if lhs.snapshotSetID != rhs.snapshotSetID {return false}
     if lhs.writers != rhs.writers {return false}
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs.allHeld != rhs.allHeld {return false}
+    if lhs.budgetMs != rhs.budgetMs {return false}
+    if lhs.error != rhs.error {return false}
+    if lhs.errorCode != rhs.errorCode {return false}
+    if lhs.calls != rhs.calls {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2111,7 +2243,7 @@ nonisolated extension Quiesce_Agent_V1_VssThawRequest: SwiftProtobuf.Message, Sw
 
 nonisolated extension Quiesce_Agent_V1_VssThawResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VssThawResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}thaw\0\u{1}writers\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}thaw\0\u{1}writers\0\u{3}snapshot_set_id\0\u{3}writes_held\0\u{1}error\0\u{3}error_code\0\u{1}calls\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2121,6 +2253,11 @@ nonisolated extension Quiesce_Agent_V1_VssThawResult: SwiftProtobuf.Message, Swi
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularMessageField(value: &self._thaw) }()
       case 2: try { try decoder.decodeRepeatedMessageField(value: &self.writers) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.snapshotSetID) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.writesHeld) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.errorCode) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.calls) }()
       default: break
       }
     }
@@ -2137,12 +2274,32 @@ nonisolated extension Quiesce_Agent_V1_VssThawResult: SwiftProtobuf.Message, Swi
     if !self.writers.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.writers, fieldNumber: 2)
     }
+    if !self.snapshotSetID.isEmpty {
+      try visitor.visitSingularStringField(value: self.snapshotSetID, fieldNumber: 3)
+    }
+    if self.writesHeld != false {
+      try visitor.visitSingularBoolField(value: self.writesHeld, fieldNumber: 4)
+    }
+    if !self.error.isEmpty {
+      try visitor.visitSingularStringField(value: self.error, fieldNumber: 5)
+    }
+    if self.errorCode != 0 {
+      try visitor.visitSingularUInt32Field(value: self.errorCode, fieldNumber: 6)
+    }
+    if !self.calls.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.calls, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Quiesce_Agent_V1_VssThawResult, rhs: Quiesce_Agent_V1_VssThawResult) -> Bool {
     if lhs._thaw != rhs._thaw {return false}
     if lhs.writers != rhs.writers {return false}
+    if lhs.snapshotSetID != rhs.snapshotSetID {return false}
+    if lhs.writesHeld != rhs.writesHeld {return false}
+    if lhs.error != rhs.error {return false}
+    if lhs.errorCode != rhs.errorCode {return false}
+    if lhs.calls != rhs.calls {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

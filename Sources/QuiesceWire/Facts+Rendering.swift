@@ -4,12 +4,18 @@ import QuiesceProto
 extension Quiesce_Agent_V1_Facts {
     /// "Debian GNU/Linux 12, kernel 6.1.0 x86_64, host db-1, 2 CPUs, 8 GiB".
     public var summary: String {
-        "\(self.osName), kernel \(self.kernelRelease) \(self.architecture), host \(self.hostname), "
+        if self.osFamily == "windows" {
+            return "\(self.osName) \(self.osVersion) \(self.architecture), host \(self.hostname), \(self.cpuCount) CPUs, \(formatBytes(self.memoryBytes))"
+        }
+        return "\(self.osName), kernel \(self.kernelRelease) \(self.architecture), host \(self.hostname), "
             + "\(self.cpuCount) CPUs, \(formatBytes(self.memoryBytes))"
     }
 
     /// "thaw guard ready; syncfs before FIFREEZE: auto (16 MiB or more dirty)"; nil from an agent that does not freeze.
     public var freezeSummary: String? {
+        if self.osFamily == "windows" {
+            return "VSS service \(self.vssService.isEmpty ? "not reported" : self.vssService); hold guard \(self.guardReady ? "ready" : "missing (snapshot sets are refused)"); \(self.vssWriters.count) writer\(self.vssWriters.count == 1 ? "" : "s")"
+        }
         let syncfs: String
         switch self.syncfs {
         case .auto: syncfs = "auto (when \(formatBytes(self.syncfsMinDirtyBytes)) or more of the page cache is dirty)"
@@ -22,7 +28,7 @@ extension Quiesce_Agent_V1_Facts {
 
     /// The mounts as a table, with whether each can be frozen or why not.
     public func mountTable() -> String {
-        var table = TextTable(headers: ["MOUNT", "TYPE", "DEVICE", "SIZE", "FREE", "MODE", "FREEZE"])
+        var table = TextTable(headers: [self.osFamily == "windows" ? "VOLUME" : "MOUNT", "TYPE", "DEVICE", "SIZE", "FREE", "MODE", self.osFamily == "windows" ? "VSS" : "FREEZE"])
         for mount in self.mounts {
             table.append([
                 mount.mountPoint, mount.fsType, mount.device, formatBytes(mount.sizeBytes), formatBytes(mount.availableBytes),
@@ -52,5 +58,24 @@ extension Quiesce_Agent_V1_Facts {
             ])
         }
         return table.render()
+    }
+
+    /// The VSS writers (Windows): name, id, state, last error, components.
+    public func writerTable() -> String {
+        var table = TextTable(headers: ["WRITER", "ID", "STATE", "LAST ERROR", "COMPONENTS"])
+        for writer in self.vssWriters {
+            table.append([
+                writer.name, writer.writerID, writer.state + (writer.stateCode == 0 ? "" : " (\(writer.stateCode))"),
+                writer.lastError.isEmpty ? "-" : VssErrors.describe(writer.lastError, code: writer.lastErrorCode),
+                writer.components.isEmpty ? "-" : writer.components.joined(separator: ", "),
+            ])
+        }
+        return table.render()
+    }
+
+    /// The tables `quiesce facts` prints after the summary: mounts and hooks, or (Windows) volumes and writers.
+    public func detailTables() -> String {
+        if self.osFamily == "windows" { return self.mountTable() + "\n\n" + self.writerTable() }
+        return self.mountTable() + "\n\n" + self.hookTable()
     }
 }

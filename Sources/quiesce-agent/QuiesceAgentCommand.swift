@@ -79,6 +79,10 @@ struct Run: AsyncParsableCommand {
     var reconnectMax: Double = 30
     @Option(help: ArgumentHelp("Longest wait between attempts once an engine has answered (a one-shot backup waits about this long for this agent).", valueName: "seconds"))
     var reconnectMaxKnown: Double = AgentConfiguration.defaultKnownEngineCap.timeInterval
+    @Option(help: ArgumentHelp(
+        "Play a Windows instance: answer VSS snapshot sets from this scenario file (JSON: OS, volumes played by mounted filesystems, VSS writers and how each behaves per phase; see README, Windows). The hold of writes is a real FIFREEZE of those filesystems through the thaw guard. For tests and demos on Linux.",
+        valueName: "path"))
+    var vssSimulator: String?
 
     func validate() throws {
         guard Logger.Level(rawValue: self.logLevel) != nil else {
@@ -99,6 +103,9 @@ struct Run: AsyncParsableCommand {
         guard self.syncfsMinDirtyMib <= 1 << 30 else {
             throw ValidationError("--syncfs-min-dirty-mib: expected at most \(1 << 30) MiB, found \(self.syncfsMinDirtyMib)")
         }
+        if let path = self.vssSimulator {
+            do { _ = try VssScenario.load(path: path) } catch { throw ValidationError("--vss-simulator: \(error)") }
+        }
     }
 
     func run() async throws {
@@ -115,8 +122,9 @@ struct Run: AsyncParsableCommand {
         let engine = try ListenAddress(parsing: self.engine)
         let locations = HookLocations(prescript: self.prescript, postscript: self.postscript, hookDirectory: self.hookDir)
         let syncfs = SyncfsRule(mode: SyncfsRule.Mode(rawValue: self.syncfs) ?? .auto, minDirtyBytes: self.syncfsMinDirtyMib << 20)
+        let scenario = try self.vssSimulator.map { try VssScenario.load(path: $0) }
         let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
-                                           expediteRCU: self.rcuExpedite == "auto")
+                                           expediteRCU: self.rcuExpedite == "auto", vssScenario: scenario)
         let runner = AgentRunner(
             configuration: AgentConfiguration(
                 engine: engine,

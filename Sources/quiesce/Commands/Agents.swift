@@ -69,9 +69,7 @@ struct FactsCommand: AsyncParsableCommand {
             print("\(self.instance): \(facts.summary)")
             if let freeze = facts.freezeSummary { print(freeze) }
             print("")
-            print(facts.mountTable())
-            print("")
-            print(facts.hookTable())
+            print(facts.detailTables())
         }
     }
 }

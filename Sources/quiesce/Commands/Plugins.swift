@@ -284,6 +284,10 @@ struct PlanCommand: AsyncParsableCommand {
                 }
             }
             print(table.render())
+            // How the write-holding step's level is proven at run time (ActionKind.proof).
+            if let step = plan.quiesce.first(where: { ActionKind.of($0.action)?.holdsWrites == true }), let kind = ActionKind.of(step.action) {
+                print("  proof: \(kind.proof)")
+            }
             if plan.quiesceRetries > 0 { print("  retries: the quiesce phase is tried up to \(plan.quiesceRetries + 1) times") }
             print("")
         }
