@@ -12,7 +12,8 @@ import QuiescePlugins
 import QuiesceWire
 
 /// `quiesce demo`: the whole product on one machine. An XFS reflink pool on a
-/// loop device; five instances whose disks are images in the pool, loop-mounted;
+/// loop device; eight instances — five Linux, three Windows played by the VSS
+/// simulator — whose disks are images in the pool, loop-mounted;
 /// one agent per instance on loopback over mutual TLS; a fleet backup through
 /// the coordinator; the report with all three levels and their reasons; one
 /// snapshot verified; everything unmounted, detached and removed. Needs root.
@@ -45,6 +46,8 @@ public struct FleetDemo: Sendable {
         /// The level the demo must show for it (and the reason's code, when below application).
         var expected: ConsistencyLevel
         var reason: String
+        /// A Windows instance, played by the VSS simulator: "healthy", "writer-fails", "vss-stopped".
+        var windows: String? = nil
     }
 
     static let instances = [
@@ -53,7 +56,29 @@ public struct FleetDemo: Sendable {
         Instance(id: "db-1", policy: "app", fsType: "ext4", scripts: "0755", expected: .filesystem, reason: "prescript-wrong-mode"),
         Instance(id: "legacy-1", policy: "app", fsType: "ext2", scripts: "valid", expected: .crash, reason: "no-eligible-filesystem"),
         Instance(id: "cache-1", policy: "baseline", fsType: "ext4", scripts: "none", expected: .crash, reason: ""),
+        Instance(id: "win-sql-1", policy: "win", fsType: "ext4", scripts: "none", expected: .application, reason: "", windows: "healthy"),
+        Instance(id: "win-mail-1", policy: "win", fsType: "ext4", scripts: "none", expected: .filesystem, reason: "vss-writer-failed", windows: "writer-fails"),
+        Instance(id: "win-old-1", policy: "win", fsType: "ext4", scripts: "none", expected: .crash, reason: "vss-service-not-running", windows: "vss-stopped"),
     ]
+
+    /// The simulated Windows instance's scenario: its one volume C:\ is the instance's loop-mounted disk.
+    static func scenario(_ instance: Instance, volume: String) -> VssScenario {
+        var writers = [
+            VssScenario.Writer(name: "Registry Writer", id: "afbab4a2-367d-4d15-a586-71dbb18f8485", instanceID: VssScenario.uuid(from: "registry"),
+                               components: ["Registry"]),
+        ]
+        switch instance.windows {
+        case "healthy"?:
+            writers.insert(.init(name: "SqlServerWriter", id: "a65faa63-5ea8-4ebc-9dbd-a0c4db26912a", instanceID: VssScenario.uuid(from: "sql"),
+                                 components: ["master", "model", "sales"]), at: 0)
+        case "writer-fails"?:
+            writers.insert(.init(name: "Microsoft Exchange Writer", id: "76fe1ac4-15f7-4bcd-987e-8e1acb462fb7", instanceID: VssScenario.uuid(from: "exchange"),
+                                 components: ["Mailbox Database"], phases: [.freeze: .fail(error: "VSS_E_WRITERERROR_NONRETRYABLE", times: nil)]), at: 0)
+        default: break
+        }
+        return VssScenario(hostname: instance.id, vssService: instance.windows == "vss-stopped" ? "stopped" : "running",
+                           volumes: [.init(name: "C:\\", fsType: "NTFS", path: volume)], writers: writers)
+    }
 
     /// Instances whose outcome is not what the demo shows (empty when it worked).
     static func surprises(in report: RunReport) -> [String] {
@@ -116,7 +141,7 @@ public struct FleetDemo: Sendable {
         }
         let provider = try LocalProvider(pool: pool + "/quiesce", createBurst: 20, createsPerSecond: 50)
 
-        self.progress("making \(Self.instances.count) instances: a 64 MiB disk each, in the pool, loop-mounted")
+        self.progress("making \(Self.instances.count) instances (\(Self.instances.filter { $0.windows != nil }.count) of them Windows, played by the VSS simulator): a 64 MiB disk each, in the pool, loop-mounted")
         var mounts: [String: String] = [:]
         for instance in Self.instances {
             let image = try provider.diskPath("\(instance.id)-data")
@@ -159,7 +184,7 @@ public struct FleetDemo: Sendable {
         }
         let address = try await engine.listeningAddress()
 
-        self.progress("starting \(Self.instances.count) agents (mutual TLS, a thaw guard each)")
+        self.progress("starting \(Self.instances.count) agents (mutual TLS, a thaw guard each; the Windows ones drive simulated VSS)")
         let guardPath = PluginSearchPath.executableDirectory + "/quiesce-thaw-guard"
         var handlers: [BuiltinCommandHandler] = []
         var agentTasks: [Task<Void, any Error>] = []
@@ -167,7 +192,7 @@ public struct FleetDemo: Sendable {
             let hooks = directory + "/hooks-\(instance.id)"
             let handler = BuiltinCommandHandler(
                 facts: FactsCollector(hooks: HookLocations(prescript: hooks + "/prescript.sh", postscript: hooks + "/postscript.sh", hookDirectory: hooks)),
-                guardExecutable: guardPath, logger: quiet)
+                guardExecutable: guardPath, vssScenario: instance.windows == nil ? nil : Self.scenario(instance, volume: mounts[instance.id]!), logger: quiet)
             handlers.append(handler)
             let runner = AgentRunner(
                 configuration: AgentConfiguration(engine: address, identity: ca.agentFiles(instanceID: instance.id),
@@ -190,7 +215,7 @@ public struct FleetDemo: Sendable {
         let fleet = try FleetFile.parse(fleetText, path: "demo-fleet.yaml", plugins: plugins)
         let catalog = try SQLiteCatalog(path: directory + "/catalog.db")
 
-        self.progress("backing up the fleet (policies: app = linux-freeze wanting application; baseline = crash)")
+        self.progress("backing up the fleet (policies: app = linux-freeze wanting application; win = windows-vss wanting application; baseline = crash)")
         let coordinator = Coordinator(
             engine: engine, plugins: plugins,
             providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 20, perSecond: 50))], catalog: catalog, fleet: fleet)
@@ -232,6 +257,7 @@ public struct FleetDemo: Sendable {
             policies:
               app: { plugin: linux-freeze, wanted: application, minimum: crash, freeze_budget_ms: 10000 }
               baseline: { plugin: crash, wanted: crash }
+              win: { plugin: windows-vss, wanted: application, minimum: crash, freeze_budget_ms: 10000 }
             instances:
 
             """

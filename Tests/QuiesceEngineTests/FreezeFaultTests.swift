@@ -19,7 +19,8 @@ final class AgentProcess: @unchecked Sendable {
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
     }
 
-    init(executable: String = AgentProcess.buildDirectory + "/quiesce-agent", engine: String, files: TLSFiles, logPath: String, hookDirectory: String) throws {
+    init(executable: String = AgentProcess.buildDirectory + "/quiesce-agent", engine: String, files: TLSFiles, logPath: String, hookDirectory: String,
+         extraArguments: [String] = []) throws {
         self.logPath = logPath
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
@@ -28,7 +29,7 @@ final class AgentProcess: @unchecked Sendable {
             "run", "--engine", engine, "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
             "--hook-dir", hookDirectory, "--prescript", hookDirectory + "/prescript.sh", "--postscript", hookDirectory + "/postscript.sh",
             "--log-level", "debug",
-        ]
+        ] + extraArguments
         self.process.standardOutput = log
         self.process.standardError = log
         try self.process.run()

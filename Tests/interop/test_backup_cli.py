@@ -142,7 +142,7 @@ def test_backup_fleet_file_problems_exit_65_with_lines(bin_dir, tmp_path):
     proc = subprocess.run([os.path.join(bin_dir, "quiesce"), "backup", "--fleet", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 65, proc.stderr
     assert f"{bad}:2:17: providers.pool.kind: expected a provider kind this engine has (ec2, local), found \"s3\"" in proc.stderr
-    assert "policies.app.plugin: expected a loaded plugin (crash, linux-freeze, mariadb), found \"linux-freze\"" in proc.stderr
+    assert "policies.app.plugin: expected a loaded plugin (crash, linux-freeze, mariadb, windows-vss), found \"linux-freze\"" in proc.stderr
     assert "instances[0].disks: missing" in proc.stderr
 
 

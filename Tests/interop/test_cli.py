@@ -38,9 +38,15 @@ def test_full_demo_shows_three_levels_and_leaves_nothing(bin_dir):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     levels = {i["instance"]: i["achieved"] for i in report["instances"]}
-    assert levels == {"web-1": "application", "web-2": "application", "db-1": "filesystem", "legacy-1": "crash", "cache-1": "crash"}
+    assert levels == {"web-1": "application", "web-2": "application", "db-1": "filesystem", "legacy-1": "crash", "cache-1": "crash",
+                      "win-sql-1": "application", "win-mail-1": "filesystem", "win-old-1": "crash"}
     reasons = {i["instance"]: i["reasons"] for i in report["instances"]}
     assert reasons["db-1"][0].startswith("prescript-wrong-mode") and reasons["legacy-1"][0].startswith("no-eligible-filesystem")
+    # The simulated Windows instances: VSS writers, and the seed's reasons for each level below application.
+    writers = {i["instance"]: i.get("vss_writers", []) for i in report["instances"]}
+    assert writers["win-sql-1"] == ["SqlServerWriter STABLE", "Registry Writer STABLE"]
+    assert reasons["win-mail-1"] == ["vss-writer-failed: Microsoft Exchange Writer FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)"]
+    assert reasons["win-old-1"][0].startswith("vss-service-not-running: the Volume Shadow Copy service is stopped")
     assert report["verification"].endswith("checksums match") and report["surprises"] == []
     assert report["elapsed_ms"] < 60000
     assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == before

@@ -167,7 +167,7 @@ public struct VssScenario: Sendable, Equatable {
             return text
         }
         func int(_ raw: Any?, _ field: String, in range: ClosedRange<Int>) -> Int? {
-            guard !(raw is Bool), let number = raw as? NSNumber, let value = Int(exactly: number.doubleValue), range.contains(value) else {
+            guard let number = raw as? NSNumber, let value = Int(exactly: number.doubleValue), range.contains(value) else {
                 problem(field, "expected a whole number in \(range.lowerBound)…\(range.upperBound), found \(describe(raw))")
                 return nil
             }
@@ -271,7 +271,7 @@ public struct VssScenario: Sendable, Equatable {
     }
 
     /// A stable GUID-looking id from a name (so a scenario without ids reports the same ids every time).
-    static func uuid(from text: String) -> String {
+    public static func uuid(from text: String) -> String {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325, second: UInt64 = 0x8422_2325_cbf2_9ce4
         for byte in text.utf8 {
             hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3
