@@ -147,3 +147,51 @@ def test_plan_for_a_connected_agent_matches_its_saved_facts(bin_dir, engine, tmp
     finally:
         agent.terminate()
         agent.wait(timeout=10)
+
+
+def test_facts_and_plan_for_a_simulated_windows_instance(bin_dir, engine, tmp_path):
+    """`quiesce facts` shows the writers, `quiesce plan` the VSS steps and the level per policy (nothing is frozen)."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "e").mkdir()
+    scenario = tmp_path / "win.json"
+    scenario.write_text(json.dumps({
+        "hostname": "win-7", "os_name": "Microsoft Windows Server 2022 Datacenter", "os_version": "10.0.20348",
+        "volumes": [{"name": "C:\\", "fs_type": "NTFS", "path": str(tmp_path / "c")},
+                    {"name": "E:\\", "fs_type": "FAT32", "path": str(tmp_path / "e")}],
+        "writers": [{"name": "SqlServerWriter", "id": "a65faa63-5ea8-4ebc-9dbd-a0c4db26912a", "components": ["sales"]},
+                    {"name": "Registry Writer"}],
+    }))
+    cert, key = engine.issue_agent("win-7")
+    agent = subprocess.Popen(
+        [os.path.join(bin_dir, "quiesce-agent"), "run", "--engine", f"127.0.0.1:{engine.port}", "--cert", cert, "--key", key,
+         "--ca", os.path.join(engine.ca_dir, "ca.pem"), "--vss-simulator", str(scenario), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: "win-7" in engine.quiesce(["agents"], check=False).stdout, timeout=20), engine.logs()
+        table = engine.quiesce(["facts", "win-7"]).stdout
+        assert "win-7: Microsoft Windows Server 2022 Datacenter 10.0.20348" in table, table
+        assert "VSS service running; hold guard ready; 2 writers" in table, table
+        assert "SqlServerWriter" in table and "a65faa63-5ea8-4ebc-9dbd-a0c4db26912a" in table and "STABLE (1)" in table, table
+        assert "VOLUME" in table and "fs-not-eligible:FAT32" in table, table
+
+        # E:\ is FAT32: the plan says so; skipped, the instance is application-consistent through VSS writers.
+        first = engine.quiesce(["plan", "--plugin", "windows-vss", "--instance", "win-7"], check=False)
+        assert first.returncode == 2, first.stdout + first.stderr
+        assert "win-7: windows-vss → crash" in first.stdout and "fs-not-eligible: E:\\ is FAT32" in first.stdout, first.stdout
+        good = engine.quiesce(["plan", "--plugin", "windows-vss", "--instance", "win-7", "--option", "skip_volumes=E:\\"], check=False)
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert "win-7: windows-vss → application" in good.stdout
+        assert "vss-freeze C:\\ (writers, copy, hold ≤ 10000 ms)" in good.stdout, good.stdout
+        assert "proof: the thaw reply names this freeze and its snapshot set" in good.stdout, good.stdout
+        off = engine.quiesce(["plan", "--plugin", "windows-vss", "--instance", "win-7", "--option", "skip_volumes=E:\\",
+                              "--option", "vss_writers=false", "--output", "json"], check=False)
+        assert off.returncode == 2
+        plan = json.loads(off.stdout)[0]
+        assert plan["expected"] == "filesystem" and plan["plan"]["reasons"][0].startswith("vss-writers-off: ")
+        assert "include_writers" not in plan["plan"]["quiesce"][0]["action"]["vss_freeze"]
+        # The Linux plugin refuses a Windows instance, with the reason.
+        linux = engine.quiesce(["plan", "--plugin", "linux-freeze", "--instance", "win-7"], check=False)
+        assert linux.returncode == 3 and "plans for linux instances; win-7 is windows" in linux.stdout, linux.stdout
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
