@@ -10,6 +10,7 @@ import QuiescePluginProto
 import QuiescePlugins
 import QuiesceProto
 import QuiesceTestSupport
+import QuiesceWire
 import Testing
 
 /// Windows instances end to end: the windows-vss plugin's plans, run by the engine over mutual TLS
@@ -191,6 +192,72 @@ struct VssTests {
             #expect(outcome.reasons.contains("vss-writer-failed: SlowWriter FAILED_AT_PREPARE_SNAPSHOT VSS_E_WRITERERROR_TIMEOUT (0x800423F2)"), "\(outcome.reasons)")
             #expect(outcome.reasons.contains("vss-writer-failed: HungWriter FAILED_AT_POST_SNAPSHOT VSS_E_WRITER_NOT_RESPONDING (0x80042319)"), "\(outcome.reasons)")
             #expect(outcome.vssWriters.first { $0.name == "Registry Writer" }?.state == "STABLE")
+
+            // The writers' own window from their freeze to their thaw (VSS: 60 s, here 300 ms): a snapshot longer than that.
+            let (late, _) = await windows.run(plan, policy: policy, freezeID: "slow-2", snapshotTakes: .milliseconds(500))
+            #expect(late.achieved == .filesystem)
+            #expect(late.reasons.contains("vss-writer-failed: Registry Writer FAILED_AT_THAW VSS_E_WRITERERROR_TIMEOUT (0x800423F2)"), "\(late.reasons)")
+        }
+    }
+
+    /// Passes everything to a real Windows agent's handler, but rewrites its VSS thaw replies.
+    final class ForgingHandler: CommandHandling {
+        let inner: BuiltinCommandHandler
+        let forge: @Sendable (inout Quiesce_Agent_V1_VssThawResult) -> Void
+        init(_ inner: BuiltinCommandHandler, forge: @escaping @Sendable (inout Quiesce_Agent_V1_VssThawResult) -> Void) {
+            self.inner = inner
+            self.forge = forge
+        }
+        var capabilities: [String] { self.inner.capabilities }
+        func perform(_ command: AgentCommand) async -> CommandResult {
+            var result = await self.inner.perform(command)
+            if case .vssThaw(var thaw)? = result.payload {
+                self.forge(&thaw)
+                result.vssThaw = thaw
+            }
+            return result
+        }
+        func prepare() async { await self.inner.prepare() }
+        func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void) { self.inner.sessionOpened(events: events) }
+        func engineHeard() { self.inner.engineHeard() }
+        func sessionEnded() async { await self.inner.sessionEnded() }
+        func shutdown() async { await self.inner.shutdown() }
+    }
+
+    @Test("invariant 3 for VSS: a thaw reply naming another set, saying writes were not held, naming another freeze, or a writer not STABLE is never application")
+    func forgedProof() async throws {
+        try await withLoopDevices { loops in
+            let c = try await loops.mount("c", fsType: "ext4", sizeMiB: 64).mountPoint
+            let scenario = try VssScenario.parse(Data(Self.scenario(volumes: ["C:\\": c], writers: Self.healthyWriters).utf8), source: "test")
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            let registry = await PluginPlanRunTests.registry()
+            defer { Task { await registry.shutdown() } }
+            let plugin = try #require(registry.plugin(named: "windows-vss"))
+            let policy = try PluginPlanRunTests.policy(plugin, options: [:])
+            let forgeries: [(String, ConsistencyLevel, String, @Sendable (inout Quiesce_Agent_V1_VssThawResult) -> Void)] = [
+                ("another set", .crash, "vss-set-mismatch: ", { $0.snapshotSetID = "00000000-0000-0000-0000-000000000000" }),
+                ("writes not held", .crash, "vss-hold-lost: ", { $0.writesHeld = false }),
+                ("another freeze", .crash, "thaw-mismatch: ", { $0.thaw.freezeID = "someone-else" }),
+                ("thawed by the budget", .crash, "thawed-by-budget: ", { $0.thaw.cause = .budget }),
+                ("a writer failed at BackupComplete", .filesystem, "vss-writer-failed: Registry Writer FAILED_AT_BACKUP_COMPLETE", {
+                    $0.writers[1].state = "FAILED_AT_BACKUP_COMPLETE"
+                    $0.writers[1].stateCode = 12
+                }),
+            ]
+            for (index, (label, level, reason, forge)) in forgeries.enumerated() {
+                let id = "forge-\(index)"
+                let handler = BuiltinCommandHandler(guardExecutable: AgentProcess.buildDirectory + "/quiesce-thaw-guard", vssScenario: scenario)
+                let runner = try await fleet.agent(id, handler: ForgingHandler(handler, forge: forge))
+                let task = Task { try await runner.run() }
+                #expect(await fleet.engine.registry.waitFor([id], timeout: .seconds(20)).isEmpty)
+                let plan = try await plugin.plan(facts: try await fleet.engine.planFacts(of: id), policy: policy)
+                let outcome = await PlanRunner(engine: fleet.engine, instanceID: id, policy: policy, freezeID: id).run(plan) {}
+                #expect(outcome.achieved == level, "\(label): \(outcome.reasons)")
+                #expect(outcome.reasons.contains { $0.hasPrefix(reason) }, "\(label): \(outcome.reasons)")
+                task.cancel()
+                await handler.shutdown()
+            }
         }
     }
 
