@@ -106,6 +106,20 @@ struct FreezeWindow: AsyncParsableCommand {
             ], log: self.work + "/\(instance).log")
             agents.append((instance, path, process))
         }
+        // A Windows instance on the same filesystem, played by the VSS simulator: its C:\\ is the guest mount.
+        do {
+            let scenario = self.work + "/vss-scenario.json"
+            let volume = #"{"name": "C:\\", "fs_type": "NTFS", "path": "\#(self.mount)"}"#
+            try #"{"hostname": "bench-win", "volumes": [\#(volume)], "writers": [{"name": "SqlServerWriter"}, {"name": "Registry Writer"}]}"#
+                .write(toFile: scenario, atomically: true, encoding: .utf8)
+            try ca.issue(.agent(instanceID: "bench-guest-vss"))
+            let files = ca.agentFiles(instanceID: "bench-guest-vss")
+            let process = try Self.start(self.agent, [
+                "run", "--engine", "\(address)", "--cert", files.certificatePath, "--key", files.keyPath, "--ca", files.trustRootsPath,
+                "--vss-simulator", scenario, "--log-level", "warning",
+            ], log: self.work + "/bench-guest-vss.log")
+            agents.append(("bench-guest-vss", self.agent, process))
+        }
         let missing = await engine.registry.waitFor(Set(agents.map(\.instance)), timeout: .seconds(30))
         guard missing.isEmpty else {
             throw ValidationError("\(missing.sorted().joined(separator: ", ")) did not connect; see \(self.work)/<instance>.log")
@@ -286,6 +300,30 @@ struct FreezeWindow: AsyncParsableCommand {
                         fifreezeMs: Double(result.mounts.first?.freezeUs ?? 0) / 1000)
                 }))
             }
+            // Windows, simulated: a VSS set with two writers; its hold is the same FIFREEZE through the same kind of guard.
+            methods.append(("quiesce VSS (simulated)", { run in
+                var request = Quiesce_Agent_V1_VssFreezeRequest()
+                request.freezeID = "bench-vss-\(load)-\(run)"
+                request.volumes = ["C:\\"]
+                request.includeWriters = true
+                let t0 = ContinuousClock.now
+                let held = try await engine.vssFreeze(request, on: "bench-guest-vss")
+                let tFrozen = ContinuousClock.now
+                guard held.isOK, let result = held.payload, result.allHeld else { throw ValidationError("vss-freeze failed: \(held.status.message)") }
+                let cloned = Result { try snapshot() }
+                let tCloned = ContinuousClock.now
+                let thawed = try await engine.vssThaw(request.freezeID, on: "bench-guest-vss")
+                let t1 = ContinuousClock.now
+                try cloned.get()
+                guard thawed.isOK, let proof = thawed.payload, proof.writesHeld, proof.writers.allSatisfy({ $0.state == "STABLE" }) else {
+                    throw ValidationError("the VSS thaw did not prove the set: \(thawed.status.message) \(String(describing: thawed.payload?.error))")
+                }
+                return Sample(
+                    windowMs: (t1 - t0).ms, frozenMs: Double(proof.thaw.frozenUs) / 1000,
+                    freezeCallMs: (tFrozen - t0).ms, freezeAgentMs: held.elapsed.ms, cloneMs: (tCloned - tFrozen).ms,
+                    thawCallMs: (t1 - tCloned).ms, thawAgentMs: thawed.elapsed.ms,
+                    fifreezeMs: Double(result.volumes.first?.freezeUs ?? 0) / 1000)
+            }))
             var samples = Array(repeating: [Sample](), count: methods.count)
             var order = SeededGenerator(seed: load == "idle" ? 1 : 2)
             for run in 0..<self.runs {
