@@ -246,3 +246,11 @@ let package = Package(
         ),
     ]
 )
+
+// Windows only: the agent's VSS requester (C++ over IVssBackupComponents) behind
+// WindowsVssBackend. Never built on Linux; see README, Windows.
+#if os(Windows)
+package.targets.append(.target(name: "CQuiesceVSS", linkerSettings: [.linkedLibrary("vssapi"), .linkedLibrary("ole32"), .linkedLibrary("advapi32")]))
+if let agent = package.targets.first(where: { $0.name == "QuiesceAgent" }) { agent.dependencies.append("CQuiesceVSS") }
+#endif
+

@@ -54,7 +54,7 @@ public struct BuiltinCommandHandler: CommandHandling {
     public init(
         facts: FactsCollector = FactsCollector(), hooks: HookRunner? = nil, guardExecutable: String? = nil,
         silenceLimit: Duration = .seconds(1), syncfs: SyncfsRule = .default, expediteRCU: Bool = true, startsGuard: Bool = true,
-        vssScenario: VssScenario? = nil, logger: Logger = Logger(label: "quiesce.agent.freeze")
+        vssScenario: VssScenario? = nil, vss: (any VssBackend)? = nil, logger: Logger = Logger(label: "quiesce.agent.freeze")
     ) {
         self.facts = facts
         self.startsGuard = startsGuard
@@ -73,7 +73,8 @@ public struct BuiltinCommandHandler: CommandHandling {
             holdStates: { holds.states() }, logger: logger)
         sink.freezer = freezer
         self.freezer = freezer
-        self.vss = vssScenario.map { VssSimulator(scenario: $0, freezer: freezer) }
+        // A scenario makes this agent a simulated Windows instance; `vss` is a real backend (WindowsVssBackend on Windows).
+        self.vss = vssScenario.map { VssSimulator(scenario: $0, freezer: freezer) } ?? vss
     }
 
     public var capabilities: [String] { self.vss == nil ? ["facts", "hooks", "fsfreeze", "holds"] : ["facts", "vss"] }

@@ -123,8 +123,13 @@ struct Run: AsyncParsableCommand {
         let locations = HookLocations(prescript: self.prescript, postscript: self.postscript, hookDirectory: self.hookDir)
         let syncfs = SyncfsRule(mode: SyncfsRule.Mode(rawValue: self.syncfs) ?? .auto, minDirtyBytes: self.syncfsMinDirtyMib << 20)
         let scenario = try self.vssSimulator.map { try VssScenario.load(path: $0) }
+        #if os(Windows)
+        let backend: (any VssBackend)? = WindowsVssBackend()
+        #else
+        let backend: (any VssBackend)? = nil
+        #endif
         let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
-                                           expediteRCU: self.rcuExpedite == "auto", vssScenario: scenario)
+                                           expediteRCU: self.rcuExpedite == "auto", vssScenario: scenario, vss: backend)
         let runner = AgentRunner(
             configuration: AgentConfiguration(
                 engine: engine,
