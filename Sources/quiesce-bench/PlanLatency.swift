@@ -48,9 +48,26 @@ struct PlanLatency: AsyncParsableCommand {
                 }
             }
         }
+        // The same instance as Windows reports it, for plugins that plan Windows (windows-vss).
+        let windows = InstanceFacts.with {
+            $0.instanceID = "bench-win-1"
+            $0.osFamily = "windows"
+            $0.guardReady = true
+            $0.capabilities = ["facts", "vss"]
+            $0.vssService = "running"
+            $0.mounts = (0..<self.mounts).map { i in
+                .with {
+                    $0.mountPoint = String(UnicodeScalar(UInt8(67 + i % 24))) + ":\\" + (i < 24 ? "" : "Data\(i)\\")
+                    $0.fsType = i % 2 == 0 ? "NTFS" : "ReFS"
+                    $0.freezable = true
+                }
+            }
+            $0.vssWriters = ["SqlServerWriter", "Registry Writer", "WMI Writer"].map { name in .with { $0.name = name; $0.state = "STABLE" } }
+        }
         print("loaded \(registry.plugins.count) plugins in \(String(format: "%.1f", loadTime.timeInterval * 1000)) ms (each in its own host process, in parallel)\n")
         var table = TextTable(headers: ["PLUGIN", "EXPECTED", "STEPS", "RUNS", "P50 µs", "P99 µs", "MAX µs", "PLANS/S"])
         for plugin in registry.plugins {
+            let facts = plugin.info.platforms == ["windows"] ? windows : facts
             let policy = try PlanPolicy.with {
                 $0.name = "bench"
                 $0.wanted = .application
