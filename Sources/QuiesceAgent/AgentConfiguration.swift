@@ -24,6 +24,8 @@ public struct AgentConfiguration: Sendable {
     public var knownEngineCap: Duration
     /// A session that lasted this long resets the backoff.
     public var healthySession: Duration
+    /// Renewing the certificate at two thirds of its life, over the session's connection.
+    public var renewal: RenewalPolicy = RenewalPolicy()
 
     public static let defaultKnownEngineCap: Duration = .seconds(2)
 

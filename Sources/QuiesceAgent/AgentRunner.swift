@@ -16,6 +16,8 @@ public final class AgentRunner: Sendable {
     public let handler: any CommandHandling
     private let logger: Logger
     private let startedAt = ContinuousClock.now
+    /// Random per process: the engine tells this process's reconnects from a second machine with the same certificate.
+    public let runID = UUID().uuidString.lowercased()
     private let state = Mutex<State>(State())
 
     /// What the runner is doing, for `quiesce-agent status` and tests.
@@ -31,6 +33,7 @@ public final class AgentRunner: Sendable {
         var lastSessionID: String = ""
         var sessionsOpened = 0
         var lastError: String?
+        var renewals = 0
         var phaseWaiters: [UUID: (predicate: @Sendable (Phase) -> Bool, continuation: CheckedContinuation<Void, Never>)] = [:]
     }
 
@@ -51,6 +54,8 @@ public final class AgentRunner: Sendable {
     public var phase: Phase { self.state.withLock { $0.phase } }
     public var sessionsOpened: Int { self.state.withLock { $0.sessionsOpened } }
     public var lastError: String? { self.state.withLock { $0.lastError } }
+    /// Certificates renewed by this runner.
+    public var renewals: Int { self.state.withLock { $0.renewals } }
 
     /// The instance id: configured, or the certificate's common name.
     public func instanceID() throws -> String {
@@ -63,7 +68,12 @@ public final class AgentRunner: Sendable {
     /// - Throws: Only for an unusable local configuration (certificate files); network
     ///   and engine errors are retried.
     public func run() async throws {
-        _ = try self.configuration.identity.validate()
+        let (certificate, _) = try self.configuration.identity.validate()
+        if certificate.notValidAfter < Date() {
+            self.logger.error("this agent's certificate has expired: enrol again (quiesce-agent enrol --token …)", metadata: [
+                "expired": "\(certificate.notValidAfter)", "file": "\(self.configuration.identity.certificatePath)",
+            ])
+        }
         var backoff = self.configuration.backoff
         await self.handler.prepare()
         defer { self.setPhase(.stopped) }
@@ -131,6 +141,7 @@ public final class AgentRunner: Sendable {
         hello.hello.capabilities = self.handler.capabilities
         hello.hello.previousSessionID = self.state.withLock { $0.lastSessionID }
         hello.hello.uptimeMs = UInt64((ContinuousClock.now - self.startedAt).milliseconds)
+        hello.hello.agentRunID = self.runID
         outboundContinuation.yield(hello)
 
         var options = CallOptions.defaults
@@ -178,6 +189,24 @@ public final class AgentRunner: Sendable {
             }
 
             try await withThrowingTaskGroup(of: Void.self) { group in
+                if self.configuration.renewal.enabled {
+                    // Renewal rides on this session's connection; a failure is logged and tried again later,
+                    // never the end of the session. Nothing is written while anything is frozen.
+                    group.addTask {
+                        while true {
+                            try await Task.sleep(for: self.configuration.renewal.checkEvery)
+                            if self.handler.isFrozen { continue }
+                            do {
+                                if let serial = try await self.renewIfDue(client: client) {
+                                    self.state.withLock { $0.renewals += 1 }
+                                    self.logger.notice("certificate renewed", metadata: ["serial": "\(serial)", "files": "\(self.configuration.identity.certificatePath)"])
+                                }
+                            } catch {
+                                self.logger.warning("certificate renewal failed; the current certificate stays in use", metadata: ["error": "\(error)"])
+                            }
+                        }
+                    }
+                }
                 group.addTask {
                     var sequence: UInt64 = 0
                     while true {

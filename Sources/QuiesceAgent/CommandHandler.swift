@@ -25,6 +25,8 @@ public protocol CommandHandling: Sendable {
     func sessionEnded() async
     /// The agent stops.
     func shutdown() async
+    /// Whether anything is frozen now (nothing is written to disk then).
+    var isFrozen: Bool { get }
 }
 
 extension CommandHandling {
@@ -33,6 +35,7 @@ extension CommandHandling {
     public func engineHeard() {}
     public func sessionEnded() async {}
     public func shutdown() async {}
+    public var isFrozen: Bool { false }
 }
 
 /// The built-in actions: facts, hooks, freeze and thaw through the thaw
@@ -76,6 +79,8 @@ public struct BuiltinCommandHandler: CommandHandling {
         // A scenario makes this agent a simulated Windows instance; `vss` is a real backend (WindowsVssBackend on Windows).
         self.vss = vssScenario.map { VssSimulator(scenario: $0, freezer: freezer) } ?? vss
     }
+
+    public var isFrozen: Bool { self.freezer.isFrozen }
 
     public var capabilities: [String] { self.vss == nil ? ["facts", "hooks", "fsfreeze", "holds"] : ["facts", "vss"] }
 

@@ -138,6 +138,14 @@ public final class Coordinator: Sendable {
     }
 
     public func run(runID: String, agentWait: Duration? = nil, events: @escaping @Sendable (RunEvent) -> Void = { _ in }) async -> RunReport {
+        // The audit trail names this run as who asked for every command it sends (and who started it).
+        let outer = AuditContext.actor
+        return await AuditContext.$actor.withValue("run:\(runID)" + (outer == "engine" ? "" : " by \(outer)")) {
+            await self.runBody(runID: runID, agentWait: agentWait, events: events)
+        }
+    }
+
+    private func runBody(runID: String, agentWait: Duration?, events: @escaping @Sendable (RunEvent) -> Void) async -> RunReport {
         let started = ContinuousClock.now
         let begun = await self.catalogWrite { try $0.beginRun(RunRecord(id: runID, source: self.fleet.path)) }
         // Agents that never connect are reported, not waited on forever.
@@ -342,6 +350,12 @@ public final class Coordinator: Sendable {
         }
         if let failures = self.checkFailures.withLock({ $0[instance.id] }) {
             outcome.reasons = failures
+            return outcome
+        }
+        // Two machines claim this instance id (a cloned image, a copied key): quiescing "it" could freeze the wrong one.
+        if let conflict = await self.engine.registry.conflict(for: instance.id) {
+            outcome.reasons.append("identity-conflict: \(conflict.claimantAddress) claims \(instance.id), whose session is held from \(conflict.holderAddress) "
+                + "(\(conflict.attempts) refused attempt\(conflict.attempts == 1 ? "" : "s")); nothing was frozen")
             return outcome
         }
         let target = ProviderKinds.target(instance)

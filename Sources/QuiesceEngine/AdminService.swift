@@ -1,6 +1,7 @@
 import Foundation
 import GRPCCore
 import QuiesceCore
+import QuiescePKI
 import QuiesceProto
 import QuiesceWire
 
@@ -13,6 +14,27 @@ struct AdminService: Quiesce_Admin_V1_Admin.SimpleServiceProtocol {
     {
         var response = Quiesce_Admin_V1_ListAgentsResponse()
         response.agents = await self.engine.registry.all().map(Self.describe)
+        response.conflicts = await self.engine.registry.allConflicts().map { conflict in
+            .with {
+                $0.instanceID = conflict.instanceID
+                $0.holderSessionID = conflict.holderSessionID
+                $0.holderAddress = conflict.holderAddress
+                $0.claimantAddress = conflict.claimantAddress
+                $0.firstSeenUnixMs = Int64(conflict.firstSeen.timeIntervalSince1970 * 1000)
+                $0.lastSeenUnixMs = Int64(conflict.lastSeen.timeIntervalSince1970 * 1000)
+                $0.attempts = UInt32(conflict.attempts)
+            }
+        }
+        if let authority = self.engine.authority {
+            response.revoked = ((try? authority.revocations.entries()) ?? []).map { entry in
+                .with {
+                    $0.serial = entry.serial ?? ""
+                    $0.identity = entry.identity ?? ""
+                    $0.revokedAtUnixMs = Int64(entry.revokedAt.timeIntervalSince1970 * 1000)
+                    $0.reason = entry.reason
+                }
+            }
+        }
         return response
     }
 
@@ -49,6 +71,10 @@ struct AdminService: Quiesce_Admin_V1_Admin.SimpleServiceProtocol {
         agent.lastHeardUnixMs = Int64(session.lastHeard.timeIntervalSince1970 * 1000)
         agent.pendingCommands = UInt32(session.pendingCommands)
         agent.certificateSha256 = session.certificateFingerprint
+        if let certificate = session.certificate {
+            agent.certificateSerial = RevocationList.serialHex(certificate)
+            agent.certificateNotAfterUnix = Int64(certificate.notValidAfter.timeIntervalSince1970)
+        }
         return agent
     }
 }

@@ -6,6 +6,7 @@ import QuiescePKI
 import QuiesceProto
 import QuiesceWire
 import Synchronization
+import X509
 
 /// One live session with one agent: its identity, and the commands waiting
 /// for answers. Thread-safe; the session service feeds it from the wire and
@@ -18,7 +19,12 @@ public final class AgentSession: Sendable {
     public let protocolVersion: ProtocolVersionNumber
     public let capabilities: [String]
     public let certificateFingerprint: String
+    /// The client certificate the session was opened with (revocation is checked against it).
+    public let certificate: Certificate?
+    /// The agent process's random id (hello), to tell its reconnects from a second machine with the same certificate.
+    public let agentRunID: String
     public let connectedAt: Date
+    let audit: AuditLog?
 
     private let outbound: AsyncStream<EngineMessage>.Continuation
     private let state: Mutex<State>
@@ -44,8 +50,12 @@ public final class AgentSession: Sendable {
 
     init(
         sessionID: String, hello: Quiesce_Agent_V1_AgentHello, remoteAddress: String,
-        certificateFingerprint: String, outbound: AsyncStream<EngineMessage>.Continuation
+        certificateFingerprint: String, outbound: AsyncStream<EngineMessage>.Continuation,
+        certificate: Certificate? = nil, audit: AuditLog? = nil
     ) {
+        self.certificate = certificate
+        self.agentRunID = hello.agentRunID
+        self.audit = audit
         self.sessionID = sessionID
         self.instanceID = hello.instanceID
         self.remoteAddress = remoteAddress
@@ -87,6 +97,26 @@ public final class AgentSession: Sendable {
     ///   `.deadlineExceeded`, `.cancelled` when the calling task is cancelled.
     public func send(
         _ action: AgentCommand.OneOf_Action, deadline: Duration, grace: Duration = .milliseconds(500)
+    ) async throws -> CommandResult {
+        guard let audit = self.audit else { return try await self.dispatch(action, deadline: deadline, grace: grace) }
+        // The audit trail: who asked, what, to which instance, the result; written after the answer, off this path.
+        let actor = AuditContext.actor, began = ContinuousClock.now
+        func record(_ result: String, _ detail: String?) {
+            audit.append(.init(kind: "command", actor: actor, action: action.name, instance: self.instanceID, result: result,
+                               detail: detail, durationMs: Double((ContinuousClock.now - began).nanoseconds) / 1e6))
+        }
+        do {
+            let result = try await self.dispatch(action, deadline: deadline, grace: grace)
+            if result.status.isOK { record("ok", nil) } else { record("\(result.status.rpcCode) \(result.status.reason)", result.status.message) }
+            return result
+        } catch let error as RPCError {
+            record("\(error.code) no-answer", error.message)
+            throw error
+        }
+    }
+
+    private func dispatch(
+        _ action: AgentCommand.OneOf_Action, deadline: Duration, grace: Duration
     ) async throws -> CommandResult {
         let id = self.state.withLock { state -> UInt64 in
             defer { state.nextCommandID += 1 }

@@ -18,6 +18,8 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
     let limits: SessionLimits
     let logger: Logger
     let capabilities: [String]
+    var authority: EngineAuthority? = nil
+    var audit: AuditLog? = nil
 
     /// Shared between the reader and the watchdog of one RPC.
     private final class SessionSlot: Sendable {
@@ -45,6 +47,11 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
         let peer = PeerIdentity(certificate: certificate)
         logger[metadataKey: "certificate"] = "\(peer)"
         let sessionLogger = logger
+        if let why = self.authority?.revocationReason(certificate) {
+            let error = RPCError(code: .permissionDenied, message: "revoked: \(why)")
+            await self.refuse(error, instanceID: peer.commonName, sessionID: sessionID, remote: remote, logger: logger)
+            throw error
+        }
         guard peer.role == .agent else {
             let error = RPCError(
                 code: .permissionDenied,
@@ -77,10 +84,11 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
                         throw RPCError(code: .cancelled, message: "the agent closed the stream before its hello")
                     }
                     let hello = try self.validateHello(first, certificateName: peer.commonName)
+                    try await self.checkIdentity(hello, remote: remote, logger: sessionLogger)
                     let session = AgentSession(
                         sessionID: sessionID, hello: hello, remoteAddress: remote,
                         certificateFingerprint: IssuedCertificate.fingerprint(of: certificate),
-                        outbound: outboundContinuation)
+                        outbound: outboundContinuation, certificate: certificate, audit: self.audit)
                     slot.value.withLock { $0 = session }
 
                     var reply = EngineMessage()
@@ -152,6 +160,40 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
             await self.registry.remove(session, reason: reason.message)
             logger.info("agent session ended", metadata: ["instance": "\(session.instanceID)", "reason": "the agent closed the session"])
         }
+    }
+
+    /// Two live sessions never share an instance id. A second claimant is let in only when it is
+    /// the same agent process reconnecting (its run id, or the session it names as previous), or when
+    /// the holder no longer answers (it is gone, and its session has not timed out yet). Otherwise
+    /// the holder keeps the id, the newcomer is refused, and the conflict is recorded: a fleet run
+    /// refuses to quiesce that instance (`identity-conflict`) until it has been quiet for a while.
+    private func checkIdentity(_ hello: Quiesce_Agent_V1_AgentHello, remote: String, logger: Logger) async throws {
+        guard let holder = await self.registry.session(for: hello.instanceID), !holder.isClosed else { return }
+        let sameProcess = (!hello.agentRunID.isEmpty && hello.agentRunID == holder.agentRunID)
+            || (!hello.previousSessionID.isEmpty && hello.previousSessionID == holder.sessionID)
+        if sameProcess { return }
+        let answered: Bool
+        do {
+            let reply = try await AuditContext.$actor.withValue("identity-probe") {
+                try await holder.send(.freezeStatus(.init()), deadline: .milliseconds(1500), grace: .milliseconds(200))
+            }
+            answered = reply.status.isOK || reply.status.code != 0
+        } catch {
+            answered = false
+        }
+        guard answered, !holder.isClosed else { return }
+        let conflict = await self.registry.noteConflict(
+            instanceID: hello.instanceID, holder: holder, claimantAddress: remote, claimantRunID: hello.agentRunID)
+        let message = "identity-conflict: instance \(hello.instanceID) already has a live session \(holder.sessionID) from \(holder.remoteAddress) "
+            + "that answers; this connection from \(remote) holds the same certificate (a cloned image, or a copied key). Refused; "
+            + "\(conflict.attempts) attempt\(conflict.attempts == 1 ? "" : "s") since \(AuditLog.timestamp(conflict.firstSeen)). Revoke the certificate "
+            + "(quiesce ca revoke --agent \(hello.instanceID)) and enrol each machine with its own id."
+        logger.error("identity conflict", metadata: [
+            "instance": "\(hello.instanceID)", "holder": "\(holder.remoteAddress)", "claimant": "\(remote)", "attempts": "\(conflict.attempts)",
+        ])
+        self.audit?.append(.init(kind: "identity", actor: "source:\(remote)", action: "session", instance: hello.instanceID,
+                                 result: "identity-conflict", detail: "holder \(holder.remoteAddress) session \(holder.sessionID)"))
+        throw RPCError(code: .alreadyExists, message: message)
     }
 
     private func validateHello(_ message: AgentMessage, certificateName: String) throws -> Quiesce_Agent_V1_AgentHello {

@@ -17,6 +17,15 @@ public struct EngineConfiguration: Sendable {
     /// The admin API's unix socket (created mode 0600); nil for none.
     public var adminSocketPath: String?
     public var limits: SessionLimits
+    /// The CA's directory: with it the engine issues agent certificates (enrolment, renewal)
+    /// and refuses revoked ones (`DIR/revoked.json`, re-read when it changes).
+    public var caDirectory: String? = nil
+    /// Where new agents enrol with a join token (TLS, engine-authenticated only); needs `caDirectory`.
+    public var enrolListen: ListenAddress? = nil
+    /// Lifetime of the agent certificates the engine issues.
+    public var agentValidity: Duration = .seconds(30 * 86_400)
+    /// The audit trail (JSON lines); nil for none.
+    public var auditLogPath: String? = nil
 
     public init(listen: ListenAddress, identity: TLSFiles, adminSocketPath: String?, limits: SessionLimits) {
         self.listen = listen
@@ -40,6 +49,10 @@ public final class Engine: Sendable {
     public let registry: SessionRegistry
     public let startedAt = Date()
     let caFingerprint: String
+    /// Issuing and revocation, when the engine has its CA directory.
+    public let authority: EngineAuthority?
+    public let audit: AuditLog?
+    private let enrolTransport = Mutex<HTTP2ServerTransport.Posix?>(nil)
     private let logger: Logger
     private let state = Mutex<RunState>(RunState())
     private let boundAddress = AsyncStream<Result<ListenAddress, any Error>>.makeStream(bufferingPolicy: .bufferingNewest(1))
@@ -57,6 +70,24 @@ public final class Engine: Sendable {
         self.caFingerprint = IssuedCertificate.fingerprint(of: root)
         self.registry = SessionRegistry()
         self.logger = logger
+        self.authority = try configuration.caDirectory.map { try EngineAuthority(directory: CADirectory(path: $0), agentValidity: configuration.agentValidity) }
+        self.audit = try configuration.auditLogPath.map { try AuditLog(path: $0) }
+        if configuration.enrolListen != nil && self.authority == nil {
+            throw EngineError.listenFailed(address: configuration.enrolListen!.description, detail: "enrolment needs the CA directory (--ca-dir) to issue certificates")
+        }
+    }
+
+    /// The enrolment port's address, once bound.
+    public func enrolAddress() async throws -> ListenAddress {
+        for _ in 0..<500 {
+            if let transport = self.enrolTransport.withLock({ $0 }) {
+                let bound = try await transport.listeningAddress
+                if let v4 = bound.ipv4 { return ListenAddress(host: .ipv4(v4.host), port: v4.port) }
+                if let v6 = bound.ipv6 { return ListenAddress(host: .ipv6(v6.host), port: v6.port) }
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        throw EngineError.listenFailed(address: self.configuration.enrolListen?.description ?? "-", detail: "no enrolment listener")
     }
 
     /// Serves until ``shutdown()`` or until the task is cancelled; both stop it
@@ -88,21 +119,41 @@ public final class Engine: Sendable {
             }
             logger.warning("agent stream failed in the transport", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
             Task { await registry.recordEnd(instanceID: "?", sessionID: "-", remoteAddress: peer, reason: "transport: " + reason) }
+        } refuse: { [authority = self.authority] der in
+            authority?.revocationReason(der: der)
+        } onRefused: { [audit = self.audit] peer, reason in
+            logger.warning("revoked certificate refused at the handshake", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
+            audit?.append(.init(kind: "identity", actor: "source:\(peer)", action: "handshake", instance: "?", result: "revoked", detail: reason))
+            Task { await registry.recordEnd(instanceID: "?", sessionID: "-", remoteAddress: peer, reason: "revoked: " + reason) }
         }
-        let agentServer = GRPCServer(
-            transport: agentTransport,
-            services: [AgentSessionService(
-                registry: self.registry, limits: self.configuration.limits, logger: self.logger,
-                capabilities: ["commands", "heartbeat"])])
+        var agentServices: [any RegistrableRPCService] = [AgentSessionService(
+            registry: self.registry, limits: self.configuration.limits, logger: self.logger,
+            capabilities: ["commands", "heartbeat"], authority: self.authority, audit: self.audit)]
+        var enrolServer: GRPCServer<HTTP2ServerTransport.Posix>?
+        if let authority = self.authority {
+            let agentPort: @Sendable () async -> Int = { (try? await self.listeningAddress().port) ?? 0 }
+            agentServices.append(EnrolmentService(authority: authority, port: .agent, agentPort: agentPort, logger: self.logger, audit: self.audit))
+            if let address = self.configuration.enrolListen {
+                let transport = SecureTransports.enrolListener(address: address, identity: self.configuration.identity)
+                self.enrolTransport.withLock { $0 = transport }
+                enrolServer = GRPCServer(
+                    transport: transport,
+                    services: [EnrolmentService(authority: authority, port: .enrolment, agentPort: agentPort, logger: self.logger, audit: self.audit)])
+            }
+        }
+        let agentServer = GRPCServer(transport: agentTransport, services: agentServices)
+        let enrolment = enrolServer
         let adminServer: GRPCServer<HTTP2ServerTransport.Posix>?
         if let path = self.configuration.adminSocketPath {
-            adminServer = GRPCServer(transport: SecureTransports.adminListener(socketPath: path), services: [AdminService(engine: self)] + adminServices)
+            adminServer = GRPCServer(
+                transport: SecureTransports.adminListener(socketPath: path), services: [AdminService(engine: self)] + adminServices,
+                interceptors: self.audit.map { [AdminAuditInterceptor(audit: $0, actor: "admin:local")] } ?? [])
         } else {
             adminServer = nil
         }
         let stopNow = self.state.withLock { state -> Bool in
             if state.shutdownRequested { return true }
-            state.shutdownActions = [agentServer.beginGracefulShutdown, { adminServer?.beginGracefulShutdown() }]
+            state.shutdownActions = [agentServer.beginGracefulShutdown, { adminServer?.beginGracefulShutdown() }, { enrolment?.beginGracefulShutdown() }]
             return false
         }
         if stopNow {
@@ -119,7 +170,7 @@ public final class Engine: Sendable {
         // what was accepted and closes it; run returns once the servers have
         // stopped. The servers' tasks run on the event loops (see EventLoopTaskExecutor).
         let serving = Task(executorPreference: EventLoopTaskExecutor.shared) {
-            try await self.serve(agentServer: agentServer, adminServer: adminServer, agentTransport: agentTransport)
+            try await self.serve(agentServer: agentServer, adminServer: adminServer, enrolServer: enrolment, agentTransport: agentTransport)
         }
         try await withTaskCancellationHandler {
             try await serving.value
@@ -130,11 +181,22 @@ public final class Engine: Sendable {
 
     private func serve(
         agentServer: GRPCServer<HTTP2ServerTransport.Posix>, adminServer: GRPCServer<HTTP2ServerTransport.Posix>?,
-        agentTransport: HTTP2ServerTransport.Posix
+        enrolServer: GRPCServer<HTTP2ServerTransport.Posix>?, agentTransport: HTTP2ServerTransport.Posix
     ) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await agentServer.serve() }
             if let adminServer { group.addTask { try await adminServer.serve() } }
+            if let enrolServer { group.addTask { try await enrolServer.serve() } }
+            if self.authority != nil {
+                // Revocations take effect at once: the list is re-read when its file changes, and live
+                // sessions holding a newly revoked certificate are ended (PERMISSION_DENIED, with the reason).
+                group.addTask {
+                    while !self.state.withLock({ $0.shutdownRequested }) {
+                        try? await Task.sleep(for: .milliseconds(250))
+                        await self.enforceRevocations()
+                    }
+                }
+            }
             group.addTask {
                 do {
                     let bound = try await agentTransport.listeningAddress
@@ -167,6 +229,16 @@ public final class Engine: Sendable {
             }
         }
         if let path = self.configuration.adminSocketPath { unlink(path) }
+    }
+
+    /// Re-reads the revocation list if it changed and ends every live session it now refuses.
+    public func enforceRevocations() async {
+        guard let authority = self.authority, authority.reloadIfChanged() else { return }
+        let closed = await self.registry.closeRefused { session in session.certificate.flatMap { authority.revocationReason($0) } }
+        for (instance, reason) in closed {
+            self.logger.warning("revoked certificate: session ended", metadata: ["instance": "\(instance)", "reason": "\(reason)"])
+            self.audit?.append(.init(kind: "identity", actor: "engine", action: "revoke", instance: instance, result: "session-ended", detail: reason))
+        }
     }
 
     private func publish(_ result: Result<ListenAddress, any Error>) {

@@ -12,7 +12,24 @@ public actor SessionRegistry {
         public var reason: String
     }
 
+    /// Two machines claiming one instance id: the holder kept it, the claimant was refused.
+    public struct IdentityConflict: Sendable {
+        public var instanceID: String
+        public var holderSessionID: String
+        public var holderAddress: String
+        public var claimantAddress: String
+        public var claimantRunID: String
+        public var firstSeen: Date
+        public var lastSeen: Date
+        public var attempts: Int
+    }
+
+    /// A conflict stays in force this long after the last refused claim (a refused agent retries
+    /// every few seconds to 30 s), and while the holder's session lives.
+    public static let conflictMemory: TimeInterval = 120
+
     private var sessions: [String: AgentSession] = [:]
+    private var conflicts: [String: IdentityConflict] = [:]
     private var ended: [EndedSession] = []
     private let historyLimit: Int
     private var waiters: [(id: UInt64, predicate: @Sendable ([String: AgentSession]) -> Bool, continuation: CheckedContinuation<Void, Never>)] = []
@@ -52,6 +69,40 @@ public actor SessionRegistry {
     }
 
     public func session(for instanceID: String) -> AgentSession? { self.sessions[instanceID] }
+
+    func noteConflict(instanceID: String, holder: AgentSession, claimantAddress: String, claimantRunID: String) -> IdentityConflict {
+        let now = Date()
+        var conflict = self.conflicts[instanceID].flatMap { $0.holderSessionID == holder.sessionID ? $0 : nil } ?? IdentityConflict(
+            instanceID: instanceID, holderSessionID: holder.sessionID, holderAddress: holder.remoteAddress, claimantAddress: claimantAddress,
+            claimantRunID: claimantRunID, firstSeen: now, lastSeen: now, attempts: 0)
+        conflict.claimantAddress = claimantAddress
+        conflict.lastSeen = now
+        conflict.attempts += 1
+        self.conflicts[instanceID] = conflict
+        return conflict
+    }
+
+    /// The instance's identity conflict, while it is in force.
+    public func conflict(for instanceID: String, now: Date = Date()) -> IdentityConflict? {
+        guard let conflict = self.conflicts[instanceID], now.timeIntervalSince(conflict.lastSeen) < Self.conflictMemory else { return nil }
+        return conflict
+    }
+
+    /// Every conflict in force, by instance id.
+    public func allConflicts(now: Date = Date()) -> [IdentityConflict] {
+        self.conflicts.values.filter { now.timeIntervalSince($0.lastSeen) < Self.conflictMemory }.sorted { $0.instanceID < $1.instanceID }
+    }
+
+    /// Closes every live session whose certificate `refused` names a reason for (a revocation).
+    func closeRefused(_ refused: (AgentSession) -> String?) -> [(String, String)] {
+        var closed: [(String, String)] = []
+        for session in self.sessions.values {
+            guard let reason = refused(session) else { continue }
+            session.close(reason: RPCError(code: .permissionDenied, message: "revoked: \(reason)"))
+            closed.append((session.instanceID, reason))
+        }
+        return closed
+    }
 
     /// Live sessions sorted by instance id.
     public func all() -> [AgentSession] {

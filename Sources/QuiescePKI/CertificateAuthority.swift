@@ -110,8 +110,13 @@ public struct CertificateAuthority: Sendable {
 
     /// Issues a certificate signed by this authority.
     public func issue(_ request: Request, now: Date = Date()) throws -> IssuedCertificate {
-        try Self.validateIdentifier(request.commonName, what: "common name")
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        return IssuedCertificate(certificate: try self.certificate(request, publicKey: key.publicKey, now: now), privateKey: key)
+    }
+
+    /// A certificate for `publicKey` (a key the holder made and kept), signed by this authority.
+    public func certificate(_ request: Request, publicKey: Certificate.PublicKey, now: Date = Date()) throws -> Certificate {
+        try Self.validateIdentifier(request.commonName, what: "common name")
         let subject = try DistinguishedName {
             OrganizationName("Quiesce")
             OrganizationalUnitName(request.role.rawValue)
@@ -126,10 +131,10 @@ public struct CertificateAuthority: Sendable {
         }
         let usages = request.extendedKeyUsage ?? (request.role == .engine ? [.serverAuth] : [.clientAuth])
         let notBefore = request.notBefore ?? now.addingTimeInterval(-300)
-        let certificate = try Certificate(
+        return try Certificate(
             version: .v3,
             serialNumber: Certificate.SerialNumber(),
-            publicKey: key.publicKey,
+            publicKey: publicKey,
             notValidBefore: notBefore,
             notValidAfter: notBefore.addingTimeInterval(request.validity.timeInterval),
             issuer: self.root.certificate.subject,
@@ -139,7 +144,7 @@ public struct CertificateAuthority: Sendable {
                 Critical(BasicConstraints.notCertificateAuthority)
                 Critical(KeyUsage(digitalSignature: true, keyAgreement: true))
                 try ExtendedKeyUsage(usages)
-                SubjectKeyIdentifier(hash: key.publicKey)
+                SubjectKeyIdentifier(hash: publicKey)
                 AuthorityKeyIdentifier(keyIdentifier: SubjectKeyIdentifier(hash: self.root.certificate.publicKey).keyIdentifier)
                 if !sans.isEmpty {
                     SubjectAlternativeNames(sans)
@@ -147,7 +152,6 @@ public struct CertificateAuthority: Sendable {
             },
             issuerPrivateKey: self.root.privateKey
         )
-        return IssuedCertificate(certificate: certificate, privateKey: key)
     }
 
     /// Instance ids and operator names become file names and certificate

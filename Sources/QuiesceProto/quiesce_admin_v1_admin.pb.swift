@@ -256,6 +256,56 @@ public nonisolated struct Quiesce_Admin_V1_AgentSession: Sendable {
   /// Fingerprint (SHA-256, hex) of the client certificate.
   public var certificateSha256: String = String()
 
+  /// Its serial (hex) and when it expires (renewal is due at two thirds of its life).
+  public var certificateSerial: String = String()
+
+  public var certificateNotAfterUnix: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Two machines claiming one instance id: the holder kept it, the claimant is refused.
+public nonisolated struct Quiesce_Admin_V1_IdentityConflict: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var instanceID: String = String()
+
+  public var holderSessionID: String = String()
+
+  public var holderAddress: String = String()
+
+  public var claimantAddress: String = String()
+
+  public var firstSeenUnixMs: Int64 = 0
+
+  public var lastSeenUnixMs: Int64 = 0
+
+  public var attempts: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Quiesce_Admin_V1_RevokedCertificate: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Hex serial, or empty when a whole identity was revoked.
+  public var serial: String = String()
+
+  /// "agent/web-1", "operator/alice", or empty for a serial.
+  public var identity: String = String()
+
+  public var revokedAtUnixMs: Int64 = 0
+
+  public var reason: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -267,6 +317,11 @@ public nonisolated struct Quiesce_Admin_V1_ListAgentsResponse: Sendable {
   // methods supported on all messages.
 
   public var agents: [Quiesce_Admin_V1_AgentSession] = []
+
+  public var conflicts: [Quiesce_Admin_V1_IdentityConflict] = []
+
+  /// From the CA directory's revocation list, when the engine has it.
+  public var revoked: [Quiesce_Admin_V1_RevokedCertificate] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -784,7 +839,7 @@ nonisolated extension Quiesce_Admin_V1_ListAgentsRequest: SwiftProtobuf.Message,
 
 nonisolated extension Quiesce_Admin_V1_AgentSession: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".AgentSession"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{3}session_id\0\u{3}remote_address\0\u{3}agent_version\0\u{3}protocol_version\0\u{1}capabilities\0\u{3}connected_at_unix_ms\0\u{3}last_heard_unix_ms\0\u{3}pending_commands\0\u{3}certificate_sha256\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{3}session_id\0\u{3}remote_address\0\u{3}agent_version\0\u{3}protocol_version\0\u{1}capabilities\0\u{3}connected_at_unix_ms\0\u{3}last_heard_unix_ms\0\u{3}pending_commands\0\u{3}certificate_sha256\0\u{3}certificate_serial\0\u{3}certificate_not_after_unix\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -802,6 +857,8 @@ nonisolated extension Quiesce_Admin_V1_AgentSession: SwiftProtobuf.Message, Swif
       case 8: try { try decoder.decodeSingularInt64Field(value: &self.lastHeardUnixMs) }()
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.pendingCommands) }()
       case 10: try { try decoder.decodeSingularStringField(value: &self.certificateSha256) }()
+      case 11: try { try decoder.decodeSingularStringField(value: &self.certificateSerial) }()
+      case 12: try { try decoder.decodeSingularInt64Field(value: &self.certificateNotAfterUnix) }()
       default: break
       }
     }
@@ -838,6 +895,12 @@ nonisolated extension Quiesce_Admin_V1_AgentSession: SwiftProtobuf.Message, Swif
     if !self.certificateSha256.isEmpty {
       try visitor.visitSingularStringField(value: self.certificateSha256, fieldNumber: 10)
     }
+    if !self.certificateSerial.isEmpty {
+      try visitor.visitSingularStringField(value: self.certificateSerial, fieldNumber: 11)
+    }
+    if self.certificateNotAfterUnix != 0 {
+      try visitor.visitSingularInt64Field(value: self.certificateNotAfterUnix, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -852,6 +915,113 @@ nonisolated extension Quiesce_Admin_V1_AgentSession: SwiftProtobuf.Message, Swif
     if lhs.lastHeardUnixMs != rhs.lastHeardUnixMs {return false}
     if lhs.pendingCommands != rhs.pendingCommands {return false}
     if lhs.certificateSha256 != rhs.certificateSha256 {return false}
+    if lhs.certificateSerial != rhs.certificateSerial {return false}
+    if lhs.certificateNotAfterUnix != rhs.certificateNotAfterUnix {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_IdentityConflict: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".IdentityConflict"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{3}holder_session_id\0\u{3}holder_address\0\u{3}claimant_address\0\u{3}first_seen_unix_ms\0\u{3}last_seen_unix_ms\0\u{1}attempts\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.instanceID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.holderSessionID) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.holderAddress) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.claimantAddress) }()
+      case 5: try { try decoder.decodeSingularInt64Field(value: &self.firstSeenUnixMs) }()
+      case 6: try { try decoder.decodeSingularInt64Field(value: &self.lastSeenUnixMs) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.attempts) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.instanceID.isEmpty {
+      try visitor.visitSingularStringField(value: self.instanceID, fieldNumber: 1)
+    }
+    if !self.holderSessionID.isEmpty {
+      try visitor.visitSingularStringField(value: self.holderSessionID, fieldNumber: 2)
+    }
+    if !self.holderAddress.isEmpty {
+      try visitor.visitSingularStringField(value: self.holderAddress, fieldNumber: 3)
+    }
+    if !self.claimantAddress.isEmpty {
+      try visitor.visitSingularStringField(value: self.claimantAddress, fieldNumber: 4)
+    }
+    if self.firstSeenUnixMs != 0 {
+      try visitor.visitSingularInt64Field(value: self.firstSeenUnixMs, fieldNumber: 5)
+    }
+    if self.lastSeenUnixMs != 0 {
+      try visitor.visitSingularInt64Field(value: self.lastSeenUnixMs, fieldNumber: 6)
+    }
+    if self.attempts != 0 {
+      try visitor.visitSingularUInt32Field(value: self.attempts, fieldNumber: 7)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_IdentityConflict, rhs: Quiesce_Admin_V1_IdentityConflict) -> Bool {
+    if lhs.instanceID != rhs.instanceID {return false}
+    if lhs.holderSessionID != rhs.holderSessionID {return false}
+    if lhs.holderAddress != rhs.holderAddress {return false}
+    if lhs.claimantAddress != rhs.claimantAddress {return false}
+    if lhs.firstSeenUnixMs != rhs.firstSeenUnixMs {return false}
+    if lhs.lastSeenUnixMs != rhs.lastSeenUnixMs {return false}
+    if lhs.attempts != rhs.attempts {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Quiesce_Admin_V1_RevokedCertificate: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RevokedCertificate"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}serial\0\u{1}identity\0\u{3}revoked_at_unix_ms\0\u{1}reason\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.serial) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.identity) }()
+      case 3: try { try decoder.decodeSingularInt64Field(value: &self.revokedAtUnixMs) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.reason) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.serial.isEmpty {
+      try visitor.visitSingularStringField(value: self.serial, fieldNumber: 1)
+    }
+    if !self.identity.isEmpty {
+      try visitor.visitSingularStringField(value: self.identity, fieldNumber: 2)
+    }
+    if self.revokedAtUnixMs != 0 {
+      try visitor.visitSingularInt64Field(value: self.revokedAtUnixMs, fieldNumber: 3)
+    }
+    if !self.reason.isEmpty {
+      try visitor.visitSingularStringField(value: self.reason, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Quiesce_Admin_V1_RevokedCertificate, rhs: Quiesce_Admin_V1_RevokedCertificate) -> Bool {
+    if lhs.serial != rhs.serial {return false}
+    if lhs.identity != rhs.identity {return false}
+    if lhs.revokedAtUnixMs != rhs.revokedAtUnixMs {return false}
+    if lhs.reason != rhs.reason {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -859,7 +1029,7 @@ nonisolated extension Quiesce_Admin_V1_AgentSession: SwiftProtobuf.Message, Swif
 
 nonisolated extension Quiesce_Admin_V1_ListAgentsResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ListAgentsResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}agents\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}agents\0\u{1}conflicts\0\u{1}revoked\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -868,6 +1038,8 @@ nonisolated extension Quiesce_Admin_V1_ListAgentsResponse: SwiftProtobuf.Message
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeRepeatedMessageField(value: &self.agents) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.conflicts) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.revoked) }()
       default: break
       }
     }
@@ -877,11 +1049,19 @@ nonisolated extension Quiesce_Admin_V1_ListAgentsResponse: SwiftProtobuf.Message
     if !self.agents.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.agents, fieldNumber: 1)
     }
+    if !self.conflicts.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.conflicts, fieldNumber: 2)
+    }
+    if !self.revoked.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.revoked, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Quiesce_Admin_V1_ListAgentsResponse, rhs: Quiesce_Admin_V1_ListAgentsResponse) -> Bool {
     if lhs.agents != rhs.agents {return false}
+    if lhs.conflicts != rhs.conflicts {return false}
+    if lhs.revoked != rhs.revoked {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -188,6 +188,12 @@ public nonisolated struct Quiesce_Agent_V1_AgentHello: Sendable {
   /// How long the agent has been running, for operators.
   public var uptimeMs: UInt64 = 0
 
+  /// A random id the agent picks when its process starts: the same on every
+  /// reconnect of that process, different on another machine that holds the
+  /// same certificate (a cloned image). With previous_session_id it lets the
+  /// engine tell a reconnect from a second claimant.
+  public var agentRunID: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -830,7 +836,7 @@ nonisolated extension Quiesce_Agent_V1_EngineMessage: SwiftProtobuf.Message, Swi
 
 nonisolated extension Quiesce_Agent_V1_AgentHello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".AgentHello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}protocol\0\u{3}agent_version\0\u{3}instance_id\0\u{1}capabilities\0\u{3}previous_session_id\0\u{3}uptime_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}protocol\0\u{3}agent_version\0\u{3}instance_id\0\u{1}capabilities\0\u{3}previous_session_id\0\u{3}uptime_ms\0\u{3}agent_run_id\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -844,6 +850,7 @@ nonisolated extension Quiesce_Agent_V1_AgentHello: SwiftProtobuf.Message, SwiftP
       case 4: try { try decoder.decodeRepeatedStringField(value: &self.capabilities) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.previousSessionID) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.uptimeMs) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.agentRunID) }()
       default: break
       }
     }
@@ -872,6 +879,9 @@ nonisolated extension Quiesce_Agent_V1_AgentHello: SwiftProtobuf.Message, SwiftP
     if self.uptimeMs != 0 {
       try visitor.visitSingularUInt64Field(value: self.uptimeMs, fieldNumber: 6)
     }
+    if !self.agentRunID.isEmpty {
+      try visitor.visitSingularStringField(value: self.agentRunID, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -882,6 +892,7 @@ nonisolated extension Quiesce_Agent_V1_AgentHello: SwiftProtobuf.Message, SwiftP
     if lhs.capabilities != rhs.capabilities {return false}
     if lhs.previousSessionID != rhs.previousSessionID {return false}
     if lhs.uptimeMs != rhs.uptimeMs {return false}
+    if lhs.agentRunID != rhs.agentRunID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

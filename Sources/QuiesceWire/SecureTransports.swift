@@ -1,8 +1,14 @@
+import Crypto
+import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import NIOCore
+import NIOSSL
+import NIOTLS
 import QuiesceCore
 import QuiescePKI
+import Synchronization
+import X509
 
 /// Builds the gRPC transports Quiesce uses, so that every listener and dialler
 /// gets the same TLS rules:
@@ -17,11 +23,22 @@ public enum SecureTransports {
     /// - Parameter onStreamError: Called for errors the transport raises on an
     ///   RPC stream, including those (an oversized first message) that end the
     ///   stream before any handler sees it, so the engine can log them.
+    /// - Parameter refuse: Asked, right after each TLS handshake, about the client's certificate (DER);
+    ///   a reason (it was revoked) closes the connection before any request is read.
     public static func agentListener(
         address: ListenAddress, identity: TLSFiles, limits: SessionLimits = .defaults,
-        onStreamError: (@Sendable (_ peer: String, _ error: any Error) -> Void)? = nil
+        onStreamError: (@Sendable (_ peer: String, _ error: any Error) -> Void)? = nil,
+        refuse: (@Sendable (_ der: [UInt8]) -> String?)? = nil,
+        onRefused: (@Sendable (_ peer: String, _ reason: String) -> Void)? = nil
     ) -> HTTP2ServerTransport.Posix {
         var config = HTTP2ServerTransport.Posix.Config.defaults
+        if let refuse {
+            config.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(HandshakeGate(refuse: refuse, onRefused: onRefused))
+                }
+            }
+        }
         if let onStreamError {
             config.channelDebuggingCallbacks.onAcceptHTTP2Stream = { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -77,6 +94,38 @@ public enum SecureTransports {
         )
     }
 
+    /// The enrolment listener: TLS that authenticates the engine only (a new agent has no
+    /// certificate yet). The chain offered ends with the CA's certificate, so an agent that
+    /// knows only the CA's fingerprint can pin it (see ``enrolDialer(engine:caFingerprint:found:)``).
+    public static func enrolListener(address: ListenAddress, identity: TLSFiles) -> HTTP2ServerTransport.Posix {
+        var config = HTTP2ServerTransport.Posix.Config.defaults
+        config.rpc.maxRequestPayloadSize = 64 * 1024
+        return HTTP2ServerTransport.Posix(
+            address: address.grpcAddress,
+            transportSecurity: .tls(
+                certificateChain: [.file(path: identity.certificatePath, format: .pem), .file(path: identity.trustRootsPath, format: .pem)],
+                privateKey: .file(path: identity.keyPath, format: .pem)),
+            config: config)
+    }
+
+    /// A new agent's connection to the enrolment port. It trusts no CA yet: the handshake
+    /// goes on only if the engine's chain holds a CA certificate whose SHA-256 is
+    /// `caFingerprint` and the engine's certificate is signed by it and valid now (a few
+    /// minutes of clock skew allowed). Otherwise it fails before any request is sent;
+    /// `found` receives what the engine presented, for the error.
+    public static func enrolDialer(engine: ListenAddress, caFingerprint: String, found: PinReport) -> HTTP2ClientTransport.Posix {
+        let pin = caFingerprint.lowercased().replacingOccurrences(of: ":", with: "")
+        return try! HTTP2ClientTransport.Posix(
+            target: engine.grpcTarget,
+            transportSecurity: .tls {
+                $0.serverCertificateVerification = .noHostnameVerification
+                $0.customVerificationCallback = { certificates, promise in
+                    promise.succeed(PinReport.verify(certificates, pin: pin, report: found))
+                }
+            },
+            config: .defaults)
+    }
+
     /// The admin API listener on a unix socket.
     public static func adminListener(socketPath: String) -> HTTP2ServerTransport.Posix {
         HTTP2ServerTransport.Posix(address: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
@@ -85,6 +134,65 @@ public enum SecureTransports {
     /// The CLI's connection to the admin socket.
     public static func adminDialer(socketPath: String) -> HTTP2ClientTransport.Posix {
         try! HTTP2ClientTransport.Posix(target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
+    }
+}
+
+/// What the engine presented to a pinning client, and why it was refused.
+public final class PinReport: Sendable {
+    private let state = Mutex<(fingerprints: [String], problem: String?)>(([], nil))
+    public init() {}
+    public var fingerprints: [String] { self.state.withLock { $0.fingerprints } }
+    public var problem: String? { self.state.withLock { $0.problem } }
+
+    static func verify(_ chain: [NIOSSLCertificate], pin: String, report: PinReport) -> NIOSSLVerificationResultWithMetadata {
+        let parsed: [(der: [UInt8], certificate: Certificate)] = chain.compactMap { item in
+            guard let der = try? item.toDERBytes(), let certificate = try? Certificate(derEncoded: der) else { return nil }
+            return (der, certificate)
+        }
+        let prints = parsed.map { SHA256.hash(data: $0.der).map { String(format: "%02x", $0) }.joined() }
+        func fail(_ why: String) -> NIOSSLVerificationResultWithMetadata {
+            report.state.withLock { $0 = (prints, why) }
+            return .failed
+        }
+        guard let leaf = parsed.first else { return fail("the engine presented no certificate") }
+        guard let index = prints.firstIndex(of: pin), index > 0 || parsed.count == 1 else {
+            return fail("no certificate in the engine's chain has the pinned SHA-256 \(pin) (found \(prints.joined(separator: ", ")))")
+        }
+        let ca = parsed[index].certificate
+        guard ca.publicKey.isValidSignature(leaf.certificate.signature, for: leaf.certificate) else {
+            return fail("the engine's certificate is not signed by the pinned CA")
+        }
+        let now = Date()
+        guard leaf.certificate.notValidBefore <= now.addingTimeInterval(300), now <= leaf.certificate.notValidAfter.addingTimeInterval(300) else {
+            return fail("the engine's certificate is not valid now (\(leaf.certificate.notValidBefore) – \(leaf.certificate.notValidAfter))")
+        }
+        report.state.withLock { $0 = (prints, nil) }
+        return .certificateVerified(VerificationMetadata(nil))
+    }
+}
+
+/// Closes a connection right after its TLS handshake when the client's certificate is refused
+/// (revoked): before any HTTP/2 frame is read, so no request of that client runs.
+final class HandshakeGate: ChannelInboundHandler, RemovableChannelHandler, Sendable {
+    typealias InboundIn = Any
+    let refuse: @Sendable ([UInt8]) -> String?
+    let onRefused: (@Sendable (String, String) -> Void)?
+
+    init(refuse: @escaping @Sendable ([UInt8]) -> String?, onRefused: (@Sendable (String, String) -> Void)?) {
+        self.refuse = refuse
+        self.onRefused = onRefused
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event {
+            let handler = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)
+            if let der = try? handler?.peerCertificate?.toDERBytes(), let reason = self.refuse(der) {
+                self.onRefused?(context.channel.remoteAddress.map { "\($0)" } ?? "unknown", reason)
+                context.close(promise: nil)
+                return
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }
 

@@ -29,7 +29,7 @@ struct QuiesceAgentCommand: AsyncParsableCommand {
             Exit codes: 0 success; 1 failure; 64 bad usage (EX_USAGE).
             """,
         version: QuiesceVersion.software,
-        subcommands: [Run.self, Facts.self]
+        subcommands: [Run.self, Enrol.self, Facts.self]
     )
 }
 
@@ -128,16 +128,20 @@ struct Run: AsyncParsableCommand {
         #else
         let backend: (any VssBackend)? = nil
         #endif
+        var renewal = RenewalPolicy()
+        if let seconds = ProcessInfo.processInfo.environment["QUIESCE_RENEW_CHECK_SECONDS"].flatMap(Double.init), seconds > 0 {
+            renewal.checkEvery = .milliseconds(Int64(seconds * 1000))  // tests: look often
+        }
         let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
                                            expediteRCU: self.rcuExpedite == "auto", vssScenario: scenario, vss: backend)
-        let runner = AgentRunner(
-            configuration: AgentConfiguration(
-                engine: engine,
-                identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
-                instanceID: self.instanceID,
-                backoff: Backoff(cap: .milliseconds(Int64(self.reconnectMax * 1000))),
-                knownEngineCap: .milliseconds(Int64(self.reconnectMaxKnown * 1000))),
-            handler: handler)
+        var configuration = AgentConfiguration(
+            engine: engine,
+            identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
+            instanceID: self.instanceID,
+            backoff: Backoff(cap: .milliseconds(Int64(self.reconnectMax * 1000))),
+            knownEngineCap: .milliseconds(Int64(self.reconnectMaxKnown * 1000)))
+        configuration.renewal = renewal
+        let runner = AgentRunner(configuration: configuration, handler: handler)
         let task = Task { try await runner.run() }
         quiesceUnblockStopSignals()
         let signals = onStopSignals { _, _ in task.cancel() }
@@ -148,6 +152,74 @@ struct Run: AsyncParsableCommand {
             BrokenPipes.printError("quiesce-agent: \(error)\n")
             throw ExitCode(1)
         }
+    }
+}
+
+struct Enrol: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Join an engine with a token: make this instance's key, get its certificate.",
+        discussion: """
+            The key pair is made here and never leaves this machine (DIR/agent.key, mode 0600). \
+            The engine is trusted only if its certificate chain ends in the CA whose SHA-256 you \
+            give (`quiesce token create` prints both): otherwise nothing is sent. The token and a \
+            certificate request go to the engine's enrolment port; the certificate (DIR/agent.pem) \
+            and the CA (DIR/ca.pem) come back. With --run the agent then starts, dialling the same \
+            engine's agent port. Certificates renew by themselves at two thirds of their life.
+
+            Exit codes: 0 enrolled; 1 refused or unreachable (the reason is printed); 64 bad usage.
+            """)
+
+    @Option(help: ArgumentHelp("The engine's enrolment port (quiesce serve --enrol-listen).", valueName: "host:port"))
+    var engine: String
+    @Option(help: ArgumentHelp("The join token (quiesce token create).", valueName: "token"))
+    var token: String
+    @Option(help: ArgumentHelp("SHA-256 of the engine's CA certificate, hex (quiesce token create prints it).", valueName: "hex"))
+    var caFingerprint: String
+    @Option(help: ArgumentHelp("The instance id to enrol as (needed when the token matches a pattern).", valueName: "id"))
+    var instanceID: String?
+    @Option(help: ArgumentHelp("Where to keep the key, certificate and CA.", valueName: "dir"))
+    var dir: String = "/etc/quiesce"
+    @Flag(help: "Enrol again with a new key even if this instance has a certificate.")
+    var force = false
+    @Flag(help: "Then run the agent (as `quiesce-agent run` with these files and the engine's agent port).")
+    var run = false
+    @Option(help: ArgumentHelp("With --run: the engine's agent port, if not the one the engine reports.", valueName: "port"))
+    var agentPort: Int?
+    @Option(help: ArgumentHelp("With --run: play a Windows instance (see quiesce-agent run --vss-simulator).", valueName: "path"))
+    var vssSimulator: String?
+    @Option(help: "Log level (with --run).")
+    var logLevel: String = "info"
+
+    func validate() throws {
+        do { _ = try ListenAddress(parsing: self.engine) } catch { throw ValidationError("--engine: \(error)") }
+        let hex = self.caFingerprint.lowercased().replacingOccurrences(of: ":", with: "")
+        guard hex.count == 64, hex.allSatisfy(\.isHexDigit) else {
+            throw ValidationError("--ca-fingerprint: expected the CA certificate's SHA-256 as 64 hex digits, found \"\(self.caFingerprint)\"")
+        }
+    }
+
+    func run() async throws {
+        let engine = try ListenAddress(parsing: self.engine)
+        let result: Enroller.Result
+        do {
+            result = try await Enroller.enrol(engine: engine, token: self.token, caFingerprint: self.caFingerprint, instanceID: self.instanceID,
+                                              directory: self.dir, force: self.force)
+        } catch {
+            BrokenPipes.printError("quiesce-agent: enrolment failed: \(error)\n")
+            throw ExitCode(1)
+        }
+        let port = self.agentPort ?? result.agentPort
+        print("enrolled as \(result.instanceID): certificate \(result.files.certificatePath) (serial \(result.serial), until \(ISO8601DateFormatter().string(from: result.notAfter)))")
+        print("key \(result.files.keyPath) (mode 0600, made here), CA \(result.files.trustRootsPath)")
+        let host: String = switch engine.host { case .ipv4(let h): h; case .ipv6(let h): "[\(h)]"; case .name(let h): h }
+        print("run: quiesce-agent run --engine \(host):\(port) --cert \(result.files.certificatePath) --key \(result.files.keyPath) --ca \(result.files.trustRootsPath)")
+        guard self.run else { return }
+        var run = try Run.parse([
+            "--engine", "\(host):\(port)", "--cert", result.files.certificatePath, "--key", result.files.keyPath, "--ca", result.files.trustRootsPath,
+            "--log-level", self.logLevel,
+        ] + (self.vssSimulator.map { ["--vss-simulator", $0] } ?? []))
+        try run.validate()
+        try await run.run()
     }
 }
 

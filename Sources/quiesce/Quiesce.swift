@@ -32,7 +32,7 @@ struct Quiesce: AsyncParsableCommand {
             69 the engine could not be reached.
             """,
         version: QuiesceVersion.software,
-        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Check.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, CA.self]
+        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Check.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, CA.self, Token.self, Audit.self]
     )
 }
 
@@ -93,11 +93,19 @@ func openCatalog(_ path: String?) throws -> (catalog: SQLiteCatalog, path: Strin
 
 /// An engine listening on `listen` with the identity in `caDir` (default `$QUIESCE_HOME/ca`);
 /// an unusable certificate or key is a message and exit 1.
-func makeEngine(listen: ListenAddress, caDir: String?, admin: AdminOptions) throws -> Engine {
+func makeEngine(
+    listen: ListenAddress, caDir: String?, admin: AdminOptions, enrolListen: ListenAddress? = nil, auditLog: String? = nil,
+    agentValidity: Duration = .seconds(30 * 86_400)
+) throws -> Engine {
     let ca = CADirectory(path: caDir ?? defaultStateDirectory() + "/ca")
     do {
-        return try Engine(configuration: EngineConfiguration(
-            listen: listen, identity: ca.engineFiles, adminSocketPath: admin.socketPath, limits: .defaults))
+        var configuration = EngineConfiguration(listen: listen, identity: ca.engineFiles, adminSocketPath: admin.socketPath, limits: .defaults)
+        // With the CA's key at hand the engine issues (enrolment, renewal) and enforces revocations.
+        if FileManager.default.isReadableFile(atPath: ca.caKeyPath) { configuration.caDirectory = ca.path }
+        configuration.enrolListen = enrolListen
+        configuration.auditLogPath = auditLog
+        configuration.agentValidity = agentValidity
+        return try Engine(configuration: configuration)
     } catch {
         printError("\(error)")
         throw ExitStatus.failure

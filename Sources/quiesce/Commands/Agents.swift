@@ -23,20 +23,42 @@ struct Agents: AsyncParsableCommand {
         case .json:
             print(try response.jsonString(options: jsonOptions))
         case .table:
-            guard !response.agents.isEmpty else {
+            if response.agents.isEmpty {
                 print("no agents connected")
-                return
+            } else {
+                var table = TextTable(headers: ["INSTANCE", "SESSION", "FROM", "AGENT", "PROTOCOL", "CONNECTED", "LAST HEARD", "PENDING", "CERTIFICATE", "EXPIRES"])
+                let now = Date().timeIntervalSince1970 * 1000
+                for agent in response.agents {
+                    table.append([
+                        agent.instanceID, agent.sessionID, agent.remoteAddress, agent.agentVersion, agent.protocolVersion,
+                        ago(now - Double(agent.connectedAtUnixMs)), ago(now - Double(agent.lastHeardUnixMs)),
+                        "\(agent.pendingCommands)", agent.certificateSerial.isEmpty ? "-" : String(agent.certificateSerial.prefix(16)),
+                        agent.certificateNotAfterUnix == 0 ? "-" : ISO8601DateFormatter().string(from: Date(timeIntervalSince1970: TimeInterval(agent.certificateNotAfterUnix))),
+                    ])
+                }
+                print(table.render())
             }
-            var table = TextTable(headers: ["INSTANCE", "SESSION", "FROM", "AGENT", "PROTOCOL", "CONNECTED", "LAST HEARD", "PENDING"])
-            let now = Date().timeIntervalSince1970 * 1000
-            for agent in response.agents {
-                table.append([
-                    agent.instanceID, agent.sessionID, agent.remoteAddress, agent.agentVersion, agent.protocolVersion,
-                    ago(now - Double(agent.connectedAtUnixMs)), ago(now - Double(agent.lastHeardUnixMs)),
-                    "\(agent.pendingCommands)",
-                ])
+            if !response.conflicts.isEmpty {
+                print("\nIDENTITY CONFLICTS (two machines claim one instance id; fleet runs skip these instances):")
+                var table = TextTable(headers: ["INSTANCE", "HELD FROM", "CLAIMED FROM", "REFUSED", "FIRST", "LAST"])
+                let iso = ISO8601DateFormatter()
+                for conflict in response.conflicts {
+                    table.append([conflict.instanceID, conflict.holderAddress, conflict.claimantAddress, "\(conflict.attempts)",
+                                  iso.string(from: Date(timeIntervalSince1970: Double(conflict.firstSeenUnixMs) / 1000)),
+                                  iso.string(from: Date(timeIntervalSince1970: Double(conflict.lastSeenUnixMs) / 1000))])
+                }
+                print(table.render())
             }
-            print(table.render())
+            if !response.revoked.isEmpty {
+                print("\nREVOKED (refused at the handshake):")
+                var table = TextTable(headers: ["WHAT", "AT", "REASON"])
+                let iso = ISO8601DateFormatter()
+                for entry in response.revoked {
+                    table.append([entry.serial.isEmpty ? "every certificate of \(entry.identity)" : "serial \(entry.serial)",
+                                  iso.string(from: Date(timeIntervalSince1970: Double(entry.revokedAtUnixMs) / 1000)), entry.reason])
+                }
+                print(table.render())
+            }
         }
     }
 }

@@ -30,18 +30,34 @@ struct Serve: AsyncParsableCommand {
     var caDir: String?
     @Option(help: ArgumentHelp("The catalog fleet runs record into (default: $QUIESCE_HOME/catalog.db).", valueName: "path"))
     var catalog: String?
+    @Option(help: ArgumentHelp(
+        "Where new agents enrol with a join token (`quiesce token create`; TLS that authenticates the engine, whose CA the agent pins). Off unless given.",
+        valueName: "host:port"))
+    var enrolListen: String?
+    @Option(help: ArgumentHelp("The audit trail: every command sent to an agent, every admin call, enrolments, renewals, revocations (JSON lines; default: $QUIESCE_HOME/audit.jsonl).", valueName: "path"))
+    var auditLog: String?
+    @Option(help: ArgumentHelp("Lifetime of the agent certificates this engine issues; agents renew at two thirds of it.", valueName: "days"))
+    var agentValidityDays: Int = 30
     @OptionGroup var admin: AdminOptions
     @OptionGroup var plugins: PluginOptions
     @OptionGroup var log: LogOptions
 
     func validate() throws {
         do { _ = try ListenAddress(parsing: self.listen) } catch { throw ValidationError("--listen: \(error)") }
+        if let enrol = self.enrolListen {
+            do { _ = try ListenAddress(parsing: enrol) } catch { throw ValidationError("--enrol-listen: \(error)") }
+        }
+        guard (1...825).contains(self.agentValidityDays) else {
+            throw ValidationError("--agent-validity-days: expected 1–825 days, found \(self.agentValidityDays)")
+        }
     }
 
     func run() async throws {
         try self.log.bootstrap()
         let listen = try ListenAddress(parsing: self.listen)
-        let engine = try makeEngine(listen: listen, caDir: self.caDir, admin: self.admin)
+        let engine = try makeEngine(
+            listen: listen, caDir: self.caDir, admin: self.admin, enrolListen: try self.enrolListen.map { try ListenAddress(parsing: $0) },
+            auditLog: self.auditLog ?? defaultStateDirectory() + "/audit.jsonl", agentValidity: .seconds(Int64(self.agentValidityDays) * 86_400))
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
         for failure in registry.failures {
@@ -65,7 +81,8 @@ struct Serve: AsyncParsableCommand {
         defer { signals.forEach { $0.cancel() } }
         let ready = Task {
             if let address = try? await engine.listeningAddress() {
-                let line = "quiesce engine \(QuiesceVersion.software) listening on \(address); admin socket \(self.admin.socketPath); "
+                let enrol = engine.configuration.enrolListen == nil ? "" : ((try? await engine.enrolAddress()).map { "; enrolment on \($0)" } ?? "")
+                let line = "quiesce engine \(QuiesceVersion.software) listening on \(address)\(enrol); admin socket \(self.admin.socketPath); "
                     + "\(registry.plugins.count) plugins (\(registry.plugins.map(\.name).sorted().joined(separator: ", "))); catalog \(catalogPath)\n"
                 BrokenPipes.printOutput(line)
             }
