@@ -114,6 +114,11 @@ public actor SessionRegistry {
     /// Sessions that ended, oldest first.
     public func endedSessions() -> [EndedSession] { self.ended }
 
+    /// Ends one session as a dropped connection would (tests: a network blip, a reconnect).
+    public func closeForTest(_ session: AgentSession, reason: String) {
+        session.close(reason: RPCError(code: .unavailable, message: reason))
+    }
+
     func closeAll(reason: RPCError) {
         for session in self.sessions.values { session.close(reason: reason) }
     }

@@ -22,7 +22,8 @@ final class Fleet: Sendable {
     let address: ListenAddress
     let engineTask: Task<Void, any Error>
 
-    static func start(limits: SessionLimits = .defaults, port: Int = 0, directory: String? = nil) async throws -> Fleet {
+    static func start(limits: SessionLimits = .defaults, port: Int = 0, directory: String? = nil,
+                      configure: (inout EngineConfiguration) -> Void = { _ in }) async throws -> Fleet {
         let directory = directory ?? FileManager.default.temporaryDirectory
             .appendingPathComponent("quiesce-test-\(UUID().uuidString.prefix(8))").path
         let ca = CADirectory(path: directory + "/ca")
@@ -30,11 +31,11 @@ final class Fleet: Sendable {
         if !ca.exists { _ = try await blocking { try ca.initialize(names: ["localhost"], ipAddresses: ["127.0.0.1"]) } }
         var logger = Logger(label: "test.engine")
         logger.logLevel = ProcessInfo.processInfo.environment["QUIESCE_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) ?? .critical
-        let engine = try Engine(
-            configuration: EngineConfiguration(
-                listen: ListenAddress(host: .ipv4("127.0.0.1"), port: port), identity: ca.engineFiles,
-                adminSocketPath: directory + "/admin.sock", limits: limits),
-            logger: logger)
+        var configuration = EngineConfiguration(
+            listen: ListenAddress(host: .ipv4("127.0.0.1"), port: port), identity: ca.engineFiles,
+            adminSocketPath: directory + "/admin.sock", limits: limits)
+        configure(&configuration)
+        let engine = try Engine(configuration: configuration, logger: logger)
         let task = Task { try await engine.run() }
         let address: ListenAddress
         do {
