@@ -3,6 +3,10 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
 import QuiesceAgent
+import QuiesceCatalog
+import QuiesceCoordinator
+import QuiesceFleet
+import QuiesceProviders
 import QuiesceCore
 import QuiesceEngine
 import QuiescePKI
@@ -231,6 +235,22 @@ struct IdentityTests {
         let conflict = try #require(await fleet.engine.registry.conflict(for: "web-c"))
         #expect(conflict.holderSessionID == holder.sessionID && conflict.attempts >= 1)
         #expect(await fleet.engine.registry.session(for: "web-c") === holder && !holder.isClosed, "the holder keeps its session")
+        // A fleet run will not quiesce an instance whose identity is in conflict.
+        let registry = await PluginPlanRunTests.registry()
+        defer { Task { await registry.shutdown() } }
+        let fleetText = [
+            "providers:", "  mem: { kind: local, pool: /nonexistent-not-opened }", "policies:", "  baseline: { plugin: crash, wanted: crash }",
+            "instances:", "  - { id: web-c, policy: baseline, disks: [web-c-a] }",
+        ].joined(separator: "\n") + "\n"
+        let file = try FleetFile.parse(fleetText, path: "mem.yaml", plugins: registry)
+        let provider = MemoryProvider(disks: ["web-c-a"], pendingPolls: 0)
+        let coordinator = Coordinator(
+            engine: fleet.engine, plugins: registry, providers: ["mem": .init(provider: provider, bucket: TokenBucket(burst: 5, perSecond: 100))],
+            catalog: try SQLiteCatalog(path: fleet.directory + "/catalog.db"), fleet: file)
+        let report = await coordinator.run(runID: "clone-run", agentWait: .zero)
+        let outcome = try #require(report.instances.first)
+        #expect(outcome.state == .failed && outcome.groupID == nil && provider.groups.isEmpty)
+        #expect(outcome.reasons.first?.hasPrefix("identity-conflict: ") == true && outcome.reasons.first?.hasSuffix("nothing was frozen") == true, "\(outcome.reasons)")
         // A reconnect of the holder's own process (same run id) is not a conflict.
         cloneTask.cancel()
         await fleet.engine.registry.closeForTest(holder, reason: "test: network blip")

@@ -336,7 +336,8 @@ struct VssTests {
             try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             try PluginPlanRunTests.writeHook(hooks + "/prescript.sh", "#!/bin/sh\nexit 0\n")
             try PluginPlanRunTests.writeHook(hooks + "/postscript.sh", "#!/bin/sh\nexit 0\n")
-            let fleet = try await Fleet.start()
+            let auditPath = loops.directory + "/audit.jsonl"
+            let fleet = try await Fleet.start { $0.auditLogPath = auditPath }
             defer { fleet.discard() }
             let guardPath = AgentProcess.buildDirectory + "/quiesce-thaw-guard"
             let win1 = try VssScenario.parse(Data(Self.scenario(volumes: ["C:\\": mounts["win-1-c"]!, "D:\\": mounts["win-1-d"]!], writers: Self.healthyWriters).utf8), source: "win-1")
@@ -390,6 +391,14 @@ struct VssTests {
                 let stored = try await provider.describe(group.providerGroupID)
                 #expect(stored.tags["ConsistencyLevel"] == tag && group.disks.count == (id == "win-1" ? 2 : 1), "\(stored.tags)")
             }
+            // The audit trail of the run: every command the run sent, to which instance, with its result, named as the run's.
+            fleet.engine.audit?.flush()
+            let trail = try AuditLog.read(path: auditPath).filter { $0.kind == "command" }
+            let byRun = trail.filter { $0.actor == "run:mixed" }
+            #expect(Set(byRun.map(\.instance)) == ["lin-1", "win-1", "win-2"], "\(trail.map { "\($0.actor) \($0.action) \($0.instance)" })")
+            #expect(byRun.filter { $0.instance == "win-1" }.map(\.action) == ["facts", "vss-freeze", "vss-thaw"])
+            #expect(byRun.filter { $0.instance == "lin-1" }.map(\.action) == ["facts", "run-hook", "freeze", "thaw", "run-hook"])
+            #expect(byRun.allSatisfy { $0.result == "ok" && ($0.durationMs ?? -1) >= 0 })
             for handler in handlers.values { await handler.shutdown() }
         }
     }
