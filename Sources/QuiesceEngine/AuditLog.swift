@@ -1,4 +1,7 @@
 import Foundation
+import GRPCNIOTransportHTTP2
+import Logging
+import QuiescePKI
 import Synchronization
 
 /// Who is asking, for the audit trail: a run ("run:r-20261207"), an operator
@@ -150,6 +153,60 @@ struct AdminAuditInterceptor: ServerInterceptor {
             return response
         } catch {
             self.audit.append(.init(kind: "admin", actor: caller, action: method, instance: "", result: "error", detail: "\(error)"))
+            throw error
+        }
+    }
+}
+
+/// The remote admin API's door: only operator certificates (an agent's is refused), not revoked,
+/// and each call within the certificate's role — viewer reads, operator also runs. Every call,
+/// allowed or not, goes to the audit trail with the operator's name.
+struct OperatorGate: ServerInterceptor {
+    let authority: EngineAuthority?
+    let audit: AuditLog?
+    let logger: Logger
+
+    /// Calls that act; every other call reads.
+    static let acting: Set<String> = ["RunFleet"]
+
+    func intercept<Input: Sendable, Output: Sendable>(
+        request: StreamingServerRequest<Input>, context: ServerContext,
+        next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+    ) async throws -> StreamingServerResponse<Output> {
+        let method = context.descriptor.method
+        func refuse(_ actor: String, _ error: RPCError) -> RPCError {
+            self.audit?.append(.init(kind: "admin", actor: actor, action: method, instance: "", result: "refused", detail: error.message))
+            self.logger.warning("remote admin call refused", metadata: ["actor": "\(actor)", "method": "\(method)", "reason": "\(error.message)"])
+            return error
+        }
+        guard let certificate = (context.transportSpecific as? HTTP2ServerTransport.Posix.Context)?.peerCertificate else {
+            throw refuse("source:\(context.remotePeer)", RPCError(code: .unauthenticated, message: "the remote admin API needs an operator certificate"))
+        }
+        let peer = PeerIdentity(certificate: certificate)
+        let actor = "\(peer.roleText ?? "unknown"):\(peer.commonName)"
+        guard peer.role == .operator, let permission = peer.permission else {
+            throw refuse(actor, RPCError(
+                code: .permissionDenied,
+                message: "the remote admin API takes operator certificates (quiesce ca issue --operator NAME --role viewer|operator); this is \(peer)"))
+        }
+        if let why = self.authority?.revocationReason(certificate) {
+            throw refuse(actor, RPCError(code: .permissionDenied, message: "revoked: \(why)"))
+        }
+        let needed: OperatorPermission = Self.acting.contains(method) ? .operator : .viewer
+        guard permission >= needed else {
+            throw refuse(actor, RPCError(
+                code: .permissionDenied,
+                message: "operator \(peer.commonName) is a \(permission.rawValue); \(method) needs the \(needed.rawValue) role"))
+        }
+        let began = ContinuousClock.now
+        do {
+            let response = try await AuditContext.$actor.withValue(actor) { try await next(request, context) }
+            let result: String = switch response.accepted { case .success: "ok"; case .failure(let error): "\(error.code)" }
+            self.audit?.append(.init(kind: "admin", actor: actor, action: method, instance: "", result: result,
+                                     durationMs: Double((ContinuousClock.now - began).nanoseconds) / 1e6))
+            return response
+        } catch {
+            self.audit?.append(.init(kind: "admin", actor: actor, action: method, instance: "", result: "error", detail: "\(error)"))
             throw error
         }
     }

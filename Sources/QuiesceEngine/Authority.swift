@@ -144,7 +144,8 @@ struct EnrolmentService: Quiesce_Enrol_V1_Enrolment.SimpleServiceProtocol {
             return response
         } catch {
             self.authority.noteFailure(source)
-            self.record("enrol", instance, source, "\(error)")
+            let code = (error as? RPCError).map { String($0.message.prefix { $0 != ":" }) } ?? "error"
+            self.record("enrol", instance, source, code)
             throw error
         }
     }

@@ -26,6 +26,8 @@ public struct EngineConfiguration: Sendable {
     public var agentValidity: Duration = .seconds(30 * 86_400)
     /// The audit trail (JSON lines); nil for none.
     public var auditLogPath: String? = nil
+    /// The admin API over TCP with mutual TLS, for operator certificates (roles viewer and operator).
+    public var operatorListen: ListenAddress? = nil
 
     public init(listen: ListenAddress, identity: TLSFiles, adminSocketPath: String?, limits: SessionLimits) {
         self.listen = listen
@@ -53,6 +55,7 @@ public final class Engine: Sendable {
     public let authority: EngineAuthority?
     public let audit: AuditLog?
     private let enrolTransport = Mutex<HTTP2ServerTransport.Posix?>(nil)
+    private let operatorTransport = Mutex<HTTP2ServerTransport.Posix?>(nil)
     private let logger: Logger
     private let state = Mutex<RunState>(RunState())
     private let boundAddress = AsyncStream<Result<ListenAddress, any Error>>.makeStream(bufferingPolicy: .bufferingNewest(1))
@@ -78,16 +81,21 @@ public final class Engine: Sendable {
     }
 
     /// The enrolment port's address, once bound.
-    public func enrolAddress() async throws -> ListenAddress {
+    public func enrolAddress() async throws -> ListenAddress { try await self.bound({ self.enrolTransport.withLock { $0 } }, "enrolment") }
+
+    /// The remote admin port's address, once bound.
+    public func operatorAddress() async throws -> ListenAddress { try await self.bound({ self.operatorTransport.withLock { $0 } }, "operator") }
+
+    private func bound(_ slot: () -> HTTP2ServerTransport.Posix?, _ what: String) async throws -> ListenAddress {
         for _ in 0..<500 {
-            if let transport = self.enrolTransport.withLock({ $0 }) {
+            if let transport = slot() {
                 let bound = try await transport.listeningAddress
                 if let v4 = bound.ipv4 { return ListenAddress(host: .ipv4(v4.host), port: v4.port) }
                 if let v6 = bound.ipv6 { return ListenAddress(host: .ipv6(v6.host), port: v6.port) }
             }
             try await Task.sleep(for: .milliseconds(10))
         }
-        throw EngineError.listenFailed(address: self.configuration.enrolListen?.description ?? "-", detail: "no enrolment listener")
+        throw EngineError.listenFailed(address: "-", detail: "no \(what) listener")
     }
 
     /// Serves until ``shutdown()`` or until the task is cancelled; both stop it
@@ -151,9 +159,22 @@ public final class Engine: Sendable {
         } else {
             adminServer = nil
         }
+        var operatorServer: GRPCServer<HTTP2ServerTransport.Posix>?
+        if let address = self.configuration.operatorListen {
+            let transport = SecureTransports.operatorListener(address: address, identity: self.configuration.identity) { [authority = self.authority] der in
+                authority?.revocationReason(der: der)
+            } onRefused: { [audit = self.audit] peer, reason in
+                audit?.append(.init(kind: "identity", actor: "source:\(peer)", action: "handshake", instance: "", result: "revoked", detail: reason))
+            }
+            self.operatorTransport.withLock { $0 = transport }
+            operatorServer = GRPCServer(
+                transport: transport, services: [AdminService(engine: self)] + adminServices,
+                interceptors: [OperatorGate(authority: self.authority, audit: self.audit, logger: self.logger)])
+        }
+        let operators = operatorServer
         let stopNow = self.state.withLock { state -> Bool in
             if state.shutdownRequested { return true }
-            state.shutdownActions = [agentServer.beginGracefulShutdown, { adminServer?.beginGracefulShutdown() }, { enrolment?.beginGracefulShutdown() }]
+            state.shutdownActions = [agentServer.beginGracefulShutdown, { adminServer?.beginGracefulShutdown() }, { enrolment?.beginGracefulShutdown() }, { operators?.beginGracefulShutdown() }]
             return false
         }
         if stopNow {
@@ -170,7 +191,7 @@ public final class Engine: Sendable {
         // what was accepted and closes it; run returns once the servers have
         // stopped. The servers' tasks run on the event loops (see EventLoopTaskExecutor).
         let serving = Task(executorPreference: EventLoopTaskExecutor.shared) {
-            try await self.serve(agentServer: agentServer, adminServer: adminServer, enrolServer: enrolment, agentTransport: agentTransport)
+            try await self.serve(agentServer: agentServer, adminServer: adminServer, enrolServer: enrolment, operatorServer: operators, agentTransport: agentTransport)
         }
         try await withTaskCancellationHandler {
             try await serving.value
@@ -181,12 +202,14 @@ public final class Engine: Sendable {
 
     private func serve(
         agentServer: GRPCServer<HTTP2ServerTransport.Posix>, adminServer: GRPCServer<HTTP2ServerTransport.Posix>?,
-        enrolServer: GRPCServer<HTTP2ServerTransport.Posix>?, agentTransport: HTTP2ServerTransport.Posix
+        enrolServer: GRPCServer<HTTP2ServerTransport.Posix>?, operatorServer: GRPCServer<HTTP2ServerTransport.Posix>?,
+        agentTransport: HTTP2ServerTransport.Posix
     ) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await agentServer.serve() }
             if let adminServer { group.addTask { try await adminServer.serve() } }
             if let enrolServer { group.addTask { try await enrolServer.serve() } }
+            if let operatorServer { group.addTask { try await operatorServer.serve() } }
             if self.authority != nil {
                 // Revocations take effect at once: the list is re-read when its file changes, and live
                 // sessions holding a newly revoked certificate are ended (PERMISSION_DENIED, with the reason).

@@ -77,6 +77,8 @@ public struct CertificateAuthority: Sendable {
         public var validity: Duration
         /// Extended key usages; by default serverAuth for `.engine`, clientAuth otherwise.
         public var extendedKeyUsage: [ExtendedKeyUsage.Usage]?
+        /// Operators only: what they may do over the remote admin API.
+        public var permission: OperatorPermission?
 
         public init(
             commonName: String, role: CertificateRole, dnsNames: [String] = [], ipAddresses: [String] = [],
@@ -102,9 +104,11 @@ public struct CertificateAuthority: Sendable {
             Request(commonName: instanceID, role: .agent)
         }
 
-        /// A client certificate for an operator.
-        public static func `operator`(name: String) -> Request {
-            Request(commonName: name, role: .operator)
+        /// A client certificate for an operator (viewer unless said otherwise).
+        public static func `operator`(name: String, permission: OperatorPermission = .viewer) -> Request {
+            var request = Request(commonName: name, role: .operator)
+            request.permission = permission
+            return request
         }
     }
 
@@ -120,6 +124,7 @@ public struct CertificateAuthority: Sendable {
         let subject = try DistinguishedName {
             OrganizationName("Quiesce")
             OrganizationalUnitName(request.role.rawValue)
+            if request.role == .operator { OrganizationalUnitName("role:" + (request.permission ?? .viewer).rawValue) }
             CommonName(request.commonName)
         }
         var sans: [GeneralName] = request.dnsNames.map { .dnsName($0) }

@@ -126,6 +126,20 @@ public enum SecureTransports {
             config: .defaults)
     }
 
+    /// The remote admin API: mutual TLS like the agent port (the same CA, a client certificate
+    /// required); which certificates may call what is the engine's per-call check (operators only).
+    public static func operatorListener(
+        address: ListenAddress, identity: TLSFiles, refuse: (@Sendable (_ der: [UInt8]) -> String?)? = nil,
+        onRefused: (@Sendable (_ peer: String, _ reason: String) -> Void)? = nil
+    ) -> HTTP2ServerTransport.Posix {
+        self.agentListener(address: address, identity: identity, refuse: refuse, onRefused: onRefused)
+    }
+
+    /// An operator's connection to the remote admin API (its operator certificate, the engine verified fully).
+    public static func operatorDialer(engine: ListenAddress, identity: TLSFiles) -> HTTP2ClientTransport.Posix {
+        self.agentDialer(engine: engine, identity: identity)
+    }
+
     /// The admin API listener on a unix socket.
     public static func adminListener(socketPath: String) -> HTTP2ServerTransport.Posix {
         HTTP2ServerTransport.Posix(address: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)

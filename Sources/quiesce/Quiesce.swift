@@ -1,4 +1,5 @@
 import ArgumentParser
+import GRPCNIOTransportHTTP2
 import Foundation
 import Logging
 import QuiesceCatalog
@@ -40,6 +41,39 @@ struct Quiesce: AsyncParsableCommand {
 struct AdminOptions: ParsableArguments {
     @Option(name: .customLong("admin-socket"), help: ArgumentHelp("The engine's admin socket.", valueName: "path"))
     var socketPath: String = ProcessInfo.processInfo.environment["QUIESCE_ADMIN_SOCKET"] ?? "/run/quiesce/admin.sock"
+}
+
+/// The admin API from another machine: TCP with mutual TLS, an operator certificate
+/// (`quiesce ca issue --operator NAME --role viewer|operator`). Without --engine-address
+/// the local admin socket is used.
+struct RemoteAdminOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The engine's remote admin port (quiesce serve --operator-listen); default: the local admin socket.", valueName: "host:port"))
+    var engineAddress: String? = ProcessInfo.processInfo.environment["QUIESCE_ENGINE_ADDRESS"]
+    @Option(help: ArgumentHelp("With --engine-address: your operator certificate (PEM).", valueName: "path"))
+    var cert: String? = ProcessInfo.processInfo.environment["QUIESCE_OPERATOR_CERT"]
+    @Option(help: ArgumentHelp("With --engine-address: its private key (PEM).", valueName: "path"))
+    var key: String? = ProcessInfo.processInfo.environment["QUIESCE_OPERATOR_KEY"]
+    @Option(help: ArgumentHelp("With --engine-address: the CA certificate that signed the engine (PEM).", valueName: "path"))
+    var ca: String? = ProcessInfo.processInfo.environment["QUIESCE_OPERATOR_CA"]
+
+    func validate() throws {
+        guard let address = self.engineAddress else { return }
+        do { _ = try ListenAddress(parsing: address) } catch { throw ValidationError("--engine-address: \(error)") }
+        guard self.cert != nil, self.key != nil, self.ca != nil else {
+            throw ValidationError("--engine-address needs --cert, --key and --ca (an operator certificate from `quiesce ca issue --operator NAME`)")
+        }
+    }
+
+    /// The transport to the admin API, and how to name it in errors.
+    func transport(socket: String) throws -> (HTTP2ClientTransport.Posix, String)? {
+        guard let address = self.engineAddress else { return nil }
+        let files = TLSFiles(certificatePath: self.cert!, keyPath: self.key!, trustRootsPath: self.ca!)
+        do { _ = try files.validate() } catch {
+            printError("\(error)")
+            throw ExitStatus.failure
+        }
+        return (SecureTransports.operatorDialer(engine: try ListenAddress(parsing: address), identity: files), address)
+    }
 }
 
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
@@ -95,7 +129,7 @@ func openCatalog(_ path: String?) throws -> (catalog: SQLiteCatalog, path: Strin
 /// an unusable certificate or key is a message and exit 1.
 func makeEngine(
     listen: ListenAddress, caDir: String?, admin: AdminOptions, enrolListen: ListenAddress? = nil, auditLog: String? = nil,
-    agentValidity: Duration = .seconds(30 * 86_400)
+    agentValidity: Duration = .seconds(30 * 86_400), operatorListen: ListenAddress? = nil
 ) throws -> Engine {
     let ca = CADirectory(path: caDir ?? defaultStateDirectory() + "/ca")
     do {
@@ -105,6 +139,7 @@ func makeEngine(
         configuration.enrolListen = enrolListen
         configuration.auditLogPath = auditLog
         configuration.agentValidity = agentValidity
+        configuration.operatorListen = operatorListen
         return try Engine(configuration: configuration)
     } catch {
         printError("\(error)")

@@ -57,7 +57,8 @@ class Engine:
         self.log = open(os.path.join(workdir, "engine.log"), "w+")
         self.proc = subprocess.Popen(
             [os.path.join(bin_dir, "quiesce"), "serve", "--listen", "127.0.0.1:0", "--ca-dir", self.ca_dir, "--admin-socket", self.socket,
-             "--catalog", os.path.join(workdir, "catalog.db")],
+             "--catalog", os.path.join(workdir, "catalog.db"), "--enrol-listen", "127.0.0.1:0", "--operator-listen", "127.0.0.1:0",
+             "--audit-log", os.path.join(workdir, "audit.jsonl")],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )
         line = self.proc.stdout.readline()
@@ -66,6 +67,9 @@ class Engine:
             self.stop()
             raise RuntimeError(f"engine did not start: {line!r}\n{self.logs()}")
         self.port = int(match.group(1))
+        self.enrol_port = int(re.search(r"enrolment on 127\.0\.0\.1:(\d+)", line).group(1))
+        self.operator_port = int(re.search(r"operators on 127\.0\.0\.1:(\d+)", line).group(1))
+        self.audit = os.path.join(workdir, "audit.jsonl")
 
     def quiesce(self, args, check=True):
         return subprocess.run([os.path.join(self.bin_dir, "quiesce"), *args], capture_output=True, text=True, check=check,

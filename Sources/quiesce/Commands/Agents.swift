@@ -12,11 +12,12 @@ struct Agents: AsyncParsableCommand {
         abstract: "List the agents connected to a running engine.")
 
     @OptionGroup var admin: AdminOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @Option(help: "Output format: table or json.")
     var output: OutputFormat = .table
 
     func run() async throws {
-        let response = try await withAdminClient(self.admin) { client in
+        let response = try await withAdminClient(self.admin, remote: self.remote) { client in
             try await client.listAgents(Quiesce_Admin_V1_ListAgentsRequest())
         }
         switch self.output {
@@ -73,11 +74,12 @@ struct FactsCommand: AsyncParsableCommand {
     @Flag(name: .customLong("hook-hashes"), help: "Also hash every hook (what `quiesce plan --facts` pins).")
     var hookHashes = false
     @OptionGroup var admin: AdminOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @Option(help: "Output format: table or json.")
     var output: OutputFormat = .table
 
     func run() async throws {
-        let response = try await withAdminClient(self.admin) { client in
+        let response = try await withAdminClient(self.admin, remote: self.remote) { client in
             var request = Quiesce_Admin_V1_GetFactsRequest()
             request.instanceID = self.instance
             request.includeHookHashes = self.hookHashes
@@ -112,8 +114,20 @@ func ago(_ milliseconds: Double) -> String {
 
 /// Calls the admin API; maps "cannot reach the engine" to exit 69 with a hint.
 func withAdminClient<T: Sendable>(
-    _ admin: AdminOptions, _ body: @Sendable @escaping (Quiesce_Admin_V1_Admin.Client<HTTP2ClientTransport.Posix>) async throws -> T
+    _ admin: AdminOptions, remote: RemoteAdminOptions? = nil,
+    _ body: @Sendable @escaping (Quiesce_Admin_V1_Admin.Client<HTTP2ClientTransport.Posix>) async throws -> T
 ) async throws -> T {
+    if let (transport, address) = try remote?.transport(socket: admin.socketPath) {
+        do {
+            return try await withGRPCClient(transport: transport) { client in try await body(Quiesce_Admin_V1_Admin.Client(wrapping: client)) }
+        } catch let error as RPCError where error.code == .unavailable {
+            printError("cannot reach the engine at \(address): \(error.message)")
+            throw ExitStatus.unavailable
+        } catch let error as RPCError {
+            printError("\(error.code): \(error.message)")
+            throw ExitStatus.failure
+        }
+    }
     guard FileManager.default.fileExists(atPath: admin.socketPath) else {
         printError("no engine admin socket at \(admin.socketPath); is `quiesce serve` running? (set --admin-socket or QUIESCE_ADMIN_SOCKET)")
         throw ExitStatus.unavailable

@@ -53,6 +53,7 @@ struct Backup: AsyncParsableCommand {
     @Option(name: .customLong("agent-wait-s"), help: ArgumentHelp("Override run.agent_wait_s.", valueName: "seconds"))
     var agentWaitSeconds: Int?
     @OptionGroup var admin: AdminOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @OptionGroup var plugins: PluginOptions
     @Option(help: "Output format: table (progress on stderr, a report at the end) or json (one JSON object per line).")
     var output: OutputFormat = .table
@@ -147,7 +148,8 @@ struct Backup: AsyncParsableCommand {
             printError("\(self.fleet): (file): cannot read the fleet file")
             throw ExitCode(65)
         }
-        guard FileManager.default.fileExists(atPath: self.admin.socketPath) else {
+        let remote = try self.remote.transport(socket: self.admin.socketPath)
+        guard remote != nil || FileManager.default.fileExists(atPath: self.admin.socketPath) else {
             printError("no engine admin socket at \(self.admin.socketPath); is `quiesce serve` running? (set --admin-socket or QUIESCE_ADMIN_SOCKET)")
             throw ExitStatus.unavailable
         }
@@ -157,9 +159,9 @@ struct Backup: AsyncParsableCommand {
             $0.runID = self.runID ?? ""
             $0.agentWaitS = UInt32(self.agentWaitSeconds ?? 0)
         }
-        let socket = self.admin.socketPath
+        let socket = remote?.1 ?? self.admin.socketPath
         do {
-            let proto = try await withGRPCClient(transport: SecureTransports.adminDialer(socketPath: socket)) { client in
+            let proto = try await withGRPCClient(transport: remote?.0 ?? SecureTransports.adminDialer(socketPath: socket)) { client in
                 try await Quiesce_Admin_V1_Runs.Client(wrapping: client).runFleet(request) { response in
                     var report: Quiesce_Admin_V1_RunReport?
                     for try await message in response.messages {

@@ -46,6 +46,8 @@ struct CA: ParsableCommand {
         var agent: String?
         @Option(name: .customLong("operator"), help: ArgumentHelp("Issue for this operator.", valueName: "name"))
         var operatorName: String?
+        @Option(help: ArgumentHelp("With --operator: viewer (read: agents, facts, plans) or operator (also fleet runs).", valueName: "role"))
+        var role: String = "viewer"
         @Option(help: ArgumentHelp("Where the CA lives (default: $QUIESCE_HOME/ca).", valueName: "dir"))
         var dir: String?
         @Flag(help: "Replace an existing certificate of the same name.")
@@ -59,7 +61,11 @@ struct CA: ParsableCommand {
 
         func run() throws {
             let ca = CADirectory(path: self.dir ?? defaultStateDirectory() + "/ca")
-            let request: CertificateAuthority.Request = self.agent.map { .agent(instanceID: $0) } ?? .operator(name: self.operatorName!)
+            guard let permission = OperatorPermission(rawValue: self.role) else {
+                printError("--role: expected viewer or operator, found \"\(self.role)\"")
+                throw ExitCode(64)
+            }
+            let request: CertificateAuthority.Request = self.agent.map { .agent(instanceID: $0) } ?? .operator(name: self.operatorName!, permission: permission)
             do {
                 let files = try ca.issue(request, overwrite: self.force)
                 print("certificate \(files.certificatePath)")

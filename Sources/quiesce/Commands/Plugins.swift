@@ -130,6 +130,7 @@ struct PlanCommand: AsyncParsableCommand {
     @Option(name: .customLong("instance"), help: ArgumentHelp("Only this connected instance (repeatable).", valueName: "id"))
     var instances: [String] = []
     @OptionGroup var admin: AdminOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @OptionGroup var plugins: PluginOptions
     @Option(help: "Output format: table or json.")
     var output: OutputFormat = .table
@@ -232,8 +233,8 @@ struct PlanCommand: AsyncParsableCommand {
                 }
             }
         }
-        let admin = self.admin, wantedInstances = self.instances
-        return try await withAdminClient(admin) { client in
+        let admin = self.admin, remote = self.remote, wantedInstances = self.instances
+        return try await withAdminClient(admin, remote: remote) { client in
             let agents = try await client.listAgents(Quiesce_Admin_V1_ListAgentsRequest()).agents
             var chosen = agents
             if !wantedInstances.isEmpty {

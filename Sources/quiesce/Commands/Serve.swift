@@ -36,6 +36,10 @@ struct Serve: AsyncParsableCommand {
     var enrolListen: String?
     @Option(help: ArgumentHelp("The audit trail: every command sent to an agent, every admin call, enrolments, renewals, revocations (JSON lines; default: $QUIESCE_HOME/audit.jsonl).", valueName: "path"))
     var auditLog: String?
+    @Option(help: ArgumentHelp(
+        "The admin API over TCP with mutual TLS, for operator certificates (quiesce ca issue --operator NAME --role viewer|operator); agent certificates are refused. Off unless given.",
+        valueName: "host:port"))
+    var operatorListen: String?
     @Option(help: ArgumentHelp("Lifetime of the agent certificates this engine issues; agents renew at two thirds of it.", valueName: "days"))
     var agentValidityDays: Int = 30
     @OptionGroup var admin: AdminOptions
@@ -44,6 +48,9 @@ struct Serve: AsyncParsableCommand {
 
     func validate() throws {
         do { _ = try ListenAddress(parsing: self.listen) } catch { throw ValidationError("--listen: \(error)") }
+        if let address = self.operatorListen {
+            do { _ = try ListenAddress(parsing: address) } catch { throw ValidationError("--operator-listen: \(error)") }
+        }
         if let enrol = self.enrolListen {
             do { _ = try ListenAddress(parsing: enrol) } catch { throw ValidationError("--enrol-listen: \(error)") }
         }
@@ -57,7 +64,8 @@ struct Serve: AsyncParsableCommand {
         let listen = try ListenAddress(parsing: self.listen)
         let engine = try makeEngine(
             listen: listen, caDir: self.caDir, admin: self.admin, enrolListen: try self.enrolListen.map { try ListenAddress(parsing: $0) },
-            auditLog: self.auditLog ?? defaultStateDirectory() + "/audit.jsonl", agentValidity: .seconds(Int64(self.agentValidityDays) * 86_400))
+            auditLog: self.auditLog ?? defaultStateDirectory() + "/audit.jsonl", agentValidity: .seconds(Int64(self.agentValidityDays) * 86_400),
+            operatorListen: try self.operatorListen.map { try ListenAddress(parsing: $0) })
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
         for failure in registry.failures {
@@ -81,7 +89,8 @@ struct Serve: AsyncParsableCommand {
         defer { signals.forEach { $0.cancel() } }
         let ready = Task {
             if let address = try? await engine.listeningAddress() {
-                let enrol = engine.configuration.enrolListen == nil ? "" : ((try? await engine.enrolAddress()).map { "; enrolment on \($0)" } ?? "")
+                let enrol = (engine.configuration.enrolListen == nil ? "" : ((try? await engine.enrolAddress()).map { "; enrolment on \($0)" } ?? ""))
+                    + (engine.configuration.operatorListen == nil ? "" : ((try? await engine.operatorAddress()).map { "; operators on \($0)" } ?? ""))
                 let line = "quiesce engine \(QuiesceVersion.software) listening on \(address)\(enrol); admin socket \(self.admin.socketPath); "
                     + "\(registry.plugins.count) plugins (\(registry.plugins.map(\.name).sorted().joined(separator: ", "))); catalog \(catalogPath)\n"
                 BrokenPipes.printOutput(line)
