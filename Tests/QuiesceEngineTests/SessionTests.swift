@@ -218,7 +218,7 @@ struct SessionTests {
         #expect(FileManager.default.fileExists(atPath: fleet.directory + "/admin.sock"))
     }
 
-    @Test("a second session for the same instance replaces the first")
+    @Test("a second agent for an instance whose session answers is refused (identity-conflict); one whose holder is silent replaces it")
     func replaced() async throws {
         let fleet = try await Fleet.start()
         defer { fleet.discard() }
@@ -226,11 +226,29 @@ struct SessionTests {
         defer { task.cancel() }
         let firstID = try #require(await fleet.engine.registry.session(for: "i-twice")).sessionID
         let second = try await fleet.agent("i-twice")
-        let secondTask = Task { await second.runSession() }
-        defer { secondTask.cancel() }
-        try await waitUntil { await fleet.engine.registry.session(for: "i-twice")?.sessionID != firstID }
+        let end = await second.runSession()
+        #expect(!end.established && "\(end.error.map { "\($0)" } ?? "")".contains("identity-conflict"), "\(String(describing: end.error))")
+        #expect(await fleet.engine.registry.session(for: "i-twice")?.sessionID == firstID, "the answering holder keeps its session")
+
+        // A holder that no longer answers (a wedged or vanished agent whose connection has not timed out yet) is replaced.
+        // (a raw session: it says hello, then reads nothing and answers nothing)
+        let files = try await fleet.agentFiles("i-silent")
+        let silentTask = Task { try await fleet.rawSession(fleet.mTLS(files), sending: [try hello("i-silent").bytes], holdOpen: .seconds(8)) }
+        defer { silentTask.cancel() }
+        try await waitUntil { await fleet.engine.registry.session(for: "i-silent") != nil }
+        let silentID = try #require(await fleet.engine.registry.session(for: "i-silent")).sessionID
+        let newcomer = try await fleet.agent("i-silent")
+        let newTask = Task { await newcomer.runSession() }
+        defer { newTask.cancel() }
+        do {
+            try await waitUntil { await fleet.engine.registry.session(for: "i-silent")?.sessionID != silentID }
+        } catch {
+            Issue.record("not replaced: \(await fleet.endReasons()) newcomer: \(newcomer.lastError ?? "-") \(newcomer.phase)")
+            throw error
+        }
         // The replaced session's handler records its end after the new one registers.
         try await waitUntil { await fleet.endReasons().contains { $0.contains("replaced by a new session") } }
+        #expect(await fleet.engine.registry.conflict(for: "i-silent") == nil)
     }
 
     @Test("the admin socket is mode 0600 and lists the agents")
