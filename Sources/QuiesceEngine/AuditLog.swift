@@ -62,11 +62,13 @@ public final class AuditLog: Sendable {
 
     deinit { close(self.fd) }
 
+    /// Queues `entry`; encoding and writing happen on the log's own queue, so a command's
+    /// answer (a freeze's, inside the frozen window) never waits for the audit trail.
     public func append(_ entry: Entry) {
-        guard let data = try? Self.encoder.encode(entry) else { return }
-        let line = Array(data) + [0x0a]
         let fd = self.fd
         self.queue.async {
+            guard let data = try? Self.encoder.encode(entry) else { return }
+            let line = Array(data) + [0x0a]
             _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         }
     }
