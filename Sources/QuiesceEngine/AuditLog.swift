@@ -169,7 +169,7 @@ struct OperatorGate: ServerInterceptor {
     let logger: Logger
 
     /// Calls that act; every other call reads.
-    static let acting: Set<String> = ["RunFleet"]
+    static let acting: Set<String> = ["RunFleet", "Restore", "Prune"]
 
     func intercept<Input: Sendable, Output: Sendable>(
         request: StreamingServerRequest<Input>, context: ServerContext,

@@ -758,6 +758,1137 @@ extension Quiesce_Admin_V1_Admin.ClientProtocol {
     }
 }
 
+// MARK: - quiesce.admin.v1.Inventory
+
+/// Namespace containing generated types for the "quiesce.admin.v1.Inventory" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+public enum Quiesce_Admin_V1_Inventory: Sendable {
+    /// Service descriptor for the "quiesce.admin.v1.Inventory" service.
+    public static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory")
+    /// Namespace for method metadata.
+    public enum Method: Sendable {
+        /// Namespace for "Snapshots" metadata.
+        public enum Snapshots: Sendable {
+            /// Request type for "Snapshots".
+            public typealias Input = Quiesce_Admin_V1_InventoryCommand
+            /// Response type for "Snapshots".
+            public typealias Output = Quiesce_Admin_V1_InventoryOutput
+            /// Descriptor for "Snapshots".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory"),
+                method: "Snapshots",
+                type: .unary
+            )
+        }
+        /// Namespace for "Show" metadata.
+        public enum Show: Sendable {
+            /// Request type for "Show".
+            public typealias Input = Quiesce_Admin_V1_InventoryCommand
+            /// Response type for "Show".
+            public typealias Output = Quiesce_Admin_V1_InventoryOutput
+            /// Descriptor for "Show".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory"),
+                method: "Show",
+                type: .unary
+            )
+        }
+        /// Namespace for "Verify" metadata.
+        public enum Verify: Sendable {
+            /// Request type for "Verify".
+            public typealias Input = Quiesce_Admin_V1_InventoryCommand
+            /// Response type for "Verify".
+            public typealias Output = Quiesce_Admin_V1_InventoryOutput
+            /// Descriptor for "Verify".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory"),
+                method: "Verify",
+                type: .unary
+            )
+        }
+        /// Namespace for "Restore" metadata.
+        public enum Restore: Sendable {
+            /// Request type for "Restore".
+            public typealias Input = Quiesce_Admin_V1_InventoryCommand
+            /// Response type for "Restore".
+            public typealias Output = Quiesce_Admin_V1_InventoryOutput
+            /// Descriptor for "Restore".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory"),
+                method: "Restore",
+                type: .unary
+            )
+        }
+        /// Namespace for "Prune" metadata.
+        public enum Prune: Sendable {
+            /// Request type for "Prune".
+            public typealias Input = Quiesce_Admin_V1_InventoryCommand
+            /// Response type for "Prune".
+            public typealias Output = Quiesce_Admin_V1_InventoryOutput
+            /// Descriptor for "Prune".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory"),
+                method: "Prune",
+                type: .unary
+            )
+        }
+        /// Descriptors for all methods in the "quiesce.admin.v1.Inventory" service.
+        public static let descriptors: [GRPCCore.MethodDescriptor] = [
+            Snapshots.descriptor,
+            Show.descriptor,
+            Verify.descriptor,
+            Restore.descriptor,
+            Prune.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "quiesce.admin.v1.Inventory" service.
+    public static let quiesce_admin_v1_Inventory = GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory")
+}
+
+// MARK: quiesce.admin.v1.Inventory (server)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Inventory {
+    /// Streaming variant of the service protocol for the "quiesce.admin.v1.Inventory" service.
+    ///
+    /// This protocol is the lowest-level of the service protocols generated for this service
+    /// giving you the most flexibility over the implementation of your service. This comes at
+    /// the cost of more verbose and less strict APIs. Each RPC requires you to implement it in
+    /// terms of a request stream and response stream. Where the RPC expects only a single
+    /// request or response message, you are responsible for ensuring your implementation
+    /// maintains this invariant.
+    ///
+    /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
+    /// or ``SimpleServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    /// > The catalog's snapshot commands, run by the engine on its own catalog for an
+    /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
+    /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
+    /// > used), answering what the command prints and its exit code. Snapshots, Show and
+    /// > Verify read (viewer); Restore and Prune act (operator).
+    public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
+        /// Handle the "Snapshots" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_InventoryOutput` messages.
+        func snapshots(
+            request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Show" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_InventoryOutput` messages.
+        func show(
+            request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Verify" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_InventoryOutput` messages.
+        func verify(
+            request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Restore" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_InventoryOutput` messages.
+        func restore(
+            request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Prune" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_InventoryOutput` messages.
+        func prune(
+            request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput>
+    }
+
+    /// Service protocol for the "quiesce.admin.v1.Inventory" service.
+    ///
+    /// This protocol is higher level than ``StreamingServiceProtocol`` but lower level than
+    /// the ``SimpleServiceProtocol``, it provides access to request and response metadata and
+    /// trailing response metadata. If you don't need these then consider using
+    /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
+    /// use ``StreamingServiceProtocol``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    /// > The catalog's snapshot commands, run by the engine on its own catalog for an
+    /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
+    /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
+    /// > used), answering what the command prints and its exit code. Snapshots, Show and
+    /// > Verify read (viewer); Restore and Prune act (operator).
+    public protocol ServiceProtocol: Quiesce_Admin_V1_Inventory.StreamingServiceProtocol {
+        /// Handle the "Snapshots" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Quiesce_Admin_V1_InventoryOutput` message.
+        func snapshots(
+            request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Show" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Quiesce_Admin_V1_InventoryOutput` message.
+        func show(
+            request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Verify" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Quiesce_Admin_V1_InventoryOutput` message.
+        func verify(
+            request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Restore" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Quiesce_Admin_V1_InventoryOutput` message.
+        func restore(
+            request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Prune" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Quiesce_Admin_V1_InventoryOutput` message.
+        func prune(
+            request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>
+    }
+
+    /// Simple service protocol for the "quiesce.admin.v1.Inventory" service.
+    ///
+    /// This is the highest level protocol for the service. The API is the easiest to use but
+    /// doesn't provide access to request or response metadata. If you need access to these
+    /// then use ``ServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    /// > The catalog's snapshot commands, run by the engine on its own catalog for an
+    /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
+    /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
+    /// > used), answering what the command prints and its exit code. Snapshots, Show and
+    /// > Verify read (viewer); Restore and Prune act (operator).
+    public protocol SimpleServiceProtocol: Quiesce_Admin_V1_Inventory.ServiceProtocol {
+        /// Handle the "Snapshots" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Quiesce_Admin_V1_InventoryOutput` to respond with.
+        func snapshots(
+            request: Quiesce_Admin_V1_InventoryCommand,
+            context: GRPCCore.ServerContext
+        ) async throws -> Quiesce_Admin_V1_InventoryOutput
+
+        /// Handle the "Show" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Quiesce_Admin_V1_InventoryOutput` to respond with.
+        func show(
+            request: Quiesce_Admin_V1_InventoryCommand,
+            context: GRPCCore.ServerContext
+        ) async throws -> Quiesce_Admin_V1_InventoryOutput
+
+        /// Handle the "Verify" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Quiesce_Admin_V1_InventoryOutput` to respond with.
+        func verify(
+            request: Quiesce_Admin_V1_InventoryCommand,
+            context: GRPCCore.ServerContext
+        ) async throws -> Quiesce_Admin_V1_InventoryOutput
+
+        /// Handle the "Restore" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Quiesce_Admin_V1_InventoryOutput` to respond with.
+        func restore(
+            request: Quiesce_Admin_V1_InventoryCommand,
+            context: GRPCCore.ServerContext
+        ) async throws -> Quiesce_Admin_V1_InventoryOutput
+
+        /// Handle the "Prune" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Quiesce_Admin_V1_InventoryOutput` to respond with.
+        func prune(
+            request: Quiesce_Admin_V1_InventoryCommand,
+            context: GRPCCore.ServerContext
+        ) async throws -> Quiesce_Admin_V1_InventoryOutput
+    }
+}
+
+// Default implementation of 'registerMethods(with:)'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Inventory.StreamingServiceProtocol {
+    public func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
+        router.registerHandler(
+            forMethod: Quiesce_Admin_V1_Inventory.Method.Snapshots.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryCommand>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryOutput>(),
+            handler: { request, context in
+                try await self.snapshots(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Quiesce_Admin_V1_Inventory.Method.Show.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryCommand>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryOutput>(),
+            handler: { request, context in
+                try await self.show(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Quiesce_Admin_V1_Inventory.Method.Verify.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryCommand>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryOutput>(),
+            handler: { request, context in
+                try await self.verify(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Quiesce_Admin_V1_Inventory.Method.Restore.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryCommand>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryOutput>(),
+            handler: { request, context in
+                try await self.restore(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Quiesce_Admin_V1_Inventory.Method.Prune.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryCommand>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryOutput>(),
+            handler: { request, context in
+                try await self.prune(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+    }
+}
+
+// Default implementation of streaming methods from 'StreamingServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Inventory.ServiceProtocol {
+    public func snapshots(
+        request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        let response = try await self.snapshots(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func show(
+        request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        let response = try await self.show(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func verify(
+        request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        let response = try await self.verify(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func restore(
+        request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        let response = try await self.restore(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func prune(
+        request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        let response = try await self.prune(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+}
+
+// Default implementation of methods from 'ServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Inventory.SimpleServiceProtocol {
+    public func snapshots(
+        request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        return GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>(
+            message: try await self.snapshots(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func show(
+        request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        return GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>(
+            message: try await self.show(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func verify(
+        request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        return GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>(
+            message: try await self.verify(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func restore(
+        request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        return GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>(
+            message: try await self.restore(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func prune(
+        request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        return GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>(
+            message: try await self.prune(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+}
+
+// MARK: quiesce.admin.v1.Inventory (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Inventory {
+    /// Generated client protocol for the "quiesce.admin.v1.Inventory" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    /// > The catalog's snapshot commands, run by the engine on its own catalog for an
+    /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
+    /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
+    /// > used), answering what the command prints and its exit code. Snapshots, Show and
+    /// > Verify read (viewer); Restore and Prune act (operator).
+    public protocol ClientProtocol: Sendable {
+        /// Call the "Snapshots" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func snapshots<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Show" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func show<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Verify" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func verify<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Restore" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func restore<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Prune" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func prune<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "quiesce.admin.v1.Inventory" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
+    /// > --engine`. A separate service: an engine started without a catalog and
+    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
+    /// > The catalog's snapshot commands, run by the engine on its own catalog for an
+    /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
+    /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
+    /// > used), answering what the command prints and its exit code. Snapshots, Show and
+    /// > Verify read (viewer); Restore and Prune act (operator).
+    public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        public init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "Snapshots" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func snapshots<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Quiesce_Admin_V1_Inventory.Method.Snapshots.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Show" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func show<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Quiesce_Admin_V1_Inventory.Method.Show.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Verify" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func verify<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Quiesce_Admin_V1_Inventory.Method.Verify.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Restore" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func restore<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Quiesce_Admin_V1_Inventory.Method.Restore.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Prune" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func prune<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Quiesce_Admin_V1_Inventory.Method.Prune.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Inventory.ClientProtocol {
+    /// Call the "Snapshots" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func snapshots<Result>(
+        request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.snapshots(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryCommand>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryOutput>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Show" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func show<Result>(
+        request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.show(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryCommand>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryOutput>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Verify" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func verify<Result>(
+        request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.verify(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryCommand>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryOutput>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Restore" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func restore<Result>(
+        request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.restore(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryCommand>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryOutput>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Prune" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func prune<Result>(
+        request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.prune(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryCommand>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryOutput>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Quiesce_Admin_V1_Inventory.ClientProtocol {
+    /// Call the "Snapshots" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func snapshots<Result>(
+        _ message: Quiesce_Admin_V1_InventoryCommand,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.snapshots(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Show" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func show<Result>(
+        _ message: Quiesce_Admin_V1_InventoryCommand,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.show(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Verify" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func verify<Result>(
+        _ message: Quiesce_Admin_V1_InventoryCommand,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.verify(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Restore" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func restore<Result>(
+        _ message: Quiesce_Admin_V1_InventoryCommand,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.restore(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Prune" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func prune<Result>(
+        _ message: Quiesce_Admin_V1_InventoryCommand,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.prune(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
 // MARK: - quiesce.admin.v1.Runs
 
 /// Namespace containing generated types for the "quiesce.admin.v1.Runs" service.
@@ -808,12 +1939,6 @@ extension Quiesce_Admin_V1_Runs {
     ///
     /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
     /// or ``SimpleServiceProtocol`` instead.
-    ///
-    /// > Source IDL Documentation:
-    /// >
-    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
-    /// > --engine`. A separate service: an engine started without a catalog and
-    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
     public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
         /// Handle the "RunFleet" method.
         ///
@@ -847,12 +1972,6 @@ extension Quiesce_Admin_V1_Runs {
     /// trailing response metadata. If you don't need these then consider using
     /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
     /// use ``StreamingServiceProtocol``.
-    ///
-    /// > Source IDL Documentation:
-    /// >
-    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
-    /// > --engine`. A separate service: an engine started without a catalog and
-    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
     public protocol ServiceProtocol: Quiesce_Admin_V1_Runs.StreamingServiceProtocol {
         /// Handle the "RunFleet" method.
         ///
@@ -884,12 +2003,6 @@ extension Quiesce_Admin_V1_Runs {
     /// This is the highest level protocol for the service. The API is the easiest to use but
     /// doesn't provide access to request or response metadata. If you need access to these
     /// then use ``ServiceProtocol`` instead.
-    ///
-    /// > Source IDL Documentation:
-    /// >
-    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
-    /// > --engine`. A separate service: an engine started without a catalog and
-    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
     public protocol SimpleServiceProtocol: Quiesce_Admin_V1_Runs.ServiceProtocol {
         /// Handle the "RunFleet" method.
         ///
@@ -980,12 +2093,6 @@ extension Quiesce_Admin_V1_Runs {
     ///
     /// You don't need to implement this protocol directly, use the generated
     /// implementation, ``Client``.
-    ///
-    /// > Source IDL Documentation:
-    /// >
-    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
-    /// > --engine`. A separate service: an engine started without a catalog and
-    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
     public protocol ClientProtocol: Sendable {
         /// Call the "RunFleet" method.
         ///
@@ -1022,12 +2129,6 @@ extension Quiesce_Admin_V1_Runs {
     /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
     /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
     /// means of communication with the remote peer.
-    ///
-    /// > Source IDL Documentation:
-    /// >
-    /// > Fleet runs inside a running engine (`quiesce serve`), for `quiesce backup
-    /// > --engine`. A separate service: an engine started without a catalog and
-    /// > plugins (tests, the sessions demo) does not offer it, and the CLI says so.
     public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
         private let client: GRPCCore.GRPCClient<Transport>
 

@@ -223,3 +223,39 @@ def test_remote_operators_viewer_reads_operator_runs_agents_refused(engine, bin_
     admin = [(e["actor"], e["action"], e["result"]) for e in entries if e["kind"] == "admin"]
     assert ("operator:alice", "ListAgents", "ok") in admin and ("operator:alice", "RunFleet", "refused") in admin, admin
     assert ("operator:bob", "RunFleet", "ok") in admin and ("agent:web-x", "ListAgents", "refused") in admin, admin
+
+
+def test_remote_snapshots_show_and_prune_follow_the_role(engine, bin_dir, tmp_path):
+    for name, role in (("carol", "viewer"), ("dave", "operator")):
+        engine.quiesce(["ca", "issue", "--operator", name, "--role", role, "--dir", engine.ca_dir])
+
+    def remote(name, *args):
+        base = os.path.join(engine.ca_dir, "operators", name)
+        return subprocess.run(
+            [os.path.join(bin_dir, "quiesce"), *args, "--engine-address", f"127.0.0.1:{engine.operator_port}",
+             "--cert", base + ".pem", "--key", base + ".key", "--ca", os.path.join(engine.ca_dir, "ca.pem")],
+            capture_output=True, text=True, timeout=60)
+
+    pool = tmp_path / "pool"
+    (pool / "disks").mkdir(parents=True)
+    with open(pool / "disks" / "app-1-data.img", "wb") as f:
+        f.write(b"\1" * 8192)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"providers:\n  pool: {{ kind: local, pool: {pool} }}\npolicies:\n  base: {{ plugin: crash, wanted: crash }}\n"
+                     "instances:\n  - { id: app-1, policy: base, disks: [app-1-data] }\nrun: { agent_wait_s: 0 }\n")
+    assert remote("dave", "backup", "--engine", "--fleet", str(fleet)).returncode == 0
+
+    listed = remote("carol", "snapshots", "--output", "json")
+    assert listed.returncode == 0, listed.stderr
+    groups = json.loads(listed.stdout)
+    assert len(groups) == 1 and groups[0]["instanceID"] == "app-1"
+    shown = remote("carol", "show", groups[0]["id"])
+    assert shown.returncode == 0 and "instance    app-1" in shown.stdout, shown.stdout + shown.stderr
+    assert remote("carol", "verify", groups[0]["id"]).returncode == 0
+    refused_prune = remote("carol", "prune", "--keep-last", "0", "--dry-run")
+    assert refused_prune.returncode == 1 and "carol is a viewer; Prune needs the operator role" in refused_prune.stderr, refused_prune.stderr
+    dry = remote("dave", "prune", "--keep-last", "0", "--dry-run")
+    assert dry.returncode == 0 and f"would delete {groups[0]['id']}" in dry.stdout, dry.stdout + dry.stderr
+    # The engine uses its own catalog: a remote --catalog is refused, not followed.
+    other = remote("carol", "snapshots", "--catalog", "/etc/passwd")
+    assert other.returncode == 64 and "--catalog cannot be given to a remote engine" in other.stderr, other.stderr

@@ -7,6 +7,8 @@ import QuiesceCore
 import QuiesceEngine
 import QuiescePKI
 import QuiescePlugins
+import QuiesceInventory
+import QuiesceProviders
 import QuiesceWire
 import Synchronization
 
@@ -98,7 +100,11 @@ struct Serve: AsyncParsableCommand {
         }
         defer { ready.cancel() }
         do {
-            try await engine.run(adminServices: [runs])
+            // The catalog commands for remote operators, on this engine's catalog and the providers it recorded.
+            let inventory = InventoryService {
+                Inventory(catalog: catalog, providers: ProviderDirectory(catalog: catalog, fleet: nil, localPool: nil, defaultPool: defaultStateDirectory() + "/pool"))
+            }
+            try await engine.run(adminServices: [runs, inventory])
         } catch {
             printError("\(error)")
             throw ExitStatus.failure

@@ -1,5 +1,8 @@
 import ArgumentParser
 import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import QuiesceProto
 import QuiesceCatalog
 import QuiesceCore
 import QuiesceFleet
@@ -52,13 +55,137 @@ func encodeJSON<T: Encodable>(_ value: T) throws -> String {
     return String(decoding: try encoder.encode(value), as: UTF8.self)
 }
 
+/// What a catalog command prints, and its exit code: built once, printed here or sent to a
+/// remote operator by the engine (`service Inventory` in admin.proto).
+struct CommandOutput: Sendable {
+    var text = ""
+    var exitCode: Int32 = 0
+    mutating func line(_ line: String) { self.text += line + "\n" }
+}
+
+/// A catalog command that runs here on a local catalog, or on the engine for an operator elsewhere.
+protocol InventoryCommandRunnable: AsyncParsableCommand {
+    /// The `Inventory` RPC that runs it on the engine.
+    static var remoteMethod: String { get }
+    var store: StoreOptions { get }
+    var remote: RemoteAdminOptions { get }
+    func render(_ inventory: Inventory) async throws -> CommandOutput
+}
+
+extension InventoryCommandRunnable {
+    func runHereOrRemotely() async throws {
+        if self.remote.engineAddress != nil {
+            let output = try await self.runRemotely()
+            print(output.stdout, terminator: "")
+            if !output.stderr.isEmpty { FileHandle.standardError.write(Data(output.stderr.utf8)) }
+            if output.exitCode != 0 { throw ExitCode(output.exitCode) }
+            return
+        }
+        let output = try await operatorErrors { try await self.render(try self.store.inventory()) }
+        print(output.text, terminator: "")
+        if output.exitCode != 0 { throw ExitCode(output.exitCode) }
+    }
+
+    /// The command line as given, without the subcommand and the options that say where the engine is.
+    static func forwardedArguments(_ argv: [String] = CommandLine.arguments) -> [String] {
+        let withValue: Set<String> = ["--engine-address", "--cert", "--key", "--ca", "--admin-socket"]
+        var arguments: [String] = []
+        var index = 2  // the program and the subcommand
+        while index < argv.count {
+            let argument = argv[index]
+            if withValue.contains(argument) { index += 2; continue }
+            if withValue.contains(where: { argument.hasPrefix($0 + "=") }) { index += 1; continue }
+            arguments.append(argument)
+            index += 1
+        }
+        return arguments
+    }
+
+    func runRemotely() async throws -> Quiesce_Admin_V1_InventoryOutput {
+        guard let (transport, address) = try self.remote.transport(socket: "") else { throw ExitStatus.failure }
+        let request = Quiesce_Admin_V1_InventoryCommand.with { $0.arguments = Self.forwardedArguments() }
+        do {
+            return try await withGRPCClient(transport: transport) { client in
+                let inventory = Quiesce_Admin_V1_Inventory.Client(wrapping: client)
+                switch Self.remoteMethod {
+                case "Snapshots": return try await inventory.snapshots(request)
+                case "Show": return try await inventory.show(request)
+                case "Verify": return try await inventory.verify(request)
+                case "Restore": return try await inventory.restore(request)
+                default: return try await inventory.prune(request)
+                }
+            }
+        } catch let error as RPCError where error.code == .unavailable {
+            printError("cannot reach the engine at \(address): \(error.message)")
+            throw ExitStatus.unavailable
+        } catch let error as RPCError {
+            printError("\(error.code): \(error.message)")
+            throw ExitStatus.failure
+        }
+    }
+}
+
+/// `quiesce.admin.v1.Inventory`, in `quiesce serve`: the catalog commands on the engine's own catalog.
+struct InventoryService: Quiesce_Admin_V1_Inventory.SimpleServiceProtocol {
+    /// Made per call: the providers a run recorded since the engine started must be found.
+    let makeInventory: @Sendable () -> Inventory
+    var inventory: Inventory { self.makeInventory() }
+
+    static func execute<C: InventoryCommandRunnable>(_ type: C.Type, _ request: Quiesce_Admin_V1_InventoryCommand, _ inventory: Inventory) async
+        -> Quiesce_Admin_V1_InventoryOutput
+    {
+        var output = Quiesce_Admin_V1_InventoryOutput()
+        for option in ["--catalog", "--pool", "--fleet", "--engine-address", "--admin-socket", "--cert", "--key", "--ca"]
+        where request.arguments.contains(where: { $0 == option || $0.hasPrefix(option + "=") }) {
+            output.stderr = "quiesce: \(option) cannot be given to a remote engine: it uses its own catalog and providers\n"
+            output.exitCode = 64
+            return output
+        }
+        let command: C
+        do {
+            command = try C.parse(request.arguments)
+        } catch {
+            output.stderr = C.fullMessage(for: error) + "\n"
+            output.exitCode = 64
+            return output
+        }
+        do {
+            let rendered = try await command.render(inventory)
+            output.stdout = rendered.text
+            output.exitCode = rendered.exitCode
+        } catch {
+            output.stderr = "quiesce: \(error)\n"
+            output.exitCode = 1
+        }
+        return output
+    }
+
+    func snapshots(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
+        await Self.execute(Snapshots.self, request, self.inventory)
+    }
+    func show(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
+        await Self.execute(Show.self, request, self.inventory)
+    }
+    func verify(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
+        await Self.execute(Verify.self, request, self.inventory)
+    }
+    func restore(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
+        await Self.execute(Restore.self, request, self.inventory)
+    }
+    func prune(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
+        await Self.execute(Prune.self, request, self.inventory)
+    }
+}
+
 func milliseconds(_ us: UInt64?) -> String { us.map { String(format: "%.1f ms", Double($0) / 1000) } ?? "-" }
 
-struct Snapshots: AsyncParsableCommand {
+struct Snapshots: InventoryCommandRunnable {
     static let configuration = CommandConfiguration(
         abstract: "List snapshot groups from the catalog, newest first.")
+    static let remoteMethod = "Snapshots"
 
     @OptionGroup var store: StoreOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @Option(help: "Only this instance.")
     var instance: String?
     @Option(help: "Only groups that reached this level: crash, filesystem, application.")
@@ -83,21 +210,23 @@ struct Snapshots: AsyncParsableCommand {
         }
     }
 
-    func run() async throws {
-        let inventory = try self.store.inventory()
+    func run() async throws { try await self.runHereOrRemotely() }
+
+    func render(_ inventory: Inventory) async throws -> CommandOutput {
+        var out = CommandOutput()
         let now = Date()
         let filter = GroupFilter(
             instanceID: self.instance, runID: self.run, level: self.level.flatMap(ConsistencyLevel.init(name:)),
             createdBefore: self.olderThan.flatMap(parseDuration).map { now.addingTimeInterval(-$0.timeInterval) },
             createdAfter: self.newerThan.flatMap(parseDuration).map { now.addingTimeInterval(-$0.timeInterval) })
-        let groups = try await operatorErrors { try inventory.groups(filter) }
+        let groups = try inventory.groups(filter)
         if self.output == .json {
-            print(try encodeJSON(groups))
-            return
+            out.line(try encodeJSON(groups))
+            return out
         }
         guard !groups.isEmpty else {
-            print("no snapshot groups match")
-            return
+            out.line("no snapshot groups match")
+            return out
         }
         var table = TextTable(headers: ["GROUP", "INSTANCE", "CREATED", "WANTED", "ACHIEVED", "FROZEN", "DISKS", "STATE", "REASON"])
         let formatter = ISO8601DateFormatter()
@@ -107,37 +236,42 @@ struct Snapshots: AsyncParsableCommand {
                 milliseconds(group.frozenUs), "\(group.disks.count)", group.state.rawValue, group.reasons.first?.code ?? "",
             ])
         }
-        print(table.render())
+        out.line(table.render())
+        return out
     }
 }
 
-struct Show: AsyncParsableCommand {
+struct Show: InventoryCommandRunnable {
     static let configuration = CommandConfiguration(abstract: "Show one snapshot group: levels, reasons, timings, disks.")
+    static let remoteMethod = "Show"
 
     @Argument(help: "The group id.")
     var group: String
     @OptionGroup var store: StoreOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @Option(help: "Output format: table or json.")
     var output: OutputFormat = .table
 
-    func run() async throws {
-        let inventory = try self.store.inventory()
-        let group = try await operatorErrors { try inventory.group(self.group) }
+    func run() async throws { try await self.runHereOrRemotely() }
+
+    func render(_ inventory: Inventory) async throws -> CommandOutput {
+        var out = CommandOutput()
+        let group = try inventory.group(self.group)
         if self.output == .json {
-            print(try encodeJSON(group))
-            return
+            out.line(try encodeJSON(group))
+            return out
         }
-        print("""
+        out.line("""
             group       \(group.id)  (provider \(group.provider), \(group.providerKind) \(group.providerGroupID))
             instance    \(group.instanceID)\(group.runID.map { "  run \($0)" } ?? "")
             created     \(ISO8601DateFormatter().string(from: group.createdAt))  state \(group.state.rawValue)
             level       \(group.achievedLevel.name) (wanted \(group.wantedLevel.name))
             frozen      \(milliseconds(group.frozenUs)); application stall \(milliseconds(group.applicationStallUs))
             """)
-        for reason in group.reasons { print("reason      \(reason.code): \(reason.message)") }
-        for (step, us) in group.stepTimingsUs.sorted(by: { $0.key < $1.key }) { print("step        \(step) \(milliseconds(us))") }
-        if !group.tags.isEmpty { print("tags        " + group.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) }
-        print("")
+        for reason in group.reasons { out.line("reason      \(reason.code): \(reason.message)") }
+        for (step, us) in group.stepTimingsUs.sorted(by: { $0.key < $1.key }) { out.line("step        \(step) \(milliseconds(us))") }
+        if !group.tags.isEmpty { out.line("tags        " + group.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) }
+        out.line("")
         var table = TextTable(headers: ["DISK", "SNAPSHOT", "SIZE", "DATA", "METHOD", "TOOK", "SHA256"])
         for disk in group.disks {
             table.append([
@@ -145,21 +279,24 @@ struct Show: AsyncParsableCommand {
                 milliseconds(disk.durationUs), disk.sha256.map { String($0.prefix(16)) + "…" } ?? (disk.method == .provider ? "-" : "(pending)"),
             ])
         }
-        print(table.render())
+        out.line(table.render())
         if group.disks.contains(where: { $0.method == .sparseCopy }) {
-            print("\nnote: sparse copy, not reflink: the pool's filesystem cannot share extents, so the copy time "
+            out.line("\nnote: sparse copy, not reflink: the pool's filesystem cannot share extents, so the copy time "
                 + "fell inside the freeze window. An XFS pool made with `mkfs.xfs -m reflink=1` avoids this.")
         }
+        return out
     }
 }
 
-struct Restore: AsyncParsableCommand {
+struct Restore: InventoryCommandRunnable {
     static let configuration = CommandConfiguration(
         abstract: "Restore a group's disks as new disks, or in place over disks nothing has attached.")
+    static let remoteMethod = "Restore"
 
     @Argument(help: "The group id.")
     var group: String
     @OptionGroup var store: StoreOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @Option(help: "Only this disk.")
     var disk: String?
     @Flag(help: "Write new disks named DISK-restored-GROUP.")
@@ -176,27 +313,30 @@ struct Restore: AsyncParsableCommand {
         if self.zone != nil && self.inPlace { throw ValidationError("--zone: only with --as-new (a new volume is made in it)") }
     }
 
-    func run() async throws {
-        let inventory = try self.store.inventory()
-        let (group, restored) = try await operatorErrors {
-            let group = try inventory.group(self.group)
-            return (group, try await inventory.restore(self.group, disk: self.disk, inPlace: self.inPlace, newSuffix: "restored-\(self.group)", zone: self.zone))
-        }
+    func run() async throws { try await self.runHereOrRemotely() }
+
+    func render(_ inventory: Inventory) async throws -> CommandOutput {
+        var out = CommandOutput()
+        let group = try inventory.group(self.group)
+        let restored = try await inventory.restore(self.group, disk: self.disk, inPlace: self.inPlace, newSuffix: "restored-\(self.group)", zone: self.zone)
         if self.output == .json {
-            print(try encodeJSON(restored.map { ["disk": $0.disk, "restored_as": $0.restoredAs, "location": inventory.location(ofRestored: $0.restoredAs, group: group)] }))
-            return
+            out.line(try encodeJSON(restored.map { ["disk": $0.disk, "restored_as": $0.restoredAs, "location": inventory.location(ofRestored: $0.restoredAs, group: group)] }))
+            return out
         }
         for (disk, target) in restored {
-            print("restored \(disk) → \(inventory.location(ofRestored: target, group: group))")
+            out.line("restored \(disk) → \(inventory.location(ofRestored: target, group: group))")
         }
+        return out
     }
 }
 
-struct Prune: AsyncParsableCommand {
+struct Prune: InventoryCommandRunnable {
     static let configuration = CommandConfiguration(
         abstract: "Delete old snapshot groups, per instance, keeping the newest N and everything recent.")
+    static let remoteMethod = "Prune"
 
     @OptionGroup var store: StoreOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @Option(help: "Keep at least this many newest groups per instance.")
     var keepLast: Int
     @Option(help: ArgumentHelp("Also keep every group newer than this (e.g. 7d).", valueName: "duration"))
@@ -213,18 +353,22 @@ struct Prune: AsyncParsableCommand {
         }
     }
 
-    func run() async throws {
-        let inventory = try self.store.inventory()
+    func run() async throws { try await self.runHereOrRemotely() }
+
+    func render(_ inventory: Inventory) async throws -> CommandOutput {
+        var out = CommandOutput()
         let policy = PrunePolicy(keepLast: self.keepLast, keepWithin: self.keepWithin.flatMap(parseDuration))
-        let plan = try await operatorErrors { try await inventory.prune(policy, instanceID: self.instance, dryRun: self.dryRun) }
+        let plan = try await inventory.prune(policy, instanceID: self.instance, dryRun: self.dryRun)
         for group in plan.delete {
-            print("\(self.dryRun ? "would delete" : "deleted") \(group.id) (\(group.instanceID), \(ISO8601DateFormatter().string(from: group.createdAt)))")
+            out.line("\(self.dryRun ? "would delete" : "deleted") \(group.id) (\(group.instanceID), \(ISO8601DateFormatter().string(from: group.createdAt)))")
         }
-        print("\(self.dryRun ? "would keep" : "kept") \(plan.keep.count), \(self.dryRun ? "would delete" : "deleted") \(plan.delete.count)")
+        out.line("\(self.dryRun ? "would keep" : "kept") \(plan.keep.count), \(self.dryRun ? "would delete" : "deleted") \(plan.delete.count)")
+        return out
     }
 }
 
-struct Verify: AsyncParsableCommand {
+struct Verify: InventoryCommandRunnable {
+    static let remoteMethod = "Verify"
     static let configuration = CommandConfiguration(
         abstract: "Check a group's snapshots against the checksums recorded at creation.",
         discussion: "With --deep, also fsck each disk on a throw-away copy (needs root for XFS). Exit 1 when any disk fails.")
@@ -232,22 +376,26 @@ struct Verify: AsyncParsableCommand {
     @Argument(help: "The group id.")
     var group: String
     @OptionGroup var store: StoreOptions
+    @OptionGroup var remote: RemoteAdminOptions
     @Flag(help: "Also check each disk's filesystem on a copy.")
     var deep = false
     @Option(help: "Output format: table or json.")
     var output: OutputFormat = .table
 
-    func run() async throws {
-        let inventory = try self.store.inventory()
-        let checks = try await operatorErrors { try await inventory.verify(self.group, deep: self.deep) }
+    func run() async throws { try await self.runHereOrRemotely() }
+
+    func render(_ inventory: Inventory) async throws -> CommandOutput {
+        var out = CommandOutput()
+        let checks = try await inventory.verify(self.group, deep: self.deep)
         if self.output == .json {
             let rows = checks.map { ["disk": $0.disk, "outcome": $0.outcome.rawValue, "filesystem": $0.filesystem ?? "", "detail": $0.detail] }
-            print(try encodeJSON(rows))
+            out.line(try encodeJSON(rows))
         } else {
             var table = TextTable(headers: ["DISK", "RESULT", "FILESYSTEM", "DETAIL"])
             for check in checks { table.append([check.disk, check.outcome.rawValue, check.filesystem ?? "-", check.detail]) }
-            print(table.render())
+            out.line(table.render())
         }
-        if checks.contains(where: { $0.outcome != .ok && $0.outcome != .okAfterRecovery }) { throw ExitStatus.failure }
+        if checks.contains(where: { $0.outcome != .ok && $0.outcome != .okAfterRecovery }) { out.exitCode = 1 }
+        return out
     }
 }
