@@ -23,6 +23,7 @@ scripts/bench-sessions.sh --quick
 scripts/bench-snapshot.sh --quick
 scripts/bench-freeze.sh --quick
 scripts/bench-plan.sh --quick
+scripts/bench-identity.sh --quick
 scripts/bench-fleet.sh --quick
 
 echo "== the MariaDB proof (each level restored and checked)"

@@ -23,7 +23,7 @@ struct QuiesceBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quiesce-bench",
         abstract: "Load generators behind scripts/bench-*.sh.",
-        subcommands: [Sessions.self, Snapshot.self, CatalogWriter.self, FreezeWindow.self, StackEcho.self, PlanLatency.self, FleetRun.self])
+        subcommands: [Sessions.self, Snapshot.self, CatalogWriter.self, FreezeWindow.self, StackEcho.self, PlanLatency.self, FleetRun.self, IdentityBench.self])
 }
 
 struct Sessions: AsyncParsableCommand {
