@@ -40,14 +40,8 @@ enum LinuxFreezePlugin: QuiescePlugin {
         guard facts.osFamily == "linux" else {
             throw PluginRefusal("linux-freeze plans Linux instances; \(facts.instanceID) reports os_family \"\(facts.osFamily)\"")
         }
-        var plan = Plan()
-        plan.plugin = "linux-freeze"
-        plan.expected = policy.wanted
+        var plan = Plan(plugin: "linux-freeze", policy: policy)
         plan.quiesceRetries = UInt32(try options.int("retries"))
-        func lower(to level: PlanLevel, _ reason: String) {
-            if level.rawValue < plan.expected.rawValue { plan.expected = level }
-            plan.reasons.append(reason)
-        }
         guard policy.wanted != .crash else { return plan }
 
         // Filesystems.
@@ -64,14 +58,14 @@ enum LinuxFreezePlugin: QuiescePlugin {
             // read-only and second mounts of a frozen filesystem need no freeze of their own.
         }
         if !(try options.bool("fs_freeze")) {
-            lower(to: .crash, "fs-freeze-off: policy \(policy.name) turns the filesystem freeze off")
+            plan.lower(to: .crash, "fs-freeze-off: policy \(policy.name) turns the filesystem freeze off")
         } else if let blocker = facts.freezeBlocker(only: only) {
-            lower(to: .crash, blocker)
+            plan.lower(to: .crash, blocker)
         } else if eligible.isEmpty {
             let detail = ineligible.isEmpty ? "no ext3, ext4 or XFS mount to freeze" : ineligible.joined(separator: ", ") + " (eligible: ext3, ext4, XFS)"
-            lower(to: .crash, "no-eligible-filesystem: \(detail)")
+            plan.lower(to: .crash, "no-eligible-filesystem: \(detail)")
         } else if !ineligible.isEmpty {
-            lower(to: .crash, "fs-not-eligible: \(ineligible.joined(separator: ", ")) (eligible: ext3, ext4, XFS; list it in skip_mounts to leave it out)")
+            plan.lower(to: .crash, "fs-not-eligible: \(ineligible.joined(separator: ", ")) (eligible: ext3, ext4, XFS; list it in skip_mounts to leave it out)")
         }
         guard plan.expected != .crash else { return plan }
 
@@ -79,7 +73,7 @@ enum LinuxFreezePlugin: QuiescePlugin {
         var scripts: (pre: HookFact, post: HookFact)?
         if policy.wanted == .application {
             if !(try options.bool("application_consistent")) {
-                lower(to: .filesystem, "application-consistency-off: policy \(policy.name) turns the scripts off")
+                plan.lower(to: .filesystem, "application-consistency-off: policy \(policy.name) turns the scripts off")
             } else {
                 let prePath = try options.string("prescript_path"), postPath = try options.string("postscript_path")
                 let pre = facts.hooks.first { $0.path == prePath }, post = facts.hooks.first { $0.path == postPath }
@@ -91,7 +85,7 @@ enum LinuxFreezePlugin: QuiescePlugin {
                 if let pre, let post, problems.isEmpty {
                     scripts = (pre, post)
                 } else {
-                    for problem in problems { lower(to: .filesystem, problem) }
+                    for problem in problems { plan.lower(to: .filesystem, problem) }
                 }
             }
         }

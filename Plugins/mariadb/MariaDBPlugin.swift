@@ -50,13 +50,7 @@ enum MariaDBPlugin: QuiescePlugin {
         guard facts.osFamily == "linux" else {
             throw PluginRefusal("mariadb plans Linux instances; \(facts.instanceID) reports os_family \"\(facts.osFamily)\"")
         }
-        var plan = Plan()
-        plan.plugin = "mariadb"
-        plan.expected = policy.wanted
-        func lower(to level: PlanLevel, _ reason: String) {
-            if level.rawValue < plan.expected.rawValue { plan.expected = level }
-            plan.reasons.append(reason)
-        }
+        var plan = Plan(plugin: "mariadb", policy: policy)
         guard policy.wanted != .crash else { return plan }
 
         let only = Set(try options.list("only_mounts")), skip = Set(try options.list("skip_mounts"))
@@ -64,9 +58,9 @@ enum MariaDBPlugin: QuiescePlugin {
             .filter { $0.freezable && (only.isEmpty || only.contains($0.mountPoint)) && !skip.contains($0.mountPoint) }
             .map(\.mountPoint)
         if let blocker = facts.freezeBlocker(only: only) {
-            lower(to: .crash, blocker)
+            plan.lower(to: .crash, blocker)
         } else if eligible.isEmpty {
-            lower(to: .crash, "no-eligible-filesystem: no ext3, ext4 or XFS mount to freeze")
+            plan.lower(to: .crash, "no-eligible-filesystem: no ext3, ext4 or XFS mount to freeze")
         }
         guard plan.expected != .crash else { return plan }
 
@@ -74,11 +68,11 @@ enum MariaDBPlugin: QuiescePlugin {
         if policy.wanted == .application {
             let name = try options.string("hook")
             if !facts.capabilities.isEmpty && !facts.capabilities.contains("holds") {
-                lower(to: .filesystem, "agent-cannot-hold: the agent does not offer holds (it offers \(facts.capabilities.joined(separator: ", ")))")
+                plan.lower(to: .filesystem, "agent-cannot-hold: the agent does not offer holds (it offers \(facts.capabilities.joined(separator: ", ")))")
             } else if let found = facts.hooks.first(where: { $0.name == name }) {
-                if let problem = found.problem { lower(to: .filesystem, problem) } else { hook = found }
+                if let problem = found.problem { plan.lower(to: .filesystem, problem) } else { hook = found }
             } else {
-                lower(to: .filesystem, "hook-not-offered: the agent's hook directory has no \(name) (install examples/mariadb/hold there, root:root, mode 0700)")
+                plan.lower(to: .filesystem, "hook-not-offered: the agent's hook directory has no \(name) (install examples/mariadb/hold there, root:root, mode 0700)")
             }
         }
 

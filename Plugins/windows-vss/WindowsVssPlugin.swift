@@ -42,14 +42,8 @@ enum WindowsVssPlugin: QuiescePlugin {
         guard facts.osFamily == "windows" else {
             throw PluginRefusal("windows-vss plans Windows instances; \(facts.instanceID) reports os_family \"\(facts.osFamily)\"")
         }
-        var plan = Plan()
-        plan.plugin = "windows-vss"
-        plan.expected = policy.wanted
+        var plan = Plan(plugin: "windows-vss", policy: policy)
         plan.quiesceRetries = UInt32(try options.int("retries"))
-        func lower(to level: PlanLevel, _ reason: String) {
-            if level.rawValue < plan.expected.rawValue { plan.expected = level }
-            plan.reasons.append(reason)
-        }
         guard policy.wanted != .crash else { return plan }
 
         // Volumes.
@@ -65,17 +59,17 @@ enum WindowsVssPlugin: QuiescePlugin {
         }
         let missing = only.filter { name in !facts.mounts.contains { $0.mountPoint.uppercased() == name.uppercased() } }
         if !facts.capabilities.isEmpty && !facts.capabilities.contains("vss") {
-            lower(to: .crash, "vss-not-offered: the agent does not drive VSS (it offers \(facts.capabilities.joined(separator: ", ")))")
+            plan.lower(to: .crash, "vss-not-offered: the agent does not drive VSS (it offers \(facts.capabilities.joined(separator: ", ")))")
         } else if !facts.guardReady {
-            lower(to: .crash, "guard-missing: the agent's hold guard is not running, and no writes are held without it")
+            plan.lower(to: .crash, "guard-missing: the agent's hold guard is not running, and no writes are held without it")
         } else if facts.vssService != "running" {
-            lower(to: .crash, "vss-service-not-running: the Volume Shadow Copy service is \(facts.vssService.isEmpty ? "not reported" : facts.vssService)")
+            plan.lower(to: .crash, "vss-service-not-running: the Volume Shadow Copy service is \(facts.vssService.isEmpty ? "not reported" : facts.vssService)")
         } else if !missing.isEmpty {
-            lower(to: .crash, "volume-not-found: volumes names \(missing.joined(separator: ", ")), which the instance does not have")
+            plan.lower(to: .crash, "volume-not-found: volumes names \(missing.joined(separator: ", ")), which the instance does not have")
         } else if eligible.isEmpty {
-            lower(to: .crash, "no-eligible-volume: " + (ineligible.isEmpty ? "no NTFS or ReFS volume" : ineligible.joined(separator: ", ") + " (VSS snapshots NTFS and ReFS)"))
+            plan.lower(to: .crash, "no-eligible-volume: " + (ineligible.isEmpty ? "no NTFS or ReFS volume" : ineligible.joined(separator: ", ") + " (VSS snapshots NTFS and ReFS)"))
         } else if !ineligible.isEmpty {
-            lower(to: .crash, "fs-not-eligible: \(ineligible.joined(separator: ", ")) (VSS snapshots NTFS and ReFS; list it in skip_volumes to leave it out)")
+            plan.lower(to: .crash, "fs-not-eligible: \(ineligible.joined(separator: ", ")) (VSS snapshots NTFS and ReFS; list it in skip_volumes to leave it out)")
         }
         guard plan.expected != .crash else { return plan }
 
@@ -87,14 +81,14 @@ enum WindowsVssPlugin: QuiescePlugin {
             let unknown = include.filter { name in !facts.vssWriters.contains { $0.name == name || $0.writerID == name } }
             let taking = facts.vssWriters.filter { (include.isEmpty || named($0, include)) && !named($0, exclude) }
             if !(try options.bool("vss_writers")) {
-                lower(to: .filesystem, "vss-writers-off: policy \(policy.name) turns VSS writers off")
+                plan.lower(to: .filesystem, "vss-writers-off: policy \(policy.name) turns VSS writers off")
                 writersOn = false
             } else if !unknown.isEmpty {
                 let present = facts.vssWriters.map(\.name).joined(separator: ", ")
-                lower(to: .filesystem, "vss-writer-missing: \(unknown.joined(separator: ", ")) not on this instance (its writers: \(present.isEmpty ? "none" : present))")
+                plan.lower(to: .filesystem, "vss-writer-missing: \(unknown.joined(separator: ", ")) not on this instance (its writers: \(present.isEmpty ? "none" : present))")
                 writersOn = false
             } else if taking.isEmpty {
-                lower(to: .filesystem, "vss-no-writers: no VSS writer takes part, so no application is quiesced")
+                plan.lower(to: .filesystem, "vss-no-writers: no VSS writer takes part, so no application is quiesced")
                 writersOn = false
             }
         }

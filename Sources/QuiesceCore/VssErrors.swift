@@ -19,9 +19,6 @@ public enum VssErrors {
         "VSS_E_WRITERERROR_NONRETRYABLE": 0x8004_23F4,
     ]
 
-    /// The writer errors a new snapshot set may cure (the windows-vss plugin's default retry_on).
-    public static let retryable = ["VSS_E_WRITERERROR_RETRYABLE", "VSS_E_WRITERERROR_TIMEOUT", "VSS_E_WRITERERROR_OUTOFRESOURCES"]
-
     public static func code(of name: String) -> UInt32? { Self.codes[name] }
 
     /// "VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".

@@ -26,7 +26,9 @@ struct AdminService: Quiesce_Admin_V1_Admin.SimpleServiceProtocol {
             }
         }
         if let authority = self.engine.authority {
-            response.revoked = ((try? authority.revocations.entries()) ?? []).map { entry in
+            let list = authority.revocations
+            let entries = (try? await DedicatedThread.run(name: "quiesce-revocations") { try list.entries() }) ?? []
+            response.revoked = entries.map { entry in
                 .with {
                     $0.serial = entry.serial ?? ""
                     $0.identity = entry.identity ?? ""

@@ -1,4 +1,5 @@
 import Foundation
+import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
 import QuiescePKI
@@ -133,8 +134,6 @@ public struct AuditError: Error, CustomStringConvertible {
     public var description: String { self.detail }
 }
 
-import GRPCCore
-
 /// Appends every admin call to the audit trail: the method, the caller, the outcome.
 struct AdminAuditInterceptor: ServerInterceptor {
     let audit: AuditLog
@@ -200,16 +199,7 @@ struct OperatorGate: ServerInterceptor {
                 code: .permissionDenied,
                 message: "operator \(peer.commonName) is a \(permission.rawValue); \(method) needs the \(needed.rawValue) role"))
         }
-        let began = ContinuousClock.now
-        do {
-            let response = try await AuditContext.$actor.withValue(actor) { try await next(request, context) }
-            let result: String = switch response.accepted { case .success: "ok"; case .failure(let error): "\(error.code)" }
-            self.audit?.append(.init(kind: "admin", actor: actor, action: method, instance: "", result: result,
-                                     durationMs: Double((ContinuousClock.now - began).nanoseconds) / 1e6))
-            return response
-        } catch {
-            self.audit?.append(.init(kind: "admin", actor: actor, action: method, instance: "", result: "error", detail: "\(error)"))
-            throw error
-        }
+        guard let audit = self.audit else { return try await AuditContext.$actor.withValue(actor) { try await next(request, context) } }
+        return try await AdminAuditInterceptor(audit: audit, actor: actor).intercept(request: request, context: context, next: next)
     }
 }

@@ -42,18 +42,30 @@ public final class EngineAuthority: Sendable {
         self.tokens = TokenStore(ca: directory)
         self.revocations = RevocationList(ca: directory)
         self.agentValidity = agentValidity
-        _ = self.reloadIfChanged()
-    }
-
-    /// Re-reads the revocation list if its file changed; true when it did.
-    @discardableResult
-    public func reloadIfChanged() -> Bool {
-        var info = stat()
-        let stamp = stat(self.revocations.path, &info) == 0 ? (Int(info.st_mtim.tv_sec), Int(info.st_mtim.tv_nsec)) : (0, 0)
-        guard self.state.withLock({ $0.stamp != stamp }) else { return false }
-        let entries = (try? self.revocations.entries()) ?? self.state.withLock { $0.entries }
+        let entries = (try? self.revocations.entries()) ?? []
+        let stamp = self.revocationStamp()
         self.state.withLock {
             $0.entries = entries
+            $0.stamp = stamp
+        }
+    }
+
+    /// The revocation file's modification time ((0, 0) when there is none).
+    private func revocationStamp() -> (Int, Int) {
+        var info = stat()
+        return stat(self.revocations.path, &info) == 0 ? (Int(info.st_mtim.tv_sec), Int(info.st_mtim.tv_nsec)) : (0, 0)
+    }
+
+    /// Re-reads the revocation list if its file changed; true when it did. The read (under the
+    /// file's lock, which `quiesce ca revoke` may hold across an fsync) runs on a thread of its
+    /// own, never on the event loops that carry heartbeats to frozen agents.
+    @discardableResult
+    public func reloadIfChanged() async -> Bool {
+        let stamp = self.revocationStamp()
+        guard self.state.withLock({ $0.stamp != stamp }) else { return false }
+        let read = try? await DedicatedThread.run(name: "quiesce-revocations") { try self.revocations.entries() }
+        self.state.withLock {
+            if let read { $0.entries = read }
             $0.stamp = stamp
         }
         return true
@@ -127,7 +139,9 @@ struct EnrolmentService: Quiesce_Enrol_V1_Enrolment.SimpleServiceProtocol {
         }
         let instance: String
         do {
-            instance = try self.authority.tokens.redeem(request.token, requested: request.instanceID.isEmpty ? nil : request.instanceID)
+            // The token store is a file changed under a lock and fsync'd: off the event loops.
+            let (tokens, token, requested) = (self.authority.tokens, request.token, request.instanceID.isEmpty ? nil : request.instanceID)
+            instance = try await DedicatedThread.run(name: "quiesce-enrol") { try tokens.redeem(token, requested: requested) }
         } catch let refusal as TokenRefusal {
             self.authority.noteFailure(source)
             self.logger.warning("enrolment refused", metadata: ["source": "\(source)", "reason": "\(refusal)"])

@@ -45,18 +45,28 @@ extension Engine {
     public func freeze(_ request: Quiesce_Agent_V1_FreezeRequest, on instanceID: String, deadline: Duration = .seconds(30)) async throws
         -> AgentReply<Quiesce_Agent_V1_FreezeResult>
     {
-        let session = try await self.liveSession(for: instanceID)
         let budget: Duration = request.budgetMs > 0 ? .milliseconds(Int64(request.budgetMs)) : .seconds(10)
-        session.beginFreezeHeartbeats(request.freezeID, limit: deadline + budget + .seconds(2))
+        return try await self.holding(.freeze(request), freezeID: request.freezeID, on: instanceID, budget: budget, deadline: deadline) {
+            if case .freeze(let v)? = $0 { v } else { nil }
+        } held: { $0.allFrozen }
+    }
+
+    /// Sends an action that freezes (or holds writes) with the freeze heartbeats running: they
+    /// start before it is sent and stop unless `held` says writes are now held (the thaw stops
+    /// them then). An unanswered freeze is thawed by the agent's silence rule once they stop.
+    private func holding<P>(
+        _ action: AgentCommand.OneOf_Action, freezeID: String, on instanceID: String, budget: Duration, deadline: Duration,
+        extract: (CommandResult.OneOf_Payload?) -> P?, held: (P) -> Bool
+    ) async throws -> AgentReply<P> {
+        let session = try await self.liveSession(for: instanceID)
+        session.beginFreezeHeartbeats(freezeID, limit: deadline + budget + .seconds(2))
         do {
-            let result = try await session.send(.freeze(request), deadline: deadline)
-            if !(result.status.isOK && result.freeze.allFrozen) { session.endFreezeHeartbeats(request.freezeID) }
-            return AgentReply(status: result.status, payload: { if case .freeze(let v)? = result.payload { v } else { nil } }(),
-                              elapsed: .microseconds(Int64(result.elapsedUs)))
+            let result = try await session.send(action, deadline: deadline)
+            let payload = extract(result.payload)
+            if !(result.status.isOK && payload.map(held) == true) { session.endFreezeHeartbeats(freezeID) }
+            return AgentReply(status: result.status, payload: payload, elapsed: .microseconds(Int64(result.elapsedUs)))
         } catch {
-            // Keep the heartbeats only while a freeze may be in place; an unanswered
-            // freeze is thawed by the agent's silence rule once they stop.
-            session.endFreezeHeartbeats(request.freezeID)
+            session.endFreezeHeartbeats(freezeID)
             throw error
         }
     }
@@ -79,18 +89,10 @@ extension Engine {
     public func vssFreeze(_ request: Quiesce_Agent_V1_VssFreezeRequest, on instanceID: String, deadline: Duration = .seconds(30)) async throws
         -> AgentReply<Quiesce_Agent_V1_VssFreezeResult>
     {
-        let session = try await self.liveSession(for: instanceID)
         let budget: Duration = .milliseconds(Int64(request.budgetMs > 0 ? request.budgetMs : VssErrors.holdLimitMs))
-        session.beginFreezeHeartbeats(request.freezeID, limit: deadline + budget + .seconds(2))
-        do {
-            let result = try await session.send(.vssFreeze(request), deadline: deadline)
-            let payload: Quiesce_Agent_V1_VssFreezeResult? = if case .vssFreeze(let v)? = result.payload { v } else { nil }
-            if !(result.status.isOK && payload?.allHeld == true) { session.endFreezeHeartbeats(request.freezeID) }
-            return AgentReply(status: result.status, payload: payload, elapsed: .microseconds(Int64(result.elapsedUs)))
-        } catch {
-            session.endFreezeHeartbeats(request.freezeID)
-            throw error
-        }
+        return try await self.holding(.vssFreeze(request), freezeID: request.freezeID, on: instanceID, budget: budget, deadline: deadline) {
+            if case .vssFreeze(let v)? = $0 { v } else { nil }
+        } held: { $0.allHeld }
     }
 
     /// Releases a VSS set's hold and finishes the set (writers thaw, BackupComplete). The reply's

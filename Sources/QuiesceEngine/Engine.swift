@@ -89,9 +89,7 @@ public final class Engine: Sendable {
     private func bound(_ slot: () -> HTTP2ServerTransport.Posix?, _ what: String) async throws -> ListenAddress {
         for _ in 0..<500 {
             if let transport = slot() {
-                let bound = try await transport.listeningAddress
-                if let v4 = bound.ipv4 { return ListenAddress(host: .ipv4(v4.host), port: v4.port) }
-                if let v6 = bound.ipv6 { return ListenAddress(host: .ipv6(v6.host), port: v6.port) }
+                if let address = ListenAddress(bound: try await transport.listeningAddress) { return address }
             }
             try await Task.sleep(for: .milliseconds(10))
         }
@@ -223,12 +221,7 @@ public final class Engine: Sendable {
             group.addTask {
                 do {
                     let bound = try await agentTransport.listeningAddress
-                    let address: ListenAddress
-                    if let v4 = bound.ipv4 {
-                        address = ListenAddress(host: .ipv4(v4.host), port: v4.port)
-                    } else if let v6 = bound.ipv6 {
-                        address = ListenAddress(host: .ipv6(v6.host), port: v6.port)
-                    } else {
+                    guard let address = ListenAddress(bound: bound) else {
                         throw EngineError.listenFailed(address: "\(bound)", detail: "not an IP address")
                     }
                     self.publish(.success(address))
@@ -256,7 +249,7 @@ public final class Engine: Sendable {
 
     /// Re-reads the revocation list if it changed and ends every live session it now refuses.
     public func enforceRevocations() async {
-        guard let authority = self.authority, authority.reloadIfChanged() else { return }
+        guard let authority = self.authority, await authority.reloadIfChanged() else { return }
         let closed = await self.registry.closeRefused { session in session.certificate.flatMap { authority.revocationReason($0) } }
         for (instance, reason) in closed {
             self.logger.warning("revoked certificate: session ended", metadata: ["instance": "\(instance)", "reason": "\(reason)"])

@@ -170,8 +170,8 @@ public struct PlanRunner: Sendable {
         /// Holds whose hook said at release that its lock did not hold (exit code not 0).
         var brokenHolds: [String] = []
         var attempts = 1
-        /// VSS: the set whose writes a vss-freeze step holds, and its thaw reply.
-        var vssSetID: String?
+        /// VSS: the set whose writes a vss-freeze step holds (none before one succeeded), and its thaw reply.
+        var vssSetID: String? { self.outcome.vssSetID.isEmpty ? nil : self.outcome.vssSetID }
         var vssThaw: Quiesce_Agent_V1_VssThawResult?
         /// VSS writers that failed before the hold (the hold still stands): each caps the level at filesystem.
         var vssWriterFailures: [String] = []
@@ -271,6 +271,12 @@ public struct PlanRunner: Sendable {
         return result
     }
 
+    /// What is left of the freeze budget: it counts from the first step that blocked writes, not from the FIFREEZE.
+    private func remainingBudget(_ state: RunState) -> Duration {
+        let spent = state.firstBlock.map { ContinuousClock.now - $0 } ?? .zero
+        return max(self.budget - spent, .milliseconds(100))
+    }
+
     private func perform(_ step: PlanStep, timeout: Duration, state: inout RunState) async throws -> StepResult {
         let slack: Duration = .seconds(2)
         switch step.action.kind {
@@ -290,13 +296,10 @@ public struct PlanRunner: Sendable {
             }
             return .init(ok: true, detail: "")
         case .freeze(let action)?:
-            // The budget counts from the first step that blocked writes, not from the FIFREEZE.
-            let spent = state.firstBlock.map { ContinuousClock.now - $0 } ?? .zero
-            let remaining = max(self.budget - spent, .milliseconds(100))
             let reply = try await self.engine.freeze(.with {
                 $0.freezeID = self.freezeID
                 $0.mountPoints = action.mountPoints
-                $0.budgetMs = UInt32(remaining.milliseconds)
+                $0.budgetMs = UInt32(self.remainingBudget(state).milliseconds)
                 $0.skipSyncfs = action.skipSyncfs
             }, on: self.instanceID, deadline: timeout)
             guard reply.isOK, let freeze = reply.payload, freeze.allFrozen else {
@@ -352,9 +355,7 @@ public struct PlanRunner: Sendable {
             for (key, value) in Self.holdMetadata(in: output) { state.outcome.metadata[key] = value }
             return .init(ok: true, detail: "")
         case .vssFreeze(let action)?:
-            let spent = state.firstBlock.map { ContinuousClock.now - $0 } ?? .zero
-            let remaining = max(self.budget - spent, .milliseconds(100))
-            let limit = min(Int64(action.holdLimitMs == 0 ? VssErrors.holdLimitMs : action.holdLimitMs), remaining.milliseconds)
+            let limit = min(Int64(action.holdLimitMs == 0 ? VssErrors.holdLimitMs : action.holdLimitMs), self.remainingBudget(state).milliseconds)
             let reply = try await self.engine.vssFreeze(.with {
                 $0.freezeID = self.freezeID
                 $0.volumes = action.volumes
@@ -370,7 +371,6 @@ public struct PlanRunner: Sendable {
                 return .init(ok: false, detail: Self.describe(reply.status) + (reply.status.message.contains("0x") ? "" : error))
             }
             state.frozen = true
-            state.vssSetID = vss.snapshotSetID
             state.outcome.vssSetID = vss.snapshotSetID
             let kernel = vss.volumes.map { $0.syncfsUs + $0.freezeUs }.max().map { Duration.microseconds(Int64($0)) }
             // Writers that failed before the hold: the hold stands (filesystem-consistent at least).

@@ -157,23 +157,7 @@ public struct TokenStore: Sendable {
     /// Reads the tokens, lets `change` edit them, writes them back: all under an exclusive lock.
     @discardableResult
     func update(_ change: (inout [EnrolmentToken]) throws -> Void) throws -> [EnrolmentToken] {
-        try Self.locked(self.path) {
-            var tokens: [EnrolmentToken] = []
-            if let data = FileManager.default.contents(atPath: self.path), !data.isEmpty {
-                do {
-                    tokens = try Self.decoder.decode([EnrolmentToken].self, from: data)
-                } catch {
-                    throw PKIError.fileProblem(path: self.path, detail: "expected the token store (a JSON list), found something unreadable: \(error)")
-                }
-            }
-            let before = tokens
-            try change(&tokens)
-            if tokens != before || !FileManager.default.fileExists(atPath: self.path) {
-                let data = try Self.encoder.encode(tokens)
-                try CADirectory.atomicWrite(String(decoding: data, as: UTF8.self) + "\n", to: self.path, mode: 0o600)
-            }
-            return tokens
-        }
+        try updateJSONList(at: self.path, what: "the token store", writeWhenMissing: true, change)
     }
 
     /// Runs `body` holding an exclusive flock on `path.lock`.
@@ -270,22 +254,32 @@ public struct RevocationList: Sendable {
 
     @discardableResult
     func update(_ change: (inout [RevocationEntry]) throws -> Void) throws -> [RevocationEntry] {
-        try TokenStore.locked(self.path) {
-            var entries: [RevocationEntry] = []
-            if let data = FileManager.default.contents(atPath: self.path), !data.isEmpty {
-                do {
-                    entries = try TokenStore.decoder.decode([RevocationEntry].self, from: data)
-                } catch {
-                    throw PKIError.fileProblem(path: self.path, detail: "expected the revocation list (a JSON list), found something unreadable: \(error)")
-                }
+        try updateJSONList(at: self.path, what: "the revocation list", writeWhenMissing: false, change)
+    }
+}
+
+/// Reads the JSON list at `path`, lets `change` edit it, and writes it back (mode 0600,
+/// atomically) when it changed — all under the file's exclusive lock, so the CLI and a
+/// running engine can share it. `writeWhenMissing` also writes an unchanged list to a
+/// file that does not exist yet.
+func updateJSONList<Element: Codable & Equatable>(
+    at path: String, what: String, writeWhenMissing: Bool, _ change: (inout [Element]) throws -> Void
+) throws -> [Element] {
+    try TokenStore.locked(path) {
+        var elements: [Element] = []
+        if let data = FileManager.default.contents(atPath: path), !data.isEmpty {
+            do {
+                elements = try TokenStore.decoder.decode([Element].self, from: data)
+            } catch {
+                throw PKIError.fileProblem(path: path, detail: "expected \(what) (a JSON list), found something unreadable: \(error)")
             }
-            let before = entries
-            try change(&entries)
-            if entries != before {
-                try CADirectory.atomicWrite(String(decoding: try TokenStore.encoder.encode(entries), as: UTF8.self) + "\n", to: self.path, mode: 0o600)
-            }
-            return entries
         }
+        let before = elements
+        try change(&elements)
+        if elements != before || (writeWhenMissing && !FileManager.default.fileExists(atPath: path)) {
+            try CADirectory.atomicWrite(String(decoding: try TokenStore.encoder.encode(elements), as: UTF8.self) + "\n", to: path, mode: 0o600)
+        }
+        return elements
     }
 }
 

@@ -149,3 +149,19 @@ extension Quiesce_Plugin_V1_InstanceFacts {
         return nil
     }
 }
+
+extension Plan {
+    /// A plan by `plugin` that expects what the policy wants, until ``lower(to:_:)`` says otherwise.
+    public init(plugin: String, policy: Quiesce_Plugin_V1_Policy) {
+        self.init()
+        self.plugin = plugin
+        self.expected = policy.wanted
+    }
+
+    /// Records why the plan reaches less than the policy wants, and lowers its expected level
+    /// to `level` (never raises it).
+    public mutating func lower(to level: PlanLevel, _ reason: String) {
+        if level.rawValue < self.expected.rawValue { self.expected = level }
+        self.reasons.append(reason)
+    }
+}

@@ -60,6 +60,17 @@ public struct ListenAddress: Sendable, Hashable, CustomStringConvertible {
         return "\(self.hostText):\(self.port)"
     }
 
+    /// The address a listener bound (port 0 resolved); nil for one that is not IP (a unix socket).
+    public init?(bound: GRPCNIOTransportCore.SocketAddress) {
+        if let v4 = bound.ipv4 {
+            self.init(host: .ipv4(v4.host), port: v4.port)
+        } else if let v6 = bound.ipv6 {
+            self.init(host: .ipv6(v6.host), port: v6.port)
+        } else {
+            return nil
+        }
+    }
+
     var grpcAddress: GRPCNIOTransportCore.SocketAddress {
         switch self.host {
         case .ipv4(let h): .ipv4(host: h, port: self.port)

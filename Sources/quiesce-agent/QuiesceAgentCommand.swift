@@ -128,19 +128,14 @@ struct Run: AsyncParsableCommand {
         #else
         let backend: (any VssBackend)? = nil
         #endif
-        var renewal = RenewalPolicy()
-        if let seconds = ProcessInfo.processInfo.environment["QUIESCE_RENEW_CHECK_SECONDS"].flatMap(Double.init), seconds > 0 {
-            renewal.checkEvery = .milliseconds(Int64(seconds * 1000))  // tests: look often
-        }
         let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
                                            expediteRCU: self.rcuExpedite == "auto", vssScenario: scenario, vss: backend)
-        var configuration = AgentConfiguration(
+        let configuration = AgentConfiguration(
             engine: engine,
             identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
             instanceID: self.instanceID,
             backoff: Backoff(cap: .milliseconds(Int64(self.reconnectMax * 1000))),
             knownEngineCap: .milliseconds(Int64(self.reconnectMaxKnown * 1000)))
-        configuration.renewal = renewal
         let runner = AgentRunner(configuration: configuration, handler: handler)
         let task = Task { try await runner.run() }
         quiesceUnblockStopSignals()

@@ -410,7 +410,7 @@ struct FreezeWindow: AsyncParsableCommand {
 }
 
 extension Duration {
-    fileprivate var ms: Double { Double(self.nanoseconds) / 1_000_000 }
+    var ms: Double { Double(self.nanoseconds) / 1_000_000 }
 }
 
 /// A connected unix stream socket (blocking), or an error naming the path.

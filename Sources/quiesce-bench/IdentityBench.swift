@@ -136,7 +136,3 @@ struct IdentityBench: AsyncParsableCommand {
         }
     }
 }
-
-extension Duration {
-    fileprivate var ms: Double { Double(self.nanoseconds) / 1_000_000 }
-}

@@ -65,7 +65,7 @@ struct RemoteAdminOptions: ParsableArguments {
     }
 
     /// The transport to the admin API, and how to name it in errors.
-    func transport(socket: String) throws -> (HTTP2ClientTransport.Posix, String)? {
+    func transport() throws -> (HTTP2ClientTransport.Posix, String)? {
         guard let address = self.engineAddress else { return nil }
         let files = TLSFiles(certificatePath: self.cert!, keyPath: self.key!, trustRootsPath: self.ca!)
         do { _ = try files.validate() } catch {

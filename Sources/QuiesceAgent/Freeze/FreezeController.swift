@@ -129,9 +129,7 @@ public final class FreezeController: Sendable {
         result.freezeID = request.freezeID
         let budget: Duration = request.budgetMs > 0 ? .milliseconds(Int64(request.budgetMs)) : Self.defaultBudget
         result.budgetMs = UInt32(budget.milliseconds)
-        guard !request.freezeID.isEmpty, !request.freezeID.contains(where: { $0 == " " || $0 == "\n" }), request.freezeID.utf8.count <= 100 else {
-            return (.init(code: .invalidArgument, message: "expected a freeze id (1-100 characters, no spaces), found \"\(request.freezeID)\"", reason: "bad-request"), result)
-        }
+        if let refusal = Self.freezeIDRefusal(request.freezeID) { return (refusal, result) }
         guard !request.mountPoints.isEmpty else {
             return (.init(code: .invalidArgument, message: "freeze \(request.freezeID) names no mount points", reason: "bad-request"), result)
         }
@@ -295,6 +293,12 @@ public final class FreezeController: Sendable {
             return (.init(code: .cancelled, message: "freeze \(id) was cancelled; thawed", reason: "cancelled"), result)
         }
         return (.ok, result)
+    }
+
+    /// Why `id` cannot name a freeze (the thaw guard's protocol puts it on a line): nil when it can.
+    static func freezeIDRefusal(_ id: String) -> AgentStatus? {
+        guard id.isEmpty || id.contains(where: { $0 == " " || $0 == "\n" }) || id.utf8.count > 100 else { return nil }
+        return .init(code: .invalidArgument, message: "expected a freeze id (1-100 characters, no spaces), found \"\(id)\"", reason: "bad-request")
     }
 
     static func freezeReason(_ code: Int32) -> String {

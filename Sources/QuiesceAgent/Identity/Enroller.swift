@@ -130,7 +130,12 @@ extension AgentRunner {
             throw RenewalError(detail: "the engine returned a certificate for another key or identity")
         }
         let staged = TLSFiles(certificatePath: files.certificatePath + ".new", keyPath: files.keyPath + ".new", trustRootsPath: files.trustRootsPath)
-        try CertificateRequestMaker.write(keyPEM: keyPEM, certificatePEM: response.certificatePem, caPEM: nil, to: staged)
+        // File writes (with fsync) on a thread of their own: if a freeze starts meanwhile they wait for
+        // the thaw there, never on the agent's event loop, which must go on answering the engine.
+        let certificatePEM = response.certificatePem
+        try await DedicatedThread.run(name: "quiesce-renew") {
+            try CertificateRequestMaker.write(keyPEM: keyPEM, certificatePEM: certificatePEM, caPEM: nil, to: staged)
+        }
         // Does the new one work? A second connection with it asks the engine which certificate it saw.
         let seen = try await withGRPCClient(transport: SecureTransports.agentDialer(engine: self.configuration.engine, identity: staged)) { second in
             var options = CallOptions.defaults
@@ -142,12 +147,14 @@ extension AgentRunner {
             throw RenewalError(detail: "the engine saw certificate \(seen.serial) on the trial connection, not the renewed \(response.serial)")
         }
         // Keep the old pair until now; then swap (each rename is atomic).
-        _ = try? FileManager.default.removeItem(atPath: files.certificatePath + ".previous")
-        _ = try? FileManager.default.removeItem(atPath: files.keyPath + ".previous")
-        link(files.certificatePath, files.certificatePath + ".previous")
-        link(files.keyPath, files.keyPath + ".previous")
-        guard rename(staged.keyPath, files.keyPath) == 0, rename(staged.certificatePath, files.certificatePath) == 0 else {
-            throw RenewalError(detail: "could not put the renewed certificate in place: \(String(cString: strerror(errno)))")
+        try await DedicatedThread.run(name: "quiesce-renew") {
+            _ = try? FileManager.default.removeItem(atPath: files.certificatePath + ".previous")
+            _ = try? FileManager.default.removeItem(atPath: files.keyPath + ".previous")
+            link(files.certificatePath, files.certificatePath + ".previous")
+            link(files.keyPath, files.keyPath + ".previous")
+            guard rename(staged.keyPath, files.keyPath) == 0, rename(staged.certificatePath, files.certificatePath) == 0 else {
+                throw RenewalError(detail: "could not put the renewed certificate in place: \(String(cString: strerror(errno)))")
+            }
         }
         return response.serial
     }

@@ -52,19 +52,6 @@ public struct VssScenario: Sendable, Equatable {
             case .backupComplete: 12
             }
         }
-
-        /// The writer event VSS sends in this phase.
-        public var event: String {
-            switch self {
-            case .identify: "OnIdentify"
-            case .prepareBackup: "OnPrepareBackup"
-            case .prepareSnapshot: "OnPrepareSnapshot"
-            case .freeze: "OnFreeze"
-            case .thaw: "OnThaw"
-            case .postSnapshot: "OnPostSnapshot"
-            case .backupComplete: "OnBackupComplete"
-            }
-        }
     }
 
     public enum Behaviour: Sendable, Equatable {

@@ -119,9 +119,7 @@ public final class VssSimulator: VssBackend {
         result.freezeID = request.freezeID
         let limitMs = min(request.budgetMs == 0 ? VssErrors.holdLimitMs : request.budgetMs, VssErrors.holdLimitMs)
         result.budgetMs = limitMs
-        guard !request.freezeID.isEmpty, !request.freezeID.contains(where: { $0 == " " || $0 == "\n" }), request.freezeID.utf8.count <= 100 else {
-            return (.init(code: .invalidArgument, message: "expected a freeze id (1-100 characters, no spaces), found \"\(request.freezeID)\"", reason: "bad-request"), result)
-        }
+        if let refusal = FreezeController.freezeIDRefusal(request.freezeID) { return (refusal, result) }
         guard !request.volumes.isEmpty else {
             return (.init(code: .invalidArgument, message: "vss-freeze \(request.freezeID) names no volumes", reason: "bad-request"), result)
         }

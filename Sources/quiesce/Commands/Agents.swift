@@ -117,27 +117,30 @@ func withAdminClient<T: Sendable>(
     _ admin: AdminOptions, remote: RemoteAdminOptions? = nil,
     _ body: @Sendable @escaping (Quiesce_Admin_V1_Admin.Client<HTTP2ClientTransport.Posix>) async throws -> T
 ) async throws -> T {
-    if let (transport, address) = try remote?.transport(socket: admin.socketPath) {
-        do {
-            return try await withGRPCClient(transport: transport) { client in try await body(Quiesce_Admin_V1_Admin.Client(wrapping: client)) }
-        } catch let error as RPCError where error.code == .unavailable {
-            printError("cannot reach the engine at \(address): \(error.message)")
+    try await withAdminConnection(socket: admin.socketPath, remote: remote) { client in try await body(Quiesce_Admin_V1_Admin.Client(wrapping: client)) }
+}
+
+/// A connection to the engine's admin API: the remote operator port when `remote` names it,
+/// else the local socket. "Cannot reach the engine" exits 69 with a hint; any other refusal exits 1.
+func withAdminConnection<T: Sendable>(
+    socket: String?, remote: RemoteAdminOptions?, _ body: @Sendable @escaping (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> T
+) async throws -> T {
+    let transport: HTTP2ClientTransport.Posix, address: String
+    if let (remoteTransport, remoteAddress) = try remote?.transport() {
+        (transport, address) = (remoteTransport, remoteAddress)
+    } else if let socket {
+        guard FileManager.default.fileExists(atPath: socket) else {
+            printError("no engine admin socket at \(socket); is `quiesce serve` running? (set --admin-socket or QUIESCE_ADMIN_SOCKET)")
             throw ExitStatus.unavailable
-        } catch let error as RPCError {
-            printError("\(error.code): \(error.message)")
-            throw ExitStatus.failure
         }
-    }
-    guard FileManager.default.fileExists(atPath: admin.socketPath) else {
-        printError("no engine admin socket at \(admin.socketPath); is `quiesce serve` running? (set --admin-socket or QUIESCE_ADMIN_SOCKET)")
-        throw ExitStatus.unavailable
+        (transport, address) = (SecureTransports.adminDialer(socketPath: socket), socket)
+    } else {
+        throw ExitStatus.failure
     }
     do {
-        return try await withGRPCClient(transport: SecureTransports.adminDialer(socketPath: admin.socketPath)) { client in
-            return try await body(Quiesce_Admin_V1_Admin.Client(wrapping: client))
-        }
+        return try await withGRPCClient(transport: transport) { client in try await body(client) }
     } catch let error as RPCError where error.code == .unavailable {
-        printError("cannot reach the engine at \(admin.socketPath): \(error.message)")
+        printError("cannot reach the engine at \(address): \(error.message)")
         throw ExitStatus.unavailable
     } catch let error as RPCError {
         printError("\(error.code): \(error.message)")

@@ -148,7 +148,7 @@ struct Backup: AsyncParsableCommand {
             printError("\(self.fleet): (file): cannot read the fleet file")
             throw ExitCode(65)
         }
-        let remote = try self.remote.transport(socket: self.admin.socketPath)
+        let remote = try self.remote.transport()
         guard remote != nil || FileManager.default.fileExists(atPath: self.admin.socketPath) else {
             printError("no engine admin socket at \(self.admin.socketPath); is `quiesce serve` running? (set --admin-socket or QUIESCE_ADMIN_SOCKET)")
             throw ExitStatus.unavailable

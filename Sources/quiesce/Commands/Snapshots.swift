@@ -102,25 +102,16 @@ extension InventoryCommandRunnable {
     }
 
     func runRemotely() async throws -> Quiesce_Admin_V1_InventoryOutput {
-        guard let (transport, address) = try self.remote.transport(socket: "") else { throw ExitStatus.failure }
         let request = Quiesce_Admin_V1_InventoryCommand.with { $0.arguments = Self.forwardedArguments() }
-        do {
-            return try await withGRPCClient(transport: transport) { client in
-                let inventory = Quiesce_Admin_V1_Inventory.Client(wrapping: client)
-                switch Self.remoteMethod {
-                case "Snapshots": return try await inventory.snapshots(request)
-                case "Show": return try await inventory.show(request)
-                case "Verify": return try await inventory.verify(request)
-                case "Restore": return try await inventory.restore(request)
-                default: return try await inventory.prune(request)
-                }
+        return try await withAdminConnection(socket: nil, remote: self.remote) { client in
+            let inventory = Quiesce_Admin_V1_Inventory.Client(wrapping: client)
+            switch Self.remoteMethod {
+            case "Snapshots": return try await inventory.snapshots(request)
+            case "Show": return try await inventory.show(request)
+            case "Verify": return try await inventory.verify(request)
+            case "Restore": return try await inventory.restore(request)
+            default: return try await inventory.prune(request)
             }
-        } catch let error as RPCError where error.code == .unavailable {
-            printError("cannot reach the engine at \(address): \(error.message)")
-            throw ExitStatus.unavailable
-        } catch let error as RPCError {
-            printError("\(error.code): \(error.message)")
-            throw ExitStatus.failure
         }
     }
 }
