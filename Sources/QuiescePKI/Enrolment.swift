@@ -226,8 +226,10 @@ public struct RevocationList: Sendable {
                 throw PKIError.invalidInput("expected a certificate serial in hex (as `quiesce agents` shows it), found \"\(serial)\"")
             }
         }
+        // Stored in whole seconds (the list's ISO 8601 dates and X.509's times keep no fraction):
+        // the next whole second, so every certificate issued up to now is covered.
         let entry = RevocationEntry(serial: serial.map { $0.lowercased().replacingOccurrences(of: ":", with: "") }, identity: identity,
-                                    revokedAt: now, reason: reason)
+                                    revokedAt: Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.up)), reason: reason)
         try self.update { $0.append(entry) }
         return entry
     }
@@ -237,11 +239,14 @@ public struct RevocationList: Sendable {
         let serial = Self.serialHex(certificate)
         let peer = PeerIdentity(certificate: certificate)
         let identity = "\(peer.roleText ?? "none")/\(peer.commonName)"
-        // Issued = notBefore + 5 min (certificates are back-dated that much for clock skew).
-        let issued = certificate.notValidBefore.addingTimeInterval(300)
+        // Issued = notBefore + 5 min (certificates are back-dated that much for clock skew). X.509
+        // keeps whole seconds (swift-certificates rounds to the nearest) and `revokedAt` is the whole
+        // second after the revocation, so every certificate issued before it is revoked, and one
+        // issued up to 1.5 s after it may be too (the safe side of the tie).
+        let issued = certificate.notValidBefore.timeIntervalSince1970.rounded() + 300
         for entry in entries {
             if entry.serial == serial { return "certificate \(serial) was revoked at \(TokenStore.iso(entry.revokedAt)): \(entry.reason)" }
-            if entry.identity == identity && issued <= entry.revokedAt.addingTimeInterval(1) {
+            if entry.identity == identity && issued <= entry.revokedAt.timeIntervalSince1970.rounded(.up) {
                 return "\(identity)'s certificates were revoked at \(TokenStore.iso(entry.revokedAt)): \(entry.reason)"
             }
         }

@@ -59,6 +59,29 @@ struct PKITests {
         _ = try ca.issue(.agent(instanceID: "i-0abc"), overwrite: true)
     }
 
+    @Test("revoking an identity: every certificate issued before it is refused, one issued a second after it is not, whatever the sub-second clock said")
+    func revocationBySecond() throws {
+        let authority = try CertificateAuthority.create()
+        let revokedAt = Date(timeIntervalSince1970: 1_800_000_000.9)
+        let dir = self.scratch()
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let list = RevocationList(path: dir + "/revoked.json")
+        try list.revoke(identity: "agent/web-1", reason: "stolen", now: revokedAt)
+        let entries = try list.entries()
+        func reason(issuedAt: Double, name: String = "web-1") throws -> String? {
+            let cert = try authority.issue(.agent(instanceID: name), now: Date(timeIntervalSince1970: issuedAt)).certificate
+            return RevocationList.reason(for: cert, in: entries)
+        }
+        #expect(try reason(issuedAt: 1_799_999_000)?.contains("stolen") == true)
+        #expect(try reason(issuedAt: 1_800_000_000.89) != nil, "just before")
+        #expect(try reason(issuedAt: 1_800_000_000.95) != nil, "just after, but the same whole second: the safe side of the tie")
+        #expect(try reason(issuedAt: 1_800_000_001.3) != nil)
+        #expect(try reason(issuedAt: 1_800_000_001.9) == nil, "a second later (X.509 keeps whole seconds)")
+        #expect(try reason(issuedAt: 1_800_000_005) == nil)
+        #expect(try reason(issuedAt: 1_799_999_000, name: "web-2") == nil, "another identity")
+    }
+
     @Test("ids that would escape the directory or confuse a subject are refused")
     func identifiers() throws {
         let dir = self.scratch()
