@@ -115,6 +115,7 @@ public struct PlanRunner: Sendable {
                 for step in plan.quiesce {
                     started.append(step)
                     let result = await self.execute(step, phase: "quiesce", state: &state)
+                    if result.ok { state.proving.append(.init(action: step.action, holdsWrites: ActionKind.of(step.action)?.holdsWrites ?? false)) }
                     if !result.ok {
                         if attempt < attempts { failure = (step, result); break }
                         self.apply(step, result, to: &state)
@@ -128,7 +129,8 @@ public struct PlanRunner: Sendable {
                 state.outcome.achieved = levelBefore
                 state.outcome.reasons = reasonsBefore
                 state.frozen = false
-                state.heldIDs = []
+                state.proving = []
+                state.brokenHolds = [:]
                 state.vssWriterFailures = []
                 try? await Task.sleep(for: backoff.next())
             }
@@ -163,18 +165,24 @@ public struct PlanRunner: Sendable {
         var outcome: PlanOutcome
         var attempt = 1
         var frozen = false
-        var heldIDs: [String] = []
+        /// The quiesce steps that succeeded in the last attempt: each is judged by its kind's verdict.
+        var proving: [ProvingStep] = []
         var firstBlock: ContinuousClock.Instant?
         var lastBlockEnd: ContinuousClock.Instant?
         var freezeMounts: [String] = []
         /// Holds whose hook said at release that its lock did not hold (exit code not 0).
-        var brokenHolds: [String] = []
+        var brokenHolds: [String: String] = [:]
         var attempts = 1
         /// VSS: the set whose writes a vss-freeze step holds (none before one succeeded), and its thaw reply.
         var vssSetID: String? { self.outcome.vssSetID.isEmpty ? nil : self.outcome.vssSetID }
         var vssThaw: Quiesce_Agent_V1_VssThawResult?
         /// VSS writers that failed before the hold (the hold still stands): each caps the level at filesystem.
         var vssWriterFailures: [String] = []
+    }
+
+    struct ProvingStep {
+        var action: PlanAction
+        var holdsWrites: Bool
     }
 
     struct StepResult {
@@ -257,7 +265,11 @@ public struct PlanRunner: Sendable {
         let timeout = Duration.milliseconds(Int64(step.timeoutMs))
         let result: StepResult
         do {
-            result = try await self.perform(step, timeout: timeout, state: &state)
+            if let kind = ActionKind.of(step.action), let perform = Self.performers[kind.name] {
+                result = try await perform(self, step, timeout, &state)
+            } else {
+                result = StepResult(ok: false, detail: "unknown action")
+            }
         } catch {
             result = StepResult(ok: false, detail: "no answer: \(error)")
         }
@@ -272,201 +284,32 @@ public struct PlanRunner: Sendable {
     }
 
     /// What is left of the freeze budget: it counts from the first step that blocked writes, not from the FIFREEZE.
-    private func remainingBudget(_ state: RunState) -> Duration {
+    func remainingBudget(_ state: RunState) -> Duration {
         let spent = state.firstBlock.map { ContinuousClock.now - $0 } ?? .zero
         return max(self.budget - spent, .milliseconds(100))
     }
 
-    private func perform(_ step: PlanStep, timeout: Duration, state: inout RunState) async throws -> StepResult {
-        let slack: Duration = .seconds(2)
-        switch step.action.kind {
-        case .runHook(let action)?:
-            let reply = try await self.engine.runHook(.with {
-                $0.hook = .init(action.hook)
-                $0.args = action.args
-                $0.timeoutMs = step.timeoutMs
-            }, on: self.instanceID, deadline: timeout + slack)
-            guard reply.isOK, let hook = reply.payload else { return .init(ok: false, detail: Self.describe(reply.status)) }
-            if !hook.ran { return .init(ok: false, detail: "\(hook.refusal.reasonCode): \(hook.refusalDetail)") }
-            if hook.timedOut { return .init(ok: false, detail: "timed out after \(step.timeoutMs) ms (killed)") }
-            if hook.signal != 0 { return .init(ok: false, detail: "killed by signal \(hook.signal)") }
-            if hook.exitCode != 0 {
-                let stderr = String(decoding: hook.stderrTail, as: UTF8.self).split(separator: "\n").last.map { ": \($0)" } ?? ""
-                return .init(ok: false, detail: "exit \(hook.exitCode)\(stderr)")
-            }
-            return .init(ok: true, detail: "")
-        case .freeze(let action)?:
-            let reply = try await self.engine.freeze(.with {
-                $0.freezeID = self.freezeID
-                $0.mountPoints = action.mountPoints
-                $0.budgetMs = UInt32(self.remainingBudget(state).milliseconds)
-                $0.skipSyncfs = action.skipSyncfs
-            }, on: self.instanceID, deadline: timeout)
-            guard reply.isOK, let freeze = reply.payload, freeze.allFrozen else {
-                let failed = reply.payload?.mounts.first { !$0.frozen && !$0.reason.isEmpty }
-                let detail = failed.map { "\($0.reason) on \($0.mountPoint)" } ?? Self.describe(reply.status)
-                return .init(ok: false, detail: detail)
-            }
-            state.frozen = true
-            state.freezeMounts = action.mountPoints
-            let kernel = freeze.mounts.map { $0.syncfsUs + $0.freezeUs }.max().map { Duration.microseconds(Int64($0)) }
-            return .init(ok: true, detail: "", agent: reply.elapsed, kernel: kernel)
-        case .thaw?:
-            let reply = try await self.engine.thaw(self.freezeID, on: self.instanceID, deadline: timeout)
-            if let thaw = reply.payload, reply.isOK {
-                state.outcome.thaw = thaw
-                state.outcome.frozen = .microseconds(Int64(thaw.frozenUs))
-                state.frozen = false
-                return .init(ok: true, detail: "", agent: reply.elapsed)
-            }
-            if reply.reason == "unknown-freeze" && !state.frozen { return .init(ok: true, detail: "nothing was frozen") }
-            return .init(ok: false, detail: Self.describe(reply.status))
-        case .hold(let action)?:
-            let reply = try await self.engine.hold(.with {
-                $0.holdID = action.holdID
-                $0.hook = .init(action.hook)
-                $0.args = action.args
-                $0.readyLine = action.readyLine
-                $0.readyTimeoutMs = step.timeoutMs
-                $0.maxHoldMs = UInt32(self.budget.milliseconds)
-            }, on: self.instanceID, deadline: timeout + slack)
-            guard reply.isOK, let hold = reply.payload, hold.ready else {
-                // The agent quotes the hook's output after "output: " (or "Output: ").
-                let output = reply.payload.map { payload -> Substring in
-                    guard let range = payload.detail.range(of: "output: ", options: [.backwards, .caseInsensitive]) else { return Substring(payload.detail) }
-                    return payload.detail[range.upperBound...]
-                }
-                return .init(ok: false, detail: reply.payload.map { "\($0.refusal == .none ? "not-ready" : $0.refusal.reasonCode): \($0.detail)" }
-                    ?? Self.describe(reply.status), hookReason: output.flatMap { Self.hookReason(in: $0) })
-            }
-            state.heldIDs.append(action.holdID)
-            return .init(ok: true, detail: "")
-        case .release(let action)?:
-            let reply = try await self.engine.release(action.holdID, on: self.instanceID, deadline: timeout + slack)
-            guard reply.isOK, let release = reply.payload else { return .init(ok: false, detail: Self.describe(reply.status)) }
-            if !release.aliveAtRelease { return .init(ok: false, detail: "hold \(action.holdID) had already ended") }
-            let output = Substring(String(decoding: release.outputTail, as: UTF8.self))
-            // Released on request, the hook says whether its lock held to the end: exit 0.
-            if release.exited && release.exitCode != 0 {
-                let why = Self.hookReason(in: output) ?? output.split(separator: "\n").last.map(String.init) ?? ""
-                state.brokenHolds.append("hold-failed-at-release: hold \(action.holdID) exited \(release.exitCode) when released: \(why)")
-                return .init(ok: false, detail: "exit \(release.exitCode): \(why)")
-            }
-            for (key, value) in Self.holdMetadata(in: output) { state.outcome.metadata[key] = value }
-            return .init(ok: true, detail: "")
-        case .vssFreeze(let action)?:
-            let limit = min(Int64(action.holdLimitMs == 0 ? VssErrors.holdLimitMs : action.holdLimitMs), self.remainingBudget(state).milliseconds)
-            let reply = try await self.engine.vssFreeze(.with {
-                $0.freezeID = self.freezeID
-                $0.volumes = action.volumes
-                $0.includeWriters = action.includeWriters
-                $0.backupType = action.backupType == "full" ? .full : .copy
-                $0.budgetMs = UInt32(limit)
-                $0.includeWriterNames = action.includeWritersNamed
-                $0.excludeWriterNames = action.excludeWritersNamed
-            }, on: self.instanceID, deadline: timeout)
-            if let vss = reply.payload { state.outcome.vssWriters = vss.writers }
-            guard reply.isOK, let vss = reply.payload, vss.allHeld else {
-                let error = reply.payload.map { $0.error.isEmpty ? "" : " (\(VssErrors.describe($0.error, code: $0.errorCode)))" } ?? ""
-                return .init(ok: false, detail: Self.describe(reply.status) + (reply.status.message.contains("0x") ? "" : error))
-            }
-            state.frozen = true
-            state.outcome.vssSetID = vss.snapshotSetID
-            let kernel = vss.volumes.map { $0.syncfsUs + $0.freezeUs }.max().map { Duration.microseconds(Int64($0)) }
-            // Writers that failed before the hold: the hold stands (filesystem-consistent at least).
-            let failed = vss.writers.filter { !$0.excluded && !$0.healthy }
-            if !failed.isEmpty {
-                let reasons = failed.map(Self.writerReason)
-                if failed.allSatisfy({ action.retryOn.contains($0.lastError) }) && state.attempt < state.attempts {
-                    // A new snapshot set may cure it: undo this one (the hold is released) and try again.
-                    return .init(ok: false, detail: reasons.joined(separator: "; "), agent: reply.elapsed, kernel: kernel)
-                }
-                state.vssWriterFailures = reasons
-                return .init(ok: true, detail: reasons.joined(separator: "; "), agent: reply.elapsed, kernel: kernel)
-            }
-            return .init(ok: true, detail: "", agent: reply.elapsed, kernel: kernel)
-        case .vssThaw?:
-            let reply = try await self.engine.vssThaw(self.freezeID, on: self.instanceID, deadline: timeout)
-            if let vss = reply.payload, reply.isOK {
-                state.vssThaw = vss
-                state.outcome.thaw = vss.thaw
-                state.outcome.frozen = .microseconds(Int64(vss.thaw.frozenUs))
-                state.outcome.vssWriters = vss.writers
-                state.frozen = false
-                let error = vss.error.isEmpty ? "" : VssErrors.describe(vss.error, code: vss.errorCode)
-                return .init(ok: true, detail: error, agent: reply.elapsed)
-            }
-            if reply.reason == "unknown-freeze" && !state.frozen { return .init(ok: true, detail: "nothing was frozen") }
-            return .init(ok: false, detail: Self.describe(reply.status))
-        case nil:
-            return .init(ok: false, detail: "unknown action")
-        }
-    }
-
-    /// "vss-writer-failed: SqlServerWriter FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".
-    static func writerReason(_ writer: Quiesce_Agent_V1_VssWriter) -> String {
-        let error = writer.lastError.isEmpty ? "" : " " + VssErrors.describe(writer.lastError, code: writer.lastErrorCode)
-        return "vss-writer-failed: \(writer.name) \(writer.state)\(error)"
-    }
-
-    /// Invariant 3: above crash only with a thaw reply that proves the freeze held.
+    /// Invariant 3: above crash only with a thaw reply that proves the freeze held. Each quiesce
+    /// step that succeeded is judged by its kind (ActionKind.verdict) on the same evidence, the
+    /// write-holding step first: without its proof nothing above crash holds.
     private func prove(_ state: inout RunState) {
         if let first = state.firstBlock, let last = state.lastBlockEnd { state.outcome.blocked = last - first }
-        // The steps that held writes across the snapshot (a freeze, a VSS hold): see ActionKind.holdsWrites.
-        let froze = state.outcome.steps.contains { $0.phase == "quiesce" && $0.ok && $0.holdsWrites }
-        if state.outcome.achieved > .crash {
-            var broken: String?
-            if !froze {
-                broken = "not-frozen: no freeze held across the snapshot"
-            } else if let setID = state.vssSetID, let vss = state.vssThaw, !vss.writesHeld || vss.snapshotSetID != setID {
-                // VSS: the reply must name this set and say its writes were held until the engine's thaw.
-                if vss.snapshotSetID != setID {
-                    broken = "vss-set-mismatch: the thaw reply names snapshot set \(vss.snapshotSetID), not \(setID)"
-                } else if vss.error == "VSS_E_HOLD_WRITES_TIMEOUT" || vss.thaw.cause == .budget {
-                    broken = "vss-hold-timeout: \(VssErrors.describe("VSS_E_HOLD_WRITES_TIMEOUT")): the hold of writes ended after \(vss.thaw.frozenUs / 1000) ms, before the engine's thaw"
-                } else {
-                    broken = "vss-hold-lost: writes were released by \(vss.thaw.cause.word), not the engine's thaw\(vss.error.isEmpty ? "" : " (\(VssErrors.describe(vss.error, code: vss.errorCode)))")"
-                }
-            } else if state.vssSetID != nil && state.vssThaw == nil {
-                broken = "thaw-unproven: no VSS thaw reply for snapshot set \(state.vssSetID!)"
-            } else if let thaw = state.outcome.thaw {
-                if thaw.freezeID != self.freezeID {
-                    broken = "thaw-mismatch: the thaw reply names freeze \(thaw.freezeID), not \(self.freezeID)"
-                } else if thaw.cause != .command {
-                    broken = "thawed-by-\(thaw.cause.word): the freeze ended before the engine asked (frozen \(thaw.frozenUs / 1000) ms)"
-                } else if !thaw.withinBudget {
-                    broken = "over-budget: frozen \(thaw.frozenUs / 1000) ms, beyond the budget"
-                } else if let dead = thaw.holds.first(where: { !$0.aliveAtThaw }) {
-                    broken = "hold-died: hold \(dead.holdID) had ended before the thaw"
-                } else if let missing = state.heldIDs.first(where: { id in !thaw.holds.contains { $0.holdID == id } }) {
-                    broken = "hold-died: hold \(missing) was gone at the thaw"
-                }
-            } else {
-                broken = "thaw-unproven: no thaw reply for freeze \(self.freezeID)"
-            }
-            if let broken, state.outcome.snapshotTaken {
-                state.outcome.achieved = .crash
-                state.outcome.reasons.append(broken)
-            }
+        let provers = state.proving.sorted { ($0.holdsWrites ? 0 : 1) < ($1.holdsWrites ? 0 : 1) }
+        if state.outcome.achieved > .crash && state.outcome.snapshotTaken && !provers.contains(where: \.holdsWrites) {
+            state.outcome.achieved = .crash
+            state.outcome.reasons.append("not-frozen: no freeze held across the snapshot")
         }
-        // A hold that says its lock did not hold (its session was lost): the freeze still held.
-        if state.outcome.achieved == .application, let broken = state.brokenHolds.first {
-            state.outcome.achieved = .filesystem
-            state.outcome.reasons.append(broken)
-        }
-        // VSS writers: application only when every writer in the set failed nowhere and was STABLE after BackupComplete.
-        if state.outcome.achieved == .application, state.vssSetID != nil {
-            var failures = state.vssWriterFailures
-            if let vss = state.vssThaw {
-                for writer in vss.writers where !writer.excluded && writer.state != "STABLE" {
-                    let reason = Self.writerReason(writer)
-                    if !failures.contains(reason) { failures.append(reason) }
-                }
+        let evidence = self.evidence(state)
+        for step in provers {
+            guard let kind = ActionKind.of(step.action) else { continue }
+            // The lowest ceiling the step's findings set, with every reason at it (several VSS writers);
+            // a reply that contradicts the run only matters for a snapshot that was taken.
+            let findings = kind.verdict(step.action, evidence).filter {
+                $0.ceiling < state.outcome.achieved && ($0.ceiling > .crash || state.outcome.snapshotTaken)
             }
-            if !failures.isEmpty {
-                state.outcome.achieved = .filesystem
-                state.outcome.reasons += failures
-            }
+            guard let ceiling = findings.map(\.ceiling).min() else { continue }
+            state.outcome.achieved = ceiling
+            state.outcome.reasons += findings.filter { $0.ceiling == ceiling }.map(\.reason)
         }
         if state.outcome.achieved < .application { state.outcome.metadata = [:] }
         if !state.outcome.snapshotTaken { state.outcome.achieved = min(state.outcome.achieved, .crash) }
@@ -474,6 +317,31 @@ public struct PlanRunner: Sendable {
             state.outcome.failed = true
             state.outcome.reasons.append("below-minimum: reached \(state.outcome.achieved.name), the policy needs at least \(minimum.name)")
         }
+    }
+
+    /// What the replies said, in the terms of ThawEvidence.
+    private func evidence(_ state: RunState) -> ThawEvidence {
+        var evidence = ThawEvidence(freezeID: self.freezeID, brokenReleases: state.brokenHolds)
+        if let thaw = state.outcome.thaw {
+            evidence.thaw = .init(freezeID: thaw.freezeID, cause: thaw.cause.word, frozenMs: thaw.frozenUs / 1000, withinBudget: thaw.withinBudget,
+                                  holds: Dictionary(thaw.holds.map { ($0.holdID, $0.aliveAtThaw) }, uniquingKeysWith: { $0 && $1 }))
+        }
+        if let setID = state.vssSetID {
+            var vss = ThawEvidence.Vss(setID: setID, failuresBeforeHold: state.vssWriterFailures)
+            if let reply = state.vssThaw {
+                vss.thawSetID = reply.snapshotSetID
+                vss.writesHeld = reply.writesHeld
+                vss.error = reply.error
+                vss.errorCode = reply.errorCode
+                vss.writersAfter = reply.writers.map(Self.writer)
+            }
+            evidence.vss = vss
+        }
+        return evidence
+    }
+
+    static func writer(_ writer: Quiesce_Agent_V1_VssWriter) -> ThawEvidence.Writer {
+        .init(name: writer.name, state: writer.state, lastError: writer.lastError, lastErrorCode: writer.lastErrorCode, excluded: writer.excluded)
     }
 
     static func describe(_ status: AgentStatus) -> String {

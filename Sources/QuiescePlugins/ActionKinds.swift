@@ -5,9 +5,10 @@ public typealias PlanAction = Quiesce_Plugin_V1_Action
 
 /// Everything the engine knows about one kind of plan action, in one place:
 /// where it may stand, what it blocks, what undoes it, the level it can prove
-/// and how the thaw reply proves it. The validator, the plan's display and the
-/// runner's proof all read this table; a new platform's action is one entry
-/// here, one case in the plugin contract, and its call in PlanRunner.perform.
+/// and how the thaw reply proves it (as text and as the check itself). The
+/// validator, the plan's display and the runner's proof all read this table; a
+/// new platform's action is one entry here, one case in the plugin contract,
+/// and its performer in the engine's table (PlanRunner.performers).
 public struct ActionKind: Sendable {
     /// The kind's word ("freeze", "vss-freeze").
     public let name: String
@@ -23,8 +24,11 @@ public struct ActionKind: Sendable {
     /// The highest level this step can prove when every check of the thaw reply passes
     /// (nil: it proves nothing by itself — a thaw, a release).
     public let proves: @Sendable (PlanAction) -> ConsistencyLevel?
-    /// How the thaw reply proves that level (shown by `quiesce plan --explain`, and the docs).
+    /// How the thaw reply proves that level (shown by `quiesce plan`, and the docs).
     public let proof: String
+    /// The check itself: what the run's evidence says against this step's level, most serious
+    /// first (none: proven). Called for each quiesce step that succeeded in the run's last attempt.
+    public let verdict: @Sendable (PlanAction, ThawEvidence) -> [ProofFinding]
     /// "freeze /data, /", "vss-freeze C:\, D:\ (writers, copy)".
     public let summary: @Sendable (PlanAction) -> String
     /// Problems with one step's action in `phase` (empty when valid).
@@ -56,6 +60,7 @@ public struct ActionKind: Sendable {
         blocks: "the application, from the quiesce phase on (the seed's freeze script)", holdsWrites: false, undoneBy: ["run-hook"],
         proves: { _ in .application },
         proof: "the hook exited 0 before the freeze, and the freeze's own proof holds",
+        verdict: { _, _ in [] },
         summary: { action in
             guard case .runHook(let hook)? = action.kind else { return "run-hook" }
             return "run-hook \(hook.hook.label)" + (hook.args.isEmpty ? "" : " " + hook.args.joined(separator: " "))
@@ -70,6 +75,7 @@ public struct ActionKind: Sendable {
         name: "freeze", phases: ["quiesce"], blocks: "every write to the listed filesystems (FIFREEZE)", holdsWrites: true, undoneBy: ["thaw"],
         proves: { _ in .filesystem },
         proof: "the thaw reply names this freeze, was caused by the engine's thaw command, and came within the budget",
+        verdict: { _, evidence in Proof.freeze(evidence) },
         summary: { action in
             guard case .freeze(let freeze)? = action.kind else { return "freeze" }
             return "freeze \(freeze.mountPoints.joined(separator: ", "))" + (freeze.skipSyncfs ? " (no syncfs)" : "")
@@ -86,7 +92,7 @@ public struct ActionKind: Sendable {
 
     public static let thaw = ActionKind(
         name: "thaw", phases: ["thaw"], blocks: "nothing (it ends the freeze)", holdsWrites: false, undoneBy: [],
-        proves: { _ in nil }, proof: "its reply is the freeze's proof",
+        proves: { _ in nil }, proof: "its reply is the freeze's proof", verdict: { _, _ in [] },
         summary: { _ in "thaw" }, problems: { _, _, _ in [] }, undoes: { _, _ in false })
 
     public static let hold = ActionKind(
@@ -94,6 +100,10 @@ public struct ActionKind: Sendable {
         holdsWrites: false, undoneBy: ["release"],
         proves: { _ in .application },
         proof: "the hold was alive at the thaw, and its hook exited 0 when released",
+        verdict: { action, evidence in
+            guard case .hold(let hold)? = action.kind else { return [] }
+            return Proof.hold(hold.holdID, evidence)
+        },
         summary: { action in
             guard case .hold(let hold)? = action.kind else { return "hold" }
             return "hold \(hold.holdID) (\(hold.hook.label), ready on \"\(hold.readyLine)\")"
@@ -112,7 +122,7 @@ public struct ActionKind: Sendable {
 
     public static let release = ActionKind(
         name: "release", phases: ["thaw", "cleanup"], blocks: "nothing (it ends a hold)", holdsWrites: false, undoneBy: [],
-        proves: { _ in nil }, proof: "its hook's exit status says whether the hold's lock held to the end",
+        proves: { _ in nil }, proof: "its hook's exit status says whether the hold's lock held to the end", verdict: { _, _ in [] },
         summary: { action in
             guard case .release(let release)? = action.kind else { return "release" }
             return "release \(release.holdID)"
@@ -129,6 +139,7 @@ public struct ActionKind: Sendable {
         },
         proof: "the thaw reply names this freeze and its snapshot set, writes were held until the engine's thaw command within the hold limit, "
             + "and (for application) every writer in the set was STABLE after BackupComplete",
+        verdict: { _, evidence in Proof.vss(evidence) },
         summary: { action in
             guard case .vssFreeze(let vss)? = action.kind else { return "vss-freeze" }
             var parts: [String] = [vss.includeWriters ? "writers" : "no writers", vss.backupType.isEmpty ? "copy" : vss.backupType]
@@ -156,6 +167,6 @@ public struct ActionKind: Sendable {
     public static let vssThaw = ActionKind(
         name: "vss-thaw", phases: ["thaw"], blocks: "nothing (it releases the hold, then the writers thaw and BackupComplete runs)",
         holdsWrites: false, undoneBy: [],
-        proves: { _ in nil }, proof: "its reply is the vss-freeze's proof",
+        proves: { _ in nil }, proof: "its reply is the vss-freeze's proof", verdict: { _, _ in [] },
         summary: { _ in "vss-thaw (release the hold, writers thaw, BackupComplete)" }, problems: { _, _, _ in [] }, undoes: { _, _ in false })
 }

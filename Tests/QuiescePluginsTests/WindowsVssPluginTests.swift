@@ -188,4 +188,62 @@ struct WindowsVssPluginTests {
         #expect(VssErrors.describe("VSS_E_HOLD_WRITES_TIMEOUT") == "VSS_E_HOLD_WRITES_TIMEOUT (0x80042314)")
         #expect(VssErrors.states[9] == "FAILED_AT_FREEZE" && VssErrors.states[1] == "STABLE" && VssErrors.states[12] == "FAILED_AT_BACKUP_COMPLETE")
     }
+
+    @Test("each kind's proof as code: the same evidence judged by freeze, hold and vss-freeze, every contradiction named, the rest proving nothing by themselves")
+    func verdicts() {
+        let good = ThawEvidence.Thaw(freezeID: "run-1", cause: "command", frozenMs: 4, withinBudget: true, holds: ["db": true])
+        let freeze: PlanAction = .with { $0.freeze = .with { $0.mountPoints = ["/data"] } }
+        let hold: PlanAction = .with { $0.hold = .with { $0.holdID = "db" } }
+        let vssAction: PlanAction = .with { $0.vssFreeze = .with { $0.includeWriters = true } }
+        func codes(_ kind: ActionKind, _ action: PlanAction, _ evidence: ThawEvidence) -> [String] {
+            kind.verdict(action, evidence).map { "\($0.ceiling.name) \($0.reason.prefix { $0 != ":" })" }
+        }
+        func with(_ change: (inout ThawEvidence.Thaw) -> Void) -> ThawEvidence {
+            var thaw = good
+            change(&thaw)
+            return ThawEvidence(freezeID: "run-1", thaw: thaw)
+        }
+        // freeze
+        #expect(codes(.freeze, freeze, ThawEvidence(freezeID: "run-1", thaw: good)) == [])
+        #expect(codes(.freeze, freeze, ThawEvidence(freezeID: "run-1")) == ["crash thaw-unproven"])
+        #expect(codes(.freeze, freeze, with { $0.freezeID = "run-0" }) == ["crash thaw-mismatch"])
+        #expect(codes(.freeze, freeze, with { $0.cause = "budget" }) == ["crash thawed-by-budget"])
+        #expect(codes(.freeze, freeze, with { $0.cause = "engine-silent" }) == ["crash thawed-by-engine-silent"])
+        #expect(codes(.freeze, freeze, with { $0.withinBudget = false }) == ["crash over-budget"])
+        // hold
+        #expect(codes(.hold, hold, ThawEvidence(freezeID: "run-1", thaw: good)) == [])
+        #expect(codes(.hold, hold, with { $0.holds["db"] = false }) == ["crash hold-died"])
+        #expect(codes(.hold, hold, with { $0.holds = [:] }) == ["crash hold-died"])
+        #expect(codes(.hold, hold, ThawEvidence(freezeID: "run-1", thaw: good, brokenReleases: ["db": "hold-failed-at-release: exit 3"]))
+            == ["filesystem hold-failed-at-release"])
+        #expect(codes(.hold, hold, ThawEvidence(freezeID: "run-1", thaw: good, brokenReleases: ["other": "x: y"])) == [])
+        // vss-freeze
+        let set = "1f0e-set"
+        func vss(_ change: (inout ThawEvidence.Vss) -> Void, thaw: ThawEvidence.Thaw? = good) -> ThawEvidence {
+            var vss = ThawEvidence.Vss(setID: set, thawSetID: set, writesHeld: true,
+                                       writersAfter: [.init(name: "SqlServerWriter", state: "STABLE"), .init(name: "Registry Writer", state: "STABLE")])
+            change(&vss)
+            return ThawEvidence(freezeID: "run-1", thaw: thaw, vss: vss)
+        }
+        #expect(codes(.vssFreeze, vssAction, vss { _ in }) == [])
+        #expect(codes(.vssFreeze, vssAction, ThawEvidence(freezeID: "run-1", thaw: good)) == ["crash thaw-unproven"])
+        #expect(codes(.vssFreeze, vssAction, vss { $0.thawSetID = nil }) == ["crash thaw-unproven"])
+        #expect(codes(.vssFreeze, vssAction, vss { $0.thawSetID = "another" }) == ["crash vss-set-mismatch"])
+        #expect(codes(.vssFreeze, vssAction, vss { $0.writesHeld = false; $0.error = "VSS_E_HOLD_WRITES_TIMEOUT" }) == ["crash vss-hold-timeout"])
+        #expect(codes(.vssFreeze, vssAction, vss({ $0.writesHeld = false }, thaw: with { $0.cause = "guard" }.thaw)) == ["crash vss-hold-lost"])
+        #expect(codes(.vssFreeze, vssAction, vss({ _ in }, thaw: with { $0.freezeID = "x" }.thaw)) == ["crash thaw-mismatch"])
+        let failed = vss {
+            $0.writersAfter[0] = .init(name: "SqlServerWriter", state: "FAILED_AT_FREEZE", lastError: "VSS_E_WRITERERROR_NONRETRYABLE", lastErrorCode: 0x8004_23F4)
+            $0.writersAfter.append(.init(name: "Excluded Writer", state: "FAILED_AT_THAW", excluded: true))
+            $0.failuresBeforeHold = ["vss-writer-failed: Registry Writer FAILED_AT_PREPARE_SNAPSHOT"]
+        }
+        #expect(ActionKind.vssFreeze.verdict(vssAction, failed).map(\.description) == [
+            "filesystem vss-writer-failed: Registry Writer FAILED_AT_PREPARE_SNAPSHOT",
+            "filesystem vss-writer-failed: SqlServerWriter FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)",
+        ])
+        // The kinds that prove nothing by themselves find nothing, whatever the evidence.
+        for kind in [ActionKind.runHook, .thaw, .release, .vssThaw] {
+            #expect(kind.verdict(PlanAction(), ThawEvidence(freezeID: "run-1")).isEmpty, "\(kind.name)")
+        }
+    }
 }
