@@ -73,6 +73,9 @@ public struct GroupRecord: Sendable, Codable, Hashable {
     public var tags: [String: String]
     public var disks: [DiskSnapshot]
 
+    /// The consistency group across instances this group was taken in (its `quiesce:consistency-group` tag).
+    public var consistencyGroup: String? { self.tags["quiesce:consistency-group"] }
+
     public init(id: String, runID: String?, instanceID: String, provider: String, providerGroupID: String, idempotencyToken: String,
                 wantedLevel: ConsistencyLevel, achievedLevel: ConsistencyLevel, reasons: [Reason], state: SnapshotState,
                 createdAt: Date, frozenUs: UInt64? = nil, applicationStallUs: UInt64? = nil, stepTimingsUs: [String: UInt64] = [:],

@@ -33,6 +33,8 @@ public struct InstanceOutcome: Sendable {
     /// Windows: each VSS writer's outcome ("SqlServerWriter STABLE", "Registry Writer excluded",
     /// "X FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)").
     public var vssWriters: [String] = []
+    /// The consistency group across instances it was backed up in.
+    public var consistencyGroup: String?
 }
 
 /// Progress, as it happens (for a progress bar or JSON lines).
@@ -117,9 +119,14 @@ public final class Coordinator: Sendable {
     let sleep: @Sendable (Duration) async -> Void
     /// Throttles (from prepare or create) an instance may see before it fails; they do not use up the policy's retries.
     let throttleRetries: Int
+    /// Whether consistency groups' members wait for each other (always, but for the test that
+    /// shows what the barriers are for).
+    let groupBarriers: Bool
 
     public init(engine: Engine, plugins: PluginRegistry, providers: [String: Provider], catalog: (any CatalogStore)?, fleet: FleetFile,
-                throttleRetries: Int = 12, sleep: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }) {
+                throttleRetries: Int = 12, groupBarriers: Bool = true,
+                sleep: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }) {
+        self.groupBarriers = groupBarriers
         self.sleep = sleep
         self.throttleRetries = throttleRetries
         self.engine = engine
@@ -168,33 +175,48 @@ public final class Coordinator: Sendable {
         await self.checkProviders(runID: runID, events: events)
         let limit = max(1, self.fleet.concurrency)
         let meanwhile = Task { await self.settleMeanwhile() }
+        // A consistency group starts as one unit, all its members at once, where its first member stands.
+        let rendezvous = self.rendezvous()
+        var units: [[FleetFile.Instance]] = []
+        var placed = Set<String>()
+        for instance in self.fleet.instances where !placed.contains(instance.id) {
+            let unit = self.fleet.group(of: instance.id).map { group in group.members.compactMap { self.fleet.instance(named: $0) } } ?? [instance]
+            placed.formUnion(unit.map(\.id))
+            units.append(unit)
+        }
         var outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
             var results: [InstanceOutcome] = []
             var next = 0
+            var running = 0
             func startNext() {
-                guard next < self.fleet.instances.count else { return }
-                let instance = self.fleet.instances[next]
+                guard next < units.count, running == 0 || running + units[next].count <= limit else { return }
+                let unit = units[next]
                 next += 1
-                if let reason = self.stopping.withLock({ $0 }) {
+                running += unit.count
+                for instance in unit {
+                    if let reason = self.stopping.withLock({ $0 }) {
+                        group.addTask {
+                            var outcome = self.notStarted(instance, reason: reason)
+                            await rendezvous[instance.id]?.finished(instance.id, .init(level: nil, reasons: outcome.reasons, inStep: false, failed: true))
+                            await self.record(&outcome, runID: runID, started: .now)
+                            events(.instanceFinished(outcome))
+                            return outcome
+                        }
+                        continue
+                    }
                     group.addTask {
-                        var outcome = self.notStarted(instance, reason: reason)
-                        await self.record(&outcome, runID: runID, started: .now)
+                        events(.instanceStarted(instance.id))
+                        let outcome = await self.backUp(instance, runID: runID, agentWait: wait, rendezvous: rendezvous[instance.id])
                         events(.instanceFinished(outcome))
                         return outcome
                     }
-                    return
-                }
-                group.addTask {
-                    events(.instanceStarted(instance.id))
-                    let outcome = await self.backUp(instance, runID: runID, agentWait: wait)
-                    events(.instanceFinished(outcome))
-                    return outcome
                 }
             }
-            for _ in 0..<limit { startNext() }
+            while next < units.count, running == 0 || running + units[next].count <= limit { startNext() }
             for await outcome in group {
                 results.append(outcome)
-                startNext()
+                running -= 1
+                while next < units.count, running == 0 || running + units[next].count <= limit { startNext() }
             }
             return results
         }
@@ -319,10 +341,33 @@ public final class Coordinator: Sendable {
         }
     }
 
+    /// One meeting place per consistency group for this run, by member.
+    func rendezvous() -> [String: GroupRendezvous] {
+        var byMember: [String: GroupRendezvous] = [:]
+        for group in self.fleet.groups {
+            var buckets: [String: TokenBucket] = [:]
+            for member in group.members {
+                if let provider = self.fleet.instance(named: member).flatMap({ self.providers[$0.provider] }) { buckets[member] = provider.bucket }
+            }
+            let meeting = GroupRendezvous(group: group, buckets: buckets, frozenSlots: self.frozenSlots, enforced: self.groupBarriers)
+            for member in group.members { byMember[member] = meeting }
+        }
+        return byMember
+    }
+
     /// One instance, start to record. Never throws: every failure is an outcome with its reason.
-    func backUp(_ instance: FleetFile.Instance, runID: String, agentWait: Duration) async -> InstanceOutcome {
+    func backUp(_ instance: FleetFile.Instance, runID: String, agentWait: Duration, rendezvous: GroupRendezvous? = nil) async -> InstanceOutcome {
         let started = ContinuousClock.now
-        var outcome = await self.attempt(instance, runID: runID, agentWait: agentWait)
+        var outcome = await self.attempt(instance, runID: runID, agentWait: agentWait, rendezvous: rendezvous)
+        if let rendezvous {
+            // Ended before the verdict (refused, failed before its lease, adopted on a resume): the others hear it now.
+            // A group finished earlier with this run's token (a resume) was on the group's cut if its row says so.
+            let inStep = outcome.groupID != nil && outcome.consistencyGroup == rendezvous.group.name
+                && !outcome.reasons.contains { $0.hasPrefix("group-incomplete:") }
+            outcome.consistencyGroup = rendezvous.group.name
+            await rendezvous.finished(instance.id, .init(level: outcome.groupID == nil ? nil : outcome.achieved, reasons: outcome.reasons,
+                                                         inStep: inStep, failed: outcome.state == .failed))
+        }
         await self.record(&outcome, runID: runID, started: started)
         return outcome
     }
@@ -340,7 +385,7 @@ public final class Coordinator: Sendable {
             reasons: [], warnings: [], groupID: nil, disks: instance.disks.count, stall: nil, frozen: nil, snapshot: nil, duration: .zero, attempts: 0)
     }
 
-    private func attempt(_ instance: FleetFile.Instance, runID: String, agentWait: Duration) async -> InstanceOutcome {
+    private func attempt(_ instance: FleetFile.Instance, runID: String, agentWait: Duration, rendezvous: GroupRendezvous?) async -> InstanceOutcome {
         let policy = self.fleet.policy(named: instance.policy)!
         var outcome = self.emptyOutcome(instance)
 
@@ -457,27 +502,47 @@ public final class Coordinator: Sendable {
                 outcome.reasons = ["plan-failed: \(error)"]
                 return outcome
             }
-            // The provider slot first: a queue at the provider never lengthens a freeze.
-            await provider.bucket.acquire()
+            // The provider slot first: a queue at the provider never lengthens a freeze. A consistency
+            // group takes every member's slot at once, and the run's frozen slots with them.
+            if let rendezvous { await rendezvous.lease(instance.id) } else { await provider.bucket.acquire() }
             let created = Created()
-            let tags = ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name]
+            var tags = ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name]
+            if let rendezvous { tags["quiesce:consistency-group"] = rendezvous.group.name }
             let runner = PlanRunner(engine: self.engine, instanceID: instance.id, policy: planPolicy, freezeID: "\(runID)-\(attempt)")
             // A quiescing plan waits for one of the run's max_frozen slots, unfrozen, like for a token.
             let quiesces = (plan.prepare + plan.quiesce).contains { $0.blocking }
             let request = CreateGroupRequest(
                 disks: prepared.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)",
                 instance: target.providerInstance, excludeBoot: target.excludeBoot, excludeDisks: target.excludeDisks)
+            let id = instance.id
             let run = {
-                await runner.run(plan) {
+                await runner.run(plan, afterQuiesce: { snapshotFollows in
+                    if !snapshotFollows { await rendezvous?.leave(id) }
+                }) {
+                    // A group member: every member quiesced before any snapshot, every snapshot cut before any thaw.
+                    if let rendezvous { created.inStep = await rendezvous.arrive(id, at: .frozen) }
                     do {
                         created.set(try await provider.provider.createGroup(request))
-                    } catch let error as ProviderError {
-                        created.setError(error)
+                    } catch {
+                        if let error = error as? ProviderError { created.setError(error) }
+                        await rendezvous?.leave(id)
                         throw error
                     }
+                    if let rendezvous, !(await rendezvous.arrive(id, at: .snapshotted)) { created.inStep = false }
                 }
             }
-            let result = quiesces ? await self.frozenSlots.holding(run) : await run()
+            var result: PlanOutcome
+            if let rendezvous {
+                result = await run()
+                await rendezvous.ran(id)
+            } else {
+                result = quiesces ? await self.frozenSlots.holding(run) : await run()
+            }
+            if let rendezvous {
+                let verdict = await rendezvous.verdict(id, .init(level: result.snapshotTaken ? result.achieved : nil, reasons: result.reasons,
+                                                                 inStep: created.inStep, failed: result.failed))
+                Self.apply(verdict, of: rendezvous.group, to: &result, member: id, minimum: policy.minimum)
+            }
             outcome.reasons = result.reasons
             outcome.warnings += result.warnings
             outcome.stall = result.blocked
@@ -489,8 +554,9 @@ public final class Coordinator: Sendable {
                 let error = writer.lastError.isEmpty ? "" : " " + VssErrors.describe(writer.lastError, code: writer.lastErrorCode)
                 return "\(writer.name) \(writer.state)\(error)"
             }
-            // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a pause.
-            if !result.snapshotTaken, let error = created.error {
+            // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a
+            // pause. Not a group member: its others have thawed too, and one member alone again is not the group's cut.
+            if !result.snapshotTaken, rendezvous == nil, let error = created.error {
                 if await retry(after: error, step: "create") { continue }
             }
             if let group = created.group, result.snapshotTaken {
@@ -532,6 +598,29 @@ public final class Coordinator: Sendable {
         }
     }
 
+    /// A consistency group's verdict on one member: the group's level caps the member's (with the
+    /// member whose reason brought it down); an incomplete group fails every member, whose
+    /// snapshot, if taken, is kept with its own proven level.
+    static func apply(_ verdict: GroupRendezvous.Verdict, of group: FleetFile.Group, to result: inout PlanOutcome, member: String,
+                      minimum: ConsistencyLevel) {
+        guard let level = verdict.level else {
+            if !result.failed || !result.reasons.contains(where: { $0.hasPrefix("group-incomplete:") }) {
+                result.failed = true
+                result.reasons.append("group-incomplete: consistency group \(group.name): " + (verdict.reasons.first ?? "a member is missing"))
+            }
+            return
+        }
+        guard level < result.achieved else { return }
+        result.achieved = level
+        let others = verdict.reasons.filter { !$0.hasPrefix(member + ": ") }
+        result.reasons.append("group-level: consistency group \(group.name) reached \(level.name)" + (others.first.map { " (\($0))" } ?? ""))
+        if level < .application { result.metadata = [:] }
+        if level < minimum && !result.failed {
+            result.failed = true
+            result.reasons.append("below-minimum: reached \(level.name) with its group, the policy needs at least \(minimum.name)")
+        }
+    }
+
     /// The tags that say what a group proved: Quiesce's, the seed's, and AWS's own VSS tooling's (`AppConsistent`).
     static func levelTags(_ level: ConsistencyLevel, reasons: [String], metadata: [String: String]) -> [String: String] {
         var tags = ["quiesce:level": level.name, "ConsistencyLevel": level.tagValue, "AppConsistent": level == .application ? "true" : "false"]
@@ -558,6 +647,7 @@ public final class Coordinator: Sendable {
             outcome.frozen = row.frozenUs.map { .microseconds(Int64($0)) }
             outcome.stall = row.applicationStallUs.map { .microseconds(Int64($0)) }
             outcome.warnings.append("already-done: group \(row.id) was made with this run's token; nothing new was taken")
+            outcome.consistencyGroup = row.consistencyGroup
             outcome.state = row.achievedLevel < policy.wanted ? .downgraded : .succeeded
             return .done
         }
@@ -650,6 +740,12 @@ final class Created: @unchecked Sendable {
     private let lock = NSLock()
     private var _group: SnapshotGroup?
     private var _error: ProviderError?
+    private var _inStep = false
+    /// A consistency group's member met the others at both barriers in time.
+    var inStep: Bool {
+        get { self.lock.withLock { self._inStep } }
+        set { self.lock.withLock { self._inStep = newValue } }
+    }
     var group: SnapshotGroup? { self.lock.withLock { self._group } }
     var error: ProviderError? { self.lock.withLock { self._error } }
     func set(_ group: SnapshotGroup) { self.lock.withLock { self._group = group } }

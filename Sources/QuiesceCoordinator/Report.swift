@@ -17,11 +17,48 @@ extension InstanceOutcome {
         item["snapshot_ms"] = self.snapshot.map { Double($0.nanoseconds) / 1e6 } ?? NSNull()
         if !self.metadata.isEmpty { item["metadata"] = self.metadata }
         if !self.vssWriters.isEmpty { item["vss_writers"] = self.vssWriters }
+        if let group = self.consistencyGroup { item["consistency_group"] = group }
         return item
     }
 }
 
+/// A consistency group's outcome in a run, from its members' outcomes.
+public struct ConsistencyGroupOutcome: Sendable, Equatable {
+    public var name: String
+    public var members: [String]
+    /// The lowest member's level; nil when the group is incomplete (a member without a snapshot,
+    /// off the group's cut, or failed for the group).
+    public var level: ConsistencyLevel?
+
+    public init(name: String, members: [String], level: ConsistencyLevel?) {
+        self.name = name
+        self.members = members
+        self.level = level
+    }
+
+    public var json: [String: Any] {
+        ["name": self.name, "members": self.members, "level": self.level?.name ?? NSNull(), "complete": self.level != nil]
+    }
+}
+
 extension RunReport {
+    /// The run's consistency groups across instances, in the order of their first member.
+    public var consistencyGroups: [ConsistencyGroupOutcome] {
+        var order: [String] = []
+        var members: [String: [InstanceOutcome]] = [:]
+        for outcome in self.instances {
+            guard let name = outcome.consistencyGroup else { continue }
+            if members[name] == nil { order.append(name) }
+            members[name, default: []].append(outcome)
+        }
+        return order.map { name in
+            let outcomes = members[name]!
+            let incomplete = outcomes.contains { $0.achieved == nil || $0.reasons.contains { $0.hasPrefix("group-incomplete:") } }
+            return ConsistencyGroupOutcome(name: name, members: outcomes.map(\.instanceID),
+                                           level: incomplete ? nil : outcomes.compactMap(\.achieved).min())
+        }
+    }
+
     /// The final report: instance, wanted/achieved level, state, stall, frozen, disks, duration, why.
     public func renderTable() -> String {
         var table = TextTable(headers: ["INSTANCE", "POLICY", "WANTED", "ACHIEVED", "STATE", "STALL MS", "FROZEN MS", "SNAPSHOT MS", "DISKS", "DURATION", "WHY"])
@@ -41,6 +78,14 @@ extension RunReport {
         for outcome in self.instances where outcome.reasons.count > 1 {
             text += "\n\n\(outcome.instanceID):"
             for reason in outcome.reasons { text += "\n  \(reason)" }
+        }
+        for group in self.consistencyGroups {
+            text += "\n\nConsistency group \(group.name): " + (group.level.map { "\($0.name), one point in time across \(group.members.joined(separator: ", "))" }
+                ?? "incomplete (\(group.members.joined(separator: ", ")))")
+            for outcome in self.instances where outcome.consistencyGroup == group.name {
+                text += "\n  \(outcome.instanceID): \(outcome.achieved?.name ?? "no snapshot"), \(outcome.state.rawValue)"
+                    + (outcome.frozen.map { String(format: ", frozen %.1f ms", Double($0.nanoseconds) / 1e6) } ?? "")
+            }
         }
         for outcome in self.instances where !outcome.vssWriters.isEmpty {
             text += "\n\n\(outcome.instanceID) VSS writers:"

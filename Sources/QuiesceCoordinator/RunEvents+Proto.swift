@@ -26,6 +26,7 @@ extension InstanceOutcome {
             $0.durationUs = self.duration.microseconds
             $0.attempts = UInt32(self.attempts)
             $0.vssWriters = self.vssWriters
+            $0.consistencyGroup = self.consistencyGroup ?? ""
         }
     }
 
@@ -46,7 +47,8 @@ extension InstanceOutcome {
             warnings: proto.warnings, groupID: proto.groupID.isEmpty ? nil : proto.groupID, disks: Int(proto.disks),
             stall: proto.stallUs < 0 ? nil : .microseconds(proto.stallUs), frozen: proto.frozenUs < 0 ? nil : .microseconds(proto.frozenUs),
             snapshot: proto.snapshotUs < 0 ? nil : .microseconds(proto.snapshotUs),
-            duration: .microseconds(proto.durationUs), attempts: Int(proto.attempts), vssWriters: proto.vssWriters)
+            duration: .microseconds(proto.durationUs), attempts: Int(proto.attempts), vssWriters: proto.vssWriters,
+            consistencyGroup: proto.consistencyGroup.isEmpty ? nil : proto.consistencyGroup)
     }
 }
 

@@ -26,8 +26,8 @@ public actor TokenBucket {
     public private(set) var lowestPerSecond: Double
     private var tokens: Double
     private var updated: ContinuousClock.Instant
-    /// Callers waiting, in order (fair: first come, first served).
-    private var queue: [CheckedContinuation<Void, Never>] = []
+    /// Callers waiting, in order (fair: first come, first served), each for its count of tokens.
+    private var queue: [(count: Double, continuation: CheckedContinuation<Void, Never>)] = []
     private var draining = false
 
     public init(burst: Int, perSecond: Double) {
@@ -49,16 +49,18 @@ public actor TokenBucket {
         self.lastGrant = now
     }
 
-    /// Waits for a slot and takes it.
-    public func acquire() async {
+    /// Waits for `count` slots and takes them together (a consistency group's members, at
+    /// once: never some of them now and the rest after a wait). `count` is at most the burst.
+    public func acquire(count: Int = 1) async {
+        let count = min(Double(max(count, 1)), self.burst)
         self.refill()
-        if self.queue.isEmpty && self.tokens >= 1 {
-            self.tokens -= 1
+        if self.queue.isEmpty && self.tokens >= count {
+            self.tokens -= count
             self.granted()
             return
         }
         await withCheckedContinuation { continuation in
-            self.queue.append(continuation)
+            self.queue.append((count, continuation))
             if !self.draining {
                 self.draining = true
                 Task { await self.drain() }
@@ -69,13 +71,14 @@ public actor TokenBucket {
     private func drain() async {
         while !self.queue.isEmpty {
             self.refill()
-            if self.tokens >= 1 {
-                self.tokens -= 1
+            let count = self.queue[0].count
+            if self.tokens >= count {
+                self.tokens -= count
                 self.granted()
-                self.queue.removeFirst().resume()
+                self.queue.removeFirst().continuation.resume()
                 continue
             }
-            let wait = (1 - self.tokens) / self.perSecond
+            let wait = (count - self.tokens) / self.perSecond
             try? await Task.sleep(for: .microseconds(Int64(wait * 1_000_000) + 1))
         }
         self.draining = false
@@ -119,32 +122,32 @@ public actor TokenBucket {
     }
 }
 
-
-
 /// At most `limit` holders at once, first come first served: the coordinator's
 /// cap on instances quiesced at the same time (`run.max_frozen`). Waiting for a
 /// slot happens before anything is frozen, like waiting for a token.
 public actor Slots {
     public let limit: Int
     private var held = 0
-    private var queue: [CheckedContinuation<Void, Never>] = []
+    private var queue: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
 
     public init(limit: Int) { self.limit = max(1, limit) }
 
-    public func acquire() async {
-        if self.queue.isEmpty && self.held < self.limit {
-            self.held += 1
+    /// Waits for `count` slots and takes them together (a consistency group's members).
+    public func acquire(count: Int = 1) async {
+        let count = min(max(count, 1), self.limit)
+        if self.queue.isEmpty && self.held + count <= self.limit {
+            self.held += count
             return
         }
-        await withCheckedContinuation { self.queue.append($0) }
+        await withCheckedContinuation { self.queue.append((count, $0)) }
     }
 
-    public func release() {
-        if self.queue.isEmpty {
-            self.held = max(0, self.held - 1)
-        } else {
-            // The slot passes straight to the next waiter.
-            self.queue.removeFirst().resume()
+    public func release(count: Int = 1) {
+        self.held = max(0, self.held - min(max(count, 1), self.limit))
+        // Slots pass to the waiters in order, as long as the first one's count fits.
+        while let first = self.queue.first, self.held + first.count <= self.limit {
+            self.held += first.count
+            self.queue.removeFirst().continuation.resume()
         }
     }
 

@@ -88,7 +88,10 @@ public struct PlanRunner: Sendable {
     var budget: Duration { .milliseconds(Int64(self.policy.freezeBudgetMs == 0 ? 10_000 : self.policy.freezeBudgetMs)) }
 
     /// Runs `plan`; `snapshot` is called once, after the quiesce phase, unless the instance already failed.
-    public func run(_ plan: Plan, snapshot: @Sendable () async throws -> Void) async -> PlanOutcome {
+    /// `afterQuiesce` hears, as soon as the quiesce phase is over, whether the snapshot follows
+    /// (a consistency group's other members must not wait, frozen, for one that failed).
+    public func run(_ plan: Plan, afterQuiesce: (@Sendable (_ snapshotFollows: Bool) async -> Void)? = nil,
+                    snapshot: @Sendable () async throws -> Void) async -> PlanOutcome {
         let planned = ConsistencyLevel(plan.expected) ?? .crash
         var state = RunState(
             outcome: PlanOutcome(
@@ -136,6 +139,7 @@ public struct PlanRunner: Sendable {
             }
         }
 
+        if let afterQuiesce { await afterQuiesce(!state.outcome.failed) }
         if !state.outcome.failed {
             let begin = ContinuousClock.now
             do {

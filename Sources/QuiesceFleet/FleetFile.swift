@@ -21,6 +21,8 @@ import Yams
 ///     instances:
 ///       - { id: web-1, policy: app, provider: pool, disks: [web-1-root, web-1-data] }
 ///       - { id: db-1, policy: app, provider: aws, ec2_instance: i-0abc12345def67890, exclude_boot_volume: true }
+///     groups:
+///       shop: { members: [db-1, db-2], barrier_ms: 2000 }
 ///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, planning: 2 }
 public struct FleetFile: Sendable {
     public struct Provider: Sendable, Equatable {
@@ -70,10 +72,31 @@ public struct FleetFile: Sendable {
         public var providerSettings: [String: FleetSetting] = [:]
     }
 
+    /// A consistency group across instances: its members are quiesced together (a barrier), their
+    /// disks snapshotted while every member is frozen, then all thawed; its level is the lowest member's.
+    public struct Group: Sendable, Equatable {
+        public var name: String
+        public var members: [String]
+        /// How long members already frozen wait at a barrier for the rest before the group is given up.
+        public var barrierMs: Int
+        public var line: Int
+
+        public static let defaultBarrierMs = 2_000
+
+        public init(name: String, members: [String], barrierMs: Int = Self.defaultBarrierMs, line: Int = 0) {
+            self.name = name
+            self.members = members
+            self.barrierMs = barrierMs
+            self.line = line
+        }
+    }
+
     public var path: String
     public var providers: [Provider]
     public var policies: [Policy]
     public var instances: [Instance]
+    /// Consistency groups across instances.
+    public var groups: [Group] = []
     /// Instances snapshotted at once.
     public var concurrency: Int
     /// How many instances may be quiesced (frozen, or holding their application) at once.
@@ -92,6 +115,9 @@ public struct FleetFile: Sendable {
 
     public func policy(named name: String) -> Policy? { self.policies.first { $0.name == name } }
     public func provider(named name: String) -> Provider? { self.providers.first { $0.name == name } }
+    public func instance(named id: String) -> Instance? { self.instances.first { $0.id == id } }
+    /// The consistency group `instanceID` belongs to, if any.
+    public func group(of instanceID: String) -> Group? { self.groups.first { $0.members.contains(instanceID) } }
 }
 
 /// One problem in a fleet file: "fleet.yaml:12:7: instances[1].disks: expected a list of disk ids, found a number (3)".
@@ -256,7 +282,7 @@ extension FleetFile {
                                    "expected \(providerSpec?.diskPattern?.words ?? "disk ids (letters, digits, '.', '_', '-')"), found \"\(disk)\"")
                 }
                 if let group = f["group"] {
-                    reader.problem(group, field + ".group", "multi-instance consistency groups are not supported yet; remove the key")
+                    reader.problem(group, field + ".group", "expected the group under groups (groups: { NAME: { members: [\(id.isEmpty ? "ID" : id), …] } }), found it on the instance")
                 }
                 let plugin = fleet.policy(named: policy).flatMap { plugins?.plugin(named: $0.plugin) }
                 let options = reader.options(f["options"], at: field + ".options", plugin: plugin)
@@ -274,11 +300,62 @@ extension FleetFile {
             fleet.concurrency = reader.int(f["concurrency"], at: "run.concurrency", range: 1...1000) ?? fleet.concurrency
             fleet.agentWaitSeconds = reader.int(f["agent_wait_s"], at: "run.agent_wait_s", range: 0...3600) ?? fleet.agentWaitSeconds
         }
-        if let groups = fields["groups"] {
-            reader.problem(groups, "groups", "multi-instance consistency groups are not supported yet; remove the key")
+        if let groups = fields["groups"], let mapping = reader.mapping(groups, at: "groups") {
+            reader.groups(mapping, into: &fleet)
         }
         guard reader.problems.isEmpty else { throw FleetFileError(problems: reader.problems) }
         return fleet
+    }
+}
+
+extension Reader {
+    /// `groups: { NAME: { members: [ID, …], barrier_ms: N } }`, checked against the fleet's instances,
+    /// providers and run settings: a group runs all at once, so everything it needs at once must fit.
+    mutating func groups(_ mapping: Node.Mapping, into fleet: inout FleetFile) {
+        var owner: [String: String] = [:]
+        for (key, value) in mapping {
+            guard let name = self.name(key, at: "groups") else { continue }
+            let field = "groups.\(name)"
+            guard let body = self.mapping(value, at: field) else { continue }
+            let f = self.fields(body, at: field, allowed: ["members", "barrier_ms"])
+            guard let membersNode = f["members"] else {
+                self.problem(value, field + ".members", "missing: list the group's instances (at least two)")
+                continue
+            }
+            let members = self.stringList(membersNode, at: field + ".members") ?? []
+            let barrier = self.int(f["barrier_ms"], at: field + ".barrier_ms", range: 50...60_000) ?? FleetFile.Group.defaultBarrierMs
+            var problems: [String] = []
+            if members.count < 2 { problems.append("expected at least two instances, found \(members.count)") }
+            var seen = Set<String>()
+            for member in members {
+                if !seen.insert(member).inserted { problems.append("instance \(member) is listed twice"); continue }
+                guard let instance = fleet.instance(named: member) else {
+                    problems.append("expected instances listed under instances, found \"\(member)\"")
+                    continue
+                }
+                if let other = owner[member] { problems.append("instance \(member) is already in group \(other); an instance is in one group at most") }
+                owner[member] = name
+                if let policy = fleet.policy(named: instance.policy), barrier * 2 > Int(policy.freezeBudgetMs) {
+                    problems.append("barrier_ms \(barrier) must be at most half of \(member)'s freeze budget (\(policy.freezeBudgetMs) ms, policy \(policy.name)): "
+                        + "members wait at the barrier frozen")
+                }
+            }
+            // What the group takes at once: a provider slot per member, a frozen slot per member, a run slot per member.
+            let known = members.compactMap { fleet.instance(named: $0) }
+            for (providerName, count) in Dictionary(grouping: known, by: \.provider).mapValues(\.count).sorted(by: { $0.key < $1.key }) {
+                if let provider = fleet.provider(named: providerName), count > provider.burst {
+                    problems.append("the group needs \(count) slots at provider \(providerName) at once, its burst is \(provider.burst)")
+                }
+            }
+            if known.count > fleet.maxFrozen {
+                problems.append("the group quiesces \(known.count) instances at once, run.max_frozen is \(fleet.maxFrozen)")
+            }
+            if known.count > fleet.concurrency {
+                problems.append("the group runs \(known.count) instances at once, run.concurrency is \(fleet.concurrency)")
+            }
+            for problem in problems { self.problem(membersNode, field + ".members", problem) }
+            fleet.groups.append(.init(name: name, members: members, barrierMs: barrier, line: Self.line(key)))
+        }
     }
 }
 

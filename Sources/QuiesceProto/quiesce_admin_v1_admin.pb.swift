@@ -178,54 +178,110 @@ public nonisolated struct Quiesce_Admin_V1_InstanceStarted: Sendable {
   public init() {}
 }
 
-public nonisolated struct Quiesce_Admin_V1_InstanceOutcome: Sendable {
+public nonisolated struct Quiesce_Admin_V1_InstanceOutcome: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var instanceID: String = String()
+  public var instanceID: String {
+    get {_storage._instanceID}
+    set {_uniqueStorage()._instanceID = newValue}
+  }
 
-  public var policy: String = String()
+  public var policy: String {
+    get {_storage._policy}
+    set {_uniqueStorage()._policy = newValue}
+  }
 
   /// Level names: crash, filesystem, application.
-  public var wanted: String = String()
+  public var wanted: String {
+    get {_storage._wanted}
+    set {_uniqueStorage()._wanted = newValue}
+  }
 
-  public var minimum: String = String()
+  public var minimum: String {
+    get {_storage._minimum}
+    set {_uniqueStorage()._minimum = newValue}
+  }
 
   /// Empty when no snapshot was taken.
-  public var achieved: String = String()
+  public var achieved: String {
+    get {_storage._achieved}
+    set {_uniqueStorage()._achieved = newValue}
+  }
 
   /// succeeded, downgraded, failed.
-  public var state: String = String()
+  public var state: String {
+    get {_storage._state}
+    set {_uniqueStorage()._state = newValue}
+  }
 
   /// "code: detail", why the level is below the wanted one or why it failed.
-  public var reasons: [String] = []
+  public var reasons: [String] {
+    get {_storage._reasons}
+    set {_uniqueStorage()._reasons = newValue}
+  }
 
-  public var warnings: [String] = []
+  public var warnings: [String] {
+    get {_storage._warnings}
+    set {_uniqueStorage()._warnings = newValue}
+  }
 
-  public var groupID: String = String()
+  public var groupID: String {
+    get {_storage._groupID}
+    set {_uniqueStorage()._groupID = newValue}
+  }
 
-  public var disks: UInt32 = 0
+  public var disks: UInt32 {
+    get {_storage._disks}
+    set {_uniqueStorage()._disks = newValue}
+  }
 
   /// -1: not measured (nothing blocked, nothing frozen).
-  public var stallUs: Int64 = 0
+  public var stallUs: Int64 {
+    get {_storage._stallUs}
+    set {_uniqueStorage()._stallUs = newValue}
+  }
 
-  public var frozenUs: Int64 = 0
+  public var frozenUs: Int64 {
+    get {_storage._frozenUs}
+    set {_uniqueStorage()._frozenUs = newValue}
+  }
 
-  public var durationUs: Int64 = 0
+  public var durationUs: Int64 {
+    get {_storage._durationUs}
+    set {_uniqueStorage()._durationUs = newValue}
+  }
 
-  public var attempts: UInt32 = 0
+  public var attempts: UInt32 {
+    get {_storage._attempts}
+    set {_uniqueStorage()._attempts = newValue}
+  }
 
   /// The provider's create call, inside the frozen window; -1: none.
-  public var snapshotUs: Int64 = 0
+  public var snapshotUs: Int64 {
+    get {_storage._snapshotUs}
+    set {_uniqueStorage()._snapshotUs = newValue}
+  }
 
   /// Windows: each VSS writer's outcome, "SqlServerWriter STABLE",
   /// "Registry Writer excluded", "X FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".
-  public var vssWriters: [String] = []
+  public var vssWriters: [String] {
+    get {_storage._vssWriters}
+    set {_uniqueStorage()._vssWriters = newValue}
+  }
+
+  /// The consistency group across instances it was backed up in; empty when none.
+  public var consistencyGroup: String {
+    get {_storage._consistencyGroup}
+    set {_uniqueStorage()._consistencyGroup = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Quiesce_Admin_V1_RunReport: Sendable {
@@ -769,104 +825,177 @@ nonisolated extension Quiesce_Admin_V1_InstanceStarted: SwiftProtobuf.Message, S
 
 nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".InstanceOutcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0\u{3}snapshot_us\0\u{3}vss_writers\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0\u{3}snapshot_us\0\u{3}vss_writers\0\u{3}consistency_group\0")
+
+  fileprivate class _StorageClass {
+    var _instanceID: String = String()
+    var _policy: String = String()
+    var _wanted: String = String()
+    var _minimum: String = String()
+    var _achieved: String = String()
+    var _state: String = String()
+    var _reasons: [String] = []
+    var _warnings: [String] = []
+    var _groupID: String = String()
+    var _disks: UInt32 = 0
+    var _stallUs: Int64 = 0
+    var _frozenUs: Int64 = 0
+    var _durationUs: Int64 = 0
+    var _attempts: UInt32 = 0
+    var _snapshotUs: Int64 = 0
+    var _vssWriters: [String] = []
+    var _consistencyGroup: String = String()
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _instanceID = source._instanceID
+      _policy = source._policy
+      _wanted = source._wanted
+      _minimum = source._minimum
+      _achieved = source._achieved
+      _state = source._state
+      _reasons = source._reasons
+      _warnings = source._warnings
+      _groupID = source._groupID
+      _disks = source._disks
+      _stallUs = source._stallUs
+      _frozenUs = source._frozenUs
+      _durationUs = source._durationUs
+      _attempts = source._attempts
+      _snapshotUs = source._snapshotUs
+      _vssWriters = source._vssWriters
+      _consistencyGroup = source._consistencyGroup
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.instanceID) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.policy) }()
-      case 3: try { try decoder.decodeSingularStringField(value: &self.wanted) }()
-      case 4: try { try decoder.decodeSingularStringField(value: &self.minimum) }()
-      case 5: try { try decoder.decodeSingularStringField(value: &self.achieved) }()
-      case 6: try { try decoder.decodeSingularStringField(value: &self.state) }()
-      case 7: try { try decoder.decodeRepeatedStringField(value: &self.reasons) }()
-      case 8: try { try decoder.decodeRepeatedStringField(value: &self.warnings) }()
-      case 9: try { try decoder.decodeSingularStringField(value: &self.groupID) }()
-      case 10: try { try decoder.decodeSingularUInt32Field(value: &self.disks) }()
-      case 11: try { try decoder.decodeSingularInt64Field(value: &self.stallUs) }()
-      case 12: try { try decoder.decodeSingularInt64Field(value: &self.frozenUs) }()
-      case 13: try { try decoder.decodeSingularInt64Field(value: &self.durationUs) }()
-      case 14: try { try decoder.decodeSingularUInt32Field(value: &self.attempts) }()
-      case 15: try { try decoder.decodeSingularInt64Field(value: &self.snapshotUs) }()
-      case 16: try { try decoder.decodeRepeatedStringField(value: &self.vssWriters) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._instanceID) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._policy) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._wanted) }()
+        case 4: try { try decoder.decodeSingularStringField(value: &_storage._minimum) }()
+        case 5: try { try decoder.decodeSingularStringField(value: &_storage._achieved) }()
+        case 6: try { try decoder.decodeSingularStringField(value: &_storage._state) }()
+        case 7: try { try decoder.decodeRepeatedStringField(value: &_storage._reasons) }()
+        case 8: try { try decoder.decodeRepeatedStringField(value: &_storage._warnings) }()
+        case 9: try { try decoder.decodeSingularStringField(value: &_storage._groupID) }()
+        case 10: try { try decoder.decodeSingularUInt32Field(value: &_storage._disks) }()
+        case 11: try { try decoder.decodeSingularInt64Field(value: &_storage._stallUs) }()
+        case 12: try { try decoder.decodeSingularInt64Field(value: &_storage._frozenUs) }()
+        case 13: try { try decoder.decodeSingularInt64Field(value: &_storage._durationUs) }()
+        case 14: try { try decoder.decodeSingularUInt32Field(value: &_storage._attempts) }()
+        case 15: try { try decoder.decodeSingularInt64Field(value: &_storage._snapshotUs) }()
+        case 16: try { try decoder.decodeRepeatedStringField(value: &_storage._vssWriters) }()
+        case 17: try { try decoder.decodeSingularStringField(value: &_storage._consistencyGroup) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.instanceID.isEmpty {
-      try visitor.visitSingularStringField(value: self.instanceID, fieldNumber: 1)
-    }
-    if !self.policy.isEmpty {
-      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 2)
-    }
-    if !self.wanted.isEmpty {
-      try visitor.visitSingularStringField(value: self.wanted, fieldNumber: 3)
-    }
-    if !self.minimum.isEmpty {
-      try visitor.visitSingularStringField(value: self.minimum, fieldNumber: 4)
-    }
-    if !self.achieved.isEmpty {
-      try visitor.visitSingularStringField(value: self.achieved, fieldNumber: 5)
-    }
-    if !self.state.isEmpty {
-      try visitor.visitSingularStringField(value: self.state, fieldNumber: 6)
-    }
-    if !self.reasons.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.reasons, fieldNumber: 7)
-    }
-    if !self.warnings.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.warnings, fieldNumber: 8)
-    }
-    if !self.groupID.isEmpty {
-      try visitor.visitSingularStringField(value: self.groupID, fieldNumber: 9)
-    }
-    if self.disks != 0 {
-      try visitor.visitSingularUInt32Field(value: self.disks, fieldNumber: 10)
-    }
-    if self.stallUs != 0 {
-      try visitor.visitSingularInt64Field(value: self.stallUs, fieldNumber: 11)
-    }
-    if self.frozenUs != 0 {
-      try visitor.visitSingularInt64Field(value: self.frozenUs, fieldNumber: 12)
-    }
-    if self.durationUs != 0 {
-      try visitor.visitSingularInt64Field(value: self.durationUs, fieldNumber: 13)
-    }
-    if self.attempts != 0 {
-      try visitor.visitSingularUInt32Field(value: self.attempts, fieldNumber: 14)
-    }
-    if self.snapshotUs != 0 {
-      try visitor.visitSingularInt64Field(value: self.snapshotUs, fieldNumber: 15)
-    }
-    if !self.vssWriters.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.vssWriters, fieldNumber: 16)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      if !_storage._instanceID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._instanceID, fieldNumber: 1)
+      }
+      if !_storage._policy.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._policy, fieldNumber: 2)
+      }
+      if !_storage._wanted.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._wanted, fieldNumber: 3)
+      }
+      if !_storage._minimum.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._minimum, fieldNumber: 4)
+      }
+      if !_storage._achieved.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._achieved, fieldNumber: 5)
+      }
+      if !_storage._state.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._state, fieldNumber: 6)
+      }
+      if !_storage._reasons.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._reasons, fieldNumber: 7)
+      }
+      if !_storage._warnings.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._warnings, fieldNumber: 8)
+      }
+      if !_storage._groupID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._groupID, fieldNumber: 9)
+      }
+      if _storage._disks != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._disks, fieldNumber: 10)
+      }
+      if _storage._stallUs != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._stallUs, fieldNumber: 11)
+      }
+      if _storage._frozenUs != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._frozenUs, fieldNumber: 12)
+      }
+      if _storage._durationUs != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._durationUs, fieldNumber: 13)
+      }
+      if _storage._attempts != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._attempts, fieldNumber: 14)
+      }
+      if _storage._snapshotUs != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._snapshotUs, fieldNumber: 15)
+      }
+      if !_storage._vssWriters.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._vssWriters, fieldNumber: 16)
+      }
+      if !_storage._consistencyGroup.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._consistencyGroup, fieldNumber: 17)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Quiesce_Admin_V1_InstanceOutcome, rhs: Quiesce_Admin_V1_InstanceOutcome) -> Bool {
-    if lhs.instanceID != rhs.instanceID {return false}
-    if lhs.policy != rhs.policy {return false}
-    if lhs.wanted != rhs.wanted {return false}
-    if lhs.minimum != rhs.minimum {return false}
-    if lhs.achieved != rhs.achieved {return false}
-    if lhs.state != rhs.state {return false}
-    if lhs.reasons != rhs.reasons {return false}
-    if lhs.warnings != rhs.warnings {return false}
-    if lhs.groupID != rhs.groupID {return false}
-    if lhs.disks != rhs.disks {return false}
-    if lhs.stallUs != rhs.stallUs {return false}
-    if lhs.frozenUs != rhs.frozenUs {return false}
-    if lhs.durationUs != rhs.durationUs {return false}
-    if lhs.attempts != rhs.attempts {return false}
-    if lhs.snapshotUs != rhs.snapshotUs {return false}
-    if lhs.vssWriters != rhs.vssWriters {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._instanceID != rhs_storage._instanceID {return false}
+        if _storage._policy != rhs_storage._policy {return false}
+        if _storage._wanted != rhs_storage._wanted {return false}
+        if _storage._minimum != rhs_storage._minimum {return false}
+        if _storage._achieved != rhs_storage._achieved {return false}
+        if _storage._state != rhs_storage._state {return false}
+        if _storage._reasons != rhs_storage._reasons {return false}
+        if _storage._warnings != rhs_storage._warnings {return false}
+        if _storage._groupID != rhs_storage._groupID {return false}
+        if _storage._disks != rhs_storage._disks {return false}
+        if _storage._stallUs != rhs_storage._stallUs {return false}
+        if _storage._frozenUs != rhs_storage._frozenUs {return false}
+        if _storage._durationUs != rhs_storage._durationUs {return false}
+        if _storage._attempts != rhs_storage._attempts {return false}
+        if _storage._snapshotUs != rhs_storage._snapshotUs {return false}
+        if _storage._vssWriters != rhs_storage._vssWriters {return false}
+        if _storage._consistencyGroup != rhs_storage._consistencyGroup {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -49,6 +49,42 @@ struct LimitsTests {
         await slots.release()
         #expect(await slots.inUse == 0)
     }
+
+    @Test("a consistency group's slots come together: a group of three waits for three at once, and one behind it waits its turn")
+    func groupSlots() async throws {
+        let slots = Slots(limit: 3)
+        await slots.acquire()
+        let box = SlotLog()
+        let group = Task {
+            await slots.acquire(count: 3)
+            box.order.withLock { $0.append(3) }
+        }
+        while await slots.waiting < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        let single = Task {
+            await slots.acquire()
+            box.order.withLock { $0.append(1) }
+        }
+        while await slots.waiting < 2 { try await Task.sleep(for: .milliseconds(1)) }
+        // Two slots are free, not three: the group does not start with two of them, and the single does not overtake it.
+        try await Task.sleep(for: .milliseconds(20))
+        let inUse = await slots.inUse
+        #expect(box.order.withLock { $0.isEmpty } && inUse == 1)
+        await slots.release()
+        await group.value
+        let held = await slots.inUse
+        #expect(box.order.withLock { $0 } == [3] && held == 3)
+        await slots.release(count: 3)
+        await single.value
+        let after = await slots.inUse
+        #expect(box.order.withLock { $0 } == [3, 1] && after == 1)
+
+        // The bucket: three tokens at once or none; with one left, a group of two waits for the refill.
+        let bucket = TokenBucket(burst: 3, perSecond: 10)
+        await bucket.acquire(count: 3)
+        let began = ContinuousClock.now
+        await bucket.acquire(count: 2)
+        #expect(ContinuousClock.now - began >= .milliseconds(180), "two tokens at 10/s take 200 ms")
+    }
 }
 
 private final class SlotLog: Sendable {

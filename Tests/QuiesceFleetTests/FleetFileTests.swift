@@ -92,7 +92,7 @@ struct FleetFileTests {
         // minimum above wanted is only checked when wanted parsed; here wanted fell back to application.
     }
 
-    @Test("not YAML, not a mapping, missing sections, consistency groups not yet")
+    @Test("not YAML, not a mapping, missing sections")
     func shapes() throws {
         let yaml = try #require(throws: FleetFileError.self) { try FleetFile.parse("providers: [unclosed", path: "x.yaml") }
         #expect(yaml.problems.first?.description.hasPrefix("x.yaml:") == true && yaml.problems.first?.message.hasPrefix("not valid YAML") == true)
@@ -100,10 +100,39 @@ struct FleetFileTests {
         #expect(list.problems.first?.message == "expected a mapping with providers, policies and instances, found a list")
         let empty = try #require(throws: FleetFileError.self) { try FleetFile.parse("run: {concurrency: 2}\n", path: "x.yaml") }
         #expect(Set(empty.problems.map(\.field)) == ["providers", "policies", "instances"])
-        let groups = try #require(throws: FleetFileError.self) {
-            try FleetFile.parse(Self.good + "\ngroups: { db: [web-1, db-1] }\n", path: "x.yaml")
+    }
+
+    @Test("consistency groups: members, barrier, and everything the group takes at once checked against the provider's burst and the run's slots")
+    func groups() throws {
+        let fleet = try FleetFile.parse(Self.good + "\ngroups:\n  shop: { members: [web-1, db-1], barrier_ms: 1500 }\n", path: "x.yaml")
+        #expect(fleet.groups == [.init(name: "shop", members: ["web-1", "db-1"], barrierMs: 1500, line: 20)])
+        #expect(fleet.group(of: "db-1")?.name == "shop" && fleet.group(of: "nope") == nil)
+        #expect(try FleetFile.parse(Self.good + "\ngroups: { g: { members: [web-1, db-1] } }\n", path: "x.yaml").groups.first?.barrierMs == 2000)
+
+        func problems(_ groups: String, run: String = "run: { concurrency: 4, agent_wait_s: 30 }", burst: Int = 20) throws -> [String] {
+            let text = Self.good.replacingOccurrences(of: "run: { concurrency: 4, agent_wait_s: 30 }", with: run)
+                .replacingOccurrences(of: "burst: 20", with: "burst: \(burst)")
+            let error = try #require(throws: FleetFileError.self) { try FleetFile.parse(text + "\ngroups:\n" + groups + "\n", path: "x.yaml") }
+            return error.problems.map { "\($0.field): \($0.message)" }
         }
-        #expect(groups.problems.map(\.message) == ["multi-instance consistency groups are not supported yet; remove the key"])
+        #expect(try problems("  g: { members: [web-1] }") == ["groups.g.members: expected at least two instances, found 1"])
+        #expect(try problems("  g: { members: [web-1, web-9] }") == ["groups.g.members: expected instances listed under instances, found \"web-9\""])
+        #expect(try problems("  g: { members: [web-1, web-1, db-1] }") == ["groups.g.members: instance web-1 is listed twice"])
+        #expect(try problems("  g: { members: [web-1, db-1] }\n  h: { members: [db-1, web-1] }") == [
+            "groups.h.members: instance db-1 is already in group g; an instance is in one group at most",
+            "groups.h.members: instance web-1 is already in group g; an instance is in one group at most"])
+        #expect(try problems("  g: { barrier_ms: 100 }") == ["groups.g.members: missing: list the group's instances (at least two)"])
+        #expect(try problems("  g: { members: [web-1, db-1], barrier_ms: 5000 }").first
+                == "groups.g.members: barrier_ms 5000 must be at most half of web-1's freeze budget (8000 ms, policy app): members wait at the barrier frozen")
+        #expect(try problems("  g: { members: [web-1, db-1] }", burst: 1) == ["groups.g.members: the group needs 2 slots at provider pool at once, its burst is 1"])
+        #expect(try problems("  g: { members: [web-1, db-1] }", run: "run: { concurrency: 4, max_frozen: 1 }")
+                == ["groups.g.members: the group quiesces 2 instances at once, run.max_frozen is 1"])
+        #expect(try problems("  g: { members: [web-1, db-1] }", run: "run: { concurrency: 1 }") == ["groups.g.members: the group runs 2 instances at once, run.concurrency is 1"])
+        #expect(try problems("  g: { members: [web-1, db-1], size: 2 }") == ["groups.g.size: unknown key (expected one of members, barrier_ms)"])
+        let onInstance = try #require(throws: FleetFileError.self) {
+            try FleetFile.parse(Self.good.replacingOccurrences(of: "disks: [web-1-root, web-1-data] }", with: "disks: [web-1-root], group: shop }"), path: "x.yaml")
+        }
+        #expect(onInstance.problems.map(\.message) == ["expected the group under groups (groups: { NAME: { members: [web-1, …] } }), found it on the instance"])
     }
 
     @Test("an ec2 provider: its own keys and instance keys, disks found from ec2_instance, every mistake with its line")

@@ -268,7 +268,7 @@ final class RunPrinter: @unchecked Sendable {
         if self.json {
             Self.printJSON(["event": "report", "run": report.runID, "makespan_ms": report.makespan.milliseconds,
                             "agent_wait_ms": report.agentWait.milliseconds, "exit_code": Int(report.exitCode),
-                            "instances": report.instances.map(\.json)])
+                            "instances": report.instances.map(\.json), "consistency_groups": report.consistencyGroups.map(\.json)])
         } else {
             OutputQueue.standardOutput.write(report.renderTable() + "\n")
         }
