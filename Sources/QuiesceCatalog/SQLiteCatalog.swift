@@ -135,13 +135,22 @@ public final class SQLiteCatalog: CatalogStore {
 
     // MARK: runs
 
+    /// Records a new run, or takes up one that ended (a resume, a rerun of its id): it is
+    /// running again, owned by this engine. A run another live engine is running is refused.
     public func beginRun(_ run: RunRecord) throws {
         try self.write { db in
             try db.execute(sql: """
                 INSERT INTO runs (id, started_at, finished_at, state, source, engine_pid, engine_start_ticks)
                 VALUES (?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT(id) DO UPDATE SET state = excluded.state, finished_at = NULL,
+                  engine_pid = excluded.engine_pid, engine_start_ticks = excluded.engine_start_ticks
+                WHERE runs.state != 'running'
                 """, arguments: [run.id, run.startedAt.timeIntervalSince1970, run.finishedAt?.timeIntervalSince1970,
                                  run.state.rawValue, run.source, run.enginePID, Int64(run.engineStartTicks)])
+            guard db.changesCount == 1 else {
+                let pid = try Int.fetchOne(db, sql: "SELECT engine_pid FROM runs WHERE id = ?", arguments: [run.id]) ?? 0
+                throw CatalogError.conflict("run \(run.id) is running in another engine (pid \(pid))")
+            }
         }
     }
 

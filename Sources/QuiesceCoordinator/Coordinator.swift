@@ -144,19 +144,77 @@ public final class Coordinator: Sendable {
         self.stopping.withLock { if $0 == nil { $0 = reason } }
     }
 
-    public func run(runID: String, agentWait: Duration? = nil, events: @escaping @Sendable (RunEvent) -> Void = { _ in }) async -> RunReport {
+    /// - Parameter resume: take up an interrupted (or failed) run under its id: instances it
+    ///   already backed up are reported from the catalog and not run again; the rest run with
+    ///   the run's idempotency tokens, so a group the provider already made is adopted, never
+    ///   made twice (invariant 7). Check the run first with ``resumable(_:catalog:)``.
+    public func run(runID: String, agentWait: Duration? = nil, resume: Bool = false,
+                    events: @escaping @Sendable (RunEvent) -> Void = { _ in }) async -> RunReport {
         // The audit trail names this run as who asked for every command it sends (and who started it).
         let outer = AuditContext.actor
         return await AuditContext.$actor.withValue("run:\(runID)" + (outer == "engine" ? "" : " by \(outer)")) {
-            await self.runBody(runID: runID, agentWait: agentWait, events: events)
+            await self.runBody(runID: runID, agentWait: agentWait, resume: resume, events: events)
         }
     }
 
-    private func runBody(runID: String, agentWait: Duration?, events: @escaping @Sendable (RunEvent) -> Void) async -> RunReport {
+    /// Why a run cannot be resumed.
+    public enum ResumeRefusal: Error, CustomStringConvertible, Sendable {
+        case noCatalog
+        case unknown(String)
+        case running(String, pid: Int32)
+        case finished(String, RunState)
+
+        public var description: String {
+            switch self {
+            case .noCatalog: "resuming needs the catalog the run was recorded in"
+            case .unknown(let id): "no run \"\(id)\" in the catalog (see `quiesce snapshots`)"
+            case .running(let id, let pid): "run \(id) is still running in the engine with pid \(pid); it cannot be resumed while it runs"
+            case .finished(let id, let state): "run \(id) \(state.rawValue): every instance reached its level; nothing to resume"
+            }
+        }
+    }
+
+    /// The run to resume, or why not: it must be in the catalog and not running; a run that
+    /// succeeded has nothing left to do. (Opening a SQLite catalog marks the runs of engines
+    /// that are gone `interrupted`.)
+    public static func resumable(_ runID: String, catalog: (any CatalogStore)?) throws -> RunRecord {
+        guard let catalog else { throw ResumeRefusal.noCatalog }
+        guard let run = try catalog.run(runID) else { throw ResumeRefusal.unknown(runID) }
+        switch run.state {
+        case .running: throw ResumeRefusal.running(runID, pid: run.enginePID)
+        case .succeeded: throw ResumeRefusal.finished(runID, run.state)
+        case .degraded, .failed, .interrupted: return run
+        }
+    }
+
+    /// On a resume, the outcomes the run already recorded for instances it need not run again: those
+    /// that succeeded or were downgraded — and for a consistency group, only when every member did.
+    func alreadyDone(_ runID: String) -> [String: InstanceOutcome] {
+        guard let rows = try? self.catalog?.instances(ofRun: runID) else { return [:] }
+        var done: [String: InstanceOutcome] = [:]
+        for row in rows where row.state == .succeeded || row.state == .downgraded {
+            guard let instance = self.fleet.instance(named: row.instanceID), let policy = self.fleet.policy(named: instance.policy) else { continue }
+            let group = row.groupID.flatMap { try? self.catalog?.group($0) }
+            done[row.instanceID] = InstanceOutcome(
+                instanceID: row.instanceID, policy: policy.name, wanted: row.wantedLevel, minimum: row.minimumLevel, achieved: row.achievedLevel,
+                state: row.state, reasons: row.reasons.map { "\($0.code): \($0.message)" },
+                warnings: ["already-done: backed up by an earlier attempt of run \(runID); not run again"], groupID: row.groupID,
+                disks: group?.disks.count ?? instance.disks.count, stall: group?.applicationStallUs.map { .microseconds(Int64($0)) },
+                frozen: group?.frozenUs.map { .microseconds(Int64($0)) }, snapshot: nil, duration: .zero, attempts: 0,
+                metadata: [:], vssWriters: [], consistencyGroup: group?.consistencyGroup)
+        }
+        for group in self.fleet.groups where !group.members.allSatisfy({ done[$0] != nil }) {
+            for member in group.members { done[member] = nil }
+        }
+        return done
+    }
+
+    private func runBody(runID: String, agentWait: Duration?, resume: Bool, events: @escaping @Sendable (RunEvent) -> Void) async -> RunReport {
         let started = ContinuousClock.now
+        let done = resume ? self.alreadyDone(runID) : [:]
         let begun = await self.catalogWrite { try $0.beginRun(RunRecord(id: runID, source: self.fleet.path)) }
         // Agents that never connect are reported, not waited on forever.
-        let wanted = Set(self.fleet.instances.map(\.id))
+        let wanted = Set(self.fleet.instances.map(\.id)).subtracting(done.keys)
         let wait = agentWait ?? .seconds(self.fleet.agentWaitSeconds)
         var missing = await self.engine.registry.waitFor(wanted, timeout: .zero)
         var agentWait: Duration = .zero
@@ -179,7 +237,7 @@ public final class Coordinator: Sendable {
         let rendezvous = self.rendezvous()
         var units: [[FleetFile.Instance]] = []
         var placed = Set<String>()
-        for instance in self.fleet.instances where !placed.contains(instance.id) {
+        for instance in self.fleet.instances where !placed.contains(instance.id) && done[instance.id] == nil {
             let unit = self.fleet.group(of: instance.id).map { group in group.members.compactMap { self.fleet.instance(named: $0) } } ?? [instance]
             placed.formUnion(unit.map(\.id))
             units.append(unit)
@@ -219,6 +277,10 @@ public final class Coordinator: Sendable {
                 while next < units.count, running == 0 || running + units[next].count <= limit { startNext() }
             }
             return results
+        }
+        for outcome in done.values {
+            events(.instanceFinished(outcome))
+            outcomes.append(outcome)
         }
         meanwhile.cancel()
         await meanwhile.value
@@ -523,6 +585,8 @@ public final class Coordinator: Sendable {
                     if let rendezvous { created.inStep = await rendezvous.arrive(id, at: .frozen) }
                     do {
                         created.set(try await provider.provider.createGroup(request))
+                        // Fault injection for the resume and reconcile tests: the engine dies between the provider's create and the record.
+                        if Self.exitAfterCreate == id { _exit(70) }
                     } catch {
                         if let error = error as? ProviderError { created.setError(error) }
                         await rendezvous?.leave(id)
@@ -576,7 +640,7 @@ public final class Coordinator: Sendable {
                 }
                 // The level tag only now: the thaw reply has proved it.
                 if let error = await timed("tag", {
-                    created.set(try await provider.provider.tag(group.id, Self.levelTags(result.achieved, reasons: result.reasons, metadata: result.metadata)))
+                    created.set(try await provider.provider.tag(group.id, SnapshotGroup.levelTags(result.achieved, reasons: result.reasons, metadata: result.metadata)))
                 }) {
                     outcome.warnings.append("tag-failed: the level tags of \(group.id) could not be written: \(error)")
                 }
@@ -597,6 +661,11 @@ public final class Coordinator: Sendable {
             return outcome
         }
     }
+
+    /// `QUIESCE_TEST_EXIT_AFTER_CREATE=INSTANCE`: the process exits (70) right after the provider made
+    /// that instance's group, before anything is recorded or thawed — an engine killed at the worst moment,
+    /// for the tests of `--resume` and `reconcile`. Unset in production.
+    static let exitAfterCreate = ProcessInfo.processInfo.environment["QUIESCE_TEST_EXIT_AFTER_CREATE"]
 
     /// A consistency group's verdict on one member: the group's level caps the member's (with the
     /// member whose reason brought it down); an incomplete group fails every member, whose
@@ -619,14 +688,6 @@ public final class Coordinator: Sendable {
             result.failed = true
             result.reasons.append("below-minimum: reached \(level.name) with its group, the policy needs at least \(minimum.name)")
         }
-    }
-
-    /// The tags that say what a group proved: Quiesce's, the seed's, and AWS's own VSS tooling's (`AppConsistent`).
-    static func levelTags(_ level: ConsistencyLevel, reasons: [String], metadata: [String: String]) -> [String: String] {
-        var tags = ["quiesce:level": level.name, "ConsistencyLevel": level.tagValue, "AppConsistent": level == .application ? "true" : "false"]
-        if let reason = reasons.first { tags["quiesce:reason"] = String(reason.prefix(255)) }
-        for (key, value) in metadata { tags["quiesce:" + key] = value }
-        return tags
     }
 
     enum Adoption { case done, discarded }
@@ -669,7 +730,7 @@ public final class Coordinator: Sendable {
             ? ["adopted: group \(existing.id) was made with this run's token by an earlier attempt whose record was lost; its level is from its tags"]
             : ["adopted-unproven: group \(existing.id) was made with this run's token by an earlier process, which never recorded the level it proved; recorded crash-consistent"]
         var group = existing
-        if level == nil, let tagged = try? await provider.provider.tag(existing.id, Self.levelTags(.crash, reasons: outcome.reasons, metadata: [:])) {
+        if level == nil, let tagged = try? await provider.provider.tag(existing.id, SnapshotGroup.levelTags(.crash, reasons: outcome.reasons, metadata: [:])) {
             group = tagged
         }
         if let ready = try? await provider.provider.waitUntilReady(existing.id, timeout: ProviderKinds.readyTimeout(self.fleet.provider(named: instance.provider))) {

@@ -45,11 +45,29 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
 
     public func runFleet(request: Quiesce_Admin_V1_RunFleetRequest, response: RPCWriter<Quiesce_Admin_V1_RunFleetEvent>,
                          context: ServerContext) async throws {
-        let path = request.fleetPath.isEmpty ? "(fleet)" : request.fleetPath
+        var path = request.fleetPath.isEmpty ? "(fleet)" : request.fleetPath
+        var yaml = request.fleetYaml
+        if request.resume {
+            do {
+                let run = try Coordinator.resumable(request.runID, catalog: self.catalog)
+                if yaml.isEmpty {
+                    guard let data = FileManager.default.contents(atPath: run.source) else {
+                        throw RPCError(code: .invalidArgument, message: "\(run.source): (file): cannot read the fleet file run \(request.runID) was started with; give it (--fleet)")
+                    }
+                    (yaml, path) = (String(decoding: data, as: UTF8.self), run.source)
+                }
+            } catch let refusal as Coordinator.ResumeRefusal {
+                switch refusal {
+                case .running: throw RPCError(code: .failedPrecondition, message: refusal.description)
+                case .finished: throw RPCError(code: .alreadyExists, message: refusal.description)
+                default: throw RPCError(code: .notFound, message: refusal.description)
+                }
+            }
+        }
         let fleet: FleetFile
         let providers: [String: Coordinator.Provider]
         do {
-            fleet = try FleetFile.parse(request.fleetYaml, path: path, plugins: self.plugins)
+            fleet = try FleetFile.parse(yaml, path: path, plugins: self.plugins)
             providers = try self.providers.providers(for: fleet)
         } catch let error as FleetFileError {
             throw RPCError(code: .invalidArgument, message: error.description)
@@ -64,7 +82,7 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
         try self.reserve(runID, instances: Set(fleet.instances.map(\.id)), coordinator: coordinator) {
             // Not a child of this handler: the run goes on when the client goes away.
             Task {
-                let report = await coordinator.run(runID: runID, agentWait: agentWait) { sink.yield($0.proto) }
+                let report = await coordinator.run(runID: runID, agentWait: agentWait, resume: request.resume) { sink.yield($0.proto) }
                 sink.yield(.with { $0.report = report.proto })
                 sink.finish()
                 self.logger.info("run finished", metadata: [

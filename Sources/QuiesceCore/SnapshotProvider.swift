@@ -152,6 +152,16 @@ public struct DiskSnapshot: Sendable, Codable, Hashable {
     }
 }
 
+extension SnapshotGroup {
+    /// The tags that say what a group proved: Quiesce's, the seed's, and AWS's own VSS tooling's (`AppConsistent`).
+    public static func levelTags(_ level: ConsistencyLevel, reasons: [String], metadata: [String: String]) -> [String: String] {
+        var tags = ["quiesce:level": level.name, "ConsistencyLevel": level.tagValue, "AppConsistent": level == .application ? "true" : "false"]
+        if let reason = reasons.first { tags["quiesce:reason"] = String(reason.prefix(255)) }
+        for (key, value) in metadata { tags["quiesce:" + key] = value }
+        return tags
+    }
+}
+
 public struct SnapshotGroup: Sendable, Codable, Hashable {
     public var id: String
     public var provider: String

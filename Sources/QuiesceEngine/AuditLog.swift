@@ -168,7 +168,7 @@ struct OperatorGate: ServerInterceptor {
     let logger: Logger
 
     /// Calls that act; every other call reads.
-    static let acting: Set<String> = ["RunFleet", "Restore", "Prune"]
+    static let acting: Set<String> = ["RunFleet", "Restore", "Prune", "Reconcile"]
 
     func intercept<Input: Sendable, Output: Sendable>(
         request: StreamingServerRequest<Input>, context: ServerContext,

@@ -77,6 +77,87 @@ public struct Inventory: Sendable {
         return plan
     }
 
+    /// A group a provider holds with Quiesce's tags but the catalog has no row for: an engine died
+    /// between the provider's create and the record, or the catalog was lost.
+    public struct Orphan: Sendable, Codable, Hashable {
+        public var provider: String
+        public var providerKind: String
+        public var groupID: String
+        public var runID: String
+        public var instanceID: String
+        /// What its level tag says; nil when the thaw's proof was never tagged (recorded crash on adoption).
+        public var taggedLevel: ConsistencyLevel?
+        public var createdAt: Date
+        public var disks: Int
+        /// "listed", "adopted", or "adopt-failed: why".
+        public var action: String
+    }
+
+    /// Lists every orphan at every provider this inventory knows; with `adopt`, records each in
+    /// the catalog: at the level its tag proves (the thaw reply had proved it before the engine
+    /// tagged it), or crash-consistent, tagged so, when it has no level tag — nothing proves more.
+    /// A run the catalog does not know is recorded too, as interrupted.
+    public func reconcile(adopt: Bool, wanted: (_ policy: String) -> ConsistencyLevel? = { _ in nil }) async throws
+        -> (orphans: [Orphan], unreachable: [String])
+    {
+        var orphans: [Orphan] = []
+        var unreachable: [String] = []
+        var seen = Set<String>()
+        for (name, kind) in self.providers.known {
+            let groups: [SnapshotGroup]
+            let provider: any SnapshotProvider
+            do {
+                provider = try self.providers.provider(name: name, kind: kind)
+                groups = try await provider.list(tags: [:])
+            } catch {
+                unreachable.append("\(name) (\(kind)): \(error)")
+                continue
+            }
+            for group in groups {
+                guard let runID = group.tags["quiesce:run"], let instanceID = group.tags["quiesce:instance"],
+                      seen.insert(group.id).inserted, try self.catalog.group(group.id) == nil else { continue }
+                var orphan = Orphan(provider: name, providerKind: kind, groupID: group.id, runID: runID, instanceID: instanceID,
+                                    taggedLevel: group.tags["quiesce:level"].flatMap(ConsistencyLevel.init(name:)),
+                                    createdAt: group.createdAt, disks: group.disks.count, action: "listed")
+                if adopt {
+                    do {
+                        try await self.adopt(group, orphan: orphan, provider: provider, wanted: group.tags["quiesce:policy"].flatMap(wanted))
+                        orphan.action = "adopted"
+                    } catch {
+                        orphan.action = "adopt-failed: \(error)"
+                    }
+                }
+                orphans.append(orphan)
+            }
+        }
+        return (orphans.sorted { ($0.createdAt, $0.groupID) < ($1.createdAt, $1.groupID) }, unreachable)
+    }
+
+    private func adopt(_ group: SnapshotGroup, orphan: Orphan, provider: any SnapshotProvider, wanted: ConsistencyLevel?) async throws {
+        var group = group
+        let level = orphan.taggedLevel ?? .crash
+        var reasons: [Reason]
+        if orphan.taggedLevel != nil {
+            reasons = [Reason(code: "adopted", message: "recorded by `quiesce reconcile` from the provider's level tag; the engine that made it never recorded it")]
+            if let tagged = group.tags["quiesce:reason"] {
+                let parts = tagged.split(separator: ":", maxSplits: 1)
+                reasons.insert(Reason(code: String(parts[0]), message: parts.count > 1 ? parts[1].trimmingCharacters(in: .whitespaces) : tagged), at: 0)
+            }
+        } else {
+            reasons = [Reason(code: "adopted-unproven", message: "recorded by `quiesce reconcile`: the engine that made it died before the thaw reply's proof was recorded; recorded crash-consistent")]
+            group = try await provider.tag(group.id, SnapshotGroup.levelTags(.crash, reasons: reasons.map { "\($0.code): \($0.message)" }, metadata: [:]))
+        }
+        if try self.catalog.run(orphan.runID) == nil {
+            try self.catalog.beginRun(RunRecord(id: orphan.runID, startedAt: group.createdAt, finishedAt: Date(), state: .interrupted, source: "reconcile"))
+            try self.catalog.finishRun(orphan.runID, state: .interrupted, at: Date())
+        }
+        try self.catalog.record(GroupRecord(
+            id: group.id, runID: orphan.runID, instanceID: orphan.instanceID, provider: orphan.provider, providerGroupID: group.id,
+            idempotencyToken: group.idempotencyToken.isEmpty ? "\(orphan.runID)/\(orphan.instanceID)" : group.idempotencyToken,
+            wantedLevel: max(wanted ?? level, level), achievedLevel: level, reasons: reasons, state: group.state, createdAt: group.createdAt,
+            tags: group.tags, disks: group.disks, providerKind: group.provider))
+    }
+
     /// One disk's verification.
     public struct DiskCheck: Sendable, Hashable {
         public enum Outcome: String, Sendable, Hashable {

@@ -832,13 +832,27 @@ public enum Quiesce_Admin_V1_Inventory: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "Reconcile" metadata.
+        public enum Reconcile: Sendable {
+            /// Request type for "Reconcile".
+            public typealias Input = Quiesce_Admin_V1_InventoryCommand
+            /// Response type for "Reconcile".
+            public typealias Output = Quiesce_Admin_V1_InventoryOutput
+            /// Descriptor for "Reconcile".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "quiesce.admin.v1.Inventory"),
+                method: "Reconcile",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "quiesce.admin.v1.Inventory" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Snapshots.descriptor,
             Show.descriptor,
             Verify.descriptor,
             Restore.descriptor,
-            Prune.descriptor
+            Prune.descriptor,
+            Reconcile.descriptor
         ]
     }
 }
@@ -874,7 +888,7 @@ extension Quiesce_Admin_V1_Inventory {
     /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
     /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
     /// > used), answering what the command prints and its exit code. Snapshots, Show and
-    /// > Verify read (viewer); Restore and Prune act (operator).
+    /// > Verify read (viewer); Restore, Prune and Reconcile act (operator).
     public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
         /// Handle the "Snapshots" method.
         ///
@@ -945,6 +959,24 @@ extension Quiesce_Admin_V1_Inventory {
             request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Reconcile" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Provider groups with Quiesce's tags and no catalog row; --adopt records them (operator role).
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Quiesce_Admin_V1_InventoryOutput` messages.
+        func reconcile(
+            request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput>
     }
 
     /// Service protocol for the "quiesce.admin.v1.Inventory" service.
@@ -964,7 +996,7 @@ extension Quiesce_Admin_V1_Inventory {
     /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
     /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
     /// > used), answering what the command prints and its exit code. Snapshots, Show and
-    /// > Verify read (viewer); Restore and Prune act (operator).
+    /// > Verify read (viewer); Restore, Prune and Reconcile act (operator).
     public protocol ServiceProtocol: Quiesce_Admin_V1_Inventory.StreamingServiceProtocol {
         /// Handle the "Snapshots" method.
         ///
@@ -1035,6 +1067,24 @@ extension Quiesce_Admin_V1_Inventory {
             request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>
+
+        /// Handle the "Reconcile" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Provider groups with Quiesce's tags and no catalog row; --adopt records them (operator role).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Quiesce_Admin_V1_InventoryOutput` message.
+        func reconcile(
+            request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>
     }
 
     /// Simple service protocol for the "quiesce.admin.v1.Inventory" service.
@@ -1052,7 +1102,7 @@ extension Quiesce_Admin_V1_Inventory {
     /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
     /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
     /// > used), answering what the command prints and its exit code. Snapshots, Show and
-    /// > Verify read (viewer); Restore and Prune act (operator).
+    /// > Verify read (viewer); Restore, Prune and Reconcile act (operator).
     public protocol SimpleServiceProtocol: Quiesce_Admin_V1_Inventory.ServiceProtocol {
         /// Handle the "Snapshots" method.
         ///
@@ -1123,6 +1173,24 @@ extension Quiesce_Admin_V1_Inventory {
             request: Quiesce_Admin_V1_InventoryCommand,
             context: GRPCCore.ServerContext
         ) async throws -> Quiesce_Admin_V1_InventoryOutput
+
+        /// Handle the "Reconcile" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Provider groups with Quiesce's tags and no catalog row; --adopt records them (operator role).
+        ///
+        /// - Parameters:
+        ///   - request: A `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Quiesce_Admin_V1_InventoryOutput` to respond with.
+        func reconcile(
+            request: Quiesce_Admin_V1_InventoryCommand,
+            context: GRPCCore.ServerContext
+        ) async throws -> Quiesce_Admin_V1_InventoryOutput
     }
 }
 
@@ -1185,6 +1253,17 @@ extension Quiesce_Admin_V1_Inventory.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Quiesce_Admin_V1_Inventory.Method.Reconcile.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryCommand>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryOutput>(),
+            handler: { request, context in
+                try await self.reconcile(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -1240,6 +1319,17 @@ extension Quiesce_Admin_V1_Inventory.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput> {
         let response = try await self.prune(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func reconcile(
+        request: GRPCCore.StreamingServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        let response = try await self.reconcile(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -1314,6 +1404,19 @@ extension Quiesce_Admin_V1_Inventory.SimpleServiceProtocol {
             metadata: [:]
         )
     }
+
+    public func reconcile(
+        request: GRPCCore.ServerRequest<Quiesce_Admin_V1_InventoryCommand>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput> {
+        return GRPCCore.ServerResponse<Quiesce_Admin_V1_InventoryOutput>(
+            message: try await self.reconcile(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
 }
 
 // MARK: quiesce.admin.v1.Inventory (client)
@@ -1334,7 +1437,7 @@ extension Quiesce_Admin_V1_Inventory {
     /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
     /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
     /// > used), answering what the command prints and its exit code. Snapshots, Show and
-    /// > Verify read (viewer); Restore and Prune act (operator).
+    /// > Verify read (viewer); Restore, Prune and Reconcile act (operator).
     public protocol ClientProtocol: Sendable {
         /// Call the "Snapshots" method.
         ///
@@ -1430,6 +1533,29 @@ extension Quiesce_Admin_V1_Inventory {
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result
         ) async throws -> Result where Result: Sendable
+
+        /// Call the "Reconcile" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Provider groups with Quiesce's tags and no catalog row; --adopt records them (operator role).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func reconcile<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
     }
 
     /// Generated client for the "quiesce.admin.v1.Inventory" service.
@@ -1447,7 +1573,7 @@ extension Quiesce_Admin_V1_Inventory {
     /// > operator elsewhere: the same commands as `quiesce snapshots|show|restore|prune|verify`,
     /// > given their arguments (without --catalog, --pool or --fleet: the engine's own are
     /// > used), answering what the command prints and its exit code. Snapshots, Show and
-    /// > Verify read (viewer); Restore and Prune act (operator).
+    /// > Verify read (viewer); Restore, Prune and Reconcile act (operator).
     public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
         private let client: GRPCCore.GRPCClient<Transport>
 
@@ -1608,6 +1734,40 @@ extension Quiesce_Admin_V1_Inventory {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "Reconcile" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Provider groups with Quiesce's tags and no catalog row; --adopt records them (operator role).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+        ///   - serializer: A serializer for `Quiesce_Admin_V1_InventoryCommand` messages.
+        ///   - deserializer: A deserializer for `Quiesce_Admin_V1_InventoryOutput` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func reconcile<Result>(
+            request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+            serializer: some GRPCCore.MessageSerializer<Quiesce_Admin_V1_InventoryCommand>,
+            deserializer: some GRPCCore.MessageDeserializer<Quiesce_Admin_V1_InventoryOutput>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Quiesce_Admin_V1_Inventory.Method.Reconcile.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1731,6 +1891,35 @@ extension Quiesce_Admin_V1_Inventory.ClientProtocol {
         }
     ) async throws -> Result where Result: Sendable {
         try await self.prune(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryCommand>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryOutput>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Reconcile" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Provider groups with Quiesce's tags and no catalog row; --adopt records them (operator role).
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Quiesce_Admin_V1_InventoryCommand` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func reconcile<Result>(
+        request: GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.reconcile(
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Quiesce_Admin_V1_InventoryCommand>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Quiesce_Admin_V1_InventoryOutput>(),
@@ -1882,6 +2071,39 @@ extension Quiesce_Admin_V1_Inventory.ClientProtocol {
             metadata: metadata
         )
         return try await self.prune(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Reconcile" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Provider groups with Quiesce's tags and no catalog row; --adopt records them (operator role).
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func reconcile<Result>(
+        _ message: Quiesce_Admin_V1_InventoryCommand,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Quiesce_Admin_V1_InventoryOutput>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Quiesce_Admin_V1_InventoryCommand>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.reconcile(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -69,6 +69,11 @@ public nonisolated struct Quiesce_Admin_V1_RunFleetRequest: Sendable {
   /// 0: the file's run.agent_wait_s.
   public var agentWaitS: UInt32 = 0
 
+  /// Take up run_id where it stopped (`quiesce backup --resume`): what it backed
+  /// up is not run again, the rest run with its idempotency tokens. With
+  /// fleet_yaml empty, the engine reads the fleet file the run was started with.
+  public var resume: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -557,7 +562,7 @@ nonisolated extension Quiesce_Admin_V1_InventoryOutput: SwiftProtobuf.Message, S
 
 nonisolated extension Quiesce_Admin_V1_RunFleetRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RunFleetRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}fleet_yaml\0\u{3}fleet_path\0\u{3}run_id\0\u{3}agent_wait_s\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}fleet_yaml\0\u{3}fleet_path\0\u{3}run_id\0\u{3}agent_wait_s\0\u{1}resume\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -569,6 +574,7 @@ nonisolated extension Quiesce_Admin_V1_RunFleetRequest: SwiftProtobuf.Message, S
       case 2: try { try decoder.decodeSingularStringField(value: &self.fleetPath) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.runID) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.agentWaitS) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.resume) }()
       default: break
       }
     }
@@ -587,6 +593,9 @@ nonisolated extension Quiesce_Admin_V1_RunFleetRequest: SwiftProtobuf.Message, S
     if self.agentWaitS != 0 {
       try visitor.visitSingularUInt32Field(value: self.agentWaitS, fieldNumber: 4)
     }
+    if self.resume != false {
+      try visitor.visitSingularBoolField(value: self.resume, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -595,6 +604,7 @@ nonisolated extension Quiesce_Admin_V1_RunFleetRequest: SwiftProtobuf.Message, S
     if lhs.fleetPath != rhs.fleetPath {return false}
     if lhs.runID != rhs.runID {return false}
     if lhs.agentWaitS != rhs.agentWaitS {return false}
+    if lhs.resume != rhs.resume {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

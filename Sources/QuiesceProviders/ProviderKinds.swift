@@ -104,6 +104,16 @@ public final class ProviderDirectory: @unchecked Sendable {
         self.environment = environment
     }
 
+    /// Every provider this directory knows by name (the fleet file's, then the catalog's records), with its kind;
+    /// the `--pool` given, or the default pool, when it knows none of kind local.
+    public var known: [(name: String, kind: String)] {
+        var seen: [String: String] = [:]
+        for (name, spec) in self.fleetProviders { seen[name] = spec.kind }
+        for (name, record) in self.records where seen[name] == nil { seen[name] = record.kind }
+        if !seen.values.contains("local") && (self.localPool != nil || seen.isEmpty) { seen["local"] = "local" }
+        return seen.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+    }
+
     /// The provider holding `group`.
     public func provider(name: String, kind: String) throws -> any SnapshotProvider {
         let key = "\(name)/\(kind)"

@@ -33,7 +33,7 @@ struct Quiesce: AsyncParsableCommand {
             69 the engine could not be reached.
             """,
         version: QuiesceVersion.software,
-        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Check.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, CA.self, Token.self, Audit.self]
+        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Check.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, Reconcile.self, CA.self, Token.self, Audit.self]
     )
 }
 

@@ -66,11 +66,11 @@ def fleet(bin_dir, tmp_path):
             for a in ("a-1", "a-2"):
                 agents.append(start_agent(bin_dir, port, str(w / "ca"), a, str(w / f"h-{a}")))
 
-        def backup(*extra):
+        def backup(*extra, env=None, fleet_file=True):
             proc = subprocess.Popen(
-                [q, "backup", "--fleet", str(w / "fleet.yaml"), "--listen", f"127.0.0.1:{port}", "--ca-dir", str(w / "ca"),
-                 "--catalog", str(w / "catalog.db"), "--admin-socket", str(w / "admin.sock"), *extra],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                [q, "backup", *(["--fleet", str(w / "fleet.yaml")] if fleet_file else []), "--listen", f"127.0.0.1:{port}",
+                 "--ca-dir", str(w / "ca"), "--catalog", str(w / "catalog.db"), "--admin-socket", str(w / "admin.sock"), *extra],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
             time.sleep(0.5)
             if not agents:
                 start_agents()
@@ -180,6 +180,15 @@ def test_backup_through_a_running_serve(bin_dir, fleet):
     assert "run s-first started in the engine" in err
     assert "1 downgraded" in out and "a-2" in out
 
+    # --resume through the engine, without the fleet file (the engine reads the run's own): a degraded
+    # run whose instances all finished runs nothing again and reports them from the catalog.
+    proc = subprocess.run([os.path.join(bin_dir, "quiesce"), "backup", "--engine", "--resume", "s-first", "--output", "json",
+                           "--admin-socket", str(fleet.dir / "admin.sock")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    report = [json.loads(line) for line in proc.stdout.splitlines()][-1]
+    assert all(any(w.startswith("already-done:") for w in i["warnings"]) for i in report["instances"]), report
+    assert len(snapshots(bin_dir, fleet, "s-first")) == 3
+
     # The client goes away mid-run: the run goes on in the engine and is recorded.
     gone = fleet.via_engine("--run-id", "s-gone", wait=False)
     time.sleep(1.0)
@@ -235,6 +244,78 @@ def test_backup_interrupted_stops_starting_and_records_the_run(bin_dir, fleet):
     with sqlite3.connect(w / "catalog.db") as db:
         state, finished = db.execute("SELECT state, finished_at FROM runs WHERE id = 'r-int'").fetchone()
     assert finished is not None and state != "running", state
+
+
+def reconcile(bin_dir, fleet, *extra):
+    proc = subprocess.run([os.path.join(bin_dir, "quiesce"), "reconcile", "--catalog", str(fleet.dir / "catalog.db"),
+                           "--pool", str(fleet.dir / "pool" / "q"), *extra], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def die_after_creating_a2(fleet, run):
+    """One instance at a time (a-1, a-2, a-3); the engine dies right after the provider made a-2's group,
+    before anything about it is recorded: a-1 is done, a-2's group exists only at the provider, a-3 never started."""
+    text = (fleet.dir / "fleet.yaml").read_text()
+    (fleet.dir / "fleet.yaml").write_text(text.replace("run: { agent_wait_s: 3 }", "run: { agent_wait_s: 3, concurrency: 1 }"))
+    code, out, err = fleet.backup("--run-id", run, "--output", "json", env={"QUIESCE_TEST_EXIT_AFTER_CREATE": "a-2"})
+    assert code == 70, out + err
+    done = [json.loads(line) for line in out.splitlines() if '"finished"' in line]
+    assert [e["instance"] for e in done] == ["a-1"], out
+
+
+def test_resume_finishes_an_interrupted_run_without_duplicates(bin_dir, fleet):
+    die_after_creating_a2(fleet, "r-res")
+    with sqlite3.connect(fleet.dir / "catalog.db") as db:
+        assert db.execute("SELECT state FROM runs WHERE id = 'r-res'").fetchone()[0] == "running"  # the engine died
+    # reconcile sees the group the engine never recorded.
+    code, out, err = reconcile(bin_dir, fleet, "--output", "json")
+    assert code == 2, out + err
+    orphans = json.loads(out)["orphans"]
+    assert [(o["instanceID"], o["runID"], o["taggedLevel"] if "taggedLevel" in o else None, o["action"]) for o in orphans] == [("a-2", "r-res", None, "listed")]
+
+    # --resume: the fleet file the run was started with, a-1 not run again, a-2's group adopted (no second one), a-3 backed up.
+    code, out, err = fleet.backup("--resume", "r-res", "--output", "json", fleet_file=False)
+    assert code == 2, out + err  # a-2: crash-consistent below its wanted application
+    report = [json.loads(line) for line in out.splitlines()][-1]
+    by = {i["instance"]: i for i in report["instances"]}
+    assert any(w.startswith("already-done: backed up by an earlier attempt of run r-res") for w in by["a-1"]["warnings"]), by["a-1"]
+    assert by["a-1"]["achieved"] == "application" and by["a-1"]["state"] == "succeeded"
+    assert by["a-2"]["group"] == orphans[0]["groupID"], "a-2's group was made again"
+    assert by["a-2"]["achieved"] == "crash" and by["a-2"]["reasons"][0].startswith("adopted-unproven"), by["a-2"]
+    assert by["a-3"]["achieved"] == "crash" and by["a-3"]["state"] == "succeeded"
+    listed = snapshots(bin_dir, fleet, "r-res")
+    assert sorted(g["instanceID"] for g in listed) == ["a-1", "a-2", "a-3"]
+    # Exactly one group per instance at the provider for this run, and none left out of the catalog.
+    groups = [json.loads((d / "group.json").read_text()) for d in (fleet.dir / "pool" / "q" / "snapshots").iterdir() if (d / "group.json").exists()]
+    mine = [g for g in groups if g["tags"].get("quiesce:run") == "r-res"]
+    assert sorted(g["tags"]["quiesce:instance"] for g in mine) == ["a-1", "a-2", "a-3"]
+    assert reconcile(bin_dir, fleet)[0] == 0
+    with sqlite3.connect(fleet.dir / "catalog.db") as db:
+        assert db.execute("SELECT state FROM runs WHERE id = 'r-res'").fetchone()[0] == "degraded"
+
+    # Nothing left to resume, and a run the catalog never saw: said plainly.
+    code, out, err = fleet.backup("--resume", "r-res", "--run-id", "x")
+    assert code == 64 and "--resume: the run's id is its own" in err
+    proc = subprocess.run([os.path.join(bin_dir, "quiesce"), "backup", "--resume", "r-nope", "--catalog", str(fleet.dir / "catalog.db")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and 'no run "r-nope" in the catalog' in proc.stderr, proc.stderr
+    for m in fleet.mounts:
+        subprocess.run(["timeout", "5", "sh", "-c", f"echo x > {m}/after"], check=True)
+
+
+def test_reconcile_adopts_what_the_catalog_never_recorded(bin_dir, fleet):
+    die_after_creating_a2(fleet, "r-orphan")
+    code, out, err = reconcile(bin_dir, fleet)
+    assert code == 2 and "a-2" in out and "(none: crash)" in out and "quiesce reconcile --adopt" in out, out + err
+    code, out, err = reconcile(bin_dir, fleet, "--adopt", "--fleet", str(fleet.dir / "fleet.yaml"))
+    assert code == 0 and "1 adopted, 0 not" in out, out + err
+    rows = {g["instanceID"]: g for g in snapshots(bin_dir, fleet, "r-orphan")}
+    assert rows["a-2"]["achievedLevel"] == 0 and rows["a-2"]["wantedLevel"] == 2  # crash, application
+    assert rows["a-2"]["reasons"][0]["code"] == "adopted-unproven"
+    assert rows["a-2"]["tags"]["quiesce:level"] == "crash", "the provider's level tag says what was recorded"
+    assert reconcile(bin_dir, fleet)[0] == 0
+    for m in fleet.mounts:
+        subprocess.run(["timeout", "5", "sh", "-c", f"echo x > {m}/after"], check=True)
 
 
 def test_backup_engine_flag_refuses_one_shot_options_and_says_when_no_engine(bin_dir, tmp_path):

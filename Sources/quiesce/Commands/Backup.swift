@@ -31,6 +31,12 @@ struct Backup: AsyncParsableCommand {
             rate limit (before anything is frozen) → quiesce → snapshot group → thaw → the \
             level the thaw reply proves → tags and catalog.
 
+            --resume RUN takes up a run that was interrupted (the engine killed, the machine \
+            rebooted) or that failed: instances it backed up are reported from the catalog \
+            and not run again; the rest run with the run's idempotency tokens, so a snapshot \
+            group the provider made before the engine died is adopted, never made twice. \
+            Without --fleet, the fleet file the run was started with.
+
             Exit codes: 0 every instance at its wanted level; 2 some downgraded, none below \
             its minimum; 3 some failed (below the minimum, no agent, no snapshot); 1 error; \
             64 bad usage; 65 the fleet file has problems (each printed with file:line:column); \
@@ -38,8 +44,10 @@ struct Backup: AsyncParsableCommand {
             for now (an instance is in another run, or it is shutting down).
             """)
 
-    @Option(help: ArgumentHelp("The fleet file (YAML): providers, policies, instances.", valueName: "file"))
-    var fleet: String
+    @Option(help: ArgumentHelp("The fleet file (YAML): providers, policies, instances. With --resume: default the run's own.", valueName: "file"))
+    var fleet: String?
+    @Option(help: ArgumentHelp("Take up this interrupted or failed run where it stopped.", valueName: "run-id"))
+    var resume: String?
     @Flag(help: "Run through the running `quiesce serve` at --admin-socket instead of starting an engine here.")
     var engine = false
     @Option(help: ArgumentHelp("Where agents dial in (mutual TLS). One shot only; default 127.0.0.1:7443.", valueName: "host:port"))
@@ -66,6 +74,11 @@ struct Backup: AsyncParsableCommand {
         if let id = self.runID, let problem = Coordinator.runIDProblem(id) {
             throw ValidationError("--run-id: \(problem)")
         }
+        if let id = self.resume, let problem = Coordinator.runIDProblem(id) {
+            throw ValidationError("--resume: \(problem)")
+        }
+        if self.resume != nil && self.runID != nil { throw ValidationError("--resume: the run's id is its own; leave out --run-id") }
+        if self.fleet == nil && self.resume == nil { throw ValidationError("missing --fleet (the fleet file to back up)") }
         if let wait = self.agentWaitSeconds, !(0...86_400).contains(wait) {
             throw ValidationError("--agent-wait-s: expected 0 to 86400, found \(wait)")
         }
@@ -97,16 +110,30 @@ struct Backup: AsyncParsableCommand {
     func runHere(_ printer: RunPrinter) async throws -> RunReport {
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
+        let (catalog, _) = try openCatalog(self.catalog)
+        var fleetPath = self.fleet ?? ""
+        if let resume = self.resume {
+            do {
+                let run = try Coordinator.resumable(resume, catalog: catalog)
+                if self.fleet == nil { fleetPath = run.source }
+            } catch let refusal as Coordinator.ResumeRefusal {
+                printError(refusal.description)
+                switch refusal {
+                case .finished: throw ExitCode(0)
+                case .running: throw ExitCode(75)
+                default: throw ExitStatus.failure
+                }
+            }
+        }
         let fleet: FleetFile
         let providers: [String: Coordinator.Provider]
         do {
-            fleet = try FleetFile.load(self.fleet, plugins: registry)
+            fleet = try FleetFile.load(fleetPath, plugins: registry)
             providers = try ProviderSet().providers(for: fleet)
         } catch let error as FleetFileError {
             for problem in error.problems { printError("\(problem)") }
             throw ExitCode(65)
         }
-        let (catalog, _) = try openCatalog(self.catalog)
         let engine = try makeEngine(listen: try ListenAddress(parsing: self.listen ?? "127.0.0.1:7443"), caDir: self.caDir, admin: self.admin)
         let engineTask = Task { try await engine.run() }
         defer {
@@ -116,12 +143,13 @@ struct Backup: AsyncParsableCommand {
         do {
             let address = try await engine.listeningAddress()
             printer.emit(["event": "engine", "listen": "\(address)", "instances": fleet.instances.count],
-                         text: "quiesce: engine listening on \(address); \(fleet.instances.count) instances in \(self.fleet)")
+                         text: "quiesce: engine listening on \(address); \(fleet.instances.count) instances in \(fleetPath)"
+                             + (self.resume.map { "; resuming run \($0)" } ?? ""))
         } catch {
             printError("the engine did not start: \(error)")
             throw ExitStatus.failure
         }
-        let runID = self.runID ?? Coordinator.newRunID()
+        let runID = self.resume ?? self.runID ?? Coordinator.newRunID()
         printer.start(total: fleet.instances.count)
         let coordinator = Coordinator(engine: engine, plugins: registry, providers: providers, catalog: catalog, fleet: fleet)
         // Ctrl-C (or SIGTERM) once: no new instance starts, those being backed up finish
@@ -138,15 +166,22 @@ struct Backup: AsyncParsableCommand {
             printError("stopping: instances being backed up finish, no new ones start (\(name) again to stop now)")
         }
         defer { signals.forEach { $0.cancel() } }
-        return await coordinator.run(runID: runID, agentWait: self.agentWaitSeconds.map { .seconds($0) }) { printer.handle($0) }
+        return await coordinator.run(runID: runID, agentWait: self.agentWaitSeconds.map { .seconds($0) }, resume: self.resume != nil) {
+            printer.handle($0)
+        }
     }
 
     /// Through a running `quiesce serve`: the engine checks the file, runs, and streams the events.
     func runInEngine(_ printer: RunPrinter) async throws -> RunReport {
-        let path = URL(fileURLWithPath: self.fleet).standardizedFileURL.path
-        guard let data = FileManager.default.contents(atPath: path) else {
-            printError("\(self.fleet): (file): cannot read the fleet file")
-            throw ExitCode(65)
+        // Resuming without --fleet: the engine reads the file the run was started with.
+        let path = self.fleet.map { URL(fileURLWithPath: $0).standardizedFileURL.path } ?? ""
+        var data = Data()
+        if let fleet = self.fleet {
+            guard let read = FileManager.default.contents(atPath: path) else {
+                printError("\(fleet): (file): cannot read the fleet file")
+                throw ExitCode(65)
+            }
+            data = read
         }
         let remote = try self.remote.transport()
         guard remote != nil || FileManager.default.fileExists(atPath: self.admin.socketPath) else {
@@ -156,8 +191,9 @@ struct Backup: AsyncParsableCommand {
         let request = Quiesce_Admin_V1_RunFleetRequest.with {
             $0.fleetYaml = String(decoding: data, as: UTF8.self)
             $0.fleetPath = path
-            $0.runID = self.runID ?? ""
+            $0.runID = self.resume ?? self.runID ?? ""
             $0.agentWaitS = UInt32(self.agentWaitSeconds ?? 0)
+            $0.resume = self.resume != nil
         }
         let socket = remote?.1 ?? self.admin.socketPath
         do {
@@ -196,9 +232,15 @@ struct Backup: AsyncParsableCommand {
             case .invalidArgument:
                 for line in error.message.split(separator: "\n") { printError(String(line)) }
                 throw ExitCode(65)
+            case .alreadyExists where self.resume != nil && error.message.hasSuffix("nothing to resume"):
+                printError(error.message)
+                throw ExitCode(0)
             case .failedPrecondition, .alreadyExists:
                 printError(error.message)
                 throw ExitCode(75)
+            case .notFound:
+                printError(error.message)
+                throw ExitStatus.failure
             case .unimplemented:
                 printError("the engine at \(socket) does not run fleets (it was started without them; use `quiesce serve`)")
                 throw ExitStatus.failure

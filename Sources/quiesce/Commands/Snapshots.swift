@@ -110,6 +110,7 @@ extension InventoryCommandRunnable {
             case "Show": return try await inventory.show(request)
             case "Verify": return try await inventory.verify(request)
             case "Restore": return try await inventory.restore(request)
+            case "Reconcile": return try await inventory.reconcile(request)
             default: return try await inventory.prune(request)
             }
         }
@@ -165,6 +166,9 @@ struct InventoryService: Quiesce_Admin_V1_Inventory.SimpleServiceProtocol {
     }
     func prune(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
         await Self.execute(Prune.self, request, self.inventory)
+    }
+    func reconcile(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
+        await Self.execute(Reconcile.self, request, self.inventory)
     }
 }
 
@@ -389,4 +393,63 @@ struct Verify: InventoryCommandRunnable {
         if checks.contains(where: { $0.outcome != .ok && $0.outcome != .okAfterRecovery }) { out.exitCode = 1 }
         return out
     }
+}
+
+struct Reconcile: InventoryCommandRunnable {
+    static let remoteMethod = "Reconcile"
+    static let configuration = CommandConfiguration(
+        abstract: "Find snapshot groups a provider holds with Quiesce's tags but the catalog never recorded; adopt them.",
+        discussion: """
+            An engine that died between a provider's create and its catalog write (or a lost catalog) \
+            leaves groups only the provider knows. This lists them, for every provider the catalog \
+            (or --fleet) names. With --adopt each is recorded: at the level its quiesce:level tag says \
+            (the thaw reply had proved it before the tag was written), or crash-consistent, and tagged \
+            so, when it has none.
+
+            Exit codes: 0 nothing left unrecorded; 2 groups found and not recorded (listed, or their \
+            adoption failed); 1 a provider could not be listed.
+            """)
+
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var remote: RemoteAdminOptions
+    @Flag(help: "Record every group found in the catalog.")
+    var adopt = false
+    @Option(help: "Output format: table or json.")
+    var output: OutputFormat = .table
+
+    func run() async throws { try await self.runHereOrRemotely() }
+
+    func render(_ inventory: Inventory) async throws -> CommandOutput {
+        var out = CommandOutput()
+        let fleet = self.store.fleet.flatMap { try? FleetFile.load($0) }
+        let result = try await inventory.reconcile(adopt: self.adopt) { name in fleet?.policy(named: name)?.wanted }
+        if self.output == .json {
+            out.line(try encodeJSON(ReconcileReport(orphans: result.orphans, unreachable: result.unreachable)))
+        } else if result.orphans.isEmpty {
+            out.line("every group the providers hold with Quiesce's tags is in the catalog")
+        } else {
+            var table = TextTable(headers: ["GROUP", "PROVIDER", "RUN", "INSTANCE", "CREATED", "LEVEL TAG", "DISKS", "ACTION"])
+            let formatter = ISO8601DateFormatter()
+            for orphan in result.orphans {
+                table.append([orphan.groupID, orphan.provider, orphan.runID, orphan.instanceID, formatter.string(from: orphan.createdAt),
+                              orphan.taggedLevel?.name ?? "(none: crash)", "\(orphan.disks)", orphan.action])
+            }
+            out.line(table.render())
+            let left = result.orphans.filter { $0.action != "adopted" }.count
+            out.line(self.adopt ? "\(result.orphans.count - left) adopted, \(left) not" : "\(left) not in the catalog; `quiesce reconcile --adopt` records them")
+        }
+        for problem in result.unreachable { out.line("unreachable: \(problem)") }
+        if !result.unreachable.isEmpty {
+            out.exitCode = 1
+        } else if result.orphans.contains(where: { $0.action != "adopted" }) {
+            out.exitCode = 2
+        }
+        return out
+    }
+}
+
+/// `quiesce reconcile --output json`.
+struct ReconcileReport: Encodable {
+    var orphans: [Inventory.Orphan]
+    var unreachable: [String]
 }
