@@ -35,6 +35,8 @@ public struct InstanceOutcome: Sendable {
     public var vssWriters: [String] = []
     /// The consistency group across instances it was backed up in.
     public var consistencyGroup: String?
+    /// Older groups of this instance its policy's retention deleted after the run.
+    public var pruned: [String] = []
 }
 
 /// Progress, as it happens (for a progress bar or JSON lines).
@@ -287,6 +289,11 @@ public final class Coordinator: Sendable {
         let settleWarnings = await self.settle(events: events)
         let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
         for index in outcomes.indices { outcomes[index].warnings += settleWarnings[outcomes[index].instanceID] ?? [] }
+        let retention = await self.applyRetention()
+        for index in outcomes.indices {
+            outcomes[index].pruned = retention.pruned[outcomes[index].instanceID] ?? []
+            outcomes[index].warnings += retention.warnings[outcomes[index].instanceID] ?? []
+        }
         var report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
                                makespan: .now - started, agentWait: agentWait)
         let state = report.runState
@@ -660,6 +667,43 @@ public final class Coordinator: Sendable {
             }
             return outcome
         }
+    }
+
+    /// Each policy's retention, after the run: per instance, the groups its rules do not keep are
+    /// deleted at their provider, then from the catalog (never the newest application-consistent
+    /// one, never one still pending). Only groups of this fleet's providers are touched.
+    func applyRetention(now: Date = Date()) async -> (pruned: [String: [String]], warnings: [String: [String]]) {
+        guard let catalog = self.catalog else { return ([:], [:]) }
+        var pruned: [String: [String]] = [:]
+        var warnings: [String: [String]] = [:]
+        for instance in self.fleet.instances {
+            guard let rules = self.fleet.policy(named: instance.policy)?.retention else { continue }
+            let groups: [GroupRecord]
+            do {
+                groups = try await DedicatedThread.run(name: "quiesce-catalog") { try catalog.groups(GroupFilter(instanceID: instance.id)) }
+            } catch {
+                warnings[instance.id, default: []].append("retention-failed: the catalog could not be read: \(error)")
+                continue
+            }
+            let ours = groups.filter { self.providers[$0.provider]?.provider.kind == $0.providerKind }
+            let plan = rules.plan(ours.map { .init(id: $0.id, instanceID: $0.instanceID, createdAt: $0.createdAt, level: $0.achievedLevel, pending: $0.state == .pending) },
+                                  now: now)
+            for item in plan.delete {
+                guard let group = ours.first(where: { $0.id == item.id }), let provider = self.providers[group.provider] else { continue }
+                do {
+                    do {
+                        try await provider.provider.delete(group.providerGroupID)
+                    } catch ProviderError.notFound {
+                        // Gone from the provider already: the row goes too.
+                    }
+                    if let error = await self.catalogWrite({ try $0.deleteGroup(group.id) }) { throw error }
+                    pruned[instance.id, default: []].append(group.id)
+                } catch {
+                    warnings[instance.id, default: []].append("retention-failed: group \(group.id) could not be deleted: \(error)")
+                }
+            }
+        }
+        return (pruned, warnings)
     }
 
     /// `QUIESCE_TEST_EXIT_AFTER_CREATE=INSTANCE`: the process exits (70) right after the provider made

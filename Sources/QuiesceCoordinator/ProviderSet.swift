@@ -18,8 +18,14 @@ public final class ProviderSet: Sendable {
 
     private let cache = Mutex<[Key: Coordinator.Provider]>([:])
     private let environment: [String: String]
+    /// Wraps every provider built (the engine's metrics count their calls), given the fleet's name for it.
+    private let wrap: @Sendable (any SnapshotProvider, String) -> any SnapshotProvider
 
-    public init(environment: [String: String] = ProcessInfo.processInfo.environment) { self.environment = environment }
+    public init(environment: [String: String] = ProcessInfo.processInfo.environment,
+                wrap: @escaping @Sendable (any SnapshotProvider, String) -> any SnapshotProvider = { provider, _ in provider }) {
+        self.environment = environment
+        self.wrap = wrap
+    }
 
     /// The fleet's providers by name.
     /// - Throws: `FleetFileError` naming the file, line and provider when one cannot be built
@@ -35,7 +41,7 @@ public final class ProviderSet: Sendable {
                 continue
             }
             do {
-                let provider = try ProviderKinds.make(spec, environment: self.environment)
+                let provider = self.wrap(try ProviderKinds.make(spec, environment: self.environment), spec.name)
                 let made = Coordinator.Provider(provider: provider, bucket: TokenBucket(burst: spec.burst, perSecond: spec.perSecond),
                                                 record: ProviderKinds.record(spec))
                 result[spec.name] = self.cache.withLock { cache in

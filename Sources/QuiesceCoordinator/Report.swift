@@ -18,6 +18,7 @@ extension InstanceOutcome {
         if !self.metadata.isEmpty { item["metadata"] = self.metadata }
         if !self.vssWriters.isEmpty { item["vss_writers"] = self.vssWriters }
         if let group = self.consistencyGroup { item["consistency_group"] = group }
+        if !self.pruned.isEmpty { item["pruned"] = self.pruned }
         return item
     }
 }
@@ -90,6 +91,11 @@ extension RunReport {
         for outcome in self.instances where !outcome.vssWriters.isEmpty {
             text += "\n\n\(outcome.instanceID) VSS writers:"
             for writer in outcome.vssWriters { text += "\n  \(writer)" }
+        }
+        let pruned = self.instances.filter { !$0.pruned.isEmpty }
+        if !pruned.isEmpty {
+            text += "\n\nRetention deleted \(pruned.map(\.pruned.count).reduce(0, +)) older group(s): "
+                + pruned.map { "\($0.instanceID) \($0.pruned.joined(separator: ", "))" }.joined(separator: "; ")
         }
         let counts = Dictionary(grouping: self.instances, by: \.state).mapValues(\.count)
         text += "\n\n" + [InstanceRecord.State.succeeded, .downgraded, .failed].map { "\(counts[$0] ?? 0) \($0.rawValue)" }.joined(separator: ", ")

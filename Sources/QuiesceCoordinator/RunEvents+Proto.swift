@@ -27,6 +27,7 @@ extension InstanceOutcome {
             $0.attempts = UInt32(self.attempts)
             $0.vssWriters = self.vssWriters
             $0.consistencyGroup = self.consistencyGroup ?? ""
+            $0.pruned = self.pruned
         }
     }
 
@@ -48,7 +49,7 @@ extension InstanceOutcome {
             stall: proto.stallUs < 0 ? nil : .microseconds(proto.stallUs), frozen: proto.frozenUs < 0 ? nil : .microseconds(proto.frozenUs),
             snapshot: proto.snapshotUs < 0 ? nil : .microseconds(proto.snapshotUs),
             duration: .microseconds(proto.durationUs), attempts: Int(proto.attempts), vssWriters: proto.vssWriters,
-            consistencyGroup: proto.consistencyGroup.isEmpty ? nil : proto.consistencyGroup)
+            consistencyGroup: proto.consistencyGroup.isEmpty ? nil : proto.consistencyGroup, pruned: proto.pruned)
     }
 }
 

@@ -21,6 +21,8 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
     let catalog: (any CatalogStore)?
     let providers: ProviderSet
     let logger: Logger
+    /// Hears every run's report, when it is recorded (the metrics).
+    let finished: @Sendable (RunReport) -> Void
     private let state = Mutex<State>(State())
 
     private struct State {
@@ -35,7 +37,8 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
     }
 
     public init(engine: Engine, plugins: PluginRegistry, catalog: (any CatalogStore)?, providers: ProviderSet = ProviderSet(),
-                logger: Logger = Logger(label: "quiesce.runs")) {
+                logger: Logger = Logger(label: "quiesce.runs"), finished: @escaping @Sendable (RunReport) -> Void = { _ in }) {
+        self.finished = finished
         self.engine = engine
         self.plugins = plugins
         self.catalog = catalog
@@ -85,6 +88,7 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
                 let report = await coordinator.run(runID: runID, agentWait: agentWait, resume: request.resume) { sink.yield($0.proto) }
                 sink.yield(.with { $0.report = report.proto })
                 sink.finish()
+                self.finished(report)
                 self.logger.info("run finished", metadata: [
                     "run": "\(runID)", "exit_code": "\(report.exitCode)", "makespan_ms": "\(report.makespan.milliseconds)",
                 ])
@@ -106,6 +110,33 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
             // A client that went away ends this loop with an error; the run goes on.
             try await response.write(event)
         }
+    }
+
+    /// A run a schedule fired (`quiesce serve --fleet FILE`): admitted like any other (refused
+    /// while one of its instances is in another run), recorded in the catalog, its audit entries
+    /// naming the schedule. `finished` hears its report.
+    public func startScheduled(fleet: FleetFile, runID: String, schedule: String,
+                               finished: @escaping @Sendable (RunReport) -> Void = { _ in }) throws -> Task<RunReport, Never> {
+        let providers = try self.providers.providers(for: fleet)
+        let coordinator = Coordinator(engine: self.engine, plugins: self.plugins, providers: providers, catalog: self.catalog, fleet: fleet)
+        var started: Task<RunReport, Never>?
+        try self.reserve(runID, instances: Set(fleet.instances.map(\.id)), coordinator: coordinator) {
+            let task = Task {
+                let report = await AuditContext.$actor.withValue("schedule:\(schedule)") {
+                    await coordinator.run(runID: runID) { _ in }
+                }
+                self.logger.info("scheduled run finished", metadata: [
+                    "schedule": "\(schedule)", "run": "\(runID)", "exit_code": "\(report.exitCode)", "makespan_ms": "\(report.makespan.milliseconds)",
+                ])
+                self.finished(report)
+                _ = self.state.withLock { $0.runs.removeValue(forKey: runID) }
+                finished(report)
+                return report
+            }
+            started = task
+            return task
+        }
+        return started!
     }
 
     /// Admits the run (or throws why not) and starts it, in one step: a run is never

@@ -23,6 +23,9 @@ import Yams
 ///       - { id: db-1, policy: app, provider: aws, ec2_instance: i-0abc12345def67890, exclude_boot_volume: true }
 ///     groups:
 ///       shop: { members: [db-1, db-2], barrier_ms: 2000 }
+///     schedules:
+///       nightly: { cron: "30 2 * * *", time_zone: Europe/Berlin }
+///       db-hourly: { cron: "0 * * * *", instances: [db-*] }
 ///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, planning: 2 }
 public struct FleetFile: Sendable {
     public struct Provider: Sendable, Equatable {
@@ -57,6 +60,8 @@ public struct FleetFile: Sendable {
         public var retries: Int
         public var options: [String: OptionInput]
         public var line: Int
+        /// Which of its instances' groups to keep, applied after each run; nil: keep every group.
+        public var retention: RetentionRules? = nil
     }
 
     public struct Instance: Sendable, Equatable {
@@ -91,12 +96,57 @@ public struct FleetFile: Sendable {
         }
     }
 
+    /// When `quiesce serve --fleet FILE` backs the fleet (or part of it) up by itself.
+    public struct Schedule: Sendable, Equatable {
+        public var name: String
+        public var cron: CronSchedule
+        /// Which instances (`*` patterns); empty: all of them.
+        public var instances: [String]
+        public var line: Int
+
+        public init(name: String, cron: CronSchedule, instances: [String] = [], line: Int = 0) {
+            self.name = name
+            self.cron = cron
+            self.instances = instances
+            self.line = line
+        }
+
+        public func includes(_ instanceID: String) -> Bool {
+            self.instances.isEmpty || self.instances.contains { FleetFile.matches(instanceID, pattern: $0) }
+        }
+    }
+
+    /// Whether `text` matches `pattern`, where `*` stands for any run of characters.
+    public static func matches(_ text: String, pattern: String) -> Bool {
+        let parts = pattern.split(separator: "*", omittingEmptySubsequences: false)
+        guard parts.count > 1 else { return text == pattern }
+        var rest = Substring(text)
+        guard rest.hasPrefix(parts[0]) else { return false }
+        rest = rest.dropFirst(parts[0].count)
+        for (index, part) in parts.dropFirst().enumerated() {
+            if index == parts.count - 2 { return part.isEmpty || rest.hasSuffix(part) }
+            guard !part.isEmpty else { continue }
+            guard let range = rest.range(of: part) else { return false }
+            rest = rest[range.upperBound...]
+        }
+        return true
+    }
+
+    /// This fleet with only the instances `schedule` names (and the groups and providers they use).
+    public func only(_ schedule: Schedule) -> FleetFile {
+        var subset = self
+        subset.instances = self.instances.filter { schedule.includes($0.id) }
+        subset.groups = self.groups.filter { group in group.members.allSatisfy { schedule.includes($0) } }
+        return subset
+    }
+
     public var path: String
     public var providers: [Provider]
     public var policies: [Policy]
     public var instances: [Instance]
     /// Consistency groups across instances.
     public var groups: [Group] = []
+    public var schedules: [Schedule] = []
     /// Instances snapshotted at once.
     public var concurrency: Int
     /// How many instances may be quiesced (frozen, or holding their application) at once.
@@ -171,7 +221,7 @@ extension FleetFile {
                                                          message: "expected a mapping with providers, policies and instances, found \(Reader.kind(root))")])
         }
         var fleet = FleetFile(path: path, providers: [], policies: [], instances: [], concurrency: 16, agentWaitSeconds: 60)
-        let fields = reader.fields(top, at: "(top level)", allowed: ["providers", "policies", "instances", "run", "groups"])
+        let fields = reader.fields(top, at: "(top level)", allowed: ["providers", "policies", "instances", "run", "groups", "schedules"])
 
         if let providers = fields["providers"], let mapping = reader.mapping(providers, at: "providers") {
             let allKinds = ProviderKindSpec.builtIn
@@ -208,7 +258,7 @@ extension FleetFile {
                 guard let name = reader.name(key, at: "policies") else { continue }
                 let field = "policies.\(name)"
                 guard let body = reader.mapping(value, at: field) else { continue }
-                let f = reader.fields(body, at: field, allowed: ["plugin", "wanted", "minimum", "freeze_budget_ms", "retries", "options"])
+                let f = reader.fields(body, at: field, allowed: ["plugin", "wanted", "minimum", "freeze_budget_ms", "retries", "options", "retention"])
                 let plugin = reader.string(f["plugin"], at: field + ".plugin", required: true) ?? ""
                 let wanted = reader.level(f["wanted"], at: field + ".wanted") ?? .application
                 let minimum = reader.level(f["minimum"], at: field + ".minimum") ?? .crash
@@ -227,7 +277,8 @@ extension FleetFile {
                 }
                 let options = reader.options(f["options"], at: field + ".options", plugin: loaded)
                 fleet.policies.append(.init(name: name, plugin: plugin, wanted: wanted, minimum: minimum, freezeBudgetMs: UInt32(budget),
-                                            retries: retries, options: options, line: Reader.line(key)))
+                                            retries: retries, options: options, line: Reader.line(key),
+                                            retention: f["retention"].flatMap { reader.retention($0, at: field + ".retention") }))
             }
         } else if fields["policies"] == nil {
             reader.problem(root, "policies", "missing: a fleet needs at least one policy")
@@ -303,12 +354,87 @@ extension FleetFile {
         if let groups = fields["groups"], let mapping = reader.mapping(groups, at: "groups") {
             reader.groups(mapping, into: &fleet)
         }
+        if let schedules = fields["schedules"], let mapping = reader.mapping(schedules, at: "schedules") {
+            reader.schedules(mapping, into: &fleet)
+        }
         guard reader.problems.isEmpty else { throw FleetFileError(problems: reader.problems) }
         return fleet
     }
 }
 
 extension Reader {
+    /// `retention: { keep_last: N, keep_within: 7d, daily: N, weekly: N, monthly: N, time_zone: Area/City }`.
+    mutating func retention(_ node: Node, at field: String) -> RetentionRules? {
+        guard let body = self.mapping(node, at: field) else { return nil }
+        let f = self.fields(body, at: field, allowed: ["keep_last", "keep_within", "daily", "weekly", "monthly", "time_zone"])
+        var rules = RetentionRules()
+        rules.keepLast = self.int(f["keep_last"], at: field + ".keep_last", range: 0...100_000) ?? 0
+        rules.daily = self.int(f["daily"], at: field + ".daily", range: 0...100_000) ?? 0
+        rules.weekly = self.int(f["weekly"], at: field + ".weekly", range: 0...100_000) ?? 0
+        rules.monthly = self.int(f["monthly"], at: field + ".monthly", range: 0...100_000) ?? 0
+        if let within = f["keep_within"], let text = self.string(within, at: field + ".keep_within", required: true) {
+            if let duration = parseDuration(text) {
+                rules.keepWithin = duration
+            } else {
+                self.problem(within, field + ".keep_within", "expected a duration such as 36h, 7d or 2w, found \"\(text)\"")
+            }
+        }
+        if let zone = f["time_zone"], let text = self.string(zone, at: field + ".time_zone", required: true) {
+            if let found = TimeZone(identifier: text) { rules.timeZone = found } else {
+                self.problem(zone, field + ".time_zone", "expected an IANA time zone (e.g. Europe/Berlin, UTC), found \"\(text)\"")
+            }
+        }
+        if !rules.keepsSomething && self.problems.isEmpty {
+            self.problem(node, field, "expected at least one of keep_last, keep_within, daily, weekly, monthly above 0; as written it keeps only the newest application-consistent group")
+        }
+        return rules
+    }
+
+    /// `schedules: { NAME: { cron: "M H DoM Mon DoW", time_zone: Area/City, instances: [pattern, …] } }`.
+    mutating func schedules(_ mapping: Node.Mapping, into fleet: inout FleetFile) {
+        for (key, value) in mapping {
+            guard let name = self.name(key, at: "schedules") else { continue }
+            let field = "schedules.\(name)"
+            guard let body = self.mapping(value, at: field) else { continue }
+            let f = self.fields(body, at: field, allowed: ["cron", "time_zone", "instances"])
+            var zone = TimeZone(identifier: "UTC")!
+            if let node = f["time_zone"], let text = self.string(node, at: field + ".time_zone", required: true) {
+                if let found = TimeZone(identifier: text) {
+                    zone = found
+                } else {
+                    self.problem(node, field + ".time_zone", "expected an IANA time zone (e.g. Europe/Berlin, UTC), found \"\(text)\"")
+                }
+            }
+            guard let cronNode = f["cron"] else {
+                self.problem(value, field + ".cron", "missing: when to run, as a cron expression (e.g. \"30 2 * * *\")")
+                continue
+            }
+            guard let text = self.string(cronNode, at: field + ".cron", required: true) else { continue }
+            let cron: CronSchedule
+            do {
+                cron = try CronSchedule(text, timeZone: zone)
+            } catch {
+                self.problem(cronNode, field + ".cron", "\(error)")
+                continue
+            }
+            let patterns = self.stringList(f["instances"], at: field + ".instances") ?? []
+            let schedule = FleetFile.Schedule(name: name, cron: cron, instances: patterns, line: Self.line(key))
+            for pattern in patterns where !fleet.instances.contains(where: { FleetFile.matches($0.id, pattern: pattern) }) {
+                self.problem(f["instances"]!, field + ".instances", "\"\(pattern)\" matches no instance of the fleet")
+            }
+            // A consistency group is backed up whole or not at all.
+            for group in fleet.groups {
+                let inside = group.members.filter(schedule.includes)
+                if !inside.isEmpty && inside.count < group.members.count {
+                    self.problem(f["instances"]!, field + ".instances",
+                                 "includes \(inside.joined(separator: ", ")) but not \(group.members.filter { !schedule.includes($0) }.joined(separator: ", ")) of consistency group \(group.name); a group is backed up whole")
+                }
+            }
+            if cron.next(after: Date()) == nil { self.problem(cronNode, field + ".cron", "\"\(text)\" never fires (no such date)") }
+            fleet.schedules.append(schedule)
+        }
+    }
+
     /// `groups: { NAME: { members: [ID, …], barrier_ms: N } }`, checked against the fleet's instances,
     /// providers and run settings: a group runs all at once, so everything it needs at once must fit.
     mutating func groups(_ mapping: Node.Mapping, into fleet: inout FleetFile) {

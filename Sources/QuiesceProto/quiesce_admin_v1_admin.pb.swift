@@ -282,6 +282,12 @@ public nonisolated struct Quiesce_Admin_V1_InstanceOutcome: @unchecked Sendable 
     set {_uniqueStorage()._consistencyGroup = newValue}
   }
 
+  /// Older groups of this instance its policy's retention deleted after the run.
+  public var pruned: [String] {
+    get {_storage._pruned}
+    set {_uniqueStorage()._pruned = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -835,7 +841,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceStarted: SwiftProtobuf.Message, S
 
 nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".InstanceOutcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0\u{3}snapshot_us\0\u{3}vss_writers\0\u{3}consistency_group\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}instance_id\0\u{1}policy\0\u{1}wanted\0\u{1}minimum\0\u{1}achieved\0\u{1}state\0\u{1}reasons\0\u{1}warnings\0\u{3}group_id\0\u{1}disks\0\u{3}stall_us\0\u{3}frozen_us\0\u{3}duration_us\0\u{1}attempts\0\u{3}snapshot_us\0\u{3}vss_writers\0\u{3}consistency_group\0\u{1}pruned\0")
 
   fileprivate class _StorageClass {
     var _instanceID: String = String()
@@ -855,6 +861,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
     var _snapshotUs: Int64 = 0
     var _vssWriters: [String] = []
     var _consistencyGroup: String = String()
+    var _pruned: [String] = []
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -882,6 +889,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
       _snapshotUs = source._snapshotUs
       _vssWriters = source._vssWriters
       _consistencyGroup = source._consistencyGroup
+      _pruned = source._pruned
     }
   }
 
@@ -917,6 +925,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
         case 15: try { try decoder.decodeSingularInt64Field(value: &_storage._snapshotUs) }()
         case 16: try { try decoder.decodeRepeatedStringField(value: &_storage._vssWriters) }()
         case 17: try { try decoder.decodeSingularStringField(value: &_storage._consistencyGroup) }()
+        case 18: try { try decoder.decodeRepeatedStringField(value: &_storage._pruned) }()
         default: break
         }
       }
@@ -976,6 +985,9 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
       if !_storage._consistencyGroup.isEmpty {
         try visitor.visitSingularStringField(value: _storage._consistencyGroup, fieldNumber: 17)
       }
+      if !_storage._pruned.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._pruned, fieldNumber: 18)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1002,6 +1014,7 @@ nonisolated extension Quiesce_Admin_V1_InstanceOutcome: SwiftProtobuf.Message, S
         if _storage._snapshotUs != rhs_storage._snapshotUs {return false}
         if _storage._vssWriters != rhs_storage._vssWriters {return false}
         if _storage._consistencyGroup != rhs_storage._consistencyGroup {return false}
+        if _storage._pruned != rhs_storage._pruned {return false}
         return true
       }
       if !storagesAreEqual {return false}

@@ -209,7 +209,7 @@ struct Enrol: AsyncParsableCommand {
         let host: String = switch engine.host { case .ipv4(let h): h; case .ipv6(let h): "[\(h)]"; case .name(let h): h }
         print("run: quiesce-agent run --engine \(host):\(port) --cert \(result.files.certificatePath) --key \(result.files.keyPath) --ca \(result.files.trustRootsPath)")
         guard self.run else { return }
-        var run = try Run.parse([
+        let run = try Run.parse([
             "--engine", "\(host):\(port)", "--cert", result.files.certificatePath, "--key", result.files.keyPath, "--ca", result.files.trustRootsPath,
             "--log-level", self.logLevel,
         ] + (self.vssSimulator.map { ["--vss-simulator", $0] } ?? []))

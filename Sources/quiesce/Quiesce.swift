@@ -1,6 +1,8 @@
 import ArgumentParser
 import GRPCNIOTransportHTTP2
 import Foundation
+import QuiescePlugins
+import QuiesceFleet
 import Logging
 import QuiesceCatalog
 import QuiesceCore
@@ -33,7 +35,7 @@ struct Quiesce: AsyncParsableCommand {
             69 the engine could not be reached.
             """,
         version: QuiesceVersion.software,
-        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Check.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, Reconcile.self, CA.self, Token.self, Audit.self]
+        subcommands: [Demo.self, Backup.self, Serve.self, Agents.self, FactsCommand.self, Plugins.self, PlanCommand.self, Check.self, Snapshots.self, Show.self, Restore.self, Prune.self, Verify.self, Reconcile.self, Schedules.self, CA.self, Token.self, Audit.self]
     )
 }
 
@@ -84,20 +86,41 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 struct LogOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
+    @Option(help: "Log format on standard error: text, or json (one object per line, for a log shipper).")
+    var logFormat: String = "text"
 
     func validate() throws {
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("expected a log level (trace, debug, info, notice, warning, error, critical), found \"\(self.logLevel)\"")
         }
+        guard ["text", "json"].contains(self.logFormat) else {
+            throw ValidationError("expected --log-format text or json, found \"\(self.logFormat)\"")
+        }
     }
 
     func bootstrap() throws {
         let level = Logger.Level(rawValue: self.logLevel) ?? .info
+        let json = self.logFormat == "json"
         LoggingSystem.bootstrap { label in
+            if json {
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
+    }
+}
+
+/// Reads and checks a fleet file; its problems, each with file:line:column, then exit 65.
+func loadFleet(_ path: String, plugins: PluginRegistry) throws -> FleetFile {
+    do {
+        return try FleetFile.load(path, plugins: plugins)
+    } catch let error as FleetFileError {
+        for problem in error.problems { printError("\(problem)") }
+        throw ExitCode(65)
     }
 }
 

@@ -76,7 +76,7 @@ struct FleetFileTests {
             "f.yaml:2:17: providers.pool.kind: expected a provider kind this engine has (ec2, local), found \"s3\"",
             "f.yaml:2:27: providers.pool.pool: expected an absolute path, found \"relative/path\"",
             "f.yaml:2:49: providers.pool.burst: expected a whole number from 1 to 10000, found \"lots\"",
-            "f.yaml:9:5: policies.app.colour: unknown key (expected one of plugin, wanted, minimum, freeze_budget_ms, retries, options)",
+            "f.yaml:9:5: policies.app.colour: unknown key (expected one of plugin, wanted, minimum, freeze_budget_ms, retries, options, retention)",
             "f.yaml:6:13: policies.app.wanted: expected crash, filesystem or application, found \"everything\"",
             "f.yaml:8:23: policies.app.freeze_budget_ms: expected a whole number from 100 to 600000, found 5",
             "f.yaml:11:26: instances[0].policy: expected a policy defined under policies (app), found \"nope\"",

@@ -36,6 +36,38 @@ struct PrunePolicyTests {
         #expect(PrunePolicy(keepLast: 0, keepWithin: nil).plan(groups, now: now).keep.isEmpty)
         #expect(parseDuration("7d") == .seconds(604_800) && parseDuration("90s") == .seconds(90) && parseDuration("7x") == nil)
     }
+
+    @Test("daily, weekly, monthly: the newest group of each of the last N periods; the newest application-consistent group and pending ones always kept")
+    func periods() {
+        // Two groups a day at 01:00 and 13:00 UTC for 70 days back from 2026-03-31 (a Tuesday).
+        let end = Date(timeIntervalSince1970: 1_774_915_200)  // 2026-03-31T00:00:00Z
+        var items: [RetentionRules.Item] = []
+        for day in 0..<70 {
+            for hour in [1.0, 13.0] {
+                let at = end.addingTimeInterval(Double(-day) * 86_400 + hour * 3600)
+                items.append(.init(id: String(format: "d%02d-%02.0f", day, hour), instanceID: "i", createdAt: at, level: .filesystem))
+            }
+        }
+        let now = end.addingTimeInterval(86_400)
+        let daily = RetentionRules(daily: 3).plan(items, now: now).keep
+        #expect(daily == ["d00-13", "d01-13", "d02-13"], "the newest of each of the last three days")
+        let weekly = RetentionRules(weekly: 2).plan(items, now: now).keep
+        // 2026-03-31 is a Tuesday: this ISO week's newest (Tue 13:00) and last week's (Sun 03-29 13:00).
+        #expect(weekly == ["d00-13", "d02-13"], "\(weekly.sorted())")
+        let monthly = RetentionRules(monthly: 3).plan(items, now: now).keep
+        // March's newest, February's (the 28th), January's (the 31st): d00, d31, d59.
+        #expect(monthly == ["d00-13", "d31-13", "d59-13"], "\(monthly.sorted())")
+        let both = RetentionRules(keepLast: 1, daily: 2, monthly: 2).plan(items, now: now)
+        #expect(both.keep == ["d00-13", "d01-13", "d31-13"] && both.delete.count == items.count - 3)
+        // Protected whatever the rules: the newest application-consistent group, and groups still pending.
+        var protected = items
+        protected[40].level = .application  // day 20 (a higher index is older)
+        protected[60].level = .application  // day 30
+        protected[90].pending = true
+        let kept = RetentionRules(keepLast: 1).plan(protected, now: now).keep
+        #expect(kept == [items[1].id, items[40].id, items[90].id], "\(kept.sorted())")
+        #expect(!RetentionRules().keepsSomething && RetentionRules(weekly: 1).keepsSomething)
+    }
 }
 
 @Suite("Inventory and CLI", .enabled(if: LoopDevices.available, "needs root for loop devices"), .serialized)

@@ -28,13 +28,7 @@ struct Check: AsyncParsableCommand {
     func run() async throws {
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
-        let fleet: FleetFile
-        do {
-            fleet = try FleetFile.load(self.fleet, plugins: registry)
-        } catch let error as FleetFileError {
-            for problem in error.problems { printError("\(problem)") }
-            throw ExitCode(65)
-        }
+        let fleet = try loadFleet(self.fleet, plugins: registry)
         var rows: [(provider: String, kind: String, item: ProviderCheckItem)] = []
         for spec in fleet.providers {
             let instances = fleet.instances.filter { $0.provider == spec.name }

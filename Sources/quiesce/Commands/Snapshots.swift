@@ -327,22 +327,34 @@ struct Restore: InventoryCommandRunnable {
 
 struct Prune: InventoryCommandRunnable {
     static let configuration = CommandConfiguration(
-        abstract: "Delete old snapshot groups, per instance, keeping the newest N and everything recent.")
+        abstract: "Delete old snapshot groups, per instance, keeping the newest N, everything recent, and one per day, week or month.",
+        discussion: "A group any rule keeps is kept; an instance's newest application-consistent group and groups still pending are never deleted.")
     static let remoteMethod = "Prune"
 
     @OptionGroup var store: StoreOptions
     @OptionGroup var remote: RemoteAdminOptions
-    @Option(help: "Keep at least this many newest groups per instance.")
-    var keepLast: Int
+    @Option(help: "Keep at least this many newest groups per instance (0: none by this rule).")
+    var keepLast: Int?
     @Option(help: ArgumentHelp("Also keep every group newer than this (e.g. 7d).", valueName: "duration"))
     var keepWithin: String?
+    @Option(help: ArgumentHelp("Also keep the newest group of each of the last N days (UTC).", valueName: "N"))
+    var daily: Int = 0
+    @Option(help: ArgumentHelp("Also keep the newest group of each of the last N ISO weeks.", valueName: "N"))
+    var weekly: Int = 0
+    @Option(help: ArgumentHelp("Also keep the newest group of each of the last N months.", valueName: "N"))
+    var monthly: Int = 0
     @Option(help: "Only this instance.")
     var instance: String?
     @Flag(help: "Show what would be deleted; delete nothing.")
     var dryRun = false
 
     func validate() throws {
-        guard self.keepLast >= 0 else { throw ValidationError("expected --keep-last 0 or more, found \(self.keepLast)") }
+        for (flag, value) in [("--keep-last", self.keepLast ?? 0), ("--daily", self.daily), ("--weekly", self.weekly), ("--monthly", self.monthly)] where value < 0 {
+            throw ValidationError("expected \(flag) 0 or more, found \(value)")
+        }
+        if self.keepLast == nil && self.keepWithin == nil && self.daily == 0 && self.weekly == 0 && self.monthly == 0 {
+            throw ValidationError("say what to keep: --keep-last N, --keep-within DURATION, --daily N, --weekly N or --monthly N")
+        }
         if let value = self.keepWithin, parseDuration(value) == nil {
             throw ValidationError("expected --keep-within as a number with s, m, h, d or w (e.g. 7d), found \"\(value)\"")
         }
@@ -352,7 +364,8 @@ struct Prune: InventoryCommandRunnable {
 
     func render(_ inventory: Inventory) async throws -> CommandOutput {
         var out = CommandOutput()
-        let policy = PrunePolicy(keepLast: self.keepLast, keepWithin: self.keepWithin.flatMap(parseDuration))
+        let policy = PrunePolicy(keepLast: self.keepLast ?? 0, keepWithin: self.keepWithin.flatMap(parseDuration), daily: self.daily, weekly: self.weekly,
+                                 monthly: self.monthly)
         let plan = try await inventory.prune(policy, instanceID: self.instance, dryRun: self.dryRun)
         for group in plan.delete {
             out.line("\(self.dryRun ? "would delete" : "deleted") \(group.id) (\(group.instanceID), \(ISO8601DateFormatter().string(from: group.createdAt)))")
