@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import GRPCCore
 import Logging
 import QuiesceCatalog
 import QuiesceCoordinator
@@ -11,6 +12,7 @@ import QuiescePlugins
 import QuiesceInventory
 import QuiesceProviders
 import QuiesceWire
+import ServiceLifecycle
 import Synchronization
 
 struct Serve: AsyncParsableCommand {
@@ -113,25 +115,6 @@ struct Serve: AsyncParsableCommand {
         let scheduler = Scheduler(fleets: fleets, runs: runs, statePath: self.scheduleState ?? defaultStateDirectory() + "/schedules.json",
                                   observe: metrics.record)
         let metricsServer = try await self.startMetrics(metrics, engine: engine)
-        let schedules = Task { await scheduler.run() }
-        defer {
-            schedules.cancel()
-            if let metricsServer { Task { await metricsServer.close() } }
-        }
-        let signals = onStopSignals { _, count in
-            let running = runs.running
-            if count > 1 || running.isEmpty {
-                engine.shutdown()
-                return
-            }
-            printError("stopping: waiting for the instances of \(running.joined(separator: ", ")) being backed up to finish "
-                       + "(no new ones start; signal again to stop now)")
-            Task {
-                await runs.drain(reason: "the engine is shutting down")
-                engine.shutdown()
-            }
-        }
-        defer { signals.forEach { $0.cancel() } }
         let ready = Task {
             if let address = try? await engine.listeningAddress() {
                 let enrol = (engine.configuration.enrolListen == nil ? "" : ((try? await engine.enrolAddress()).map { "; enrolment on \($0)" } ?? ""))
@@ -145,15 +128,78 @@ struct Serve: AsyncParsableCommand {
             }
         }
         defer { ready.cancel() }
+        // The catalog commands for remote operators, on this engine's catalog and the providers it recorded.
+        let inventory = InventoryService {
+            Inventory(catalog: catalog, providers: ProviderDirectory(catalog: catalog, fleet: nil, localPool: nil, defaultPool: defaultStateDirectory() + "/pool"))
+        }
+        // swift-service-lifecycle runs the parts and stops them in reverse order: on SIGTERM or
+        // SIGINT the schedules stop firing, then the engine drains its runs (instances being backed
+        // up finish, a freeze is never cut short) and closes its sessions, then metrics stop. A
+        // second signal cancels what is left: the engine stops at once (agents' thaw guards thaw
+        // anything still frozen within a second of its silence).
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        if let metricsServer { services.append(.init(service: MetricsService(server: metricsServer), serviceName: "metrics")) }
+        services.append(.init(service: EngineService(engine: engine, runs: runs, adminServices: [runs, inventory]), serviceName: "engine"))
+        services.append(.init(service: SchedulerService(scheduler: scheduler), successTerminationBehavior: .ignore, serviceName: "schedules"))
+        var logger = Logger(label: "quiesce.lifecycle")
+        logger.logLevel = .warning
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(
+            services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        // The second signal (the service group takes the first): stop the engine now.
+        let again = onStopSignals { _, count in if count > 1 { engine.shutdown() } }
+        defer { again.forEach { $0.cancel() } }
         do {
-            // The catalog commands for remote operators, on this engine's catalog and the providers it recorded.
-            let inventory = InventoryService {
-                Inventory(catalog: catalog, providers: ProviderDirectory(catalog: catalog, fleet: nil, localPool: nil, defaultPool: defaultStateDirectory() + "/pool"))
-            }
-            try await engine.run(adminServices: [runs, inventory])
+            try await group.run()
         } catch {
             printError("\(error)")
             throw ExitStatus.failure
         }
+    }
+}
+
+/// The engine: agent sessions, the admin API, fleet runs. A graceful shutdown drains the runs first.
+struct EngineService: Service, CustomStringConvertible {
+    let engine: Engine
+    let runs: FleetRunService
+    let adminServices: [any RegistrableRPCService]
+    var description: String { "engine" }
+
+    func run() async throws {
+        try await withGracefulShutdownHandler {
+            try await self.engine.run(adminServices: self.adminServices)
+        } onGracefulShutdown: {
+            let running = self.runs.running
+            if !running.isEmpty {
+                printError("stopping: waiting for the instances of \(running.joined(separator: ", ")) being backed up to finish "
+                           + "(no new ones start; signal again to stop now)")
+            }
+            Task {
+                await self.runs.drain(reason: "the engine is shutting down")
+                self.engine.shutdown()
+            }
+        }
+    }
+}
+
+/// The fleet files' schedules; they stop firing on a graceful shutdown.
+struct SchedulerService: Service, CustomStringConvertible {
+    let scheduler: Scheduler
+    var description: String { "schedules" }
+
+    func run() async throws {
+        await cancelWhenGracefulShutdown { await self.scheduler.run() }
+        // With nothing to schedule, stay until the group stops (returning early would end nothing, but say little).
+        try? await gracefulShutdown()
+    }
+}
+
+/// The Prometheus endpoint, up until everything else has stopped.
+struct MetricsService: Service, CustomStringConvertible {
+    let server: MetricsServer
+    var description: String { "metrics" }
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await self.server.close()
     }
 }
