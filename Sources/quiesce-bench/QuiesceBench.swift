@@ -47,6 +47,8 @@ struct Sessions: AsyncParsableCommand {
     var timeout = 120.0
     @Flag(help: "Only issue the missing certificates, then exit.")
     var issueOnly = false
+    @Option(help: "After the hold, wait this long for the engine to be restarted and every session to come back (0: do not).")
+    var restartTimeout = 0.0
 
     func run() async throws {
         let address = try ListenAddress(parsing: self.engine)
@@ -56,6 +58,7 @@ struct Sessions: AsyncParsableCommand {
             try ca.issue(.agent(instanceID: id))
         }
         if self.issueOnly { return }
+        raiseOpenFileLimit()  // one descriptor per session
         var logger = Logger(label: "bench")
         logger.logLevel = .error
         let runners = ids.map { id in
@@ -97,6 +100,39 @@ struct Sessions: AsyncParsableCommand {
         try await Task.sleep(for: .seconds(self.hold))
         let stillConnected = runners.filter { if case .connected = $0.phase { true } else { false } }.count
         emit(["event": "held", "sessions": stillConnected, "held_s": self.hold])
+        guard self.restartTimeout > 0 else { return }
+        // The script restarts the engine now: every session drops, then comes back on its own
+        // (each agent's jittered backoff); how long, and how spread out (no thundering herd).
+        let opened = runners.map(\.sessionsOpened)
+        emit(["event": "ready_for_restart"])
+        let deadline = clock.now + .seconds(self.restartTimeout)
+        var dropped: ContinuousClock.Instant?
+        var back = [ContinuousClock.Instant?](repeating: nil, count: runners.count)
+        while clock.now < deadline {
+            let now = clock.now
+            for (index, runner) in runners.enumerated() where back[index] == nil {
+                let connected: Bool = if case .connected = runner.phase { true } else { false }
+                if dropped == nil && !connected { dropped = now }
+                if connected && runner.sessionsOpened > opened[index] { back[index] = now }
+            }
+            if back.allSatisfy({ $0 != nil }) { break }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        let start0 = dropped ?? start
+        let times = back.compactMap { $0.map { ($0 - start0).timeInterval * 1000 } }.sorted()
+        func at(_ p: Double) -> Double { times.isEmpty ? -1 : times[min(times.count - 1, Int(Double(times.count - 1) * p))] }
+        // Reconnections per 250 ms window: the busiest window against an even spread over the whole span.
+        var windows: [Int: Int] = [:]
+        for time in times { windows[Int(time / 250), default: 0] += 1 }
+        let span = max((times.last ?? 0) - (times.first ?? 0), 250)
+        emit([
+            "event": "reconnected", "sessions": times.count, "of": runners.count, "all_back_ms": times.last ?? -1,
+            "p50_ms": at(0.5), "p99_ms": at(0.99), "busiest_250ms": windows.values.max() ?? 0,
+            "even_250ms": Double(times.count) * 250 / span,
+        ])
+        guard times.count == runners.count else { throw ValidationError("\(runners.count - times.count) sessions did not come back within \(self.restartTimeout) s") }
+        // Hold again while the script asks every agent for its facts through the new engine.
+        try await Task.sleep(for: .seconds(self.hold))
     }
 
     func emit(_ object: [String: Any]) {

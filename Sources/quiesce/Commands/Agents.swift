@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import QuiesceFleet
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import QuiesceCore
@@ -70,7 +71,13 @@ struct FactsCommand: AsyncParsableCommand {
         abstract: "Ask a connected agent for its facts (OS, kernel, mounts).")
 
     @Argument(help: "The instance id.")
-    var instance: String
+    var instance: String?
+    @Flag(help: "Every connected agent's facts (one line each), asked concurrently.")
+    var all = false
+    @Option(help: ArgumentHelp("With --all: only instances matching this pattern ('*' for any run of characters).", valueName: "pattern"))
+    var match: String?
+    @Option(help: ArgumentHelp("With --all: questions in flight at once.", valueName: "n"))
+    var concurrency = 64
     @Flag(name: .customLong("hook-hashes"), help: "Also hash every hook (what `quiesce plan --facts` pins).")
     var hookHashes = false
     @OptionGroup var admin: AdminOptions
@@ -78,10 +85,18 @@ struct FactsCommand: AsyncParsableCommand {
     @Option(help: "Output format: table or json.")
     var output: OutputFormat = .table
 
+    func validate() throws {
+        if self.all == (self.instance != nil) { throw ValidationError("expected an instance id or --all, not both") }
+        if self.match != nil && !self.all { throw ValidationError("--match: only with --all") }
+        guard (1...1024).contains(self.concurrency) else { throw ValidationError("--concurrency: expected 1 to 1024, found \(self.concurrency)") }
+    }
+
     func run() async throws {
+        if self.all { return try await self.runAll() }
+        let instance = self.instance!
         let response = try await withAdminClient(self.admin, remote: self.remote) { client in
             var request = Quiesce_Admin_V1_GetFactsRequest()
-            request.instanceID = self.instance
+            request.instanceID = instance
             request.includeHookHashes = self.hookHashes
             return try await client.getFacts(request)
         }
@@ -90,11 +105,76 @@ struct FactsCommand: AsyncParsableCommand {
         case .json:
             print(try facts.jsonString(options: jsonOptions))
         case .table:
-            print("\(self.instance): \(facts.summary)")
+            print("\(instance): \(facts.summary)")
             if let freeze = facts.freezeSummary { print(freeze) }
             print("")
             print(facts.detailTables())
         }
+    }
+
+    /// Every connected agent (or those matching --match), `concurrency` at a time over one connection.
+    /// Exit 0 when every agent answered, 1 when some did not (each named).
+    func runAll() async throws {
+        struct Answer: Sendable {
+            var instance: String
+            var facts: Quiesce_Agent_V1_Facts?
+            var error: String?
+            var took: Duration
+        }
+        let began = ContinuousClock.now
+        let (answers, asked) = try await withAdminClient(self.admin, remote: self.remote) { client -> ([Answer], Int) in
+            let listed = try await client.listAgents(Quiesce_Admin_V1_ListAgentsRequest())
+            let ids = listed.agents.map(\.instanceID).filter { id in self.match.map { FleetFile.matches(id, pattern: $0) } ?? true }.sorted()
+            let answers = await withTaskGroup(of: Answer.self) { group -> [Answer] in
+                var next = 0, collected: [Answer] = []
+                func ask() {
+                    guard next < ids.count else { return }
+                    let id = ids[next]
+                    next += 1
+                    group.addTask {
+                        let start = ContinuousClock.now
+                        do {
+                            var request = Quiesce_Admin_V1_GetFactsRequest()
+                            request.instanceID = id
+                            request.includeHookHashes = self.hookHashes
+                            return Answer(instance: id, facts: try await client.getFacts(request).facts, error: nil, took: .now - start)
+                        } catch {
+                            return Answer(instance: id, facts: nil, error: "\((error as? RPCError)?.message ?? "\(error)")", took: .now - start)
+                        }
+                    }
+                }
+                for _ in 0..<self.concurrency { ask() }
+                for await answer in group {
+                    collected.append(answer)
+                    ask()
+                }
+                return collected.sorted { $0.instance < $1.instance }
+            }
+            return (answers, ids.count)
+        }
+        let elapsed = ContinuousClock.now - began
+        let times = answers.map(\.took).sorted()
+        func percentile(_ p: Double) -> Double { times.isEmpty ? 0 : times[min(times.count - 1, Int(Double(times.count - 1) * p))].timeInterval * 1000 }
+        let failed = answers.filter { $0.facts == nil }
+        if self.output == .json {
+            for answer in answers {
+                var line = "{\"instance\":\"\(answer.instance)\",\"took_ms\":\(String(format: "%.1f", answer.took.timeInterval * 1000))"
+                if let facts = answer.facts { line += ",\"facts\":" + (try facts.jsonString(options: jsonOptions)) }
+                if let error = answer.error { line += ",\"error\":" + String(decoding: try JSONSerialization.data(withJSONObject: [error]), as: UTF8.self).dropFirst().dropLast() }
+                print(line + "}")
+            }
+            print("{\"event\":\"summary\",\"asked\":\(asked),\"answered\":\(answers.count - failed.count),\"elapsed_ms\":\(String(format: "%.1f", elapsed.timeInterval * 1000)),"
+                + "\"p50_ms\":\(String(format: "%.1f", percentile(0.5))),\"p99_ms\":\(String(format: "%.1f", percentile(0.99)))}")
+        } else {
+            var table = TextTable(headers: ["INSTANCE", "FACTS", "TOOK"])
+            for answer in answers {
+                table.append([answer.instance, answer.facts?.summary ?? "no answer: \(answer.error ?? "")", String(format: "%.1f ms", answer.took.timeInterval * 1000)])
+            }
+            print(table.render())
+            print(String(format: "\n%d of %d agents answered in %.2f s (p50 %.1f ms, p99 %.1f ms per agent, %d at a time)",
+                         answers.count - failed.count, asked, elapsed.timeInterval, percentile(0.5), percentile(0.99), self.concurrency))
+        }
+        if !failed.isEmpty { throw ExitStatus.failure }
     }
 }
 

@@ -108,6 +108,7 @@ struct Backup: AsyncParsableCommand {
 
     /// One shot: an engine of its own, for this run only.
     func runHere(_ printer: RunPrinter) async throws -> RunReport {
+        raiseOpenFileLimit()  // one descriptor per agent session
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
         let (catalog, _) = try openCatalog(self.catalog)

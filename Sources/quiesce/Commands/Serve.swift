@@ -97,6 +97,11 @@ struct Serve: AsyncParsableCommand {
 
     func run() async throws {
         try self.log.bootstrap()
+        // One descriptor per agent session: the soft limit goes up to the hard one (LimitNOFILE in the unit).
+        let descriptors = raiseOpenFileLimit()
+        if descriptors < 4096 {
+            printError("warning: this process may open only \(descriptors) descriptors, so at most about \(max(Int(descriptors) - 64, 0)) agents can connect (raise LimitNOFILE / ulimit -n)")
+        }
         let listen = try ListenAddress(parsing: self.listen)
         let engine = try makeEngine(
             listen: listen, caDir: self.caDir, admin: self.admin, enrolListen: try self.enrolListen.map { try ListenAddress(parsing: $0) },
