@@ -5,14 +5,14 @@
 # long every agent takes to come back (each on its own jittered backoff: how
 # spread out they arrive) and one facts query across all of them.
 #
-#   scripts/bench-sessions.sh            release build, 200 sessions, 10 s hold
+#   scripts/bench-sessions.sh            release build, 200 sessions, 45 s hold (three idle heartbeats)
 #   scripts/bench-sessions.sh --quick    debug build, 20 sessions, 2 s hold (CI smoke pass)
 #   COUNT=500 HOLD=30 scripts/bench-sessions.sh
 #   COUNT=10000 scripts/bench-sessions.sh  (issue 23's figure; ulimit -n must allow it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-config=release; count=${COUNT:-200}; hold=${HOLD:-10}
+config=release; count=${COUNT:-200}; hold=${HOLD:-45}
 if [ "${1:-}" = "--quick" ]; then config=debug; count=${COUNT:-20}; hold=${HOLD:-2}; fi
 
 swift build -c "$config" --product quiesce >/dev/null

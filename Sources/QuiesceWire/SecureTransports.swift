@@ -47,10 +47,10 @@ public enum SecureTransports {
             }
         }
         config.rpc.maxRequestPayloadSize = limits.maxMessageBytes
-        // Agents ping every 10 s; the server pings an idle connection after 30 s
+        // Agents ping after 30 s without frames; the server pings an idle connection after 60 s
         // and drops it if 10 s pass without an answer.
         config.connection.keepalive = .init(
-            time: .seconds(30), timeout: .seconds(10),
+            time: .seconds(60), timeout: .seconds(10),
             clientBehavior: .init(minPingIntervalWithoutCalls: .seconds(5), allowWithoutCalls: true))
         // A session carries a few small messages at a time, and a freeze waits
         // for each of them: write at once instead of holding each flush back
@@ -75,7 +75,8 @@ public enum SecureTransports {
         -> HTTP2ClientTransport.Posix
     {
         var config = HTTP2ClientTransport.Posix.Config.defaults
-        config.connection.keepalive = .init(time: .seconds(10), timeout: .seconds(5), allowWithoutCalls: true)
+        // A ping after 30 s without frames (the idle heartbeats, every 15 s, usually are the frames).
+        config.connection.keepalive = .init(time: .seconds(30), timeout: .seconds(10), allowWithoutCalls: true)
         // Every freeze and thaw answer waits on this flush (see agentListener).
         config.connection.flushCoalescing = nil
         // The agent runs its own backoff between sessions; the transport's
