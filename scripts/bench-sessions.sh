@@ -8,12 +8,13 @@
 #   scripts/bench-sessions.sh            release build, 200 sessions, 45 s hold (three idle heartbeats)
 #   scripts/bench-sessions.sh --quick    debug build, 20 sessions, 2 s hold (CI smoke pass)
 #   COUNT=500 HOLD=30 scripts/bench-sessions.sh
-#   COUNT=10000 scripts/bench-sessions.sh  (issue 23's figure; ulimit -n must allow it)
+#   COUNT=10000 TIMEOUT=600 scripts/bench-sessions.sh  (issue 23's figure; ulimit -n must allow it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 config=release; count=${COUNT:-200}; hold=${HOLD:-45}
 if [ "${1:-}" = "--quick" ]; then config=debug; count=${COUNT:-20}; hold=${HOLD:-2}; fi
+timeout=${TIMEOUT:-120}  # seconds for all sessions to come up (and back)
 
 swift build -c "$config" --product quiesce >/dev/null
 swift build -c "$config" --product quiesce-bench >/dev/null
@@ -47,10 +48,11 @@ hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$engine_pid/status"; }
 # Issue the agents' certificates first, so signing is not part of the connect phase.
 "$bin/quiesce-bench" sessions --engine "127.0.0.1:$port" --ca-dir "$work/ca" --count "$count" --issue-only
 rss_idle=$(rss_kib); ticks0=$(cpu_ticks); t0=$(date +%s.%N)
-"$bin/quiesce-bench" sessions --engine "127.0.0.1:$port" --ca-dir "$work/ca" --count "$count" --hold "$hold" --restart-timeout 300 \
+"$bin/quiesce-bench" sessions --engine "127.0.0.1:$port" --ca-dir "$work/ca" --count "$count" --hold "$hold" --restart-timeout "$timeout" \
+  --timeout "$timeout" \
   >"$work/bench.out" 2>"$work/bench.err" &
 bench_pid=$!
-for _ in $(seq 1200); do grep -q all_connected "$work/bench.out" 2>/dev/null && break; kill -0 "$bench_pid" 2>/dev/null || break; sleep 0.1; done
+for _ in $(seq $((timeout * 10))); do grep -q all_connected "$work/bench.out" 2>/dev/null && break; kill -0 "$bench_pid" 2>/dev/null || break; sleep 0.1; done
 grep -q all_connected "$work/bench.out" || { echo "bench-sessions: sessions did not come up"; cat "$work/bench.err"; exit 1; }
 ticks1=$(cpu_ticks); t1=$(date +%s.%N); rss_up=$(rss_kib)
 seen=$("$bin/quiesce" agents --admin-socket "$work/admin.sock" --output json | python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("agents", [])))')
@@ -61,7 +63,7 @@ held=$(grep '"held"' "$work/bench.out")
 # The engine dies (-9) and a new one starts on the same port: every agent comes back by itself.
 kill -KILL "$engine_pid"; wait "$engine_pid" 2>/dev/null || true
 start_engine "$port"
-for _ in $(seq 3000); do grep -q '"reconnected"' "$work/bench.out" 2>/dev/null && break; kill -0 "$bench_pid" 2>/dev/null || break; sleep 0.1; done
+for _ in $(seq $((timeout * 10))); do grep -q '"reconnected"' "$work/bench.out" 2>/dev/null && break; kill -0 "$bench_pid" 2>/dev/null || break; sleep 0.1; done
 grep -q '"reconnected"' "$work/bench.out" || { echo "bench-sessions: sessions did not come back"; cat "$work/bench.err"; exit 1; }
 rss_back=$(rss_kib)
 # One facts query across every agent, through the new engine.
