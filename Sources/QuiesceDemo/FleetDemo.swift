@@ -269,6 +269,8 @@ public struct FleetDemo: Sendable {
                 : ""
             text += "  - { id: \(instance.id), policy: \(instance.policy), disks: [\(instance.id)-data]\(options) }\n"
         }
+        // The two web servers are one application: snapshotted at one point in time (a consistency group).
+        text += "groups:\n  web: { members: [web-1, web-2] }\n"
         return text
     }
 }

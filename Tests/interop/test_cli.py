@@ -47,6 +47,8 @@ def test_full_demo_shows_three_levels_and_leaves_nothing(bin_dir):
     assert writers["win-sql-1"] == ["SqlServerWriter STABLE", "Registry Writer STABLE"]
     assert reasons["win-mail-1"] == ["vss-writer-failed: Microsoft Exchange Writer FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)"]
     assert reasons["win-old-1"][0].startswith("vss-service-not-running: the Volume Shadow Copy service is stopped")
+    groups = {i["instance"]: i.get("consistency_group") for i in report["instances"]}
+    assert groups["web-1"] == groups["web-2"] == "web" and groups["db-1"] is None, groups
     assert report["verification"].endswith("checksums match") and report["surprises"] == []
     assert report["elapsed_ms"] < 60000
     assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == before
@@ -54,6 +56,7 @@ def test_full_demo_shows_three_levels_and_leaves_nothing(bin_dir):
         assert "quiesce-demo" not in mounts.read()
     table = run(bin_dir, "quiesce", "demo")
     assert table.returncode == 0 and "Every instance reached the level the demo expects" in table.stdout
+    assert "Consistency group web: application, one point in time across web-1, web-2" in table.stdout, table.stdout
 
 
 def test_unreachable_engine_exits_69(bin_dir, tmp_path):
