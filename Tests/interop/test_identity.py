@@ -256,6 +256,11 @@ def test_remote_snapshots_show_and_prune_follow_the_role(engine, bin_dir, tmp_pa
     assert refused_prune.returncode == 1 and "carol is a viewer; Prune needs the operator role" in refused_prune.stderr, refused_prune.stderr
     dry = remote("dave", "prune", "--keep-last", "0", "--dry-run")
     assert dry.returncode == 0 and f"would delete {groups[0]['id']}" in dry.stdout, dry.stdout + dry.stderr
+    # reconcile may adopt groups into the catalog: the operator role, like prune.
+    refused = remote("carol", "reconcile")
+    assert refused.returncode == 1 and "carol is a viewer; Reconcile needs the operator role" in refused.stderr, refused.stderr
+    reconciled = remote("dave", "reconcile")
+    assert reconciled.returncode == 0 and "is in the catalog" in reconciled.stdout, reconciled.stdout + reconciled.stderr
     # The engine uses its own catalog: a remote --catalog is refused, not followed.
     other = remote("carol", "snapshots", "--catalog", "/etc/passwd")
     assert other.returncode == 64 and "--catalog cannot be given to a remote engine" in other.stderr, other.stderr
