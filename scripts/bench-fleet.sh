@@ -17,6 +17,7 @@
 #   INSTANCES=10,50,100 scripts/bench-fleet.sh
 #   POOL_ON=disk scripts/bench-fleet.sh   the pool's image on this machine's disk (/var/tmp)
 #   BENCH_ARGS="--max-frozen 100 --planning 32" scripts/bench-fleet.sh   other run settings
+#   INSTANCES=10,1000 SAMPLES=20 FLEET_ONLY=1 scripts/bench-fleet.sh   issue 23's size: the fleet table only
 #
 # The pool's XFS image lives in RAM (/dev/shm) by default. Every "instance"
 # here shares one host, so on a disk-backed pool each FIFREEZE's cache flush
@@ -27,8 +28,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-fleet: needs root (loop devices, mount, FIFREEZE)" >&2; exit 1; }
 
-config=release; instances=${INSTANCES:-1,10,100}; samples=300; cli_runs=100; one_shot=5
-if [ "${1:-}" = "--quick" ]; then config=debug; instances=${INSTANCES:-1,10}; samples=25; cli_runs=5; one_shot=2; fi
+config=release; instances=${INSTANCES:-1,10,100}; samples=${SAMPLES:-300}; cli_runs=100; one_shot=5
+if [ "${1:-}" = "--quick" ]; then config=debug; instances=${INSTANCES:-1,10}; samples=${SAMPLES:-25}; cli_runs=5; one_shot=2; fi
+# The pool holds every instance's two 16 MiB images (sparse; mkfs writes a few MiB of each).
+largest=$(tr ',' '\n' <<<"$instances" | sort -n | tail -1)
+pool_gib=$(( largest * 2 * 16 / 1024 + 4 ))
 build=(-c "$config")
 [ -n "${SWIFT_BUILD_PATH:-}" ] && build+=(--build-path "$SWIFT_BUILD_PATH")
 for product in quiesce-bench quiesce quiesce-agent quiesce-thaw-guard quiesce-plugin-host quiesce-plugin-crash quiesce-plugin-linux-freeze; do
@@ -49,7 +53,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-truncate -s 4G "$work/pool.img"
+truncate -s "${pool_gib}G" "$work/pool.img"
 mkfs.xfs -q -m reflink=1 "$work/pool.img"
 loop=$(losetup --find --show "$work/pool.img")
 mkdir "$work/pool"
@@ -58,6 +62,7 @@ mount "$loop" "$work/pool"
 echo "== fleet backup ($config build; instances $instances; 2 disks each; burst 20, 50 creates/s; pool image in $base)"
 "$bin/quiesce-bench" fleet --pool "$work/pool" --instances "$instances" --burst 20 --per-second 50 --samples "$samples" ${BENCH_ARGS:-}
 
+[ -n "${FLEET_ONLY:-}" ] && exit 0
 echo
 echo "== one instance through the product (quiesce backup + a quiesce-agent process) beside the raw floor, same disks, same run"
 python3 scripts/bench-backup-cli.py --pool "$work/pool" --bin "$bin" --runs "$cli_runs" --one-shot "$one_shot"
