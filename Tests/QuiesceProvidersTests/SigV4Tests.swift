@@ -72,9 +72,13 @@ struct SigV4Tests {
 }
 
 @Suite("AWS credentials, region and endpoint")
-struct AWSConfigTests {
+final class AWSConfigTests {
+    /// One scratch directory per test, removed when the test ends.
+    let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-aws-\(UUID().uuidString.prefix(8))").path
+    deinit { try? FileManager.default.removeItem(atPath: self.scratch) }
+
     func files(_ credentials: String, _ config: String = "") throws -> [String: String] {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-aws-\(UUID().uuidString.prefix(8))").path
+        let dir = self.scratch + "/" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try credentials.write(toFile: dir + "/credentials", atomically: true, encoding: .utf8)
         try config.write(toFile: dir + "/config", atomically: true, encoding: .utf8)
