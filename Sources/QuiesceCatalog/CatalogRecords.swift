@@ -46,6 +46,15 @@ public struct Reason: Sendable, Codable, Hashable {
         self.code = code
         self.message = message
     }
+
+    /// From "code: detail", the form reasons travel in (reports, tags); text without a colon is its own code.
+    public init(parsing text: String) {
+        let parts = text.split(separator: ":", maxSplits: 1)
+        self.init(code: String(parts.first ?? ""), message: parts.count > 1 ? parts[1].trimmingCharacters(in: .whitespaces) : text)
+    }
+
+    /// "code: detail".
+    public var text: String { "\(self.code): \(self.message)" }
 }
 
 /// One instance's snapshot group as the catalog records it.
@@ -75,6 +84,11 @@ public struct GroupRecord: Sendable, Codable, Hashable {
 
     /// The consistency group across instances this group was taken in (its `quiesce:consistency-group` tag).
     public var consistencyGroup: String? { self.tags["quiesce:consistency-group"] }
+
+    /// The group as retention rules see it.
+    public var retentionItem: RetentionRules.Item {
+        .init(id: self.id, instanceID: self.instanceID, createdAt: self.createdAt, level: self.achievedLevel, pending: self.state == .pending)
+    }
 
     public init(id: String, runID: String?, instanceID: String, provider: String, providerGroupID: String, idempotencyToken: String,
                 wantedLevel: ConsistencyLevel, achievedLevel: ConsistencyLevel, reasons: [Reason], state: SnapshotState,

@@ -42,7 +42,6 @@ actor GroupRendezvous {
         var level: ConsistencyLevel?
         /// "member: code: detail" for every member's reason, and why the group is incomplete.
         var reasons: [String]
-        var complete: Bool { self.level != nil }
     }
 
     let group: FleetFile.Group

@@ -191,15 +191,19 @@ public final class Coordinator: Sendable {
 
     /// On a resume, the outcomes the run already recorded for instances it need not run again: those
     /// that succeeded or were downgraded — and for a consistency group, only when every member did.
-    func alreadyDone(_ runID: String) -> [String: InstanceOutcome] {
-        guard let rows = try? self.catalog?.instances(ofRun: runID) else { return [:] }
+    /// The catalog is read on a thread of its own (invariant 9: other runs may be frozen meanwhile).
+    func alreadyDone(_ runID: String) async -> [String: InstanceOutcome] {
+        guard let catalog = self.catalog else { return [:] }
+        let read = try? await DedicatedThread.run(name: "quiesce-catalog") { () -> [(InstanceRecord, GroupRecord?)] in
+            try catalog.instances(ofRun: runID).filter { $0.state == .succeeded || $0.state == .downgraded }
+                .map { row in (row, row.groupID.flatMap { try? catalog.group($0) }) }
+        }
         var done: [String: InstanceOutcome] = [:]
-        for row in rows where row.state == .succeeded || row.state == .downgraded {
+        for (row, group) in read ?? [] {
             guard let instance = self.fleet.instance(named: row.instanceID), let policy = self.fleet.policy(named: instance.policy) else { continue }
-            let group = row.groupID.flatMap { try? self.catalog?.group($0) }
             done[row.instanceID] = InstanceOutcome(
                 instanceID: row.instanceID, policy: policy.name, wanted: row.wantedLevel, minimum: row.minimumLevel, achieved: row.achievedLevel,
-                state: row.state, reasons: row.reasons.map { "\($0.code): \($0.message)" },
+                state: row.state, reasons: row.reasons.map(\.text),
                 warnings: ["already-done: backed up by an earlier attempt of run \(runID); not run again"], groupID: row.groupID,
                 disks: group?.disks.count ?? instance.disks.count, stall: group?.applicationStallUs.map { .microseconds(Int64($0)) },
                 frozen: group?.frozenUs.map { .microseconds(Int64($0)) }, snapshot: nil, duration: .zero, attempts: 0,
@@ -213,7 +217,7 @@ public final class Coordinator: Sendable {
 
     private func runBody(runID: String, agentWait: Duration?, resume: Bool, events: @escaping @Sendable (RunEvent) -> Void) async -> RunReport {
         let started = ContinuousClock.now
-        let done = resume ? self.alreadyDone(runID) : [:]
+        let done = resume ? await self.alreadyDone(runID) : [:]
         let begun = await self.catalogWrite { try $0.beginRun(RunRecord(id: runID, source: self.fleet.path)) }
         // Agents that never connect are reported, not waited on forever.
         let wanted = Set(self.fleet.instances.map(\.id)).subtracting(done.keys)
@@ -620,11 +624,7 @@ public final class Coordinator: Sendable {
             outcome.frozen = result.frozen
             outcome.snapshot = result.steps.last { $0.phase == "snapshot" }?.elapsed
             outcome.metadata = result.metadata
-            outcome.vssWriters = result.vssWriters.map { writer in
-                if writer.excluded { return "\(writer.name) excluded" }
-                let error = writer.lastError.isEmpty ? "" : " " + VssErrors.describe(writer.lastError, code: writer.lastErrorCode)
-                return "\(writer.name) \(writer.state)\(error)"
-            }
+            outcome.vssWriters = result.vssWriters.map { PlanRunner.writer($0).outcome }
             // Throttled or transient at the provider: thawed already (the runner thaws on any snapshot error); retry after a
             // pause. Not a group member: its others have thawed too, and one member alone again is not the group's cut.
             if !result.snapshotTaken, rendezvous == nil, let error = created.error {
@@ -686,8 +686,7 @@ public final class Coordinator: Sendable {
                 continue
             }
             let ours = groups.filter { self.providers[$0.provider]?.provider.kind == $0.providerKind }
-            let plan = rules.plan(ours.map { .init(id: $0.id, instanceID: $0.instanceID, createdAt: $0.createdAt, level: $0.achievedLevel, pending: $0.state == .pending) },
-                                  now: now)
+            let plan = rules.plan(ours.map(\.retentionItem), now: now)
             for item in plan.delete {
                 guard let group = ours.first(where: { $0.id == item.id }), let provider = self.providers[group.provider] else { continue }
                 do {
@@ -717,10 +716,8 @@ public final class Coordinator: Sendable {
     static func apply(_ verdict: GroupRendezvous.Verdict, of group: FleetFile.Group, to result: inout PlanOutcome, member: String,
                       minimum: ConsistencyLevel) {
         guard let level = verdict.level else {
-            if !result.failed || !result.reasons.contains(where: { $0.hasPrefix("group-incomplete:") }) {
-                result.failed = true
-                result.reasons.append("group-incomplete: consistency group \(group.name): " + (verdict.reasons.first ?? "a member is missing"))
-            }
+            result.failed = true
+            result.reasons.append("group-incomplete: consistency group \(group.name): " + (verdict.reasons.first ?? "a member is missing"))
             return
         }
         guard level < result.achieved else { return }
@@ -748,7 +745,7 @@ public final class Coordinator: Sendable {
         if let row = try? self.catalog?.group(existing.id), complete {
             outcome.achieved = row.achievedLevel
             outcome.groupID = row.id
-            outcome.reasons = row.reasons.map { "\($0.code): \($0.message)" }
+            outcome.reasons = row.reasons.map(\.text)
             outcome.frozen = row.frozenUs.map { .microseconds(Int64($0)) }
             outcome.stall = row.applicationStallUs.map { .microseconds(Int64($0)) }
             outcome.warnings.append("already-done: group \(row.id) was made with this run's token; nothing new was taken")
@@ -815,7 +812,7 @@ public final class Coordinator: Sendable {
         let record = GroupRecord(
             id: group.id, runID: runID, instanceID: outcome.instanceID, provider: providerName, providerGroupID: group.id,
             idempotencyToken: token, wantedLevel: policy.wanted, achievedLevel: outcome.achieved ?? .crash,
-            reasons: outcome.reasons.map(Self.reason), state: group.state, createdAt: group.createdAt,
+            reasons: outcome.reasons.map(Reason.init(parsing:)), state: group.state, createdAt: group.createdAt,
             frozenUs: outcome.frozen.map { UInt64(max($0.microseconds, 0)) },
             applicationStallUs: outcome.stall.map { UInt64(max($0.microseconds, 0)) },
             stepTimingsUs: timings, tags: group.tags, disks: group.disks, providerKind: group.provider)
@@ -827,16 +824,11 @@ public final class Coordinator: Sendable {
         outcome.duration = .now - started
         let row = InstanceRecord(
             runID: runID, instanceID: outcome.instanceID, state: outcome.state, wantedLevel: outcome.wanted, minimumLevel: outcome.minimum,
-            achievedLevel: outcome.achieved, reasons: outcome.reasons.map(Self.reason), groupID: outcome.groupID,
+            achievedLevel: outcome.achieved, reasons: outcome.reasons.map(Reason.init(parsing:)), groupID: outcome.groupID,
             durationUs: UInt64(max(outcome.duration.microseconds, 0)))
         if let error = await self.catalogWrite({ try $0.record(row) }) {
             outcome.warnings.append("catalog-write-failed: the outcome of \(outcome.instanceID) is not in the catalog: \(error)")
         }
-    }
-
-    static func reason(_ text: String) -> Reason {
-        let parts = text.split(separator: ":", maxSplits: 1)
-        return Reason(code: String(parts.first ?? ""), message: parts.count > 1 ? parts[1].trimmingCharacters(in: .whitespaces) : text)
     }
 }
 

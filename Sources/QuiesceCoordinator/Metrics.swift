@@ -76,11 +76,34 @@ public final class EngineMetrics: Sendable {
                                   labels: [("schedule", schedule), ("result", result)]).increment()
     }
 
-    func providerCall(_ provider: String, _ call: String, _ result: String, _ elapsed: Duration) {
-        self.registry.makeCounter(descriptor: Self.name("provider_calls", "total", "Calls to snapshot providers, by result."),
-                                  labels: [("provider", provider), ("call", call), ("result", result)]).increment()
-        self.registry.makeDurationHistogram(descriptor: Self.name("provider_call", "seconds", "How long provider calls took."),
-                                            labels: [("provider", provider), ("call", call)], buckets: Self.callBuckets).record(elapsed)
+    /// One provider's counters and timings, by call, made once: a create inside a frozen window
+    /// then only bumps an atomic and records into a histogram, never looks anything up.
+    struct ProviderMeters: Sendable {
+        static let calls = ["create", "wait-ready", "describe", "list", "delete", "restore", "tag", "check", "prepare"]
+        static let results = ["ok", "throttled", "error"]
+        let counters: [String: Counter]
+        let timings: [String: DurationHistogram]
+
+        init(provider: String, registry: PrometheusCollectorRegistry) {
+            var counters: [String: Counter] = [:], timings: [String: DurationHistogram] = [:]
+            for call in Self.calls {
+                for result in Self.results {
+                    counters[call + "/" + result] = registry.makeCounter(
+                        descriptor: EngineMetrics.name("provider_calls", "total", "Calls to snapshot providers, by result."),
+                        labels: [("provider", provider), ("call", call), ("result", result)])
+                }
+                timings[call] = registry.makeDurationHistogram(
+                    descriptor: EngineMetrics.name("provider_call", "seconds", "How long provider calls took."),
+                    labels: [("provider", provider), ("call", call)], buckets: EngineMetrics.callBuckets)
+            }
+            self.counters = counters
+            self.timings = timings
+        }
+
+        func record(_ call: String, _ result: String, _ elapsed: Duration) {
+            self.counters[call + "/" + result]?.increment()
+            self.timings[call]?.record(elapsed)
+        }
     }
 
     /// The exposition, with the gauges read now.
@@ -91,15 +114,14 @@ public final class EngineMetrics: Sendable {
 
     /// Wraps a provider so its calls are counted and timed under the fleet's `name` for it.
     public func metered(_ provider: any SnapshotProvider, name: String) -> any SnapshotProvider {
-        MeteredProvider(base: provider, name: name, metrics: self)
+        MeteredProvider(base: provider, meters: ProviderMeters(provider: name, registry: self.registry))
     }
 }
 
 /// A provider whose every call is counted (`ok`, `throttled`, `error`) and timed.
 struct MeteredProvider: SnapshotProvider {
     let base: any SnapshotProvider
-    let name: String
-    let metrics: EngineMetrics
+    let meters: EngineMetrics.ProviderMeters
 
     var kind: String { self.base.kind }
     var capabilities: ProviderCapabilities { self.base.capabilities }
@@ -108,15 +130,15 @@ struct MeteredProvider: SnapshotProvider {
         let began = ContinuousClock.now
         do {
             let result = try await body()
-            self.metrics.providerCall(self.name, call, "ok", .now - began)
+            self.meters.record(call, "ok", .now - began)
             return result
         } catch let error as ProviderError {
-            if case .throttled = error { self.metrics.providerCall(self.name, call, "throttled", .now - began) } else {
-                self.metrics.providerCall(self.name, call, "error", .now - began)
+            if case .throttled = error { self.meters.record(call, "throttled", .now - began) } else {
+                self.meters.record(call, "error", .now - began)
             }
             throw error
         } catch {
-            self.metrics.providerCall(self.name, call, "error", .now - began)
+            self.meters.record(call, "error", .now - began)
             throw error
         }
     }
@@ -135,7 +157,7 @@ struct MeteredProvider: SnapshotProvider {
     func check(_ targets: [ProviderTarget]) async -> [ProviderCheckItem] {
         let began = ContinuousClock.now
         let items = await self.base.check(targets)
-        self.metrics.providerCall(self.name, "check", items.contains { !$0.ok && $0.blocking } ? "error" : "ok", .now - began)
+        self.meters.record("check", items.contains { !$0.ok && $0.blocking } ? "error" : "ok", .now - began)
         return items
     }
     func prepare(_ requests: [PrepareRequest]) async throws -> [String: PreparedGroup] {
@@ -144,7 +166,7 @@ struct MeteredProvider: SnapshotProvider {
     func waitUntilReady(_ groupIDs: [String], timeout: Duration) async -> [String: Result<SnapshotGroup, ProviderError>] {
         let began = ContinuousClock.now
         let results = await self.base.waitUntilReady(groupIDs, timeout: timeout)
-        self.metrics.providerCall(self.name, "wait-ready", results.values.contains { if case .failure = $0 { true } else { false } } ? "error" : "ok", .now - began)
+        self.meters.record("wait-ready", results.values.contains { if case .failure = $0 { true } else { false } } ? "error" : "ok", .now - began)
         return results
     }
 }

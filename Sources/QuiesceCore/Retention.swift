@@ -76,7 +76,7 @@ public struct RetentionRules: Sendable, Hashable, CustomStringConvertible {
                 var periods: [DateComponents] = []
                 for item in newestFirst {
                     let period = calendar.dateComponents(Set(components), from: item.createdAt)
-                    if periods.last == period || periods.contains(period) { continue }
+                    if periods.contains(period) { continue }
                     guard periods.count < count else { break }
                     periods.append(period)
                     kept.insert(item.id)

@@ -144,7 +144,7 @@ extension PlanRunner {
         // Writers that failed before the hold: the hold stands (filesystem-consistent at least).
         let failed = vss.writers.filter { !$0.excluded && !$0.healthy }
         if !failed.isEmpty {
-            let reasons = failed.map(Self.writerReason)
+            let reasons = failed.map { Self.writer($0).failureReason }
             if failed.allSatisfy({ action.retryOn.contains($0.lastError) }) && state.attempt < state.attempts {
                 // A new snapshot set may cure it: undo this one (the hold is released) and try again.
                 return .init(ok: false, detail: reasons.joined(separator: "; "), agent: reply.elapsed, kernel: kernel)
@@ -170,7 +170,4 @@ extension PlanRunner {
         if reply.reason == "unknown-freeze" && !state.frozen { return .init(ok: true, detail: "nothing was frozen") }
         return .init(ok: false, detail: Self.describe(reply.status))
     }
-
-    /// "vss-writer-failed: SqlServerWriter FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".
-    static func writerReason(_ writer: Quiesce_Agent_V1_VssWriter) -> String { Self.writer(writer).failureReason }
 }

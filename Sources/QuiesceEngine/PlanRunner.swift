@@ -344,7 +344,8 @@ public struct PlanRunner: Sendable {
         return evidence
     }
 
-    static func writer(_ writer: Quiesce_Agent_V1_VssWriter) -> ThawEvidence.Writer {
+    /// A writer from the agent's reply, as the proof and the report read it.
+    public static func writer(_ writer: Quiesce_Agent_V1_VssWriter) -> ThawEvidence.Writer {
         .init(name: writer.name, state: writer.state, lastError: writer.lastError, lastErrorCode: writer.lastErrorCode, excluded: writer.excluded)
     }
 

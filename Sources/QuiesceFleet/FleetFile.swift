@@ -100,7 +100,7 @@ public struct FleetFile: Sendable {
     public struct Schedule: Sendable, Equatable {
         public var name: String
         public var cron: CronSchedule
-        /// Which instances (`*` patterns); empty: all of them.
+        /// Which instances (shell-style patterns: `db-*`); empty: all of them.
         public var instances: [String]
         public var line: Int
 
@@ -116,21 +116,8 @@ public struct FleetFile: Sendable {
         }
     }
 
-    /// Whether `text` matches `pattern`, where `*` stands for any run of characters.
-    public static func matches(_ text: String, pattern: String) -> Bool {
-        let parts = pattern.split(separator: "*", omittingEmptySubsequences: false)
-        guard parts.count > 1 else { return text == pattern }
-        var rest = Substring(text)
-        guard rest.hasPrefix(parts[0]) else { return false }
-        rest = rest.dropFirst(parts[0].count)
-        for (index, part) in parts.dropFirst().enumerated() {
-            if index == parts.count - 2 { return part.isEmpty || rest.hasSuffix(part) }
-            guard !part.isEmpty else { continue }
-            guard let range = rest.range(of: part) else { return false }
-            rest = rest[range.upperBound...]
-        }
-        return true
-    }
+    /// Whether `text` matches the shell-style `pattern` (`*`, `?`, `[…]`), as join tokens' `--match` does.
+    public static func matches(_ text: String, pattern: String) -> Bool { fnmatch(pattern, text, 0) == 0 }
 
     /// This fleet with only the instances `schedule` names (and the groups and providers they use).
     public func only(_ schedule: Schedule) -> FleetFile {

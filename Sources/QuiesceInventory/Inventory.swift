@@ -139,13 +139,10 @@ public struct Inventory: Sendable {
         var reasons: [Reason]
         if orphan.taggedLevel != nil {
             reasons = [Reason(code: "adopted", message: "recorded by `quiesce reconcile` from the provider's level tag; the engine that made it never recorded it")]
-            if let tagged = group.tags["quiesce:reason"] {
-                let parts = tagged.split(separator: ":", maxSplits: 1)
-                reasons.insert(Reason(code: String(parts[0]), message: parts.count > 1 ? parts[1].trimmingCharacters(in: .whitespaces) : tagged), at: 0)
-            }
+            if let tagged = group.tags["quiesce:reason"] { reasons.insert(Reason(parsing: tagged), at: 0) }
         } else {
             reasons = [Reason(code: "adopted-unproven", message: "recorded by `quiesce reconcile`: the engine that made it died before the thaw reply's proof was recorded; recorded crash-consistent")]
-            group = try await provider.tag(group.id, SnapshotGroup.levelTags(.crash, reasons: reasons.map { "\($0.code): \($0.message)" }, metadata: [:]))
+            group = try await provider.tag(group.id, SnapshotGroup.levelTags(.crash, reasons: reasons.map(\.text), metadata: [:]))
         }
         if try self.catalog.run(orphan.runID) == nil {
             try self.catalog.beginRun(RunRecord(id: orphan.runID, startedAt: group.createdAt, finishedAt: Date(), state: .interrupted, source: "reconcile"))

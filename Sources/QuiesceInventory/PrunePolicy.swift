@@ -5,13 +5,6 @@ import QuiesceCore
 /// `quiesce prune`'s rules: the same as a policy's `retention` (see RetentionRules).
 public typealias PrunePolicy = RetentionRules
 
-extension GroupRecord {
-    /// The group as retention rules see it.
-    public var retentionItem: RetentionRules.Item {
-        .init(id: self.id, instanceID: self.instanceID, createdAt: self.createdAt, level: self.achievedLevel, pending: self.state == .pending)
-    }
-}
-
 extension RetentionRules {
     /// Splits `groups` into those to keep and those to delete, deterministically.
     public func plan(_ groups: [GroupRecord], now: Date = Date()) -> (keep: [GroupRecord], delete: [GroupRecord]) {

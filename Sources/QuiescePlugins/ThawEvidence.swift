@@ -44,11 +44,16 @@ public struct ThawEvidence: Sendable, Equatable {
             self.excluded = excluded
         }
 
-        /// "vss-writer-failed: SqlServerWriter FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".
-        public var failureReason: String {
-            let error = self.lastError.isEmpty ? "" : " " + VssErrors.describe(self.lastError, code: self.lastErrorCode)
-            return "vss-writer-failed: \(self.name) \(self.state)\(error)"
+        /// "SqlServerWriter FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)", "Registry Writer STABLE".
+        var described: String {
+            "\(self.name) \(self.state)" + (self.lastError.isEmpty ? "" : " " + VssErrors.describe(self.lastError, code: self.lastErrorCode))
         }
+
+        /// What the run report lists: the writer's state and error, or "Registry Writer excluded".
+        public var outcome: String { self.excluded ? "\(self.name) excluded" : self.described }
+
+        /// "vss-writer-failed: SqlServerWriter FAILED_AT_FREEZE VSS_E_WRITERERROR_NONRETRYABLE (0x800423F4)".
+        public var failureReason: String { "vss-writer-failed: " + self.described }
     }
 
     /// What VSS said: the set the hold belongs to, and how its thaw went.

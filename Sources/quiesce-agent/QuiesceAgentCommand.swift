@@ -206,11 +206,11 @@ struct Enrol: AsyncParsableCommand {
         let port = self.agentPort ?? result.agentPort
         print("enrolled as \(result.instanceID): certificate \(result.files.certificatePath) (serial \(result.serial), until \(ISO8601DateFormatter().string(from: result.notAfter)))")
         print("key \(result.files.keyPath) (mode 0600, made here), CA \(result.files.trustRootsPath)")
-        let host: String = switch engine.host { case .ipv4(let h): h; case .ipv6(let h): "[\(h)]"; case .name(let h): h }
-        print("run: quiesce-agent run --engine \(host):\(port) --cert \(result.files.certificatePath) --key \(result.files.keyPath) --ca \(result.files.trustRootsPath)")
+        let agentAddress = ListenAddress(host: engine.host, port: port)
+        print("run: quiesce-agent run --engine \(agentAddress) --cert \(result.files.certificatePath) --key \(result.files.keyPath) --ca \(result.files.trustRootsPath)")
         guard self.run else { return }
         let run = try Run.parse([
-            "--engine", "\(host):\(port)", "--cert", result.files.certificatePath, "--key", result.files.keyPath, "--ca", result.files.trustRootsPath,
+            "--engine", "\(agentAddress)", "--cert", result.files.certificatePath, "--key", result.files.keyPath, "--ca", result.files.trustRootsPath,
             "--log-level", self.logLevel,
         ] + (self.vssSimulator.map { ["--vss-simulator", $0] } ?? []))
         try run.validate()

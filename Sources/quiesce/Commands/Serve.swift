@@ -84,11 +84,8 @@ struct Serve: AsyncParsableCommand {
     func startMetrics(_ metrics: EngineMetrics, engine: Engine) async throws -> MetricsServer? {
         guard let address = self.metricsListen else { return nil }
         let listen = try ListenAddress(parsing: address)
-        let host: String = switch listen.host {
-        case .ipv4(let text), .ipv6(let text), .name(let text): text
-        }
         do {
-            return try await MetricsServer.start(host: host, port: listen.port) { metrics.exposition(sessions: await engine.registry.count) }
+            return try await MetricsServer.start(host: listen.hostText, port: listen.port) { metrics.exposition(sessions: await engine.registry.count) }
         } catch {
             printError("--metrics-listen \(address): cannot listen: \(error)")
             throw ExitStatus.failure
