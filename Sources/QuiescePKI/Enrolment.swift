@@ -215,7 +215,11 @@ public struct RevocationList: Sendable {
     public init(path: String) { self.path = path }
     public init(ca: CADirectory) { self.path = ca.path + "/revoked.json" }
 
-    public func entries() throws -> [RevocationEntry] { try self.update { _ in } }
+    public func entries() throws -> [RevocationEntry] {
+        // Nothing revoked yet: no file to read, and a read creates nothing (no lock file, no directory).
+        guard FileManager.default.fileExists(atPath: self.path) else { return [] }
+        return try self.update { _ in }
+    }
 
     @discardableResult
     public func revoke(serial: String? = nil, identity: String? = nil, reason: String, now: Date = Date()) throws -> RevocationEntry {
