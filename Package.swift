@@ -39,6 +39,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         // Types, levels, versions and errors. No I/O.
@@ -110,6 +111,15 @@ let package = Package(
         .target(
             name: "QuiesceCatalog",
             dependencies: ["QuiesceCore", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
+        // The catalog several engines share: PostgreSQL (postgres-nio), runs held by leases.
+        .target(
+            name: "QuiesceCatalogPostgres",
+            dependencies: [
+                "QuiesceCore", "QuiesceCatalog", .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"), .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
         ),
         // Snapshots as an operator sees them: the catalog joined with the provider
         // (list, show, restore, prune, verify).
@@ -195,7 +205,7 @@ let package = Package(
             dependencies: [
                 "QuiesceCore", "QuiescePKI", "QuiesceEngine", "QuiesceWire", "QuiesceDemo", "QuiesceInventory",
                 "QuiesceCatalog", "QuiesceLocalProvider", "QuiescePlugins", "QuiescePluginProto", "QuiesceProto", "QuiesceFleet",
-                "QuiesceCoordinator", "QuiesceProviders", "QuiesceEC2",
+                "QuiesceCoordinator", "QuiesceProviders", "QuiesceEC2", "QuiesceCatalogPostgres",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -234,7 +244,10 @@ let package = Package(
         .testTarget(name: "QuiesceFleetTests", dependencies: ["QuiesceCore", "QuiesceFleet", "QuiescePlugins"]),
         .testTarget(name: "QuiescePluginsTests", dependencies: ["QuiesceCore", "QuiescePlugins", "QuiescePluginProto", "QuiesceTestSupport"]),
         .testTarget(name: "QuiescePKITests", dependencies: ["QuiescePKI"]),
-        .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceTestSupport"]),
+        .testTarget(
+            name: "QuiesceCatalogTests",
+            dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceCatalogPostgres", "QuiesceTestSupport", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
         .testTarget(
             name: "QuiesceInventoryTests",
             dependencies: ["QuiesceCore", "QuiesceCatalog", "QuiesceLocalProvider", "QuiesceInventory", "QuiesceTestSupport"]
@@ -245,7 +258,7 @@ let package = Package(
             dependencies: [
                 "QuiesceCore", "QuiesceProto", "QuiescePKI", "QuiesceWire", "QuiesceEngine", "QuiesceAgent", "QuiesceTestSupport",
                 "QuiescePlugins", "QuiescePluginProto", "QuiesceCoordinator", "QuiesceFleet", "QuiesceCatalog", "QuiesceLocalProvider",
-                "QuiesceProviders",
+                "QuiesceProviders", "QuiesceCatalogPostgres",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "X509", package: "swift-certificates"),

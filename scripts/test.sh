@@ -12,6 +12,12 @@ echo "== build"
 swift build --build-tests
 make -s -C Plugins/example-c   # the C example plugin (libprotobuf-c), loaded by the tests
 
+echo "== a throw-away PostgreSQL for the shared-catalog tests"
+pgdir=$(mktemp -d /var/tmp/quiesce-pg.XXXXXX)
+trap 'scripts/test-postgres.sh stop "$pgdir"' EXIT
+export "$(scripts/test-postgres.sh start "$pgdir")"
+echo "$QUIESCE_TEST_POSTGRES"
+
 echo "== swift tests"
 swift test --skip-build --parallel --num-workers 2
 

@@ -7,6 +7,11 @@ import QuiesceWire
 public struct AgentConfiguration: Sendable {
     /// The engine's agent port.
     public var engine: ListenAddress
+    /// Other engines sharing the fleet (one PostgreSQL catalog): when a session ends, the next
+    /// attempt goes to the next engine in turn, so an engine that dies hands its agents over.
+    public var otherEngines: [ListenAddress] = []
+    /// Every engine, in the order they are tried.
+    public var engines: [ListenAddress] { [self.engine] + self.otherEngines }
     /// This agent's client certificate and key, and the CA that signed the engine.
     public var identity: TLSFiles
     /// The instance id sent in the hello; must equal the certificate's common

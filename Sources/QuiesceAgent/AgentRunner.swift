@@ -77,9 +77,13 @@ public final class AgentRunner: Sendable {
         var backoff = self.configuration.backoff
         await self.handler.prepare()
         defer { self.setPhase(.stopped) }
+        let engines = self.configuration.engines
+        var turn = 0
         while !Task.isCancelled {
             self.setPhase(.connecting(attempt: backoff.attempt))
-            let end = await self.runSession()
+            let engine = engines[turn % engines.count]
+            turn += 1
+            let end = await self.runSession(engine: engine)
             if Task.isCancelled {
                 // Thaw, release holds and end the guard before returning, even though we are cancelled.
                 await Task.detached { await self.handler.shutdown() }.value
@@ -100,20 +104,21 @@ public final class AgentRunner: Sendable {
             self.state.withLock { $0.lastError = why }
             self.setPhase(.waiting(until: .now + wait, lastError: why))
             self.logger.warning("session ended; dialling again", metadata: [
-                "engine": "\(self.configuration.engine)", "reason": "\(why)", "retry_in_ms": "\(wait.milliseconds)",
+                "engine": "\(engine)", "next": "\(engines[turn % engines.count])", "reason": "\(why)", "retry_in_ms": "\(wait.milliseconds)",
             ])
             try? await Task.sleep(for: wait)
         }
     }
 
     /// One connection: dial, hello, serve commands until the session ends.
-    public func runSession() async -> SessionEnd {
+    public func runSession(engine: ListenAddress? = nil) async -> SessionEnd {
+        let engine = engine ?? self.configuration.engine
         let clock = ContinuousClock()
         let began = clock.now
         let established = OnceFlag()
         do {
             let instanceID = try self.instanceID()
-            let transport = SecureTransports.agentDialer(engine: self.configuration.engine, identity: self.configuration.identity)
+            let transport = SecureTransports.agentDialer(engine: engine, identity: self.configuration.identity)
             do {
                 try await withGRPCClient(transport: transport) { client in
                     try await self.session(client: client, instanceID: instanceID, established: established)

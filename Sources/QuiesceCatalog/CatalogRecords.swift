@@ -169,35 +169,39 @@ public struct GroupFilter: Sendable, Hashable {
 }
 
 /// Where the catalog lives: SQLite here, PostgreSQL when several engines share a fleet.
+///
+/// Every call is async: a store does its I/O off Swift's cooperative pool (GRDB's own
+/// queues for SQLite, NIO's event loops for PostgreSQL), so an engine whose other
+/// instances are frozen is never held up by the catalog (invariant 9).
 public protocol CatalogStore: Sendable {
-    func beginRun(_ run: RunRecord) throws
-    func finishRun(_ id: String, state: RunState, at date: Date) throws
-    func run(_ id: String) throws -> RunRecord?
-    func runs() throws -> [RunRecord]
+    func beginRun(_ run: RunRecord) async throws
+    func finishRun(_ id: String, state: RunState, at date: Date) async throws
+    func run(_ id: String) async throws -> RunRecord?
+    func runs() async throws -> [RunRecord]
     /// Inserts or replaces a group (and its disks) in one transaction.
-    func record(_ group: GroupRecord) throws
-    func group(_ id: String) throws -> GroupRecord?
+    func record(_ group: GroupRecord) async throws
+    func group(_ id: String) async throws -> GroupRecord?
     /// Newest first.
-    func groups(_ filter: GroupFilter) throws -> [GroupRecord]
-    func deleteGroup(_ id: String) throws
+    func groups(_ filter: GroupFilter) async throws -> [GroupRecord]
+    func deleteGroup(_ id: String) async throws
     /// Inserts or replaces one instance's outcome in a run.
-    func record(_ instance: InstanceRecord) throws
+    func record(_ instance: InstanceRecord) async throws
     /// The instances of a run, by id.
-    func instances(ofRun runID: String) throws -> [InstanceRecord]
+    func instances(ofRun runID: String) async throws -> [InstanceRecord]
     /// Remembers how a fleet provider was configured (never its secrets), so that
     /// `quiesce snapshots|restore|prune|verify` reach its groups without the fleet file.
-    func recordProvider(_ provider: ProviderRecord) throws
-    func providers() throws -> [ProviderRecord]
+    func recordProvider(_ provider: ProviderRecord) async throws
+    func providers() async throws -> [ProviderRecord]
 }
 
 extension CatalogStore {
     /// Several groups; a store that can writes them in one transaction.
-    public func record(_ groups: [GroupRecord]) throws {
-        for group in groups { try self.record(group) }
+    public func record(_ groups: [GroupRecord]) async throws {
+        for group in groups { try await self.record(group) }
     }
 
-    public func recordProvider(_ provider: ProviderRecord) throws {}
-    public func providers() throws -> [ProviderRecord] { [] }
+    public func recordProvider(_ provider: ProviderRecord) async throws {}
+    public func providers() async throws -> [ProviderRecord] { [] }
 }
 
 /// A fleet provider as the catalog remembers it: name, kind and the settings

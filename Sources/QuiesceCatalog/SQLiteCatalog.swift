@@ -137,8 +137,8 @@ public final class SQLiteCatalog: CatalogStore {
 
     /// Records a new run, or takes up one that ended (a resume, a rerun of its id): it is
     /// running again, owned by this engine. A run another live engine is running is refused.
-    public func beginRun(_ run: RunRecord) throws {
-        try self.write { db in
+    public func beginRun(_ run: RunRecord) async throws {
+        try await self.write { db in
             try db.execute(sql: """
                 INSERT INTO runs (id, started_at, finished_at, state, source, engine_pid, engine_start_ticks)
                 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -154,22 +154,22 @@ public final class SQLiteCatalog: CatalogStore {
         }
     }
 
-    public func finishRun(_ id: String, state: RunState, at date: Date = Date()) throws {
-        try self.write { db in
+    public func finishRun(_ id: String, state: RunState, at date: Date = Date()) async throws {
+        try await self.write { db in
             try db.execute(sql: "UPDATE runs SET state = ?, finished_at = ? WHERE id = ?",
                            arguments: [state.rawValue, date.timeIntervalSince1970, id])
             guard db.changesCount == 1 else { throw CatalogError.notFound("no run \"\(id)\"") }
         }
     }
 
-    public func run(_ id: String) throws -> RunRecord? {
-        try self.database.read { db in
+    public func run(_ id: String) async throws -> RunRecord? {
+        try await self.database.read { db in
             try Row.fetchOne(db, sql: "SELECT * FROM runs WHERE id = ?", arguments: [id]).map(Self.runRecord)
         }
     }
 
-    public func runs() throws -> [RunRecord] {
-        try self.database.read { db in
+    public func runs() async throws -> [RunRecord] {
+        try await self.database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM runs ORDER BY started_at DESC").map(Self.runRecord)
         }
     }
@@ -186,13 +186,13 @@ public final class SQLiteCatalog: CatalogStore {
 
     // MARK: groups
 
-    public func record(_ group: GroupRecord) throws {
-        try self.write { db in try Self.insert(group, db) }
+    public func record(_ group: GroupRecord) async throws {
+        try await self.write { db in try Self.insert(group, db) }
     }
 
     /// Several groups in one transaction: one fsync for a run's worth of settled groups.
-    public func record(_ groups: [GroupRecord]) throws {
-        try self.write { db in
+    public func record(_ groups: [GroupRecord]) async throws {
+        try await self.write { db in
             for group in groups { try Self.insert(group, db) }
         }
     }
@@ -226,13 +226,13 @@ public final class SQLiteCatalog: CatalogStore {
         }
     }
 
-    public func group(_ id: String) throws -> GroupRecord? {
-        try self.database.read { db in
+    public func group(_ id: String) async throws -> GroupRecord? {
+        try await self.database.read { db in
             try Row.fetchOne(db, sql: "SELECT * FROM snapshot_groups WHERE id = ?", arguments: [id]).map { try Self.groupRecord($0, db) }
         }
     }
 
-    public func groups(_ filter: GroupFilter) throws -> [GroupRecord] {
+    public func groups(_ filter: GroupFilter) async throws -> [GroupRecord] {
         var clauses: [String] = []
         var arguments: StatementArguments = []
         if let id = filter.instanceID { clauses.append("instance_id = ?"); _ = arguments.append(contentsOf: [id]) }
@@ -241,14 +241,15 @@ public final class SQLiteCatalog: CatalogStore {
         if let date = filter.createdBefore { clauses.append("created_at < ?"); _ = arguments.append(contentsOf: [date.timeIntervalSince1970]) }
         if let date = filter.createdAfter { clauses.append("created_at >= ?"); _ = arguments.append(contentsOf: [date.timeIntervalSince1970]) }
         let whereClause = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
-        return try self.database.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM snapshot_groups \(whereClause) ORDER BY created_at DESC, id", arguments: arguments)
+        let bound = arguments
+        return try await self.database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM snapshot_groups \(whereClause) ORDER BY created_at DESC, id", arguments: bound)
                 .map { try Self.groupRecord($0, db) }
         }
     }
 
-    public func deleteGroup(_ id: String) throws {
-        try self.write { db in
+    public func deleteGroup(_ id: String) async throws {
+        try await self.write { db in
             try db.execute(sql: "DELETE FROM disk_snapshots WHERE group_id = ?", arguments: [id])
             try db.execute(sql: "DELETE FROM snapshot_groups WHERE id = ?", arguments: [id])
             guard db.changesCount == 1 else { throw CatalogError.notFound("no snapshot group \"\(id)\" in the catalog") }
@@ -257,8 +258,8 @@ public final class SQLiteCatalog: CatalogStore {
 
     // MARK: instances
 
-    public func record(_ instance: InstanceRecord) throws {
-        try self.write { db in
+    public func record(_ instance: InstanceRecord) async throws {
+        try await self.write { db in
             try db.execute(sql: """
                 INSERT OR REPLACE INTO instances
                   (run_id, instance_id, state, wanted_level, minimum_level, achieved_level, reasons, group_id, duration_us)
@@ -270,8 +271,8 @@ public final class SQLiteCatalog: CatalogStore {
         }
     }
 
-    public func instances(ofRun runID: String) throws -> [InstanceRecord] {
-        try self.database.read { db in
+    public func instances(ofRun runID: String) async throws -> [InstanceRecord] {
+        try await self.database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE run_id = ? ORDER BY instance_id", arguments: [runID]).map { row in
                 let achieved: String? = row["achieved_level"], duration: Int64? = row["duration_us"]
                 return InstanceRecord(
@@ -306,8 +307,8 @@ public final class SQLiteCatalog: CatalogStore {
 
     // MARK: providers
 
-    public func recordProvider(_ provider: ProviderRecord) throws {
-        try self.write { db in
+    public func recordProvider(_ provider: ProviderRecord) async throws {
+        try await self.write { db in
             try db.execute(sql: """
                 INSERT INTO providers (name, kind, settings, updated_at) VALUES (?, ?, ?, ?)
                 ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, settings = excluded.settings, updated_at = excluded.updated_at
@@ -315,8 +316,8 @@ public final class SQLiteCatalog: CatalogStore {
         }
     }
 
-    public func providers() throws -> [ProviderRecord] {
-        try self.database.read { db in
+    public func providers() async throws -> [ProviderRecord] {
+        try await self.database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM providers ORDER BY name").map { row in
                 ProviderRecord(name: row["name"], kind: row["kind"], settings: try Self.decode([String: String].self, row["settings"]),
                                updatedAt: Date(timeIntervalSince1970: row["updated_at"]))
@@ -326,9 +327,9 @@ public final class SQLiteCatalog: CatalogStore {
 
     // MARK: helpers
 
-    private func write(_ body: (Database) throws -> Void) throws {
+    private func write(_ body: @escaping @Sendable (Database) throws -> Void) async throws {
         do {
-            try self.database.write(body)
+            try await self.database.write(body)
         } catch let error as CatalogError {
             throw error
         } catch let error as DatabaseError where error.resultCode == .SQLITE_CONSTRAINT {
@@ -336,13 +337,13 @@ public final class SQLiteCatalog: CatalogStore {
         }
     }
 
-    static func json<T: Encodable>(_ value: T) throws -> String {
+    public static func json<T: Encodable>(_ value: T) throws -> String {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         return String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 
-    static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
+    public static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         do {
             return try JSONDecoder().decode(type, from: Data(text.utf8))
         } catch {

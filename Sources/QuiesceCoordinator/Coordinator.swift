@@ -51,6 +51,8 @@ public enum RunEvent: Sendable {
     case settling(groups: Int)
     case instanceStarted(String)
     case instanceFinished(InstanceOutcome)
+    /// A shared catalog: other engines are running this run; this one takes its share of the units.
+    case joinedRun(engines: [String])
 }
 
 public struct RunReport: Sendable {
@@ -59,6 +61,8 @@ public struct RunReport: Sendable {
     public var makespan: Duration
     /// How long the run waited for agents to connect before backing anything up (inside the makespan).
     public var agentWait: Duration = .zero
+    /// A shared catalog: the fleet's instances other engines backed up in this run (not in `instances`).
+    public var otherEngines = 0
 
     /// 0 every instance at its wanted level; 2 some downgraded (none below its minimum); 3 some failed.
     public var exitCode: Int32 {
@@ -98,7 +102,7 @@ public final class Coordinator: Sendable {
     let providers: [String: Provider]
     let catalog: (any CatalogStore)?
     let fleet: FleetFile
-    private let stopping = Mutex<String?>(nil)
+    let stopping = Mutex<String?>(nil)
     /// Instances quiesced at once (`run.max_frozen`).
     let frozenSlots: Slots
     /// Instances fetching facts and planning at once (`run.planning`): started all together,
@@ -112,7 +116,7 @@ public final class Coordinator: Sendable {
         var instanceID: String
     }
     /// What each provider's one batched prepare found before the run's first freeze, by token.
-    private let firstPrepared = Mutex<[String: PreparedGroup]>([:])
+    let firstPrepared = Mutex<[String: PreparedGroup]>([:])
     /// Groups recorded pending, to wait for once every freeze of the run is over.
     private let unsettled = Mutex<[Unsettled]>([])
     /// Why an instance may not start, from its provider's check before the run.
@@ -179,9 +183,9 @@ public final class Coordinator: Sendable {
     /// The run to resume, or why not: it must be in the catalog and not running; a run that
     /// succeeded has nothing left to do. (Opening a SQLite catalog marks the runs of engines
     /// that are gone `interrupted`.)
-    public static func resumable(_ runID: String, catalog: (any CatalogStore)?) throws -> RunRecord {
+    public static func resumable(_ runID: String, catalog: (any CatalogStore)?) async throws -> RunRecord {
         guard let catalog else { throw ResumeRefusal.noCatalog }
-        guard let run = try catalog.run(runID) else { throw ResumeRefusal.unknown(runID) }
+        guard let run = try await catalog.run(runID) else { throw ResumeRefusal.unknown(runID) }
         switch run.state {
         case .running: throw ResumeRefusal.running(runID, pid: run.enginePID)
         case .succeeded: throw ResumeRefusal.finished(runID, run.state)
@@ -191,15 +195,16 @@ public final class Coordinator: Sendable {
 
     /// On a resume, the outcomes the run already recorded for instances it need not run again: those
     /// that succeeded or were downgraded — and for a consistency group, only when every member did.
-    /// The catalog is read on a thread of its own (invariant 9: other runs may be frozen meanwhile).
     func alreadyDone(_ runID: String) async -> [String: InstanceOutcome] {
         guard let catalog = self.catalog else { return [:] }
-        let read = try? await DedicatedThread.run(name: "quiesce-catalog") { () -> [(InstanceRecord, GroupRecord?)] in
-            try catalog.instances(ofRun: runID).filter { $0.state == .succeeded || $0.state == .downgraded }
-                .map { row in (row, row.groupID.flatMap { try? catalog.group($0) }) }
+        var read: [(InstanceRecord, GroupRecord?)] = []
+        for row in (try? await catalog.instances(ofRun: runID)) ?? [] where row.state == .succeeded || row.state == .downgraded {
+            var group: GroupRecord?
+            if let id = row.groupID { group = try? await catalog.group(id) }
+            read.append((row, group))
         }
         var done: [String: InstanceOutcome] = [:]
-        for (row, group) in read ?? [] {
+        for (row, group) in read {
             guard let instance = self.fleet.instance(named: row.instanceID), let policy = self.fleet.policy(named: instance.policy) else { continue }
             done[row.instanceID] = InstanceOutcome(
                 instanceID: row.instanceID, policy: policy.name, wanted: row.wantedLevel, minimum: row.minimumLevel, achieved: row.achievedLevel,
@@ -218,10 +223,22 @@ public final class Coordinator: Sendable {
     private func runBody(runID: String, agentWait: Duration?, resume: Bool, events: @escaping @Sendable (RunEvent) -> Void) async -> RunReport {
         let started = ContinuousClock.now
         let done = resume ? await self.alreadyDone(runID) : [:]
-        let begun = await self.catalogWrite { try $0.beginRun(RunRecord(id: runID, source: self.fleet.path)) }
+        let shared = self.catalog as? SharedCatalog
+        let wait = agentWait ?? .seconds(self.fleet.agentWaitSeconds)
+        // A consistency group starts as one unit, all its members at once, where its first member stands.
+        var units: [[FleetFile.Instance]] = []
+        var placed = Set<String>()
+        for instance in self.fleet.instances where !placed.contains(instance.id) && done[instance.id] == nil {
+            let unit = self.fleet.group(of: instance.id).map { group in group.members.compactMap { self.fleet.instance(named: $0) } } ?? [instance]
+            placed.formUnion(unit.map(\.id))
+            units.append(unit)
+        }
+        if let shared {
+            return await self.runShared(shared, runID: runID, units: units, done: done, resume: resume, wait: wait, started: started, events: events)
+        }
+        let begun = await self.catalogWrite { try await $0.beginRun(RunRecord(id: runID, source: self.fleet.path)) }
         // Agents that never connect are reported, not waited on forever.
         let wanted = Set(self.fleet.instances.map(\.id)).subtracting(done.keys)
-        let wait = agentWait ?? .seconds(self.fleet.agentWaitSeconds)
         var missing = await self.engine.registry.waitFor(wanted, timeout: .zero)
         var agentWait: Duration = .zero
         if !missing.isEmpty {
@@ -239,15 +256,7 @@ public final class Coordinator: Sendable {
         await self.checkProviders(runID: runID, events: events)
         let limit = max(1, self.fleet.concurrency)
         let meanwhile = Task { await self.settleMeanwhile() }
-        // A consistency group starts as one unit, all its members at once, where its first member stands.
         let rendezvous = self.rendezvous()
-        var units: [[FleetFile.Instance]] = []
-        var placed = Set<String>()
-        for instance in self.fleet.instances where !placed.contains(instance.id) && done[instance.id] == nil {
-            let unit = self.fleet.group(of: instance.id).map { group in group.members.compactMap { self.fleet.instance(named: $0) } } ?? [instance]
-            placed.formUnion(unit.map(\.id))
-            units.append(unit)
-        }
         var outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
             var results: [InstanceOutcome] = []
             var next = 0
@@ -258,22 +267,7 @@ public final class Coordinator: Sendable {
                 next += 1
                 running += unit.count
                 for instance in unit {
-                    if let reason = self.stopping.withLock({ $0 }) {
-                        group.addTask {
-                            var outcome = self.notStarted(instance, reason: reason)
-                            await rendezvous[instance.id]?.finished(instance.id, .init(level: nil, reasons: outcome.reasons, inStep: false, failed: true))
-                            await self.record(&outcome, runID: runID, started: .now)
-                            events(.instanceFinished(outcome))
-                            return outcome
-                        }
-                        continue
-                    }
-                    group.addTask {
-                        events(.instanceStarted(instance.id))
-                        let outcome = await self.backUp(instance, runID: runID, agentWait: wait, rendezvous: rendezvous[instance.id])
-                        events(.instanceFinished(outcome))
-                        return outcome
-                    }
+                    group.addTask { await self.start(instance, runID: runID, wait: wait, rendezvous: rendezvous, events: events) }
                 }
             }
             while next < units.count, running == 0 || running + units[next].count <= limit { startNext() }
@@ -290,18 +284,12 @@ public final class Coordinator: Sendable {
         }
         meanwhile.cancel()
         await meanwhile.value
-        let settleWarnings = await self.settle(events: events)
+        await self.settleAndPrune(&outcomes, only: nil, events: events)
         let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
-        for index in outcomes.indices { outcomes[index].warnings += settleWarnings[outcomes[index].instanceID] ?? [] }
-        let retention = await self.applyRetention()
-        for index in outcomes.indices {
-            outcomes[index].pruned = retention.pruned[outcomes[index].instanceID] ?? []
-            outcomes[index].warnings += retention.warnings[outcomes[index].instanceID] ?? []
-        }
         var report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
                                makespan: .now - started, agentWait: agentWait)
         let state = report.runState
-        let finished = await self.catalogWrite { try $0.finishRun(runID, state: state, at: Date()) }
+        let finished = await self.catalogWrite { try await $0.finishRun(runID, state: state, at: Date()) }
         // The report has no run-level warnings: a run the catalog could not record is said on every instance.
         let runErrors = [begun.map { "run \(runID) could not be recorded as started: \($0)" },
                          finished.map { "run \(runID) could not be recorded as finished: \($0)" }].compactMap { $0 }
@@ -309,6 +297,34 @@ public final class Coordinator: Sendable {
             report.instances[index].warnings += runErrors.map { "catalog-write-failed: " + $0 }
         }
         return report
+    }
+
+    /// After the last instance: the groups still copying are waited for, then each policy's
+    /// retention runs (on `only` those instances, when given: a shared run prunes what this engine backed up).
+    func settleAndPrune(_ outcomes: inout [InstanceOutcome], only: Set<String>?, events: @escaping @Sendable (RunEvent) -> Void) async {
+        let settleWarnings = await self.settle(events: events)
+        for index in outcomes.indices { outcomes[index].warnings += settleWarnings[outcomes[index].instanceID] ?? [] }
+        let retention = await self.applyRetention(only: only)
+        for index in outcomes.indices {
+            outcomes[index].pruned = retention.pruned[outcomes[index].instanceID] ?? []
+            outcomes[index].warnings += retention.warnings[outcomes[index].instanceID] ?? []
+        }
+    }
+
+    /// One instance of a unit: backed up, or reported not started when the run is stopping.
+    func start(_ instance: FleetFile.Instance, runID: String, wait: Duration, rendezvous: [String: GroupRendezvous],
+               events: @escaping @Sendable (RunEvent) -> Void) async -> InstanceOutcome {
+        if let reason = self.stopping.withLock({ $0 }) {
+            var outcome = self.notStarted(instance, reason: reason)
+            await rendezvous[instance.id]?.finished(instance.id, .init(level: nil, reasons: outcome.reasons, inStep: false, failed: true))
+            await self.record(&outcome, runID: runID, started: .now)
+            events(.instanceFinished(outcome))
+            return outcome
+        }
+        events(.instanceStarted(instance.id))
+        let outcome = await self.backUp(instance, runID: runID, agentWait: wait, rendezvous: rendezvous[instance.id])
+        events(.instanceFinished(outcome))
+        return outcome
     }
 
     /// Waits for the groups recorded pending (a cloud still copying), each provider's all at
@@ -360,7 +376,7 @@ public final class Coordinator: Sendable {
             if !done.isEmpty, let error = await self.catalogWrite({ catalog in
                 var rows: [GroupRecord] = []
                 for (item, ready) in done {
-                    guard var row = try catalog.group(item.groupID) else { continue }
+                    guard var row = try await catalog.group(item.groupID) else { continue }
                     row.state = ready.state
                     // The provider's view, with the create's timing the row already has.
                     row.disks = ready.disks.map { disk in
@@ -371,7 +387,7 @@ public final class Coordinator: Sendable {
                     row.tags = ready.tags
                     rows.append(row)
                 }
-                try catalog.record(rows)
+                try await catalog.record(rows)
             }) {
                 for (item, _) in settled {
                     if finally {
@@ -392,7 +408,7 @@ public final class Coordinator: Sendable {
         for spec in self.fleet.providers {
             let instances = self.fleet.instances.filter { $0.provider == spec.name }
             guard !instances.isEmpty, let provider = self.providers[spec.name] else { continue }
-            if let record = provider.record { _ = await self.catalogWrite { try $0.recordProvider(record) } }
+            if let record = provider.record { _ = await self.catalogWrite { try await $0.recordProvider(record) } }
             let items = await provider.provider.check(instances.map(ProviderKinds.target))
             events(.providerChecked(provider: spec.name, kind: provider.provider.kind, items: items))
             let failed = items.filter { !$0.ok && $0.blocking }
@@ -672,15 +688,15 @@ public final class Coordinator: Sendable {
     /// Each policy's retention, after the run: per instance, the groups its rules do not keep are
     /// deleted at their provider, then from the catalog (never the newest application-consistent
     /// one, never one still pending). Only groups of this fleet's providers are touched.
-    func applyRetention(now: Date = Date()) async -> (pruned: [String: [String]], warnings: [String: [String]]) {
+    func applyRetention(only: Set<String>? = nil, now: Date = Date()) async -> (pruned: [String: [String]], warnings: [String: [String]]) {
         guard let catalog = self.catalog else { return ([:], [:]) }
         var pruned: [String: [String]] = [:]
         var warnings: [String: [String]] = [:]
-        for instance in self.fleet.instances {
+        for instance in self.fleet.instances where only?.contains(instance.id) ?? true {
             guard let rules = self.fleet.policy(named: instance.policy)?.retention else { continue }
             let groups: [GroupRecord]
             do {
-                groups = try await DedicatedThread.run(name: "quiesce-catalog") { try catalog.groups(GroupFilter(instanceID: instance.id)) }
+                groups = try await catalog.groups(GroupFilter(instanceID: instance.id))
             } catch {
                 warnings[instance.id, default: []].append("retention-failed: the catalog could not be read: \(error)")
                 continue
@@ -695,7 +711,7 @@ public final class Coordinator: Sendable {
                     } catch ProviderError.notFound {
                         // Gone from the provider already: the row goes too.
                     }
-                    if let error = await self.catalogWrite({ try $0.deleteGroup(group.id) }) { throw error }
+                    if let error = await self.catalogWrite({ try await $0.deleteGroup(group.id) }) { throw error }
                     pruned[instance.id, default: []].append(group.id)
                 } catch {
                     warnings[instance.id, default: []].append("retention-failed: group \(group.id) could not be deleted: \(error)")
@@ -742,7 +758,7 @@ public final class Coordinator: Sendable {
     func adopt(_ existing: SnapshotGroup, prepared: PreparedGroup, instance: FleetFile.Instance, policy: FleetFile.Policy,
                provider: Provider, runID: String, token: String, attempt: Int, into outcome: inout InstanceOutcome) async -> Adoption {
         let complete = Set(existing.disks.map(\.diskID)).isSuperset(of: prepared.disks)
-        if let row = try? self.catalog?.group(existing.id), complete {
+        if let row = try? await self.catalog?.group(existing.id), complete {
             outcome.achieved = row.achievedLevel
             outcome.groupID = row.id
             outcome.reasons = row.reasons.map(\.text)
@@ -784,16 +800,15 @@ public final class Coordinator: Sendable {
         return .done
     }
 
-    /// Writes to the catalog on a thread of its own and says what failed, if
-    /// anything. A write waits for SQLite's fsync (synchronous = FULL), which
-    /// a busy disk — a backup's disk — can stretch past a second. On the
-    /// cooperative pool, a few of them at once (instances finishing together)
-    /// would hold every pool thread, and the heartbeats to agents frozen
-    /// meanwhile go out through that pool: they would thaw for engine silence.
-    func catalogWrite(_ write: @escaping @Sendable (any CatalogStore) throws -> Void) async -> (any Error)? {
+    /// Writes to the catalog and says what failed, if anything. A write waits for SQLite's
+    /// fsync (synchronous = FULL), which a busy disk — a backup's disk — can stretch past a
+    /// second; the stores do it off the cooperative pool (GRDB's writer queue, PostgreSQL's
+    /// event loop), because a few blocked pool threads (instances finishing together) would
+    /// hold up the heartbeats to agents frozen meanwhile: they would thaw for engine silence.
+    func catalogWrite(_ write: @escaping @Sendable (any CatalogStore) async throws -> Void) async -> (any Error)? {
         guard let catalog = self.catalog else { return nil }
         do {
-            try await DedicatedThread.run(name: "quiesce-catalog") { try write(catalog) }
+            try await write(catalog)
             return nil
         } catch {
             return error
@@ -816,7 +831,7 @@ public final class Coordinator: Sendable {
             frozenUs: outcome.frozen.map { UInt64(max($0.microseconds, 0)) },
             applicationStallUs: outcome.stall.map { UInt64(max($0.microseconds, 0)) },
             stepTimingsUs: timings, tags: group.tags, disks: group.disks, providerKind: group.provider)
-        return await self.catalogWrite { try $0.record(record) }
+        return await self.catalogWrite { try await $0.record(record) }
     }
 
     /// Records the instance's outcome; a failed write is a warning on the outcome (the report still has it).
@@ -826,7 +841,7 @@ public final class Coordinator: Sendable {
             runID: runID, instanceID: outcome.instanceID, state: outcome.state, wantedLevel: outcome.wanted, minimumLevel: outcome.minimum,
             achievedLevel: outcome.achieved, reasons: outcome.reasons.map(Reason.init(parsing:)), groupID: outcome.groupID,
             durationUs: UInt64(max(outcome.duration.microseconds, 0)))
-        if let error = await self.catalogWrite({ try $0.record(row) }) {
+        if let error = await self.catalogWrite({ try await $0.record(row) }) {
             outcome.warnings.append("catalog-write-failed: the outcome of \(outcome.instanceID) is not in the catalog: \(error)")
         }
     }

@@ -77,7 +77,7 @@ extension RunEvent {
                     $0.instanceIds = missing
                     $0.waitS = UInt32(clamping: wait.components.seconds)
                 }
-            case .agentsWaited, .providerChecked, .settling:
+            case .agentsWaited, .providerChecked, .settling, .joinedRun:
                 break  // not on the admin wire: an engine that serves runs has its agents connected already
             case .instanceStarted(let id):
                 $0.started = .with { $0.instanceID = id }

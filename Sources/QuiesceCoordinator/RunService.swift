@@ -52,7 +52,7 @@ public final class FleetRunService: Quiesce_Admin_V1_Runs.SimpleServiceProtocol,
         var yaml = request.fleetYaml
         if request.resume {
             do {
-                let run = try Coordinator.resumable(request.runID, catalog: self.catalog)
+                let run = try await Coordinator.resumable(request.runID, catalog: self.catalog)
                 if yaml.isEmpty {
                     guard let data = FileManager.default.contents(atPath: run.source) else {
                         throw RPCError(code: .invalidArgument, message: "\(run.source): (file): cannot read the fleet file run \(request.runID) was started with; give it (--fleet)")

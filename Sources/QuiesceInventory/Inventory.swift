@@ -18,8 +18,8 @@ public struct Inventory: Sendable {
     }
 
     /// Every local group in one pool.
-    public init(catalog: any CatalogStore, provider: LocalProvider) {
-        self.init(catalog: catalog, providers: ProviderDirectory(catalog: catalog, localPool: provider.pool, defaultPool: provider.pool))
+    public init(catalog: any CatalogStore, provider: LocalProvider) async {
+        self.init(catalog: catalog, providers: await ProviderDirectory(catalog: catalog, localPool: provider.pool, defaultPool: provider.pool))
     }
 
     /// The provider holding `group`.
@@ -33,10 +33,10 @@ public struct Inventory: Sendable {
         return disk
     }
 
-    public func groups(_ filter: GroupFilter) throws -> [GroupRecord] { try self.catalog.groups(filter) }
+    public func groups(_ filter: GroupFilter) async throws -> [GroupRecord] { try await self.catalog.groups(filter) }
 
-    public func group(_ id: String) throws -> GroupRecord {
-        guard let group = try self.catalog.group(id) else {
+    public func group(_ id: String) async throws -> GroupRecord {
+        guard let group = try await self.catalog.group(id) else {
             throw InventoryError.notFound("no snapshot group \"\(id)\" in the catalog (see `quiesce snapshots`)")
         }
         return group
@@ -44,7 +44,7 @@ public struct Inventory: Sendable {
 
     /// Restores every disk of a group (or one), as new disks named `<disk>-<suffix>` or in place.
     public func restore(_ id: String, disk: String?, inPlace: Bool, newSuffix: String, zone: String? = nil) async throws -> [(disk: String, restoredAs: String)] {
-        let group = try self.group(id)
+        let group = try await self.group(id)
         let provider = try self.provider(of: group)
         let disks = try disk.map { name -> [String] in
             guard group.disks.contains(where: { $0.diskID == name }) else {
@@ -64,7 +64,7 @@ public struct Inventory: Sendable {
     public func prune(_ policy: PrunePolicy, instanceID: String? = nil, dryRun: Bool, now: Date = Date()) async throws
         -> (keep: [GroupRecord], delete: [GroupRecord])
     {
-        let plan = policy.plan(try self.catalog.groups(GroupFilter(instanceID: instanceID)), now: now)
+        let plan = policy.plan(try await self.catalog.groups(GroupFilter(instanceID: instanceID)), now: now)
         guard !dryRun else { return plan }
         for group in plan.delete {
             do {
@@ -72,7 +72,7 @@ public struct Inventory: Sendable {
             } catch ProviderError.notFound {
                 // Already gone from the pool: drop the record too.
             }
-            try self.catalog.deleteGroup(group.id)
+            try await self.catalog.deleteGroup(group.id)
         }
         return plan
     }
@@ -115,7 +115,7 @@ public struct Inventory: Sendable {
             }
             for group in groups {
                 guard let runID = group.tags["quiesce:run"], let instanceID = group.tags["quiesce:instance"],
-                      seen.insert(group.id).inserted, try self.catalog.group(group.id) == nil else { continue }
+                      seen.insert(group.id).inserted, try await self.catalog.group(group.id) == nil else { continue }
                 var orphan = Orphan(provider: name, providerKind: kind, groupID: group.id, runID: runID, instanceID: instanceID,
                                     taggedLevel: group.tags["quiesce:level"].flatMap(ConsistencyLevel.init(name:)),
                                     createdAt: group.createdAt, disks: group.disks.count, action: "listed")
@@ -144,11 +144,11 @@ public struct Inventory: Sendable {
             reasons = [Reason(code: "adopted-unproven", message: "recorded by `quiesce reconcile`: the engine that made it died before the thaw reply's proof was recorded; recorded crash-consistent")]
             group = try await provider.tag(group.id, SnapshotGroup.levelTags(.crash, reasons: reasons.map(\.text), metadata: [:]))
         }
-        if try self.catalog.run(orphan.runID) == nil {
-            try self.catalog.beginRun(RunRecord(id: orphan.runID, startedAt: group.createdAt, finishedAt: Date(), state: .interrupted, source: "reconcile"))
-            try self.catalog.finishRun(orphan.runID, state: .interrupted, at: Date())
+        if try await self.catalog.run(orphan.runID) == nil {
+            try await self.catalog.beginRun(RunRecord(id: orphan.runID, startedAt: group.createdAt, finishedAt: Date(), state: .interrupted, source: "reconcile"))
+            try await self.catalog.finishRun(orphan.runID, state: .interrupted, at: Date())
         }
-        try self.catalog.record(GroupRecord(
+        try await self.catalog.record(GroupRecord(
             id: group.id, runID: orphan.runID, instanceID: orphan.instanceID, provider: orphan.provider, providerGroupID: group.id,
             idempotencyToken: group.idempotencyToken.isEmpty ? "\(orphan.runID)/\(orphan.instanceID)" : group.idempotencyToken,
             wantedLevel: max(wanted ?? level, level), achievedLevel: level, reasons: reasons, state: group.state, createdAt: group.createdAt,
@@ -175,7 +175,7 @@ public struct Inventory: Sendable {
     /// Checks each disk's checksum against the one recorded at creation; with
     /// `deep`, also checks the filesystem on a throw-away copy (read-only on the snapshot).
     public func verify(_ id: String, deep: Bool) async throws -> [DiskCheck] {
-        let group = try self.group(id)
+        let group = try await self.group(id)
         let found = try self.provider(of: group)
         guard let local = found as? LocalProvider else { return try await self.verifyAtProvider(group, provider: found, deep: deep) }
         let sums: [(disk: String, recorded: String?, actual: String)]

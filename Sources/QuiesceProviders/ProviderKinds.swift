@@ -96,10 +96,10 @@ public final class ProviderDirectory: @unchecked Sendable {
     ///   - localPool: the pool for local groups with no recorded provider (`--pool`), and for every local group when given.
     ///   - defaultPool: the pool for local groups nothing else names.
     public init(catalog: any CatalogStore, fleet: FleetFile? = nil, localPool: String?, defaultPool: String,
-                environment: [String: String] = ProcessInfo.processInfo.environment) {
+                environment: [String: String] = ProcessInfo.processInfo.environment) async {
         self.defaultPool = defaultPool
         self.fleetProviders = Dictionary((fleet?.providers ?? []).map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-        self.records = Dictionary(((try? catalog.providers()) ?? []).map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        self.records = Dictionary(((try? await catalog.providers()) ?? []).map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         self.localPool = localPool
         self.environment = environment
     }

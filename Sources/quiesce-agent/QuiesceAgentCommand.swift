@@ -43,8 +43,10 @@ struct Run: AsyncParsableCommand {
             that runs only while it backs up, e.g. from cron) finds this agent within about that long.
             """)
 
-    @Option(help: ArgumentHelp("The engine's agent port.", valueName: "host:port"))
-    var engine: String
+    @Option(help: ArgumentHelp(
+        "The engine's agent port. Give it again for each engine that shares the fleet (a PostgreSQL catalog): when a session ends the agent dials the next.",
+        valueName: "host:port"))
+    var engine: [String] = []
     @Option(help: ArgumentHelp("This agent's certificate (PEM), from `quiesce ca issue --agent ID`.", valueName: "path"))
     var cert: String
     @Option(help: ArgumentHelp("This agent's private key (PEM).", valueName: "path"))
@@ -88,7 +90,10 @@ struct Run: AsyncParsableCommand {
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("expected a log level (trace, debug, info, notice, warning, error, critical), found \"\(self.logLevel)\"")
         }
-        do { _ = try ListenAddress(parsing: self.engine) } catch { throw ValidationError("--engine: \(error)") }
+        guard !self.engine.isEmpty else { throw ValidationError("--engine: expected the engine's host:port, found none") }
+        for engine in self.engine {
+            do { _ = try ListenAddress(parsing: engine) } catch { throw ValidationError("--engine \(engine): \(error)") }
+        }
         guard SyncfsRule.Mode(rawValue: self.syncfs) != nil else {
             throw ValidationError("--syncfs: expected auto, always or never, found \"\(self.syncfs)\"")
         }
@@ -119,7 +124,7 @@ struct Run: AsyncParsableCommand {
         if !self.noMemoryLock && quiesceLockMemory() != 0 {
             Logger(label: "quiesce.agent").warning("could not lock memory (mlockall); the agent may page while / is frozen")
         }
-        let engine = try ListenAddress(parsing: self.engine)
+        let engines = try self.engine.map { try ListenAddress(parsing: $0) }
         let locations = HookLocations(prescript: self.prescript, postscript: self.postscript, hookDirectory: self.hookDir)
         let syncfs = SyncfsRule(mode: SyncfsRule.Mode(rawValue: self.syncfs) ?? .auto, minDirtyBytes: self.syncfsMinDirtyMib << 20)
         let scenario = try self.vssSimulator.map { try VssScenario.load(path: $0) }
@@ -130,12 +135,13 @@ struct Run: AsyncParsableCommand {
         #endif
         let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
                                            expediteRCU: self.rcuExpedite == "auto", vssScenario: scenario, vss: backend)
-        let configuration = AgentConfiguration(
-            engine: engine,
+        var configuration = AgentConfiguration(
+            engine: engines[0],
             identity: TLSFiles(certificatePath: self.cert, keyPath: self.key, trustRootsPath: self.ca),
             instanceID: self.instanceID,
             backoff: Backoff(cap: .milliseconds(Int64(self.reconnectMax * 1000))),
             knownEngineCap: .milliseconds(Int64(self.reconnectMaxKnown * 1000)))
+        configuration.otherEngines = Array(engines.dropFirst())
         let runner = AgentRunner(configuration: configuration, handler: handler)
         let task = Task { try await runner.run() }
         quiesceUnblockStopSignals()

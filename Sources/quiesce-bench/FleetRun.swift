@@ -256,7 +256,8 @@ struct FleetRun: AsyncParsableCommand {
             return { p in sorted.isEmpty ? "-" : String(format: "%.2f", rank(sorted, p)) }
         }
         // Where the time goes: each step's p50/p99 over the run's groups (engine clock).
-        let groups = (1...rounds).flatMap { (try? catalog.groups(GroupFilter(runID: "\(self.runPrefix)-\(count)-\($0)"))) ?? [] }
+        var groups: [GroupRecord] = []
+        for round in 1...rounds { groups += (try? await catalog.groups(GroupFilter(runID: "\(self.runPrefix)-\(count)-\(round)"))) ?? [] }
         var perStep: [String: [Double]] = [:]
         for group in groups { for (step, us) in group.stepTimingsUs { perStep[step, default: []].append(Double(us) / 1000) } }
         let steps = perStep.keys.sorted().map { step -> String in

@@ -194,7 +194,7 @@ struct Snapshot: AsyncParsableCommand {
     }
 }
 
-struct CatalogWriter: ParsableCommand {
+struct CatalogWriter: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "catalog-writer",
         abstract: "Write groups into a catalog as fast as possible (the crash test kills this with SIGKILL).",
@@ -207,9 +207,9 @@ struct CatalogWriter: ParsableCommand {
     @Option(help: "Stop after this many groups (0: never).")
     var groups = 0
 
-    func run() throws {
+    func run() async throws {
         let store = try SQLiteCatalog(path: self.catalog)
-        try store.beginRun(RunRecord(id: self.runID, source: "catalog-writer"))
+        try await store.beginRun(RunRecord(id: self.runID, source: "catalog-writer"))
         print("started")
         fflush(nil)
         var index = 0
@@ -218,12 +218,12 @@ struct CatalogWriter: ParsableCommand {
             let disks = ["root", "data"].map {
                 DiskSnapshot(diskID: $0, snapshotID: "\(index)/\($0)", sizeBytes: 1 << 30, dataBytes: 1 << 20, method: .reflink, durationUs: 500)
             }
-            try store.record(GroupRecord(
+            try await store.record(GroupRecord(
                 id: "\(self.runID)-g\(index)", runID: self.runID, instanceID: "i-\(index % 7)", provider: "local",
                 providerGroupID: "lg-\(index)", idempotencyToken: "\(self.runID)/\(index)", wantedLevel: .application,
                 achievedLevel: .filesystem, reasons: [Reason(code: "scripts-missing", message: "no prescript")], state: .ready,
                 createdAt: Date(), frozenUs: 1200, disks: disks))
         }
-        try store.finishRun(self.runID, state: .succeeded)
+        try await store.finishRun(self.runID, state: .succeeded)
     }
 }

@@ -5,6 +5,7 @@ import QuiescePlugins
 import QuiesceFleet
 import Logging
 import QuiesceCatalog
+import QuiesceCatalogPostgres
 import QuiesceCore
 import QuiesceEngine
 import QuiescePKI
@@ -137,16 +138,29 @@ func printError(_ message: String) {
     OutputQueue.standardError.flush()
 }
 
-/// The catalog at `path` (default `$QUIESCE_HOME/catalog.db`); an error is a message and exit 1.
-func openCatalog(_ path: String?) throws -> (catalog: SQLiteCatalog, path: String) {
-    let path = path ?? defaultStateDirectory() + "/catalog.db"
+/// The catalog at `spec`: a SQLite file (default `$QUIESCE_HOME/catalog.db`) or a PostgreSQL URL
+/// that several engines share; an error is a message and exit 1.
+func openCatalog(_ spec: String?, lease: Int = 30) async throws -> (catalog: any CatalogStore, path: String) {
+    let spec = spec ?? defaultStateDirectory() + "/catalog.db"
     do {
-        return (try SQLiteCatalog(path: path), path)
+        let catalog = try await CatalogOpener.open(spec, lease: .seconds(max(lease, 3)))
+        return (catalog, (catalog as? PostgresCatalog)?.location.description ?? spec)
+    } catch let error as CatalogError {
+        printError("\(error)")
+        throw ExitStatus.failure
     } catch {
-        printError("catalog \(path): \(error)")
+        printError("catalog \(spec): \(error)")
         throw ExitStatus.failure
     }
 }
+
+/// `--catalog` and `--catalog-lease`, where a command runs fleet backups.
+let catalogHelp = ArgumentHelp(
+    "The catalog: a SQLite file (default: $QUIESCE_HOME/catalog.db), or postgres://USER@HOST[:PORT]/DB[?schema=S] that several engines share.",
+    valueName: "path|url")
+let catalogLeaseHelp = ArgumentHelp(
+    "With a PostgreSQL catalog: how long this engine's hold on a run and its instances outlives it if it dies (renewed every third of it).",
+    valueName: "seconds")
 
 /// An engine listening on `listen` with the identity in `caDir` (default `$QUIESCE_HOME/ca`);
 /// an unusable certificate or key is a message and exit 1.

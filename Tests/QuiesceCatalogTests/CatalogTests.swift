@@ -1,5 +1,6 @@
 import Foundation
 import QuiesceCatalog
+import QuiesceCatalogPostgres
 import QuiesceCore
 import QuiesceTestSupport
 import Testing
@@ -18,83 +19,123 @@ func sampleGroup(_ id: String, run: String?, instance: String, level: Consistenc
         disks: [DiskSnapshot(diskID: "root", snapshotID: "\(id)/root", sizeBytes: 1 << 30, dataBytes: 1 << 24, method: .reflink, durationUs: 400, sha256: String(repeating: "a", count: 64))])
 }
 
-@Suite("Catalog")
-struct CatalogTests {
-    @Test("records groups with their disks and finds them by instance, run, level and age")
-    func roundTrip() throws {
+/// The stores every catalog test runs on: SQLite always, PostgreSQL when scripts/test.sh started
+/// one (QUIESCE_TEST_POSTGRES, a URL to its database).
+enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case sqlite, postgres
+    var testDescription: String { self.rawValue }
+    static let postgresURL = ProcessInfo.processInfo.environment["QUIESCE_TEST_POSTGRES"]
+    static let available: [StoreKind] = postgresURL == nil ? [.sqlite] : [.sqlite, .postgres]
+}
+
+/// A PostgreSQL catalog in a schema of its own, dropped after `body`.
+func withPostgresCatalog<T>(engine: String = "e-test", lease: Duration = .seconds(30), schema: String = "t_\(UUID().uuidString.prefix(8).lowercased())",
+                            _ body: (PostgresCatalog) async throws -> T) async throws -> T {
+    let url = try #require(StoreKind.postgresURL)
+    let catalog = try await PostgresCatalog.open(try CatalogLocation(parsing: url + "?schema=" + schema), lease: lease, engineID: engine)
+    do {
+        let result = try await body(catalog)
+        try? await catalog.destroy()
+        await catalog.close()
+        return result
+    } catch {
+        try? await catalog.destroy()
+        await catalog.close()
+        throw error
+    }
+}
+
+func withCatalog<T>(_ kind: StoreKind, _ body: (any CatalogStore) async throws -> T) async throws -> T {
+    switch kind {
+    case .sqlite:
         let path = scratchCatalog()
         defer { try? FileManager.default.removeItem(atPath: (path as NSString).deletingLastPathComponent) }
-        let catalog = try SQLiteCatalog(path: path)
-        try catalog.beginRun(RunRecord(id: "r1", source: "test"))
-        let now = Date()
-        try catalog.record(sampleGroup("g1", run: "r1", instance: "i-1", level: .application, at: now.addingTimeInterval(-7200)))
-        try catalog.record(sampleGroup("g2", run: "r1", instance: "i-2", level: .filesystem, at: now.addingTimeInterval(-60)))
-        try catalog.record(sampleGroup("g3", run: nil, instance: "i-1", level: .crash, at: now))
-        try catalog.finishRun("r1", state: .degraded)
+        return try await body(try SQLiteCatalog(path: path))
+    case .postgres:
+        return try await withPostgresCatalog { try await body($0) }
+    }
+}
 
-        let g2 = try #require(try catalog.group("g2"))
+@Suite("Catalog")
+struct CatalogTests {
+    @Test("records groups with their disks and finds them by instance, run, level and age", arguments: StoreKind.available)
+    func roundTrip(_ kind: StoreKind) async throws { try await withCatalog(kind) { catalog in
+        try await catalog.beginRun(RunRecord(id: "r1", source: "test"))
+        let now = Date()
+        try await catalog.record(sampleGroup("g1", run: "r1", instance: "i-1", level: .application, at: now.addingTimeInterval(-7200)))
+        try await catalog.record(sampleGroup("g2", run: "r1", instance: "i-2", level: .filesystem, at: now.addingTimeInterval(-60)))
+        try await catalog.record(sampleGroup("g3", run: nil, instance: "i-1", level: .crash, at: now))
+        try await catalog.finishRun("r1", state: .degraded, at: Date())
+
+        let g2 = try #require(try await catalog.group("g2"))
         #expect(g2 == sampleGroup("g2", run: "r1", instance: "i-2", level: .filesystem, at: g2.createdAt))
         #expect(g2.reasons.first?.code == "hook-wrong-mode")
-        #expect(try catalog.groups(GroupFilter()).map(\.id) == ["g3", "g2", "g1"])
-        #expect(try catalog.groups(GroupFilter(instanceID: "i-1")).map(\.id) == ["g3", "g1"])
-        #expect(try catalog.groups(GroupFilter(runID: "r1")).map(\.id) == ["g2", "g1"])
-        #expect(try catalog.groups(GroupFilter(level: .filesystem)).map(\.id) == ["g2"])
-        #expect(try catalog.groups(GroupFilter(createdBefore: now.addingTimeInterval(-3600))).map(\.id) == ["g1"])
-        #expect(try catalog.run("r1")?.state == .degraded)
+        #expect(try await catalog.groups(GroupFilter()).map(\.id) == ["g3", "g2", "g1"])
+        #expect(try await catalog.groups(GroupFilter(instanceID: "i-1")).map(\.id) == ["g3", "g1"])
+        #expect(try await catalog.groups(GroupFilter(runID: "r1")).map(\.id) == ["g2", "g1"])
+        #expect(try await catalog.groups(GroupFilter(level: .filesystem)).map(\.id) == ["g2"])
+        #expect(try await catalog.groups(GroupFilter(createdBefore: now.addingTimeInterval(-3600))).map(\.id) == ["g1"])
+        #expect(try await catalog.run("r1")?.state == .degraded)
 
         // Re-recording replaces (e.g. pending → ready), never duplicates.
         var updated = g2
         updated.disks[0].sha256 = String(repeating: "b", count: 64)
-        try catalog.record(updated)
-        #expect(try catalog.group("g2")?.disks.map(\.sha256) == [String(repeating: "b", count: 64)])
-        #expect(try catalog.groups(GroupFilter()).count == 3)
+        try await catalog.record(updated)
+        #expect(try await catalog.group("g2")?.disks.map(\.sha256) == [String(repeating: "b", count: 64)])
+        #expect(try await catalog.groups(GroupFilter()).count == 3)
 
         // The idempotency token is unique: a second group for the same token is a conflict.
         var duplicate = sampleGroup("g4", run: "r1", instance: "i-1", level: .crash, at: now)
         duplicate.idempotencyToken = "tok-g1"
-        #expect(throws: CatalogError.self) { try catalog.record(duplicate) }
+        await #expect(throws: CatalogError.self) { try await catalog.record(duplicate) }
 
-        try catalog.deleteGroup("g1")
-        #expect(try catalog.group("g1") == nil)
-        #expect(throws: CatalogError.self) { try catalog.deleteGroup("g1") }
-    }
+        try await catalog.deleteGroup("g1")
+        #expect(try await catalog.group("g1") == nil)
+        await #expect(throws: CatalogError.self) { try await catalog.deleteGroup("g1") }
+        // Times keep their milliseconds (retention orders groups made in one second).
+        let precise = Date(timeIntervalSince1970: 1_800_000_000.123)
+        try await catalog.record(sampleGroup("g5", run: nil, instance: "i-9", level: .crash, at: precise))
+        let back = try #require(try await catalog.group("g5")).createdAt.timeIntervalSince1970
+        #expect(abs(back - precise.timeIntervalSince1970) < 0.001)
+    } }
 
-    @Test("instances are recorded per run, with or without a group")
-    func instances() throws {
-        let path = scratchCatalog()
-        defer { try? FileManager.default.removeItem(atPath: (path as NSString).deletingLastPathComponent) }
-        let catalog = try SQLiteCatalog(path: path)
-        try catalog.beginRun(RunRecord(id: "r1", source: "test"))
+    @Test("instances are recorded per run, with or without a group", arguments: StoreKind.available)
+    func instances(_ kind: StoreKind) async throws { try await withCatalog(kind) { catalog in
+        try await catalog.beginRun(RunRecord(id: "r1", source: "test"))
         let missing = InstanceRecord(runID: "r1", instanceID: "i-2", state: .failed, wantedLevel: .application, minimumLevel: .filesystem,
                                      reasons: [Reason(code: "agent-not-connected", message: "no session within 60 s")])
-        try catalog.record(missing)
+        try await catalog.record(missing)
         var done = InstanceRecord(runID: "r1", instanceID: "i-1", state: .running, wantedLevel: .application, minimumLevel: .crash)
-        try catalog.record(done)
+        try await catalog.record(done)
         done.state = .downgraded
         done.achievedLevel = .filesystem
         done.groupID = "g1"
         done.durationUs = 4200
-        try catalog.record(done)
-        #expect(try catalog.instances(ofRun: "r1") == [done, missing])
-        #expect(try catalog.instances(ofRun: "r2").isEmpty)
-    }
+        try await catalog.record(done)
+        #expect(try await catalog.instances(ofRun: "r1") == [done, missing])
+        #expect(try await catalog.instances(ofRun: "r2").isEmpty)
+        // Providers are remembered by name, the latest settings winning.
+        try await catalog.recordProvider(ProviderRecord(name: "pool", kind: "local", settings: ["pool": "/a"]))
+        try await catalog.recordProvider(ProviderRecord(name: "pool", kind: "local", settings: ["pool": "/b"]))
+        #expect(try await catalog.providers().map(\.settings) == [["pool": "/b"]])
+    } }
 
     @Test("reopening keeps everything; a finished run stays finished")
-    func reopen() throws {
+    func reopen() async throws {
         let path = scratchCatalog()
         defer { try? FileManager.default.removeItem(atPath: (path as NSString).deletingLastPathComponent) }
         do {
             let catalog = try SQLiteCatalog(path: path)
-            try catalog.beginRun(RunRecord(id: "r1", source: "test"))
-            try catalog.record(sampleGroup("g1", run: "r1", instance: "i-1", level: .application, at: Date()))
-            try catalog.finishRun("r1", state: .succeeded)
+            try await catalog.beginRun(RunRecord(id: "r1", source: "test"))
+            try await catalog.record(sampleGroup("g1", run: "r1", instance: "i-1", level: .application, at: Date()))
+            try await catalog.finishRun("r1", state: .succeeded)
         }
         let again = try SQLiteCatalog(path: path)
         #expect(again.interruptedOnOpen.isEmpty)
-        #expect(try again.run("r1")?.state == .succeeded)
-        #expect(try again.groups(GroupFilter()).count == 1)
+        #expect(try await again.run("r1")?.state == .succeeded)
+        #expect(try await again.groups(GroupFilter()).count == 1)
         // This process is alive: its own running run is not interrupted by another open.
-        try again.beginRun(RunRecord(id: "r2", source: "test"))
+        try await again.beginRun(RunRecord(id: "r2", source: "test"))
         #expect(try SQLiteCatalog(path: path).interruptedOnOpen.isEmpty)
     }
 
@@ -130,7 +171,7 @@ struct CatalogTests {
         // Let it write a while (reading alongside, as `quiesce snapshots` would), then
         // kill it, mid-transaction as likely as not.
         let deadline = ContinuousClock.now + .seconds(20)
-        while try SQLiteCatalog(path: path).groups(GroupFilter(runID: "r-killed")).count < 20, ContinuousClock.now < deadline {
+        while try await SQLiteCatalog(path: path).groups(GroupFilter(runID: "r-killed")).count < 20, ContinuousClock.now < deadline {
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(try SQLiteCatalog(path: path).interruptedOnOpen.isEmpty, "a live writer's run must not be marked interrupted")
@@ -140,8 +181,8 @@ struct CatalogTests {
 
         let catalog = try SQLiteCatalog(path: path)
         #expect(catalog.interruptedOnOpen == ["r-killed"])
-        #expect(try catalog.run("r-killed")?.state == .interrupted)
-        let groups = try catalog.groups(GroupFilter(runID: "r-killed"))
+        #expect(try await catalog.run("r-killed")?.state == .interrupted)
+        let groups = try await catalog.groups(GroupFilter(runID: "r-killed"))
         #expect(groups.count > 5, "the writer wrote too little to make the test meaningful")
         #expect(groups.allSatisfy { $0.disks.map(\.diskID) == ["root", "data"] }, "a group without all its disks: a torn transaction")
     }

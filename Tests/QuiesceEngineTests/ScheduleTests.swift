@@ -92,8 +92,8 @@ struct ScheduleTests {
         // The run finishes and is recorded.
         for _ in 0..<200 where scheduler.running.count > 0 { try await Task.sleep(for: .milliseconds(20)) }
         #expect(scheduler.running.isEmpty)
-        #expect(try s.catalog.run(firstRun)?.state == .succeeded)
-        #expect(try s.catalog.groups(GroupFilter(runID: firstRun)).count == 1)
+        #expect(try await s.catalog.run(firstRun)?.state == .succeeded)
+        #expect(try await s.catalog.groups(GroupFilter(runID: firstRun)).count == 1)
 
         // The engine goes down for ten minutes: ten firings missed, one run when it comes back.
         task.cancel()
@@ -108,7 +108,7 @@ struct ScheduleTests {
         #expect(seen.count == before + 1, "missed firings run once, not ten times: \(seen)")
         guard case .started(_, let caughtUp, true)? = seen.last else { Issue.record("\(seen)"); return }
         for _ in 0..<200 where again.running.count > 0 { try await Task.sleep(for: .milliseconds(20)) }
-        #expect(try s.catalog.run(caughtUp)?.state == .succeeded)
+        #expect(try await s.catalog.run(caughtUp)?.state == .succeeded)
         second.cancel()
         await second.value
     }
@@ -132,7 +132,7 @@ struct ScheduleTests {
             if index > 2 { #expect(report.renderTable().contains("Retention deleted 1 older group(s): lone \(made[index - 3])")) }
         }
         #expect(pruned == Array(made.prefix(2)))
-        #expect(Set(try s.catalog.groups(GroupFilter(instanceID: "lone")).map(\.id)) == Set(made.suffix(2)))
+        #expect(Set(try await s.catalog.groups(GroupFilter(instanceID: "lone")).map(\.id)) == Set(made.suffix(2)))
         #expect(Set(try await s.provider.list(tags: [:]).map(\.id)) == Set(made.suffix(2)))
     }
 }

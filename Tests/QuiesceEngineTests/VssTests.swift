@@ -387,7 +387,7 @@ struct VssTests {
             #expect(report.renderTable().contains("win-2 VSS writers:\n  Exchange Writer FAILED_AT_FREEZE"), "\(report.renderTable())")
             // The seed's tags on the groups.
             for (id, tag) in [("win-1", "APPConsistent"), ("win-2", "FsConsistent")] {
-                let group = try #require(try catalog.groups(GroupFilter(runID: "mixed")).first { $0.instanceID == id })
+                let group = try #require(try await catalog.groups(GroupFilter(runID: "mixed")).first { $0.instanceID == id })
                 let stored = try await provider.describe(group.providerGroupID)
                 #expect(stored.tags["ConsistencyLevel"] == tag && group.disks.count == (id == "win-1" ? 2 : 1), "\(stored.tags)")
             }

@@ -85,7 +85,7 @@ struct InventoryTests {
             let pool = try await loops.mount("pool", fsType: "xfs", sizeMiB: 1024, mkfsOptions: ["-m", "reflink=1"])
             let provider = try LocalProvider(pool: pool.mountPoint + "/pool")
             let catalogPath = pool.mountPoint + "/catalog.db"
-            let inventory = Inventory(catalog: try SQLiteCatalog(path: catalogPath), provider: provider)
+            let inventory = await Inventory(catalog: try SQLiteCatalog(path: catalogPath), provider: provider)
 
             // Two guest disks: ext4 and XFS, mounted from the pool like an instance's disks.
             var mounts: [String: String] = [:]
@@ -115,8 +115,8 @@ struct InventoryTests {
 
             let crashRecord = record(try await provider.describe(crash.id), instance: "i-1", level: .crash, at: Date().addingTimeInterval(-3 * 86_400))
             let frozenRecord = record(try await provider.describe(frozen.id), instance: "i-1", level: .filesystem)
-            try inventory.catalog.record(crashRecord)
-            try inventory.catalog.record(frozenRecord)
+            try await inventory.catalog.record(crashRecord)
+            try await inventory.catalog.record(frozenRecord)
 
             let clean = try await inventory.verify(frozenRecord.id, deep: true)
             // ext4: a frozen snapshot has a clean journal. XFS keeps its log dirty across a
@@ -159,12 +159,12 @@ struct InventoryTests {
             // Prune: keep the newest one; the 3-day-old crash group goes, from the pool and the catalog.
             let dry = try await self.quiesce(["prune", "--keep-last", "1", "--dry-run"] + store)
             #expect(dry.output.contains("would delete \(crashRecord.id)"))
-            #expect(try inventory.catalog.group(crashRecord.id) != nil)
+            #expect(try await inventory.catalog.group(crashRecord.id) != nil)
             let pruned = try await self.quiesce(["prune", "--keep-last", "1", "--keep-within", "1d"] + store)
             #expect(pruned.status == 0 && pruned.output.contains("deleted \(crashRecord.id)"))
-            #expect(try inventory.catalog.group(crashRecord.id) == nil)
+            #expect(try await inventory.catalog.group(crashRecord.id) == nil)
             await #expect(throws: ProviderError.self) { try await provider.describe(crash.id) }
-            #expect(try inventory.catalog.group(frozenRecord.id) != nil)
+            #expect(try await inventory.catalog.group(frozenRecord.id) != nil)
         }
     }
 }

@@ -54,8 +54,10 @@ struct Backup: AsyncParsableCommand {
     var listen: String?
     @Option(help: ArgumentHelp("The CA directory from `quiesce ca init` (default: $QUIESCE_HOME/ca). One shot only.", valueName: "dir"))
     var caDir: String?
-    @Option(help: ArgumentHelp("The catalog (default: $QUIESCE_HOME/catalog.db). One shot only.", valueName: "path"))
+    @Option(help: catalogHelp)
     var catalog: String?
+    @Option(help: catalogLeaseHelp)
+    var catalogLease = 30
     @Option(name: .customLong("run-id"), help: ArgumentHelp("The run's id (default: a new one); rerunning an id makes no duplicate snapshots.", valueName: "id"))
     var runID: String?
     @Option(name: .customLong("agent-wait-s"), help: ArgumentHelp("Override run.agent_wait_s.", valueName: "seconds"))
@@ -111,11 +113,11 @@ struct Backup: AsyncParsableCommand {
         raiseOpenFileLimit()  // one descriptor per agent session
         let registry = await self.plugins.load()
         defer { Task { await registry.shutdown() } }
-        let (catalog, _) = try openCatalog(self.catalog)
+        let (catalog, _) = try await openCatalog(self.catalog, lease: self.catalogLease)
         var fleetPath = self.fleet ?? ""
         if let resume = self.resume {
             do {
-                let run = try Coordinator.resumable(resume, catalog: catalog)
+                let run = try await Coordinator.resumable(resume, catalog: catalog)
                 if self.fleet == nil { fleetPath = run.source }
             } catch let refusal as Coordinator.ResumeRefusal {
                 printError(refusal.description)
@@ -302,6 +304,9 @@ final class RunPrinter: @unchecked Sendable {
         case .instanceFinished(let outcome):
             if self.json { Self.printJSON(["event": "finished"].merging(outcome.json) { $1 }) }
             progress?.finished(outcome.state)
+        case .joinedRun(let engines):
+            self.emit(["event": "joined", "engines": engines],
+                      text: "quiesce: \(engines.count) other engine(s) are running this run (\(Self.someOf(engines))); this one takes the units whose agents it holds")
         }
     }
 
@@ -310,10 +315,14 @@ final class RunPrinter: @unchecked Sendable {
         self.lock.withLock { self.progress }?.done()
         if self.json {
             Self.printJSON(["event": "report", "run": report.runID, "makespan_ms": report.makespan.milliseconds,
-                            "agent_wait_ms": report.agentWait.milliseconds, "exit_code": Int(report.exitCode),
+                            "agent_wait_ms": report.agentWait.milliseconds, "exit_code": Int(report.exitCode), "other_engines": report.otherEngines,
                             "instances": report.instances.map(\.json), "consistency_groups": report.consistencyGroups.map(\.json)])
         } else {
             OutputQueue.standardOutput.write(report.renderTable() + "\n")
+            if report.otherEngines > 0 {
+                OutputQueue.standardOutput.write("\(report.otherEngines) more instance(s) of the fleet were backed up by other engines in this run "
+                    + "(quiesce snapshots --run \(report.runID))\n")
+            }
         }
         _ = try? await DedicatedThread.run(name: "quiesce-output") {
             OutputQueue.standardError.flush()

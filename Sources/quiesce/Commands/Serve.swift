@@ -40,8 +40,10 @@ struct Serve: AsyncParsableCommand {
     var listen = "127.0.0.1:7443"
     @Option(help: ArgumentHelp("The CA directory from `quiesce ca init` (default: $QUIESCE_HOME/ca).", valueName: "dir"))
     var caDir: String?
-    @Option(help: ArgumentHelp("The catalog fleet runs record into (default: $QUIESCE_HOME/catalog.db).", valueName: "path"))
+    @Option(help: catalogHelp)
     var catalog: String?
+    @Option(help: catalogLeaseHelp)
+    var catalogLease = 30
     @Option(help: ArgumentHelp(
         "Where new agents enrol with a join token (`quiesce token create`; TLS that authenticates the engine, whose CA the agent pins). Off unless given.",
         valueName: "host:port"))
@@ -109,7 +111,7 @@ struct Serve: AsyncParsableCommand {
         for failure in registry.failures {
             printError("\(failure) (runs whose policies use it are refused)")
         }
-        let (catalog, catalogPath) = try openCatalog(self.catalog)
+        let (catalog, catalogPath) = try await openCatalog(self.catalog, lease: self.catalogLease)
         let fleets = try self.fleets.map { try loadFleet($0, plugins: registry) }
         let metrics = EngineMetrics()
         let runs = FleetRunService(engine: engine, plugins: registry, catalog: catalog, providers: ProviderSet(wrap: metrics.metered),
@@ -132,7 +134,7 @@ struct Serve: AsyncParsableCommand {
         defer { ready.cancel() }
         // The catalog commands for remote operators, on this engine's catalog and the providers it recorded.
         let inventory = InventoryService {
-            Inventory(catalog: catalog, providers: ProviderDirectory(catalog: catalog, fleet: nil, localPool: nil, defaultPool: defaultStateDirectory() + "/pool"))
+            Inventory(catalog: catalog, providers: await ProviderDirectory(catalog: catalog, fleet: nil, localPool: nil, defaultPool: defaultStateDirectory() + "/pool"))
         }
         // swift-service-lifecycle runs the parts and stops them in reverse order: on SIGTERM or
         // SIGINT the schedules stop firing, then the engine drains its runs (instances being backed

@@ -13,18 +13,18 @@ import QuiesceProviders
 /// provider it recorded: the catalog remembers every fleet provider a run used
 /// (a pool's path; an EC2 region, profile and endpoint — never credentials).
 struct StoreOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("The catalog (default: $QUIESCE_HOME/catalog.db).", valueName: "path"))
+    @Option(help: catalogHelp)
     var catalog: String?
     @Option(help: ArgumentHelp("The pool of every local group (default: the pool its run recorded, else $QUIESCE_HOME/pool).", valueName: "dir"))
     var pool: String?
     @Option(help: ArgumentHelp("A fleet file whose providers are used instead of the ones the catalog recorded (same names).", valueName: "file"))
     var fleet: String?
 
-    func inventory() throws -> Inventory {
+    func inventory() async throws -> Inventory {
+        let (catalog, _) = try await openCatalog(self.catalog)
         do {
-            let catalog = try SQLiteCatalog(path: self.catalog ?? defaultStateDirectory() + "/catalog.db")
             let fleet = try self.fleet.map { try FleetFile.load($0) }
-            return Inventory(catalog: catalog, providers: ProviderDirectory(
+            return Inventory(catalog: catalog, providers: await ProviderDirectory(
                 catalog: catalog, fleet: fleet, localPool: self.pool, defaultPool: defaultStateDirectory() + "/pool"))
         } catch let error as FleetFileError {
             for problem in error.problems { printError("\(problem)") }
@@ -81,7 +81,7 @@ extension InventoryCommandRunnable {
             if output.exitCode != 0 { throw ExitCode(output.exitCode) }
             return
         }
-        let output = try await operatorErrors { try await self.render(try self.store.inventory()) }
+        let output = try await operatorErrors { try await self.render(try await self.store.inventory()) }
         print(output.text, terminator: "")
         if output.exitCode != 0 { throw ExitCode(output.exitCode) }
     }
@@ -120,8 +120,8 @@ extension InventoryCommandRunnable {
 /// `quiesce.admin.v1.Inventory`, in `quiesce serve`: the catalog commands on the engine's own catalog.
 struct InventoryService: Quiesce_Admin_V1_Inventory.SimpleServiceProtocol {
     /// Made per call: the providers a run recorded since the engine started must be found.
-    let makeInventory: @Sendable () -> Inventory
-    var inventory: Inventory { self.makeInventory() }
+    let makeInventory: @Sendable () async -> Inventory
+    var inventory: Inventory { get async { await self.makeInventory() } }
 
     static func execute<C: InventoryCommandRunnable>(_ type: C.Type, _ request: Quiesce_Admin_V1_InventoryCommand, _ inventory: Inventory) async
         -> Quiesce_Admin_V1_InventoryOutput
@@ -153,22 +153,22 @@ struct InventoryService: Quiesce_Admin_V1_Inventory.SimpleServiceProtocol {
     }
 
     func snapshots(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
-        await Self.execute(Snapshots.self, request, self.inventory)
+        await Self.execute(Snapshots.self, request, await self.inventory)
     }
     func show(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
-        await Self.execute(Show.self, request, self.inventory)
+        await Self.execute(Show.self, request, await self.inventory)
     }
     func verify(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
-        await Self.execute(Verify.self, request, self.inventory)
+        await Self.execute(Verify.self, request, await self.inventory)
     }
     func restore(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
-        await Self.execute(Restore.self, request, self.inventory)
+        await Self.execute(Restore.self, request, await self.inventory)
     }
     func prune(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
-        await Self.execute(Prune.self, request, self.inventory)
+        await Self.execute(Prune.self, request, await self.inventory)
     }
     func reconcile(request: Quiesce_Admin_V1_InventoryCommand, context: ServerContext) async throws -> Quiesce_Admin_V1_InventoryOutput {
-        await Self.execute(Reconcile.self, request, self.inventory)
+        await Self.execute(Reconcile.self, request, await self.inventory)
     }
 }
 
@@ -214,7 +214,7 @@ struct Snapshots: InventoryCommandRunnable {
             instanceID: self.instance, runID: self.run, level: self.level.flatMap(ConsistencyLevel.init(name:)),
             createdBefore: self.olderThan.flatMap(parseDuration).map { now.addingTimeInterval(-$0.timeInterval) },
             createdAfter: self.newerThan.flatMap(parseDuration).map { now.addingTimeInterval(-$0.timeInterval) })
-        let groups = try inventory.groups(filter)
+        let groups = try await inventory.groups(filter)
         if self.output == .json {
             out.line(try encodeJSON(groups))
             return out
@@ -251,7 +251,7 @@ struct Show: InventoryCommandRunnable {
 
     func render(_ inventory: Inventory) async throws -> CommandOutput {
         var out = CommandOutput()
-        let group = try inventory.group(self.group)
+        let group = try await inventory.group(self.group)
         if self.output == .json {
             out.line(try encodeJSON(group))
             return out
@@ -312,7 +312,7 @@ struct Restore: InventoryCommandRunnable {
 
     func render(_ inventory: Inventory) async throws -> CommandOutput {
         var out = CommandOutput()
-        let group = try inventory.group(self.group)
+        let group = try await inventory.group(self.group)
         let restored = try await inventory.restore(self.group, disk: self.disk, inPlace: self.inPlace, newSuffix: "restored-\(self.group)", zone: self.zone)
         if self.output == .json {
             out.line(try encodeJSON(restored.map { ["disk": $0.disk, "restored_as": $0.restoredAs, "location": inventory.location(ofRestored: $0.restoredAs, group: group)] }))
