@@ -108,6 +108,8 @@ targets = [
     ("engine RSS with sessions <= 1 GiB", rss_up <= 1024 * 1024, f"{rss_up / 1024:.0f} MiB"),
     ("holding <= 5 % of a core", holding <= 5.0, f"{holding:.1f} %"),
     ("every session back after the restart", back["sessions"] == count, f"{back['sessions']} of {count}"),
+    ("no herd: busiest 250 ms <= 3x an even spread", back["busiest_250ms"] <= 3 * max(back["even_250ms"], 1),
+     f"{back['busiest_250ms']} vs {back['even_250ms']:.0f} ({back['busiest_250ms'] / max(back['even_250ms'], 1):.1f}x)"),
     ("every agent answered facts", summary["answered"] == count, f"{summary['answered']} of {count}"),
 ]
 width = max(len(r[0]) for r in rows)

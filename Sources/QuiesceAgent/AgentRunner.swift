@@ -33,6 +33,8 @@ public final class AgentRunner: Sendable {
         var lastSessionID: String = ""
         var sessionsOpened = 0
         var lastError: String?
+        /// The engine's last word on how widely to spread the first dial after the session ends.
+        var reconnectSpread: Duration = .zero
         var renewals = 0
         var phaseWaiters: [UUID: (predicate: @Sendable (Phase) -> Bool, continuation: CheckedContinuation<Void, Never>)] = [:]
     }
@@ -99,7 +101,16 @@ public final class AgentRunner: Sendable {
                     backoff.floor = min(backoff.floor, cap)
                 }
             }
-            let wait = backoff.next()
+            var wait = backoff.next()
+            // The first dial after a session spreads over the engine's window when it asked for a
+            // wider one than our cap (it holds many sessions: its restart must not be a herd).
+            let spread = self.state.withLock { state in
+                defer { state.reconnectSpread = .zero }
+                return state.reconnectSpread
+            }
+            if end.established && spread > backoff.cap {
+                wait = .milliseconds(Int64.random(in: 0...max(spread.milliseconds, 1)))
+            }
             let why = end.error.map(Self.describe) ?? "the engine closed the session"
             self.state.withLock { $0.lastError = why }
             self.setPhase(.waiting(until: .now + wait, lastError: why))
@@ -183,6 +194,7 @@ public final class AgentRunner: Sendable {
                 "engine": "\(self.configuration.engine)", "session": "\(engineHello.sessionID)",
                 "engine_version": "\(engineHello.engineVersion)",
             ])
+            self.state.withLock { $0.reconnectSpread = .milliseconds(Int64(engineHello.reconnectSpreadMs)) }
             let interval: Duration = engineHello.heartbeatIntervalMs > 0
                 ? .milliseconds(Int64(engineHello.heartbeatIntervalMs)) : self.configuration.limits.idleHeartbeat
             let running = RunningCommands()
@@ -232,7 +244,9 @@ public final class AgentRunner: Sendable {
                             self.start(command, running: running, reply: outboundContinuation)
                         case .cancel(let cancel):
                             running.cancel(cancel.commandID)
-                        case .heartbeat, nil:
+                        case .heartbeat(let beat):
+                            self.state.withLock { $0.reconnectSpread = .milliseconds(Int64(beat.reconnectSpreadMs)) }
+                        case nil:
                             break
                         case .hello:
                             throw RPCError(code: .invalidArgument, message: "the engine sent a second hello")

@@ -233,9 +233,10 @@ public final class AgentSession: Sendable {
         if event.kind == .thawed, !event.freezeID.isEmpty { self.endFreezeHeartbeats(event.freezeID) }
     }
 
-    func sendHeartbeat(freezeID: String = "") {
+    func sendHeartbeat(freezeID: String = "", reconnectSpreadMs: UInt32 = 0) {
         var message = EngineMessage()
         message.heartbeat.freezeID = freezeID
+        message.heartbeat.reconnectSpreadMs = reconnectSpreadMs
         message.heartbeat.sequence = self.state.withLock {
             $0.heartbeatSequence += 1
             return $0.heartbeatSequence

@@ -20,6 +20,8 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
     let capabilities: [String]
     var authority: EngineAuthority? = nil
     var audit: AuditLog? = nil
+    /// Sessions held now: what the reconnect spread asks of the agents.
+    var sessions = SessionCounter()
 
     /// Shared between the reader and the watchdog of one RPC.
     private final class SessionSlot: Sendable {
@@ -63,6 +65,8 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
         let (outbound, outboundContinuation) = AsyncStream<EngineMessage>.makeStream()
         let slot = SessionSlot()
         let limits = self.limits
+        // A session is counted from its hello (when the slot gets it) to its end.
+        defer { if slot.value.withLock({ $0 }) != nil { self.sessions.closed() } }
         // Only the reader task below touches the request stream.
         let inbound = UncheckedSendable(request)
 
@@ -90,6 +94,7 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
                         certificateFingerprint: IssuedCertificate.fingerprint(of: certificate),
                         outbound: outboundContinuation, certificate: certificate, audit: self.audit)
                     slot.value.withLock { $0 = session }
+                    self.sessions.opened()
 
                     var reply = EngineMessage()
                     reply.hello.protocol = .init(ProtocolVersionNumber.agentSession)
@@ -98,6 +103,7 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
                     reply.hello.capabilities = self.capabilities
                     reply.hello.heartbeatIntervalMs = UInt32(limits.idleHeartbeat.milliseconds)
                     reply.hello.maxMessageBytes = UInt32(limits.maxMessageBytes)
+                    reply.hello.reconnectSpreadMs = self.sessions.spreadMs
                     outboundContinuation.yield(reply)
                     await self.registry.register(session)
                     sessionLogger.info("agent session opened", metadata: [
@@ -130,7 +136,7 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
                         if silent >= limits.silenceTimeout {
                             throw RPCError(code: .unavailable, message: "no message from the agent for \(silent)")
                         }
-                        session.sendHeartbeat()
+                        session.sendHeartbeat(reconnectSpreadMs: self.sessions.spreadMs)
                     }
                 }
                 try await group.next()
@@ -269,3 +275,13 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
     }
 }
 
+
+/// How many agent sessions this engine holds, and the reconnect spread that asks of its agents.
+final class SessionCounter: Sendable {
+    private let open = Atomic<Int>(0)
+    func opened() { self.open.add(1, ordering: .relaxed) }
+    func closed() { self.open.subtract(1, ordering: .relaxed) }
+    var count: Int { self.open.load(ordering: .relaxed) }
+
+    var spreadMs: UInt32 { ReconnectSpread.milliseconds(sessions: self.count) }
+}

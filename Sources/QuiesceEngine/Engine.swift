@@ -224,6 +224,8 @@ public final class Engine: Sendable {
                     guard let address = ListenAddress(bound: bound) else {
                         throw EngineError.listenFailed(address: "\(bound)", detail: "not an IP address")
                     }
+                    // Thousands of agents dialling at once must not overflow the accept queue.
+                    ListenBacklog.raise(port: address.port)
                     self.publish(.success(address))
                     if let path = self.configuration.adminSocketPath {
                         _ = try await adminServer?.listeningAddress

@@ -229,6 +229,12 @@ public nonisolated struct Quiesce_Agent_V1_EngineHello: Sendable {
   /// Largest message either side may send on this session.
   public var maxMessageBytes: UInt32 = 0
 
+  /// When this session ends, the agent spreads its first dial again over up to
+  /// this long (full jitter), at least its own short cap: an engine holding many
+  /// sessions asks for a wider spread, so its restart is not a thundering herd.
+  /// 0: the agent's own cap. Idle heartbeats carry the current value.
+  public var reconnectSpreadMs: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -246,6 +252,10 @@ public nonisolated struct Quiesce_Agent_V1_Heartbeat: Sendable {
 
   /// The id of the freeze the sender believes is in progress, if any.
   public var freezeID: String = String()
+
+  /// From the engine: EngineHello.reconnect_spread_ms as it stands now (the
+  /// engine's session count grows after an agent's hello). 0 from agents.
+  public var reconnectSpreadMs: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -900,7 +910,7 @@ nonisolated extension Quiesce_Agent_V1_AgentHello: SwiftProtobuf.Message, SwiftP
 
 nonisolated extension Quiesce_Agent_V1_EngineHello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EngineHello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}protocol\0\u{3}engine_version\0\u{3}session_id\0\u{1}capabilities\0\u{3}heartbeat_interval_ms\0\u{3}max_message_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}protocol\0\u{3}engine_version\0\u{3}session_id\0\u{1}capabilities\0\u{3}heartbeat_interval_ms\0\u{3}max_message_bytes\0\u{3}reconnect_spread_ms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -914,6 +924,7 @@ nonisolated extension Quiesce_Agent_V1_EngineHello: SwiftProtobuf.Message, Swift
       case 4: try { try decoder.decodeRepeatedStringField(value: &self.capabilities) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.heartbeatIntervalMs) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.maxMessageBytes) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.reconnectSpreadMs) }()
       default: break
       }
     }
@@ -942,6 +953,9 @@ nonisolated extension Quiesce_Agent_V1_EngineHello: SwiftProtobuf.Message, Swift
     if self.maxMessageBytes != 0 {
       try visitor.visitSingularUInt32Field(value: self.maxMessageBytes, fieldNumber: 6)
     }
+    if self.reconnectSpreadMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.reconnectSpreadMs, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -952,6 +966,7 @@ nonisolated extension Quiesce_Agent_V1_EngineHello: SwiftProtobuf.Message, Swift
     if lhs.capabilities != rhs.capabilities {return false}
     if lhs.heartbeatIntervalMs != rhs.heartbeatIntervalMs {return false}
     if lhs.maxMessageBytes != rhs.maxMessageBytes {return false}
+    if lhs.reconnectSpreadMs != rhs.reconnectSpreadMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -959,7 +974,7 @@ nonisolated extension Quiesce_Agent_V1_EngineHello: SwiftProtobuf.Message, Swift
 
 nonisolated extension Quiesce_Agent_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{3}freeze_id\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{3}freeze_id\0\u{3}reconnect_spread_ms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -969,6 +984,7 @@ nonisolated extension Quiesce_Agent_V1_Heartbeat: SwiftProtobuf.Message, SwiftPr
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.sequence) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.freezeID) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.reconnectSpreadMs) }()
       default: break
       }
     }
@@ -981,12 +997,16 @@ nonisolated extension Quiesce_Agent_V1_Heartbeat: SwiftProtobuf.Message, SwiftPr
     if !self.freezeID.isEmpty {
       try visitor.visitSingularStringField(value: self.freezeID, fieldNumber: 2)
     }
+    if self.reconnectSpreadMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.reconnectSpreadMs, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Quiesce_Agent_V1_Heartbeat, rhs: Quiesce_Agent_V1_Heartbeat) -> Bool {
     if lhs.sequence != rhs.sequence {return false}
     if lhs.freezeID != rhs.freezeID {return false}
+    if lhs.reconnectSpreadMs != rhs.reconnectSpreadMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,93 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Foundation
+
+/// The accept queue of the engine's agent port.
+///
+/// grpc-swift-nio-transport's server listens with NIO's default backlog, 256, and has no
+/// option for it. When thousands of agents dial at once (an engine restart), connections past
+/// 256 waiting to be accepted are dropped by the kernel, and each dropped agent's SYN is
+/// retransmitted only after 1, 3, 7 s — the reconnect storm takes far longer than the
+/// handshakes themselves. Calling listen(2) again on a listening socket only changes its
+/// backlog (Linux), so the engine raises it on the transport's socket once it listens.
+public enum ListenBacklog {
+    /// The kernel's cap on any backlog (`net.core.somaxconn`).
+    public static var kernelCap: Int32 {
+        guard let text = try? String(contentsOfFile: "/proc/sys/net/core/somaxconn", encoding: .utf8),
+              let value = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return 4096 }
+        return value
+    }
+
+    /// Raises the backlog of every listening TCP socket of this process bound to `port`.
+    /// - Returns: how many sockets were raised (0 when none was found: nothing changes).
+    @discardableResult
+    public static func raise(port: Int, to backlog: Int32 = ListenBacklog.kernelCap) -> Int {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") else { return 0 }
+        var raised = 0
+        for entry in entries {
+            guard let fd = Int32(entry), self.isListening(fd, port: port) else { continue }
+            if listen(fd, backlog) == 0 { raised += 1 }
+        }
+        return raised
+    }
+
+    static func isListening(_ fd: Int32, port: Int) -> Bool {
+        var status = stat()
+        guard fstat(fd, &status) == 0, status.st_mode & S_IFMT == S_IFSOCK else { return false }
+        var accepting: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &length) == 0, accepting == 1 else { return false }
+        var storage = sockaddr_storage()
+        var size = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let named = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &size) == 0 }
+        }
+        guard named else { return false }
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            let bound = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_port } }
+            return Int(UInt16(bigEndian: bound)) == port
+        case AF_INET6:
+            let bound = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_port } }
+            return Int(UInt16(bigEndian: bound)) == port
+        default:
+            return false
+        }
+    }
+
+    /// The backlog of the listening socket on `port` as the kernel reports it (`ss -ltn`'s
+    /// Send-Q column for a listening socket), for tests and `quiesce serve`'s start line.
+    public static func reported(port: Int) -> Int? {
+        guard let output = try? Self.run("/usr/bin/ss", ["-Hltn", "sport", "= :\(port)"]) else { return nil }
+        // State Recv-Q Send-Q Local Peer: Send-Q is the backlog of a listening socket.
+        let fields = output.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" })
+        return fields.count >= 3 ? Int(fields[2]) : nil
+    }
+
+    static func run(_ path: String, _ arguments: [String]) throws -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// How widely an engine asks its agents to spread their first dial after a session ends
+/// (`EngineHello.reconnect_spread_ms`, refreshed by idle heartbeats).
+public enum ReconnectSpread {
+    /// About one TLS handshake's CPU per session (3.3 ms measured on this machine's cores) with
+    /// room to spare: after a restart, agents spread over this long come back at a rate the engine
+    /// absorbs (10,000 sessions: 40 s), never past two minutes. Below 500 sessions it is 0: the
+    /// agents' own short cap (2 s) keeps one-shot runs prompt.
+    public static func milliseconds(sessions: Int) -> UInt32 {
+        sessions < 500 ? 0 : UInt32(min(sessions * 4, 120_000))
+    }
+}
