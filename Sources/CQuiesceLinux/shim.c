@@ -228,3 +228,14 @@ int quiesce_read_node_dirty_kib(const int *fds, int count, unsigned long long *k
     *kib = total;
     return 0;
 }
+
+int quiesce_die_with_parent(void) {
+#ifdef __linux__
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) return -1;
+    /* The parent may have gone between fork and here. */
+    if (getppid() == 1) raise(SIGKILL);
+    return 0;
+#else
+    return 0;
+#endif
+}

@@ -102,13 +102,11 @@ public final class AgentRunner: Sendable {
                 }
             }
             var wait = backoff.next()
-            // The first dial after a session spreads over the engine's window when it asked for a
-            // wider one than our cap (it holds many sessions: its restart must not be a herd).
-            let spread = self.state.withLock { state in
-                defer { state.reconnectSpread = .zero }
-                return state.reconnectSpread
-            }
-            if end.established && spread > backoff.cap {
+            // Every dial until the next session spreads over the engine's window when it asked for
+            // a wider one than our cap (it holds many sessions: its restart must not be a herd, and
+            // dials refused while it is still down must not bunch up at its start either).
+            let spread = self.state.withLock { $0.reconnectSpread }
+            if spread > backoff.cap {
                 wait = .milliseconds(Int64.random(in: 0...max(spread.milliseconds, 1)))
             }
             let why = end.error.map(Self.describe) ?? "the engine closed the session"

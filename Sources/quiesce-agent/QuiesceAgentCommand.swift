@@ -40,7 +40,7 @@ struct Run: AsyncParsableCommand {
             Reconnects with exponential backoff and full jitter whenever the session ends: up to \
             --reconnect-max seconds (30) while no engine has answered yet, and up to \
             --reconnect-max-known seconds (2) once one has, so a one-shot `quiesce backup` (an engine \
-            that runs only while it backs up, e.g. from cron) finds this agent within about that long.
+            that runs only while it backs up, e.g. from cron) finds this agent within about that long.             An engine holding many sessions asks for a wider spread (up to 2 min) so its restart is             not a thundering herd. With several --engine, each new attempt dials the next one.
             """)
 
     @Option(help: ArgumentHelp(

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CQuiesceLinux
 import Foundation
 import Logging
 import QuiesceAgent
@@ -208,6 +209,8 @@ struct CatalogWriter: AsyncParsableCommand {
     var groups = 0
 
     func run() async throws {
+        // Killed with the test that started it, also when that test crashes (it never stops on its own).
+        _ = quiesce_die_with_parent()
         let store = try SQLiteCatalog(path: self.catalog)
         try await store.beginRun(RunRecord(id: self.runID, source: "catalog-writer"))
         print("started")

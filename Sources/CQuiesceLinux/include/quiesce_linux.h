@@ -60,6 +60,10 @@ int quiesce_set_child_subreaper(void);
 /// Locks current and future memory, faulting pages in only when first used.
 int quiesce_lock_memory(void);
 
+/// Asks the kernel to SIGKILL this process when the thread that forked it exits (a test's
+/// helper must not outlive a test run that crashed). 0 on success, -1 with errno.
+int quiesce_die_with_parent(void);
+
 // Dirty + Writeback (KiB) from meminfo's text (/proc/meminfo, or a node's file
 // whose lines start "Node N "): 0 and *kib set, or -1 when either line is
 // missing or malformed.
