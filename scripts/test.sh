@@ -34,3 +34,6 @@ scripts/bench-fleet.sh --quick
 
 echo "== the MariaDB proof (each level restored and checked)"
 scripts/prove-mariadb.sh --idle-runs 3 --write-seconds 1
+
+# Nothing above may have replaced the machine's /dev/null (a bench once renamed a log file over it).
+[ -c /dev/null ] || { echo "test.sh: /dev/null is no longer a character device: something replaced it" >&2; exit 1; }

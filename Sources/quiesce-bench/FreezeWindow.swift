@@ -365,8 +365,12 @@ struct FreezeWindow: AsyncParsableCommand {
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
         if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
-        _ = FileManager.default.createFile(atPath: log, contents: nil)
-        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        // open(2), not FileManager.createFile: that one writes a new file and renames it over the
+        // path, which for "/dev/null" replaced the device with a regular file (root, 0644) — and
+        // every non-root program on the machine then failed to write to it.
+        let fd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         process.standardOutput = handle
         process.standardError = handle
         try process.run()
