@@ -28,8 +28,14 @@ extension Coordinator {
         }
         do {
             let entry = try await shared.enterRun(RunRecord(id: runID, source: self.fleet.path))
-            if case .joined(let engines) = entry { events(.joinedRun(engines: engines)) }
-            try await shared.enqueue(runID: runID, units: workUnits, reopen: resume)
+            var reopen = true
+            if case .joined(let engines) = entry {
+                events(.joinedRun(engines: engines))
+                reopen = false
+            }
+            // A run taken up again (a rerun of its id, a resume) goes over its units again, as on SQLite:
+            // what was made is found by the run's tokens and not made twice. Joining takes them as they are.
+            try await shared.enqueue(runID: runID, units: workUnits, reopen: reopen)
         } catch {
             // Without the shared catalog, nothing says which engine does what: nothing is frozen.
             let outcomes = units.joined().map { instance in

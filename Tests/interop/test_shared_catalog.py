@@ -144,6 +144,14 @@ def test_two_engines_share_a_run_without_duplicates(shared):
     code, out, err = shared.quiesce("snapshots", "--catalog", shared.url, "--run", "s-1", "--output", "json")
     assert code == 0, err
     assert sorted(g["instanceID"] for g in json.loads(out)) == sorted(AGENTS)
+    # The same run id again, one engine: every instance is gone over again and found done by its token.
+    again = shared.engine("A", "s-1")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, out + err
+    by = {i["instance"]: i for i in report_of(out)["instances"]}
+    assert set(by) == set(AGENTS), by.keys()
+    assert all(any(w.startswith("already-done") for w in i["warnings"]) for i in by.values()), by
+    assert len(shared.groups_of("s-1")) == len(AGENTS)
 
 
 def test_an_engine_killed_mid_run_leaves_its_work_to_the_other(shared):
