@@ -92,7 +92,6 @@ public protocol SharedCatalog: CatalogStore {
     func renewLeases() async throws
     /// This engine is done with the run.
     func leaveRun(_ runID: String) async throws
-    func close() async
 }
 
 extension RunState {

@@ -105,9 +105,4 @@ public enum CatalogOpener {
         }
         return try SQLiteCatalog(path: spec)
     }
-
-    /// Closes what `open` opened (a PostgreSQL client's connections; SQLite needs nothing).
-    public static func close(_ catalog: any CatalogStore) async {
-        if let shared = catalog as? PostgresCatalog { await shared.close() }
-    }
 }

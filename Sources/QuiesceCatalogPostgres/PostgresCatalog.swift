@@ -337,7 +337,7 @@ public final class PostgresCatalog: SharedCatalog, @unchecked Sendable {
 
     /// Marks interrupted the runs no engine holds a live lease on any more.
     @discardableResult
-    public func settleInterrupted() async throws -> [String] {
+    func settleInterrupted() async throws -> [String] {
         try await self.rows("""
             UPDATE runs SET state = 'interrupted', finished_at = now()
             WHERE state = 'running' AND NOT EXISTS (

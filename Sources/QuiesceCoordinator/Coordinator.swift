@@ -71,13 +71,7 @@ public struct RunReport: Sendable {
         return 0
     }
 
-    public var runState: RunState {
-        switch self.exitCode {
-        case 0: .succeeded
-        case 2: .degraded
-        default: .failed
-        }
-    }
+    public var runState: RunState { RunState(outcomes: self.instances.map(\.state)) }
 }
 
 /// Runs a fleet backup: per instance, facts → plan from its plugin → a slot at
@@ -234,7 +228,7 @@ public final class Coordinator: Sendable {
             units.append(unit)
         }
         if let shared {
-            return await self.runShared(shared, runID: runID, units: units, done: done, resume: resume, wait: wait, started: started, events: events)
+            return await self.runShared(shared, runID: runID, units: units, done: done, wait: wait, started: started, events: events)
         }
         let begun = await self.catalogWrite { try await $0.beginRun(RunRecord(id: runID, source: self.fleet.path)) }
         // Agents that never connect are reported, not waited on forever.
@@ -257,7 +251,7 @@ public final class Coordinator: Sendable {
         let limit = max(1, self.fleet.concurrency)
         let meanwhile = Task { await self.settleMeanwhile() }
         let rendezvous = self.rendezvous()
-        var outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
+        let outcomes = await withTaskGroup(of: InstanceOutcome.self) { group in
             var results: [InstanceOutcome] = []
             var next = 0
             var running = 0
@@ -278,15 +272,7 @@ public final class Coordinator: Sendable {
             }
             return results
         }
-        for outcome in done.values {
-            events(.instanceFinished(outcome))
-            outcomes.append(outcome)
-        }
-        meanwhile.cancel()
-        await meanwhile.value
-        await self.settleAndPrune(&outcomes, only: nil, events: events)
-        let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
-        var report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
+        var report = RunReport(runID: runID, instances: await self.conclude(outcomes, done: done, meanwhile: meanwhile, only: nil, events: events),
                                makespan: .now - started, agentWait: agentWait)
         let state = report.runState
         let finished = await self.catalogWrite { try await $0.finishRun(runID, state: state, at: Date()) }
@@ -299,9 +285,18 @@ public final class Coordinator: Sendable {
         return report
     }
 
-    /// After the last instance: the groups still copying are waited for, then each policy's
-    /// retention runs (on `only` those instances, when given: a shared run prunes what this engine backed up).
-    func settleAndPrune(_ outcomes: inout [InstanceOutcome], only: Set<String>?, events: @escaping @Sendable (RunEvent) -> Void) async {
+    /// After the last instance: the outcomes a resume found done join the rest, the background settling
+    /// stops, the groups still copying are waited for, then each policy's retention runs (on `only` those
+    /// instances, when given: a shared run prunes what this engine backed up). In fleet-file order.
+    func conclude(_ outcomes: [InstanceOutcome], done: [String: InstanceOutcome], meanwhile: Task<Void, Never>, only: Set<String>?,
+                  events: @escaping @Sendable (RunEvent) -> Void) async -> [InstanceOutcome] {
+        var outcomes = outcomes
+        for outcome in done.values {
+            events(.instanceFinished(outcome))
+            outcomes.append(outcome)
+        }
+        meanwhile.cancel()
+        await meanwhile.value
         let settleWarnings = await self.settle(events: events)
         for index in outcomes.indices { outcomes[index].warnings += settleWarnings[outcomes[index].instanceID] ?? [] }
         let retention = await self.applyRetention(only: only)
@@ -309,6 +304,8 @@ public final class Coordinator: Sendable {
             outcomes[index].pruned = retention.pruned[outcomes[index].instanceID] ?? []
             outcomes[index].warnings += retention.warnings[outcomes[index].instanceID] ?? []
         }
+        let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
+        return outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] }
     }
 
     /// One instance of a unit: backed up, or reported not started when the run is stopping.

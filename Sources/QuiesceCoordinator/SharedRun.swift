@@ -21,7 +21,7 @@ extension Coordinator {
         case tick
     }
 
-    func runShared(_ shared: any SharedCatalog, runID: String, units: [[FleetFile.Instance]], done: [String: InstanceOutcome], resume: Bool,
+    func runShared(_ shared: any SharedCatalog, runID: String, units: [[FleetFile.Instance]], done: [String: InstanceOutcome],
                    wait: Duration, started: ContinuousClock.Instant, events: @escaping @Sendable (RunEvent) -> Void) async -> RunReport {
         let workUnits = units.enumerated().map { position, unit in
             WorkUnit(key: self.fleet.group(of: unit[0].id).map { "group:\($0.name)" } ?? unit[0].id, members: unit.map(\.id), position: position)
@@ -39,7 +39,7 @@ extension Coordinator {
         } catch {
             // Without the shared catalog, nothing says which engine does what: nothing is frozen.
             let outcomes = units.joined().map { instance in
-                var outcome = self.notStarted(instance, reason: "")
+                var outcome = self.emptyOutcome(instance)
                 outcome.reasons = ["catalog-unavailable: the shared catalog could not be reached (\(error)); nothing was frozen"]
                 return outcome
             }
@@ -58,7 +58,7 @@ extension Coordinator {
         let limit = max(1, self.fleet.concurrency)
         let largest = units.map(\.count).max() ?? 1
         let wanted = Set(self.fleet.instances.map(\.id))
-        var outcomes = await withTaskGroup(of: SharedEvent.self) { group in
+        let outcomes = await withTaskGroup(of: SharedEvent.self) { group in
             var results: [InstanceOutcome] = []
             var running = 0
             var left: [String: Int] = [:]
@@ -148,14 +148,7 @@ extension Coordinator {
             }
             return results
         }
-        for outcome in done.values {
-            events(.instanceFinished(outcome))
-            outcomes.append(outcome)
-        }
-        meanwhile.cancel()
-        await meanwhile.value
-        let mine = Set(outcomes.map { $0.instanceID })
-        await self.settleAndPrune(&outcomes, only: mine, events: events)
+        let concluded = await self.conclude(outcomes, done: done, meanwhile: meanwhile, only: Set(outcomes.map { $0.instanceID }), events: events)
         renewer.cancel()
         await renewer.value
         // The last engine out finishes the run from every engine's outcomes; the others leave it.
@@ -170,10 +163,8 @@ extension Coordinator {
         } catch {
             runError = error
         }
-        let order = Dictionary(uniqueKeysWithValues: self.fleet.instances.enumerated().map { ($1.id, $0) })
-        var report = RunReport(runID: runID, instances: outcomes.sorted { order[$0.instanceID, default: 0] < order[$1.instanceID, default: 0] },
-                               makespan: .now - started)
-        report.otherEngines = wanted.count - outcomes.count
+        var report = RunReport(runID: runID, instances: concluded, makespan: .now - started)
+        report.otherEngines = wanted.count - concluded.count
         if let runError {
             for index in report.instances.indices {
                 report.instances[index].warnings.append("catalog-write-failed: run \(runID) could not be recorded as finished: \(runError)")

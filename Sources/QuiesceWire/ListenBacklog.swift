@@ -57,27 +57,6 @@ public enum ListenBacklog {
             return false
         }
     }
-
-    /// The backlog of the listening socket on `port` as the kernel reports it (`ss -ltn`'s
-    /// Send-Q column for a listening socket), for tests and `quiesce serve`'s start line.
-    public static func reported(port: Int) -> Int? {
-        guard let output = try? Self.run("/usr/bin/ss", ["-Hltn", "sport", "= :\(port)"]) else { return nil }
-        // State Recv-Q Send-Q Local Peer: Send-Q is the backlog of a listening socket.
-        let fields = output.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" })
-        return fields.count >= 3 ? Int(fields[2]) : nil
-    }
-
-    static func run(_ path: String, _ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        try process.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return String(decoding: data, as: UTF8.self)
-    }
 }
 
 /// How widely an engine asks its agents to spread their first dial after a session ends

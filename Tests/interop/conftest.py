@@ -135,6 +135,21 @@ def mount_ext4(image, mount_point, loops, mounts, size="64M"):
     return str(mount_point)
 
 
+def reflink_pool(workdir, loops, mounts, size="400M"):
+    """An XFS reflink pool on a loop device mounted at WORKDIR/pool, with its disks directory
+    (WORKDIR/pool/q/disks, returned) for a local provider at WORKDIR/pool/q; recorded for undo()."""
+    image = workdir / "pool.img"
+    sh("truncate", "-s", size, str(image))
+    sh("mkfs.xfs", "-q", "-m", "reflink=1", str(image))
+    loops.append(sh("losetup", "--find", "--show", str(image)))
+    (workdir / "pool").mkdir()
+    sh("mount", loops[-1], str(workdir / "pool"))
+    mounts.append(str(workdir / "pool"))
+    disks = workdir / "pool" / "q" / "disks"
+    disks.mkdir(parents=True)
+    return disks
+
+
 def write_hooks(directory, pre="#!/bin/sh\nexit 0\n", post="#!/bin/sh\nexit 0\n"):
     """A hook directory (0700) with prescript.sh and postscript.sh (0700), as the agent accepts them."""
     os.makedirs(directory, mode=0o700, exist_ok=True)

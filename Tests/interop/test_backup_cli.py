@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import mount_ext4, sh, start_agent, undo, write_hooks
+from conftest import mount_ext4, reflink_pool, sh, start_agent, undo, write_hooks
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices")
 
@@ -29,16 +29,7 @@ def fleet(bin_dir, tmp_path):
     try:
         q = os.path.join(bin_dir, "quiesce")
         sh(q, "ca", "init", "--dir", str(w / "ca"), "--ip", "127.0.0.1")
-        pool_img = w / "pool.img"
-        sh("truncate", "-s", "400M", str(pool_img))
-        sh("mkfs.xfs", "-q", "-m", "reflink=1", str(pool_img))
-        pool_loop = sh("losetup", "--find", "--show", str(pool_img))
-        loops.append(pool_loop)
-        (w / "pool").mkdir()
-        sh("mount", pool_loop, str(w / "pool"))
-        mounts.append(str(w / "pool"))
-        disks = w / "pool" / "q" / "disks"
-        disks.mkdir(parents=True)
+        disks = reflink_pool(w, loops, mounts)
         sh("truncate", "-s", "64M", str(disks / "a-3-data.img"))  # a disk whose instance has no agent
         for a in ("a-1", "a-2"):
             sh(q, "ca", "issue", "--dir", str(w / "ca"), "--agent", a)

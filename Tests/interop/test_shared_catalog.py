@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from conftest import mount_ext4, sh, undo, write_hooks
+from conftest import mount_ext4, reflink_pool, sh, undo, write_hooks
 
 PG = os.environ.get("QUIESCE_TEST_POSTGRES")
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices"),
@@ -47,16 +47,7 @@ def shared(bin_dir, tmp_path):
     try:
         q = os.path.join(bin_dir, "quiesce")
         sh(q, "ca", "init", "--dir", str(w / "ca"), "--ip", "127.0.0.1")
-        pool_img = w / "pool.img"
-        sh("truncate", "-s", "400M", str(pool_img))
-        sh("mkfs.xfs", "-q", "-m", "reflink=1", str(pool_img))
-        pool_loop = sh("losetup", "--find", "--show", str(pool_img))
-        loops.append(pool_loop)
-        (w / "pool").mkdir()
-        sh("mount", pool_loop, str(w / "pool"))
-        mounts.append(str(w / "pool"))
-        disks = w / "pool" / "q" / "disks"
-        disks.mkdir(parents=True)
+        disks = reflink_pool(w, loops, mounts)
         rows = []
         for a in AGENTS:
             sh(q, "ca", "issue", "--dir", str(w / "ca"), "--agent", a)
