@@ -203,6 +203,10 @@ public final class AgentRunner: Sendable {
                 outboundContinuation.yield(message)
             }
 
+            // The idle heartbeat: an event-loop timer, not a task sleeping (Task.sleep arms a dispatch timer),
+            // retimed when the engine asks for another interval (it grows with the sessions the engine holds).
+            let heartbeats = HeartbeatPacer(every: interval, into: outboundContinuation)
+            defer { heartbeats.cancel() }
             try await withThrowingTaskGroup(of: Void.self) { group in
                 if self.configuration.renewal.enabled {
                     // Renewal rides on this session's connection; a failure is logged and tried again later,
@@ -222,16 +226,6 @@ public final class AgentRunner: Sendable {
                         }
                     }
                 }
-                group.addTask {
-                    var sequence: UInt64 = 0
-                    while true {
-                        try await Task.sleep(for: interval)
-                        sequence += 1
-                        var beat = AgentMessage()
-                        beat.heartbeat.sequence = sequence
-                        outboundContinuation.yield(beat)
-                    }
-                }
                 let remaining = UncheckedSendable(iterator)
                 group.addTask {
                     var iterator = remaining.value
@@ -244,6 +238,7 @@ public final class AgentRunner: Sendable {
                             running.cancel(cancel.commandID)
                         case .heartbeat(let beat):
                             self.state.withLock { $0.reconnectSpread = .milliseconds(Int64(beat.reconnectSpreadMs)) }
+                            if beat.heartbeatIntervalMs > 0 { heartbeats.retime(.milliseconds(Int64(beat.heartbeatIntervalMs))) }
                         case nil:
                             break
                         case .hello:
@@ -351,9 +346,55 @@ final class RunningCommands: Sendable {
     }
 }
 
-/// A flag that is set once and never cleared (the hello exchange completed; a command's deadline passed).
-final class OnceFlag: Sendable {
-    private let value = Mutex(false)
-    func set() { self.value.withLock { $0 = true } }
-    var isSet: Bool { self.value.withLock { $0 } }
+/// The agent's idle heartbeats on one session: every `interval` on an event loop, until cancelled;
+/// ``retime(_:)`` re-arms it when the engine asks for another interval.
+final class HeartbeatPacer: Sendable {
+    private struct State {
+        var timer: RepeatingTimer?
+        var interval: Duration
+        var sequence: UInt64 = 0
+        var cancelled = false
+    }
+    private let state: Mutex<State>
+    private let outbound: AsyncStream<AgentMessage>.Continuation
+
+    init(every interval: Duration, into outbound: AsyncStream<AgentMessage>.Continuation) {
+        self.state = Mutex(State(interval: interval))
+        self.outbound = outbound
+        self.retime(interval, force: true)
+    }
+
+    var interval: Duration { self.state.withLock { $0.interval } }
+
+    func retime(_ interval: Duration, force: Bool = false) {
+        let replaced: RepeatingTimer? = self.state.withLock { state in
+            guard !state.cancelled, force || interval != state.interval else { return nil }
+            let previous = state.timer
+            state.interval = interval
+            state.timer = RepeatingTimer(every: interval) { [weak self] in self?.beat() ?? false }
+            return previous
+        }
+        replaced?.cancel()
+    }
+
+    private func beat() -> Bool {
+        var message = AgentMessage()
+        let sequence = self.state.withLock { state -> UInt64? in
+            guard !state.cancelled else { return nil }
+            state.sequence += 1
+            return state.sequence
+        }
+        guard let sequence else { return false }
+        message.heartbeat.sequence = sequence
+        self.outbound.yield(message)
+        return true
+    }
+
+    func cancel() {
+        self.state.withLock { state -> RepeatingTimer? in
+            state.cancelled = true
+            defer { state.timer = nil }
+            return state.timer
+        }?.cancel()
+    }
 }

@@ -43,6 +43,12 @@ public final class AgentSession: Sendable {
         var lastHeardDate: Date
         var closeReason: RPCError?
         var heartbeatSequence: UInt64 = 0
+        /// The reconnect spread this agent was last told (hello, heartbeats).
+        var toldSpreadMs: UInt32 = 0
+        /// The idle heartbeat interval this agent was last told, and the longest it was ever told
+        /// (it may still be sleeping on that one: silence is measured against it).
+        var toldIntervalMs: UInt32 = 0
+        var longestIntervalMs: UInt32 = 0
         /// Freezes in progress on this agent: each has a 250 ms heartbeat timer.
         var freezeHeartbeats: [String: RepeatingTimer] = [:]
         var events: [Quiesce_Agent_V1_AgentEvent] = []
@@ -233,15 +239,52 @@ public final class AgentSession: Sendable {
         if event.kind == .thawed, !event.freezeID.isEmpty { self.endFreezeHeartbeats(event.freezeID) }
     }
 
-    func sendHeartbeat(freezeID: String = "", reconnectSpreadMs: UInt32 = 0) {
+    /// A heartbeat (while frozen, or a new idle interval or reconnect spread); it always carries
+    /// what the agent was last told, which it keeps until told otherwise.
+    func sendHeartbeat(freezeID: String = "") {
         var message = EngineMessage()
         message.heartbeat.freezeID = freezeID
-        message.heartbeat.reconnectSpreadMs = reconnectSpreadMs
-        message.heartbeat.sequence = self.state.withLock {
+        (message.heartbeat.sequence, message.heartbeat.reconnectSpreadMs, message.heartbeat.heartbeatIntervalMs) = self.state.withLock {
             $0.heartbeatSequence += 1
-            return $0.heartbeatSequence
+            return ($0.heartbeatSequence, $0.toldSpreadMs, $0.toldIntervalMs)
         }
         self.outbound.yield(message)
+    }
+
+    /// What the hello told the agent.
+    func told(reconnectSpreadMs: UInt32, heartbeatIntervalMs: UInt32) {
+        self.state.withLock {
+            $0.toldSpreadMs = reconnectSpreadMs
+            $0.toldIntervalMs = heartbeatIntervalMs
+            $0.longestIntervalMs = max($0.longestIntervalMs, heartbeatIntervalMs)
+        }
+    }
+
+    /// Tells the agent (a heartbeat) the engine's reconnect spread and idle interval when either
+    /// moved enough since the agent last heard it (``ReconnectSpread/worthTelling(told:now:)``).
+    /// Returns whether it was sent.
+    @discardableResult
+    func refreshIdleHints(reconnectSpreadMs spread: UInt32, heartbeatIntervalMs interval: UInt32) -> Bool {
+        let moved = self.state.withLock { state -> Bool in
+            var moved = false
+            if ReconnectSpread.worthTelling(told: state.toldSpreadMs, now: spread) {
+                state.toldSpreadMs = spread
+                moved = true
+            }
+            if IdleHeartbeat.worthTelling(told: state.toldIntervalMs, now: interval) {
+                state.toldIntervalMs = interval
+                state.longestIntervalMs = max(state.longestIntervalMs, interval)
+                moved = true
+            }
+            return moved
+        }
+        if moved { self.sendHeartbeat() }
+        return moved
+    }
+
+    /// How long this agent may stay silent: `base`, or three of the longest interval it was told.
+    func silenceLimit(base: Duration) -> Duration {
+        max(base, .milliseconds(3 * Int64(self.state.withLock { $0.longestIntervalMs })))
     }
 
     /// Ends the session: fails every pending command with `.unavailable` naming

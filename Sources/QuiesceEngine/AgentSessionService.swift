@@ -65,19 +65,33 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
         let (outbound, outboundContinuation) = AsyncStream<EngineMessage>.makeStream()
         let slot = SessionSlot()
         let limits = self.limits
-        // A session is counted from its hello (when the slot gets it) to its end.
-        defer { if slot.value.withLock({ $0 }) != nil { self.sessions.closed() } }
+        // A session is counted and watched from its hello (when the slot gets it) to its end.
+        defer { if let session = slot.value.withLock({ $0 }) { self.sessions.closed(session) } }
         // Only the reader task below touches the request stream.
         let inbound = UncheckedSendable(request)
+        // The hello deadline is a timer on the event loop, not a task sleeping (Task.sleep arms a
+        // dispatch timer); once the hello is in, the session is watched with all the others.
+        let helloMissed = OnceFlag()
+        let helloTimer = DeadlineTimer(after: limits.helloTimeout) {
+            if slot.value.withLock({ $0 }) == nil {
+                helloMissed.set()
+                outboundContinuation.finish()
+            }
+        }
+        defer { helloTimer.cancel() }
 
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
-                // Writer: the only task that writes to the wire.
+                // Writer: the only task that writes to the wire. The session ends through it too: a
+                // closed session (silence, revocation, shutdown) or a missed hello finishes `outbound`.
                 group.addTask {
                     for await message in outbound {
                         try await response.write(message)
                     }
                     if let reason = slot.value.withLock({ $0 })?.closeReason { throw reason }
+                    if helloMissed.isSet {
+                        throw RPCError(code: .deadlineExceeded, message: "no hello within \(limits.helloTimeout) of connecting")
+                    }
                 }
                 // Reader: hello, then every message until the agent ends the stream.
                 group.addTask {
@@ -94,16 +108,18 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
                         certificateFingerprint: IssuedCertificate.fingerprint(of: certificate),
                         outbound: outboundContinuation, certificate: certificate, audit: self.audit)
                     slot.value.withLock { $0 = session }
-                    self.sessions.opened()
+                    helloTimer.cancel()
+                    self.sessions.opened(session, limits: limits)
 
                     var reply = EngineMessage()
                     reply.hello.protocol = .init(ProtocolVersionNumber.agentSession)
                     reply.hello.engineVersion = QuiesceVersion.software
                     reply.hello.sessionID = sessionID
                     reply.hello.capabilities = self.capabilities
-                    reply.hello.heartbeatIntervalMs = UInt32(limits.idleHeartbeat.milliseconds)
+                    reply.hello.heartbeatIntervalMs = self.sessions.heartbeatIntervalMs(limits)
                     reply.hello.maxMessageBytes = UInt32(limits.maxMessageBytes)
                     reply.hello.reconnectSpreadMs = self.sessions.spreadMs
+                    session.told(reconnectSpreadMs: reply.hello.reconnectSpreadMs, heartbeatIntervalMs: reply.hello.heartbeatIntervalMs)
                     outboundContinuation.yield(reply)
                     await self.registry.register(session)
                     sessionLogger.info("agent session opened", metadata: [
@@ -117,26 +133,6 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
                         guard let message else { return }
                         session.heard()
                         try self.handle(message, session: session, logger: sessionLogger)
-                    }
-                }
-                // Watchdog: the hello deadline, idle heartbeats, silence.
-                group.addTask {
-                    let clock = ContinuousClock()
-                    let helloDeadline = clock.now + limits.helloTimeout
-                    while slot.value.withLock({ $0 }) == nil {
-                        if clock.now >= helloDeadline {
-                            throw RPCError(code: .deadlineExceeded, message: "no hello within \(limits.helloTimeout) of connecting")
-                        }
-                        try await Task.sleep(for: .milliseconds(50))
-                    }
-                    let session = slot.value.withLock { $0 }!
-                    while true {
-                        try await Task.sleep(for: limits.idleHeartbeat)
-                        let silent = session.silence(now: clock.now)
-                        if silent >= limits.silenceTimeout {
-                            throw RPCError(code: .unavailable, message: "no message from the agent for \(silent)")
-                        }
-                        session.sendHeartbeat(reconnectSpreadMs: self.sessions.spreadMs)
                     }
                 }
                 try await group.next()
@@ -276,12 +272,70 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
 }
 
 
-/// How many agent sessions this engine holds, and the reconnect spread that asks of its agents.
+/// The sessions this engine holds: their count (what the reconnect spread asks of the agents)
+/// and their watchdog. One timer on an event loop goes over all of them every
+/// `min(idleHeartbeat, 5 s)`: a session the agent has left silent for `silenceTimeout` is closed
+/// (or for three of the longest idle intervals it was told: see ``IdleHeartbeat``), and an agent
+/// whose reconnect spread or idle interval moved by more than a quarter since it last heard one is
+/// told the new ones. The engine sends idle agents nothing else: an idle session costs it one
+/// small read per interval (the agent's beat) and the answer to an HTTP/2 ping every 60 s, which
+/// the agent sends after that long without a frame and which is how it notices an engine that
+/// vanished.
+///
+/// One timer, not one per session (a task on Task.sleep arms a dispatch timer per session; an
+/// event-loop timer per session fills the loop's timer heap, and NIO cancels a timer by searching
+/// that heap, which grpc's transport does for its keepalive timer after every read).
 final class SessionCounter: Sendable {
+    private struct State {
+        var sessions: [ObjectIdentifier: AgentSession] = [:]
+        var sweeping = false
+    }
+    private let state = Mutex(State())
     private let open = Atomic<Int>(0)
-    func opened() { self.open.add(1, ordering: .relaxed) }
-    func closed() { self.open.subtract(1, ordering: .relaxed) }
-    var count: Int { self.open.load(ordering: .relaxed) }
 
+    /// A session's hello is in: it is counted and watched until ``closed(_:)``.
+    func opened(_ session: AgentSession, limits: SessionLimits) {
+        self.open.add(1, ordering: .relaxed)
+        let start = self.state.withLock { state -> Bool in
+            state.sessions[ObjectIdentifier(session)] = session
+            defer { state.sweeping = true }
+            return !state.sweeping
+        }
+        if start {
+            _ = RepeatingTimer(every: min(limits.idleHeartbeat, .seconds(5))) { [weak self] in
+                self?.sweep(limits) ?? false
+            }
+        }
+    }
+
+    func closed(_ session: AgentSession) {
+        self.open.subtract(1, ordering: .relaxed)
+        _ = self.state.withLock { $0.sessions.removeValue(forKey: ObjectIdentifier(session)) }
+    }
+
+    var count: Int { self.open.load(ordering: .relaxed) }
     var spreadMs: UInt32 { ReconnectSpread.milliseconds(sessions: self.count) }
+    func heartbeatIntervalMs(_ limits: SessionLimits) -> UInt32 {
+        UInt32(IdleHeartbeat.interval(base: limits.idleHeartbeat, sessions: self.count).milliseconds)
+    }
+
+    /// One pass over the sessions; false (the timer stops) once there are none, until the next hello.
+    private func sweep(_ limits: SessionLimits) -> Bool {
+        let sessions = self.state.withLock { state -> [AgentSession] in
+            if state.sessions.isEmpty { state.sweeping = false }
+            return Array(state.sessions.values)
+        }
+        guard !sessions.isEmpty else { return false }
+        let now = ContinuousClock.now
+        let spread = self.spreadMs, interval = self.heartbeatIntervalMs(limits)
+        for session in sessions where !session.isClosed {
+            let silent = session.silence(now: now)
+            if silent >= session.silenceLimit(base: limits.silenceTimeout) {
+                session.close(reason: RPCError(code: .unavailable, message: "no message from the agent for \(silent)"))
+            } else {
+                session.refreshIdleHints(reconnectSpreadMs: spread, heartbeatIntervalMs: interval)
+            }
+        }
+        return true
+    }
 }

@@ -222,8 +222,12 @@ public nonisolated struct Quiesce_Agent_V1_EngineHello: Sendable {
 
   public var capabilities: [String] = []
 
-  /// How often the engine will send heartbeats while idle; while anything is
-  /// frozen it sends them every 250 ms regardless.
+  /// How often the agent sends heartbeats while idle (it grows with the
+  /// sessions the engine holds; Heartbeat.heartbeat_interval_ms updates it);
+  /// the engine closes a session it has not heard from for three of these. The
+  /// engine itself sends heartbeats every 250 ms while anything is frozen, and
+  /// while idle only to tell a new interval or reconnect_spread_ms (an idle
+  /// agent hears nothing else: its HTTP/2 pings find an engine that vanished).
   public var heartbeatIntervalMs: UInt32 = 0
 
   /// Largest message either side may send on this session.
@@ -254,8 +258,13 @@ public nonisolated struct Quiesce_Agent_V1_Heartbeat: Sendable {
   public var freezeID: String = String()
 
   /// From the engine: EngineHello.reconnect_spread_ms as it stands now (the
-  /// engine's session count grows after an agent's hello). 0 from agents.
+  /// engine's session count grows after an agent's hello; it sends a heartbeat
+  /// when the spread moved by more than a quarter). 0 from agents.
   public var reconnectSpreadMs: UInt32 = 0
+
+  /// From the engine: the idle heartbeat interval it asks of the agent as it
+  /// stands now (EngineHello.heartbeat_interval_ms; 0: unchanged). 0 from agents.
+  public var heartbeatIntervalMs: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -974,7 +983,7 @@ nonisolated extension Quiesce_Agent_V1_EngineHello: SwiftProtobuf.Message, Swift
 
 nonisolated extension Quiesce_Agent_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{3}freeze_id\0\u{3}reconnect_spread_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{3}freeze_id\0\u{3}reconnect_spread_ms\0\u{3}heartbeat_interval_ms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -985,6 +994,7 @@ nonisolated extension Quiesce_Agent_V1_Heartbeat: SwiftProtobuf.Message, SwiftPr
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.sequence) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.freezeID) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.reconnectSpreadMs) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.heartbeatIntervalMs) }()
       default: break
       }
     }
@@ -1000,6 +1010,9 @@ nonisolated extension Quiesce_Agent_V1_Heartbeat: SwiftProtobuf.Message, SwiftPr
     if self.reconnectSpreadMs != 0 {
       try visitor.visitSingularUInt32Field(value: self.reconnectSpreadMs, fieldNumber: 3)
     }
+    if self.heartbeatIntervalMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.heartbeatIntervalMs, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1007,6 +1020,7 @@ nonisolated extension Quiesce_Agent_V1_Heartbeat: SwiftProtobuf.Message, SwiftPr
     if lhs.sequence != rhs.sequence {return false}
     if lhs.freezeID != rhs.freezeID {return false}
     if lhs.reconnectSpreadMs != rhs.reconnectSpreadMs {return false}
+    if lhs.heartbeatIntervalMs != rhs.heartbeatIntervalMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

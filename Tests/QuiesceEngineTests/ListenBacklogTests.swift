@@ -35,6 +35,37 @@ struct ListenBacklogTests {
         #expect(ReconnectSpread.milliseconds(sessions: 10_000) == 40_000)
         #expect(ReconnectSpread.milliseconds(sessions: 1_000_000) == 120_000)
     }
+
+    @Test("the idle heartbeat interval an engine asks for: the base up to 2,000 sessions, then in proportion, at most four times the base")
+    func idleInterval() {
+        let base = Duration.seconds(15)
+        #expect(IdleHeartbeat.interval(base: base, sessions: 0) == .seconds(15))
+        #expect(IdleHeartbeat.interval(base: base, sessions: 2_000) == .seconds(15))
+        #expect(IdleHeartbeat.interval(base: base, sessions: 4_000) == .seconds(30))
+        #expect(IdleHeartbeat.interval(base: base, sessions: 8_000) == .seconds(60))
+        #expect(IdleHeartbeat.interval(base: base, sessions: 10_000) == .seconds(60))
+        #expect(IdleHeartbeat.interval(base: .milliseconds(150), sessions: 1) == .milliseconds(150))
+        #expect(!IdleHeartbeat.worthTelling(told: 15_000, now: 18_000))
+        #expect(IdleHeartbeat.worthTelling(told: 15_000, now: 19_500))
+    }
+
+    @Test("an agent hears a new spread only when it moved by more than a quarter, or to or from none")
+    func spreadWorthTelling() {
+        #expect(!ReconnectSpread.worthTelling(told: 0, now: 0))
+        #expect(ReconnectSpread.worthTelling(told: 0, now: 2_000))
+        #expect(!ReconnectSpread.worthTelling(told: 2_000, now: 2_400))
+        #expect(!ReconnectSpread.worthTelling(told: 2_000, now: 1_600))
+        #expect(ReconnectSpread.worthTelling(told: 2_000, now: 2_600))
+        #expect(ReconnectSpread.worthTelling(told: 2_000, now: 1_400))
+        #expect(ReconnectSpread.worthTelling(told: 2_000, now: 0))
+        // A fleet growing one session at a time from 500 to 10,000 tells each agent a handful of times.
+        var told: UInt32 = 0, tellings = 0
+        for sessions in 1...10_000 where ReconnectSpread.worthTelling(told: told, now: ReconnectSpread.milliseconds(sessions: sessions)) {
+            told = ReconnectSpread.milliseconds(sessions: sessions)
+            tellings += 1
+        }
+        #expect(tellings <= 15, "\(tellings)")
+    }
 }
 
 /// The backlog of the listening socket on `port` as the kernel reports it (`ss -ltn`'s Send-Q

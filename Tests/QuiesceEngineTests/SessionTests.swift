@@ -251,6 +251,36 @@ struct SessionTests {
         #expect(await fleet.engine.registry.conflict(for: "i-silent") == nil)
     }
 
+    @Test("an idle session hears no engine heartbeats; an agent silent for the silence timeout is closed, and so is a connection with no hello")
+    func idleAndSilent() async throws {
+        let fleet = try await Fleet.start(limits: .defaults {
+            $0.idleHeartbeat = .milliseconds(150)
+            $0.silenceTimeout = .milliseconds(450)
+            $0.helloTimeout = .milliseconds(400)
+        })
+        defer { fleet.discard() }
+        // The hello, then nothing for 3 s (twenty idle intervals): the engine, not the end of the stream, ends it.
+        let files = try await fleet.agentFiles("i-mute")
+        let (replies, error) = try await fleet.rawSession(fleet.mTLS(files), sending: [try hello("i-mute").bytes], holdOpen: .seconds(3))
+        #expect(replies.map { $0.kind.map(\.name) ?? "-" } == ["hello"], "only the hello reply, no idle heartbeats: \(replies)")
+        #expect(replies.first?.hello.heartbeatIntervalMs == 150)
+        #expect(error?.code == .unavailable && error?.message.contains("no message from the agent for") == true, "\(String(describing: error))")
+        try await waitUntil { await fleet.endReasons().contains { $0.contains("no message from the agent") } }
+
+        // Connected, TLS done, never a hello.
+        let (none, noHello) = try await fleet.rawSession(fleet.mTLS(try await fleet.agentFiles("i-shy")), sending: [], holdOpen: .seconds(3))
+        #expect(none.isEmpty)
+        #expect(noHello?.code == .deadlineExceeded && noHello?.message.contains("no hello within") == true, "\(String(describing: noHello))")
+
+        // An agent that beats on time keeps its session through many silence timeouts.
+        let (runner, task) = try await fleet.connect("i-alive")
+        defer { task.cancel() }
+        let opened = runner.sessionsOpened
+        try await Task.sleep(for: .seconds(1.5))
+        #expect(runner.sessionsOpened == opened)
+        #expect(await fleet.engine.registry.session(for: "i-alive")?.isClosed == false)
+    }
+
     @Test("the admin socket is mode 0600 and lists the agents")
     func adminSocket() async throws {
         let fleet = try await Fleet.start()
