@@ -106,6 +106,24 @@ def engine(bin_dir, tmp_path):
     e.stop()
 
 
+def serve_agent_service(stubs, engine, servicer):
+    """Starts a stock grpcio server playing the engine with `servicer`, requiring client
+    certificates from the engine fixture's CA; returns (server, port)."""
+    import grpc
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    stubs.session_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(engine.read(os.path.join(engine.ca_dir, "engine.key")), engine.read(os.path.join(engine.ca_dir, "engine.pem")))],
+        root_certificates=engine.read(os.path.join(engine.ca_dir, "ca.pem")),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port
+
+
 def wait_for(predicate, timeout=10.0, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,9 +7,8 @@ import queue
 import subprocess
 import threading
 import time
-from concurrent import futures
 
-import grpc
+from conftest import serve_agent_service
 
 
 class PacingEngine:
@@ -46,15 +45,7 @@ class PacingEngine:
                     yield beat
                 time.sleep(2.0)
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        stubs.session_pb2_grpc.add_AgentServiceServicer_to_server(Service(), self.server)
-        credentials = grpc.ssl_server_credentials(
-            [(engine.read(os.path.join(engine.ca_dir, "engine.key")), engine.read(os.path.join(engine.ca_dir, "engine.pem")))],
-            root_certificates=engine.read(os.path.join(engine.ca_dir, "ca.pem")),
-            require_client_auth=True,
-        )
-        self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
-        self.server.start()
+        self.server, self.port = serve_agent_service(stubs, engine, Service())
 
 
 def gaps(times):

@@ -5,12 +5,11 @@ import os
 import queue
 import subprocess
 import threading
-from concurrent import futures
 
 import grpc
 import pytest
 
-from conftest import wait_for
+from conftest import serve_agent_service, wait_for
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -198,15 +197,7 @@ class PythonEngine:
                         if answered == 2:
                             return
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        stubs.session_pb2_grpc.add_AgentServiceServicer_to_server(Service(), self.server)
-        server_credentials = grpc.ssl_server_credentials(
-            [(engine.read(os.path.join(engine.ca_dir, "engine.key")), engine.read(os.path.join(engine.ca_dir, "engine.pem")))],
-            root_certificates=engine.read(os.path.join(engine.ca_dir, "ca.pem")),
-            require_client_auth=True,
-        )
-        self.port = self.server.add_secure_port("127.0.0.1:0", server_credentials)
-        self.server.start()
+        self.server, self.port = serve_agent_service(stubs, engine, Service())
 
 
 def test_real_agent_answers_a_grpcio_engine(stubs, engine, bin_dir):

@@ -10,12 +10,10 @@ import queue
 import subprocess
 import threading
 import time
-from concurrent import futures
 
-import grpc
 import pytest
 
-from conftest import mount_ext4, undo
+from conftest import mount_ext4, serve_agent_service, undo
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and FIFREEZE")
 
@@ -65,15 +63,7 @@ class InteractiveEngine:
                         return
                     yield command
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        stubs.session_pb2_grpc.add_AgentServiceServicer_to_server(Service(), self.server)
-        credentials = grpc.ssl_server_credentials(
-            [(engine.read(os.path.join(engine.ca_dir, "engine.key")), engine.read(os.path.join(engine.ca_dir, "engine.pem")))],
-            root_certificates=engine.read(os.path.join(engine.ca_dir, "ca.pem")),
-            require_client_auth=True,
-        )
-        self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
-        self.server.start()
+        self.server, self.port = serve_agent_service(stubs, engine, Service())
 
     def call(self, fill, timeout=15.0):
         """Sends one command (`fill` sets its action) and waits for its result."""
