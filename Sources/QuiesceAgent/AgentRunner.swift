@@ -361,20 +361,21 @@ final class HeartbeatPacer: Sendable {
     init(every interval: Duration, into outbound: AsyncStream<AgentMessage>.Continuation) {
         self.state = Mutex(State(interval: interval))
         self.outbound = outbound
-        self.retime(interval, force: true)
+        let timer = self.timer(every: interval)
+        self.state.withLock { $0.timer = timer }
     }
 
-    var interval: Duration { self.state.withLock { $0.interval } }
-
-    func retime(_ interval: Duration, force: Bool = false) {
+    func retime(_ interval: Duration) {
         let replaced: RepeatingTimer? = self.state.withLock { state in
-            guard !state.cancelled, force || interval != state.interval else { return nil }
-            let previous = state.timer
-            state.interval = interval
-            state.timer = RepeatingTimer(every: interval) { [weak self] in self?.beat() ?? false }
-            return previous
+            guard !state.cancelled, interval != state.interval else { return nil }
+            defer { state.interval = interval; state.timer = self.timer(every: interval) }
+            return state.timer
         }
         replaced?.cancel()
+    }
+
+    private func timer(every interval: Duration) -> RepeatingTimer {
+        RepeatingTimer(every: interval) { [weak self] in self?.beat() ?? false }
     }
 
     private func beat() -> Bool {

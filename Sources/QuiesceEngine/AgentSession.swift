@@ -262,9 +262,7 @@ public final class AgentSession: Sendable {
 
     /// Tells the agent (a heartbeat) the engine's reconnect spread and idle interval when either
     /// moved enough since the agent last heard it (``ReconnectSpread/worthTelling(told:now:)``).
-    /// Returns whether it was sent.
-    @discardableResult
-    func refreshIdleHints(reconnectSpreadMs spread: UInt32, heartbeatIntervalMs interval: UInt32) -> Bool {
+    func refreshIdleHints(reconnectSpreadMs spread: UInt32, heartbeatIntervalMs interval: UInt32) {
         let moved = self.state.withLock { state -> Bool in
             var moved = false
             if ReconnectSpread.worthTelling(told: state.toldSpreadMs, now: spread) {
@@ -279,7 +277,6 @@ public final class AgentSession: Sendable {
             return moved
         }
         if moved { self.sendHeartbeat() }
-        return moved
     }
 
     /// How long this agent may stay silent: `base`, or three of the longest interval it was told.

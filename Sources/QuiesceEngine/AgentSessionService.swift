@@ -291,11 +291,9 @@ final class SessionCounter: Sendable {
         var sweeping = false
     }
     private let state = Mutex(State())
-    private let open = Atomic<Int>(0)
 
     /// A session's hello is in: it is counted and watched until ``closed(_:)``.
     func opened(_ session: AgentSession, limits: SessionLimits) {
-        self.open.add(1, ordering: .relaxed)
         let start = self.state.withLock { state -> Bool in
             state.sessions[ObjectIdentifier(session)] = session
             defer { state.sweeping = true }
@@ -309,11 +307,10 @@ final class SessionCounter: Sendable {
     }
 
     func closed(_ session: AgentSession) {
-        self.open.subtract(1, ordering: .relaxed)
         _ = self.state.withLock { $0.sessions.removeValue(forKey: ObjectIdentifier(session)) }
     }
 
-    var count: Int { self.open.load(ordering: .relaxed) }
+    var count: Int { self.state.withLock { $0.sessions.count } }
     var spreadMs: UInt32 { ReconnectSpread.milliseconds(sessions: self.count) }
     func heartbeatIntervalMs(_ limits: SessionLimits) -> UInt32 {
         UInt32(IdleHeartbeat.interval(base: limits.idleHeartbeat, sessions: self.count).milliseconds)

@@ -242,7 +242,7 @@ final class StreamErrorReporter: ChannelInboundHandler, Sendable {
 /// holding 2,000 idle sessions went to clearing them). A read is at most one
 /// TLS record (16 KiB) and a heartbeat a few dozen bytes: copying it costs
 /// less than any of that, and NIOSSL's buffer stays its own.
-final class PlaintextCompactor: ChannelInboundHandler, RemovableChannelHandler {
+final class PlaintextCompactor: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
 
