@@ -28,6 +28,8 @@ bin=$(swift build -c "$config" --show-bin-path)
 work=$(mktemp -d /tmp/quiesce-bench-sessions.XXXXXX)
 engine_pid=""; bench_pid=""
 cleanup() {
+  # BENCH_OUT=FILE keeps the bench's JSON events (reconnections per second, etc.).
+  [ -n "${BENCH_OUT:-}" ] && cp "$work/bench.out" "$BENCH_OUT" 2>/dev/null || true
   [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null || true
   [ -n "$engine_pid" ] && kill "$engine_pid" 2>/dev/null && wait "$engine_pid" 2>/dev/null || true
   rm -rf "$work"
@@ -66,20 +68,28 @@ ticks2=$(cpu_ticks); t2=$(date +%s.%N); hwm=$(hwm_kib)
 held=$(grep '"held"' "$work/bench.out")
 
 # The engine dies (-9) and a new one starts on the same port: every agent comes back by itself.
+# The herd is judged on the agents' dials (each agent's own clock: when it dialled the session
+# that came back), which is what the engine has to absorb. When the sessions got established is
+# printed beside it and bunches more: the simulated agents share this machine's cores with the
+# engine, and their process spends seconds tearing down thousands of sessions at once (about
+# 0.8 ms of CPU each, 4 s at 5,000), which holds up the TLS handshakes of the first dials; agents
+# on their own machines tear down one session each.
+t_kill=$(date +%s.%N)
 kill -KILL "$engine_pid"; wait "$engine_pid" 2>/dev/null || true
 start_engine "$port"
+t_listen=$(date +%s.%N)
 for _ in $(seq $((timeout * 10))); do grep -q '"reconnected"' "$work/bench.out" 2>/dev/null && break; kill -0 "$bench_pid" 2>/dev/null || break; sleep 0.1; done
 grep -q '"reconnected"' "$work/bench.out" || { echo "bench-sessions: sessions did not come back"; cat "$work/bench.err"; exit 1; }
 rss_back=$(rss_kib)
 # One facts query across every agent, through the new engine.
 "$bin/quiesce" facts --all --output json --admin-socket "$work/admin.sock" >"$work/facts.out" \
-  || { echo "bench-sessions: facts --all failed"; tail -3 "$work/facts.out"; exit 1; }
+  || { echo "bench-sessions: facts --all failed"; grep '"error"' "$work/facts.out" | head -5; tail -1 "$work/facts.out"; exit 1; }
 wait "$bench_pid"; bench_pid=""
 [ "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["sessions"])' "$held")" = "$count" ] \
   || { echo "bench-sessions: sessions dropped while held: $held"; exit 1; }
 
 python3 - "$count" "$hold" "$config" "$tck" "$rss_idle" "$rss_up" "$hwm" "$ticks0" "$ticks1" "$ticks2" "$t0" "$t1" "$t2" "$seen" "$work/bench.out" \
-  "$rss_back" "$work/facts.out" <<'PY'
+  "$rss_back" "$work/facts.out" "$t_kill" "$t_listen" <<'PY'
 import json, sys
 count, hold, config, tck = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 rss_idle, rss_up, hwm = (int(x) for x in sys.argv[5:8])
@@ -90,6 +100,7 @@ lines = [json.loads(l) for l in open(sys.argv[15])]
 rss_back = int(sys.argv[16])
 facts = [json.loads(l) for l in open(sys.argv[17])]
 summary = facts[-1]
+restart_s = float(sys.argv[19]) - float(sys.argv[18])
 up = next(l for l in lines if l["event"] == "all_connected")
 back = next(l for l in lines if l["event"] == "reconnected")
 holding = 100 * (ticks2 - ticks1) / tck / max(t2 - t1, 1e-9)
@@ -105,7 +116,9 @@ rows = [
     ("engine CPU, connect phase", f"{(ticks1 - ticks0) / tck:.2f} s over {t1 - t0:.1f} s"),
     ("engine CPU, holding", f"{holding:.1f} % of a core over {t2 - t1:.1f} s"),
     ("after a restart: all back after", f"{back['all_back_ms']:.0f} ms (p50 {back['p50_ms']:.0f}, p99 {back['p99_ms']:.0f})"),
-    ("after a restart: busiest 250 ms", f"{back['busiest_250ms']} sessions (an even spread: {back['even_250ms']:.0f})"),
+    ("after a restart: new engine listening", f"{restart_s:.2f} s after the kill"),
+    ("after a restart: busiest 250 ms of dials", f"{back['busiest_dial_250ms']} at {back['busiest_dial']['at_ms'] / 1000:.2f} s (an even spread: {back['even_dial_250ms']:.0f}; first at {back['first_dial_ms'] / 1000:.2f} s)"),
+    ("  ... of sessions established", f"{back['busiest_250ms']} at {back['busiest']['at_ms'] / 1000:.2f} s (an even spread: {back['even_250ms']:.0f}; first at {back['first_ms'] / 1000:.2f} s)"),
     ("new engine RSS with sessions", f"{rss_back / 1024:.1f} MiB"),
     ("facts from every agent", f"{summary['answered']} of {summary['asked']} in {summary['elapsed_ms'] / 1000:.2f} s (p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms)"),
 ]
@@ -113,8 +126,8 @@ targets = [
     ("engine RSS with sessions <= 1 GiB", rss_up <= 1024 * 1024, f"{rss_up / 1024:.0f} MiB"),
     ("holding <= 5 % of a core", holding <= 5.0, f"{holding:.1f} %"),
     ("every session back after the restart", back["sessions"] == count, f"{back['sessions']} of {count}"),
-    ("no herd: busiest 250 ms <= 3x an even spread", back["busiest_250ms"] <= 3 * max(back["even_250ms"], 1),
-     f"{back['busiest_250ms']} vs {back['even_250ms']:.0f} ({back['busiest_250ms'] / max(back['even_250ms'], 1):.1f}x)"),
+    ("no herd: busiest 250 ms of dials <= 3x an even spread", back["busiest_dial_250ms"] <= 3 * max(back["even_dial_250ms"], 1),
+     f"{back['busiest_dial_250ms']} vs {back['even_dial_250ms']:.0f} ({back['busiest_dial_250ms'] / max(back['even_dial_250ms'], 1):.1f}x)"),
     ("every agent answered facts", summary["answered"] == count, f"{summary['answered']} of {count}"),
 ]
 width = max(len(r[0]) for r in rows)

@@ -32,6 +32,9 @@ public final class AgentRunner: Sendable {
         var phase: Phase = .connecting(attempt: 0)
         var lastSessionID: String = ""
         var sessionsOpened = 0
+        /// When the last session's hello came back (the engine accepted it), and when its dial began.
+        var lastConnectedAt: ContinuousClock.Instant?
+        var lastDialAt: ContinuousClock.Instant?
         var lastError: String?
         /// The engine's last word on how widely to spread the first dial after the session ends.
         var reconnectSpread: Duration = .zero
@@ -55,6 +58,10 @@ public final class AgentRunner: Sendable {
 
     public var phase: Phase { self.state.withLock { $0.phase } }
     public var sessionsOpened: Int { self.state.withLock { $0.sessionsOpened } }
+    /// When the current (or last) session was established, and when the dial that established it began.
+    public var lastConnected: (dialled: ContinuousClock.Instant, connected: ContinuousClock.Instant)? {
+        self.state.withLock { state in state.lastConnectedAt.flatMap { at in state.lastDialAt.map { ($0, at) } } }
+    }
     public var lastError: String? { self.state.withLock { $0.lastError } }
     /// Certificates renewed by this runner.
     public var renewals: Int { self.state.withLock { $0.renewals } }
@@ -127,10 +134,10 @@ public final class AgentRunner: Sendable {
         let established = OnceFlag()
         do {
             let instanceID = try self.instanceID()
-            let transport = SecureTransports.agentDialer(engine: engine, identity: self.configuration.identity)
+            let transport = SecureTransports.agentDialer(engine: engine, identity: self.configuration.identity, oneConnection: true)
             do {
                 try await withGRPCClient(transport: transport) { client in
-                    try await self.session(client: client, instanceID: instanceID, established: established)
+                    try await self.session(client: client, instanceID: instanceID, established: established, dialled: began)
                 }
             } catch {
                 await Task.detached { await self.handler.sessionEnded() }.value
@@ -143,7 +150,9 @@ public final class AgentRunner: Sendable {
         }
     }
 
-    private func session(client: GRPCClient<HTTP2ClientTransport.Posix>, instanceID: String, established: OnceFlag) async throws {
+    private func session(
+        client: GRPCClient<HTTP2ClientTransport.Posix>, instanceID: String, established: OnceFlag, dialled: ContinuousClock.Instant
+    ) async throws {
         let service = Quiesce_Agent_V1_AgentService.Client(wrapping: client)
         let (outbound, outboundContinuation) = AsyncStream<AgentMessage>.makeStream()
         defer { outboundContinuation.finish() }
@@ -185,6 +194,8 @@ public final class AgentRunner: Sendable {
             self.state.withLock {
                 $0.lastSessionID = engineHello.sessionID
                 $0.sessionsOpened += 1
+                $0.lastConnectedAt = .now
+                $0.lastDialAt = dialled
                 $0.lastError = nil
             }
             self.setPhase(.connected(sessionID: engineHello.sessionID))

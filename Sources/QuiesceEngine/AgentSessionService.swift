@@ -7,6 +7,7 @@ import QuiescePKI
 import QuiesceProto
 import QuiesceWire
 import Synchronization
+import X509
 
 /// Serves `quiesce.agent.v1.AgentService/Session`: checks who is calling,
 /// reads the hello, registers the session, then pumps messages both ways
@@ -93,40 +94,22 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
                         throw RPCError(code: .deadlineExceeded, message: "no hello within \(limits.helloTimeout) of connecting")
                     }
                 }
-                // Reader: hello, then every message until the agent ends the stream.
+                // Reader: hello, then every message until the agent ends the stream. Opening (the
+                // hello, the identity check, the registration) runs in a child task of its own: a
+                // task keeps the memory its deepest await needed (its allocator's slabs) for as long
+                // as it lives, and this one lives as long as the session.
                 group.addTask {
-                    var iterator = inbound.value.makeAsyncIterator()
-                    let first: AgentMessage?
-                    do { first = try await iterator.next() } catch { throw Self.readFailure(error) }
-                    guard let first else {
-                        throw RPCError(code: .cancelled, message: "the agent closed the stream before its hello")
+                    let opened = try await withThrowingTaskGroup(of: OpenedSession.self) { open in
+                        open.addTask {
+                            try await self.open(
+                                inbound: inbound, certificate: certificate, peer: peer, sessionID: sessionID, remote: remote,
+                                outbound: outboundContinuation, slot: slot, helloTimer: helloTimer, logger: sessionLogger)
+                        }
+                        guard let opened = try await open.next() else { throw CancellationError() }
+                        return opened
                     }
-                    let hello = try self.validateHello(first, certificateName: peer.commonName)
-                    try await self.checkIdentity(hello, remote: remote, logger: sessionLogger)
-                    let session = AgentSession(
-                        sessionID: sessionID, hello: hello, remoteAddress: remote,
-                        certificateFingerprint: IssuedCertificate.fingerprint(of: certificate),
-                        outbound: outboundContinuation, certificate: certificate, audit: self.audit)
-                    slot.value.withLock { $0 = session }
-                    helloTimer.cancel()
-                    self.sessions.opened(session, limits: limits)
-
-                    var reply = EngineMessage()
-                    reply.hello.protocol = .init(ProtocolVersionNumber.agentSession)
-                    reply.hello.engineVersion = QuiesceVersion.software
-                    reply.hello.sessionID = sessionID
-                    reply.hello.capabilities = self.capabilities
-                    reply.hello.heartbeatIntervalMs = self.sessions.heartbeatIntervalMs(limits)
-                    reply.hello.maxMessageBytes = UInt32(limits.maxMessageBytes)
-                    reply.hello.reconnectSpreadMs = self.sessions.spreadMs
-                    session.told(reconnectSpreadMs: reply.hello.reconnectSpreadMs, heartbeatIntervalMs: reply.hello.heartbeatIntervalMs)
-                    outboundContinuation.yield(reply)
-                    await self.registry.register(session)
-                    sessionLogger.info("agent session opened", metadata: [
-                        "instance": "\(hello.instanceID)", "agent_version": "\(hello.agentVersion)",
-                        "protocol": "\(hello.protocol.number)",
-                    ])
-
+                    let session = opened.session
+                    var iterator = opened.iterator
                     while true {
                         let message: AgentMessage?
                         do { message = try await iterator.next() } catch { throw Self.readFailure(error) }
@@ -162,6 +145,52 @@ struct AgentSessionService: Quiesce_Agent_V1_AgentService.SimpleServiceProtocol 
             await self.registry.remove(session, reason: reason.message)
             logger.info("agent session ended", metadata: ["instance": "\(session.instanceID)", "reason": "the agent closed the session"])
         }
+    }
+
+    /// What opening a session leaves to the reader: the session and where it is in the stream.
+    private struct OpenedSession: @unchecked Sendable {
+        let session: AgentSession
+        var iterator: RPCAsyncSequence<AgentMessage, any Error>.AsyncIterator
+    }
+
+    /// Reads and checks the hello, registers the session and answers with the engine's hello.
+    private func open(
+        inbound: UncheckedSendable<RPCAsyncSequence<AgentMessage, any Error>>, certificate: Certificate, peer: PeerIdentity,
+        sessionID: String, remote: String, outbound: AsyncStream<EngineMessage>.Continuation, slot: SessionSlot,
+        helloTimer: DeadlineTimer, logger: Logger
+    ) async throws -> OpenedSession {
+        var iterator = inbound.value.makeAsyncIterator()
+        let first: AgentMessage?
+        do { first = try await iterator.next() } catch { throw Self.readFailure(error) }
+        guard let first else {
+            throw RPCError(code: .cancelled, message: "the agent closed the stream before its hello")
+        }
+        let hello = try self.validateHello(first, certificateName: peer.commonName)
+        try await self.checkIdentity(hello, remote: remote, logger: logger)
+        let session = AgentSession(
+            sessionID: sessionID, hello: hello, remoteAddress: remote,
+            certificateFingerprint: IssuedCertificate.fingerprint(of: certificate),
+            outbound: outbound, certificate: certificate, audit: self.audit)
+        slot.value.withLock { $0 = session }
+        helloTimer.cancel()
+        self.sessions.opened(session, limits: self.limits)
+
+        var reply = EngineMessage()
+        reply.hello.protocol = .init(ProtocolVersionNumber.agentSession)
+        reply.hello.engineVersion = QuiesceVersion.software
+        reply.hello.sessionID = sessionID
+        reply.hello.capabilities = self.capabilities
+        reply.hello.heartbeatIntervalMs = self.sessions.heartbeatIntervalMs(self.limits)
+        reply.hello.maxMessageBytes = UInt32(self.limits.maxMessageBytes)
+        reply.hello.reconnectSpreadMs = self.sessions.spreadMs
+        session.told(reconnectSpreadMs: reply.hello.reconnectSpreadMs, heartbeatIntervalMs: reply.hello.heartbeatIntervalMs)
+        outbound.yield(reply)
+        await self.registry.register(session)
+        logger.info("agent session opened", metadata: [
+            "instance": "\(hello.instanceID)", "agent_version": "\(hello.agentVersion)",
+            "protocol": "\(hello.protocol.number)",
+        ])
+        return OpenedSession(session: session, iterator: iterator)
     }
 
     /// Two live sessions never share an instance id. A second claimant is let in only when it is

@@ -73,10 +73,32 @@ public enum SecureTransports {
     }
 
     /// The agent's connection to its engine.
-    public static func agentDialer(engine: ListenAddress, identity: TLSFiles)
+    ///
+    /// - Parameter oneConnection: The transport opens one TCP connection and never another: when
+    ///   it drops, grpc's client would otherwise dial again at once (an unclean close, such as an
+    ///   engine that died, means "reconnect" to it), and every agent of a fleet would do a full TLS
+    ///   handshake with the restarted engine at the same moment, only to close it again because
+    ///   its session had ended: the herd the agents' jittered backoff exists to prevent. An agent
+    ///   session uses one client per connection and redials on its own backoff.
+    public static func agentDialer(engine: ListenAddress, identity: TLSFiles, oneConnection: Bool = false)
         -> HTTP2ClientTransport.Posix
     {
         var config = HTTP2ClientTransport.Posix.Config.defaults
+        if oneConnection {
+            // Until one connection is up, every address of the target may be tried (a name that
+            // resolves to ::1 and 127.0.0.1); after that, none. The callback runs before the TCP
+            // connect is issued: a failed future here sends no packet.
+            let connected = OnceFlag()
+            config.channelDebuggingCallbacks.onCreateTCPConnection = { channel in
+                guard !connected.isSet else {
+                    return channel.eventLoop.makeFailedFuture(RPCError(
+                        code: .unavailable, message: "this session's connection is gone; the agent redials on its own backoff"))
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectedMarker(connected), position: .first)
+                }
+            }
+        }
         // A ping after 60 s without frames: an idle engine sends none (it only reads the agent's
         // heartbeats), so this is how an idle agent notices an engine that vanished without closing
         // its connection (a crashed host, a partition): within 70 s. Each ping costs the engine a
@@ -84,9 +106,13 @@ public enum SecureTransports {
         config.connection.keepalive = .init(time: .seconds(60), timeout: .seconds(10), allowWithoutCalls: true)
         // Every freeze and thaw answer waits on this flush (see agentListener).
         config.connection.flushCoalescing = nil
-        // The agent runs its own backoff between sessions; the transport's
-        // reconnection inside one client is kept short.
-        config.backoff = .init(initial: .milliseconds(100), max: .seconds(2), multiplier: 1.6, jitter: 0.2)
+        // The agent runs its own backoff between sessions; the transport's reconnection inside one
+        // client is kept short, or, with one connection, out of the way: every later attempt fails
+        // in the callback above, and a client retrying every 100 ms until its owner has shut it down
+        // spent a fleet's worth of channel set-ups while thousands of sessions ended at once.
+        config.backoff = oneConnection
+            ? .init(initial: .seconds(60), max: .seconds(60), multiplier: 1, jitter: 0)
+            : .init(initial: .milliseconds(100), max: .seconds(2), multiplier: 1.6, jitter: 0.2)
         return try! HTTP2ClientTransport.Posix(
             target: engine.grpcTarget,
             transportSecurity: .mTLS(
@@ -251,5 +277,18 @@ final class PlaintextCompactor: ChannelInboundHandler {
         var own = context.channel.allocator.buffer(capacity: buffer.readableBytes)
         own.writeImmutableBuffer(buffer)
         context.fireChannelRead(Self.wrapInboundOut(own))
+    }
+}
+
+/// Sets its flag when the TCP connection is up (see ``SecureTransports/agentDialer(engine:identity:oneConnection:)``).
+final class ConnectedMarker: ChannelInboundHandler, RemovableChannelHandler, Sendable {
+    typealias InboundIn = NIOAny
+    private let flag: OnceFlag
+    init(_ flag: OnceFlag) { self.flag = flag }
+    func channelActive(context: ChannelHandlerContext) {
+        self.flag.set()
+        context.fireChannelActive()
+        // Its work is done: the connection's reads do not pass through it.
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }

@@ -139,7 +139,8 @@ struct FactsCommand: AsyncParsableCommand {
                             request.includeHookHashes = self.hookHashes
                             return Answer(instance: id, facts: try await client.getFacts(request).facts, error: nil, took: .now - start)
                         } catch {
-                            return Answer(instance: id, facts: nil, error: "\((error as? RPCError)?.message ?? "\(error)")", took: .now - start)
+                            let text = (error as? RPCError).map { $0.message.isEmpty ? "\($0.code)" : "\($0.code): \($0.message)" } ?? "\(error)"
+                            return Answer(instance: id, facts: nil, error: text, took: .now - start)
                         }
                     }
                 }
