@@ -62,7 +62,7 @@ public struct FactsCollector: Sendable {
     /// Reads a whole file with read(2) until end-of-file. procfs files report size 0,
     /// and Foundation's String(contentsOfFile:) stopped after the first 4 KiB of
     /// /proc/self/mountinfo: an instance with many mounts lost most of them.
-    static func readWhole(_ path: String) -> String? {
+    public static func readWhole(_ path: String) -> String? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
