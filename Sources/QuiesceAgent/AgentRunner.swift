@@ -32,9 +32,8 @@ public final class AgentRunner: Sendable {
         var phase: Phase = .connecting(attempt: 0)
         var lastSessionID: String = ""
         var sessionsOpened = 0
-        /// When the last session's hello came back (the engine accepted it), and when its dial began.
-        var lastConnectedAt: ContinuousClock.Instant?
-        var lastDialAt: ContinuousClock.Instant?
+        /// When the last session's dial began, and when its hello came back (the engine accepted it).
+        var lastConnected: (dialled: ContinuousClock.Instant, connected: ContinuousClock.Instant)?
         var lastError: String?
         /// The engine's last word on how widely to spread the first dial after the session ends.
         var reconnectSpread: Duration = .zero
@@ -60,7 +59,7 @@ public final class AgentRunner: Sendable {
     public var sessionsOpened: Int { self.state.withLock { $0.sessionsOpened } }
     /// When the current (or last) session was established, and when the dial that established it began.
     public var lastConnected: (dialled: ContinuousClock.Instant, connected: ContinuousClock.Instant)? {
-        self.state.withLock { state in state.lastConnectedAt.flatMap { at in state.lastDialAt.map { ($0, at) } } }
+        self.state.withLock { $0.lastConnected }
     }
     public var lastError: String? { self.state.withLock { $0.lastError } }
     /// Certificates renewed by this runner.
@@ -194,8 +193,7 @@ public final class AgentRunner: Sendable {
             self.state.withLock {
                 $0.lastSessionID = engineHello.sessionID
                 $0.sessionsOpened += 1
-                $0.lastConnectedAt = .now
-                $0.lastDialAt = dialled
+                $0.lastConnected = (dialled, .now)
                 $0.lastError = nil
             }
             self.setPhase(.connected(sessionID: engineHello.sessionID))

@@ -6,6 +6,4 @@ public final class OnceFlag: Sendable {
     public init() {}
     public func set() { self.value.withLock { $0 = true } }
     public var isSet: Bool { self.value.withLock { $0 } }
-    /// Sets the flag; true only for the call that set it first.
-    public func claim() -> Bool { self.value.withLock { state in defer { state = true }; return !state } }
 }

@@ -125,37 +125,32 @@ struct Sessions: AsyncParsableCommand {
         let times = back.compactMap { $0.map { ($0.connected - start0).timeInterval * 1000 } }.sorted()
         let dials = back.compactMap { $0.map { ($0.dialled - start0).timeInterval * 1000 } }.sorted()
         func at(_ p: Double) -> Double { times.isEmpty ? -1 : times[min(times.count - 1, Int(Double(times.count - 1) * p))] }
-        // Per 250 ms window: the busiest against an even spread over the whole span, for the sessions
-        // established (what the engine did) and for the dials that established them (what the agents did).
-        func windows(_ times: [Double]) -> [Int: Int] {
-            var windows: [Int: Int] = [:]
-            for time in times { windows[Int(time / 250), default: 0] += 1 }
-            return windows
-        }
-        let established = windows(times), dialled = windows(dials)
-        let span = max((times.last ?? 0) - (times.first ?? 0), 250)
-        let dialSpan = max((dials.last ?? 0) - (dials.first ?? 0), 250)
-        func perSecond(_ times: [Double]) -> [Int] {
-            var counts = [Int](repeating: 0, count: Int((times.last ?? 0) / 1000) + 1)
-            for time in times where time >= 0 { counts[Int(time / 1000)] += 1 }
-            return counts
-        }
-        func busiest(_ windows: [Int: Int]) -> [String: Int] {
-            guard let top = windows.max(by: { $0.value < $1.value }) else { return ["count": 0, "at_ms": 0] }
-            return ["count": top.value, "at_ms": top.key * 250]
-        }
         emit([
             "event": "reconnected", "sessions": times.count, "of": runners.count, "all_back_ms": times.last ?? -1,
-            "p50_ms": at(0.5), "p99_ms": at(0.99), "busiest_250ms": established.values.max() ?? 0,
-            "even_250ms": Double(times.count) * 250 / span,
-            "busiest": busiest(established), "busiest_dial": busiest(dialled),
-            "busiest_dial_250ms": dialled.values.max() ?? 0, "even_dial_250ms": Double(dials.count) * 250 / dialSpan,
-            "first_ms": times.first ?? -1, "first_dial_ms": dials.first ?? -1,
-            "per_second": perSecond(times), "dials_per_second": perSecond(dials),
+            "p50_ms": at(0.5), "p99_ms": at(0.99),
+            // What the agents did (their dials) and what the engine did (the sessions it established).
+            "dials": Self.arrivals(dials), "established": Self.arrivals(times),
         ])
         guard times.count == runners.count else { throw ValidationError("\(runners.count - times.count) sessions did not come back within \(self.restartTimeout) s") }
         // Hold again while the script asks every agent for its facts through the new engine.
         try await Task.sleep(for: .seconds(self.hold))
+    }
+
+    /// How bunched arrivals (ms after the drop, sorted) are: the busiest 250 ms window against an
+    /// even spread over their whole span, the first one, and the count in each second.
+    static func arrivals(_ times: [Double]) -> [String: Any] {
+        var windows: [Int: Int] = [:]
+        var perSecond = [Int](repeating: 0, count: Int(max(times.last ?? 0, 0) / 1000) + 1)
+        for time in times {
+            windows[Int(time / 250), default: 0] += 1
+            perSecond[max(0, Int(time / 1000))] += 1
+        }
+        let busiest = windows.max { $0.value < $1.value }
+        let span = max((times.last ?? 0) - (times.first ?? 0), 250)
+        return [
+            "busiest_250ms": busiest?.value ?? 0, "busiest_at_ms": (busiest?.key ?? 0) * 250,
+            "even_250ms": Double(times.count) * 250 / span, "first_ms": times.first ?? -1, "per_second": perSecond,
+        ]
     }
 
     func emit(_ object: [String: Any]) {
