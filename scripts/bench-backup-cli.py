@@ -4,7 +4,8 @@ runs it — `quiesce backup` and a real `quiesce-agent` process over mutual TLS 
 side by side with the raw floor on the same two disks in the same run.
 
   raw floor:   in this process, FIFREEZE both mounts, FICLONE both images, FITHAW
-               both (nothing else); with the kernel's normal RCU grace periods and
+               both (nothing else: sources and targets are opened before, as the
+               local provider arms its create); with the kernel's normal RCU grace periods and
                with them expedited (/sys/kernel/rcu_expedited, as the thaw guard does)
   one-shot:    `quiesce backup --fleet` (engine in the process) a few times: the
                frozen window and how long the run waited for the agent to dial in
@@ -45,47 +46,50 @@ def free_port():
         return s.getsockname()[1]
 
 
-def floor(mounts, images, scratch, runs, pause, expedite):
-    """FIFREEZE all, FICLONE all, FITHAW all in one process; returns frozen windows in ms."""
-    fds = [os.open(m, os.O_RDONLY | os.O_DIRECTORY) for m in mounts]
-    rcu = os.open(RCU, os.O_RDWR) if expedite and os.path.exists(RCU) else None
-    if expedite and rcu is None:
-        raise SystemExit(f"bench: {RCU} is missing; no expedited floor on this kernel")
-    windows = []
-    try:
-        for i in range(runs):
-            time.sleep(pause)  # as far apart as the product's windows: a grace period from a recent freeze is not reused
-            clones = []
-            set_rcu = rcu is not None and os.pread(rcu, 4, 0)[:1] == b"0"
-            t0 = time.perf_counter()
+class Floor:
+    """FIFREEZE all, FICLONE all, FITHAW all in this process: one window per call, in ms."""
+
+    def __init__(self, mounts, images, scratch):
+        self.fds = [os.open(m, os.O_RDONLY | os.O_DIRECTORY) for m in mounts]
+        self.images, self.scratch, self.count = images, scratch, 0
+        self.rcu = os.open(RCU, os.O_RDWR) if os.path.exists(RCU) else None
+
+    def window(self, expedite):
+        if expedite and self.rcu is None:
+            raise SystemExit(f"bench: {RCU} is missing; no expedited floor on this kernel")
+        self.count += 1
+        # Sources open and targets made before the window, as the local provider arms its create:
+        # inside it, the FICLONEs alone.
+        clones = [f"{self.scratch}/floor-{self.count}-{j}.img" for j in range(len(self.images))]
+        pairs = [(os.open(image, os.O_RDONLY), os.open(clone, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+                 for image, clone in zip(self.images, clones)]
+        set_rcu = expedite and os.pread(self.rcu, 4, 0)[:1] == b"0"
+        t0 = time.perf_counter()
+        if set_rcu:
+            os.pwrite(self.rcu, b"1", 0)
+        try:
+            for fd in self.fds:
+                fcntl.ioctl(fd, FIFREEZE, 0)
+        finally:
             if set_rcu:
-                os.pwrite(rcu, b"1", 0)
-            try:
-                for fd in fds:
-                    fcntl.ioctl(fd, FIFREEZE, 0)
-            finally:
-                if set_rcu:
-                    os.pwrite(rcu, b"0", 0)
-            try:
-                for j, image in enumerate(images):
-                    src = os.open(image, os.O_RDONLY)
-                    dst = os.open(f"{scratch}/floor-{i}-{j}.img", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    fcntl.ioctl(dst, FICLONE, src)
-                    os.close(src)
-                    os.close(dst)
-                    clones.append(f"{scratch}/floor-{i}-{j}.img")
-            finally:
-                for fd in reversed(fds):
-                    fcntl.ioctl(fd, FITHAW, 0)
-            windows.append((time.perf_counter() - t0) * 1000)
-            for c in clones:
-                os.unlink(c)
-    finally:
-        for fd in fds:
+                os.pwrite(self.rcu, b"0", 0)
+        try:
+            for src, dst in pairs:
+                fcntl.ioctl(dst, FICLONE, src)
+        finally:
+            for fd in reversed(self.fds):
+                fcntl.ioctl(fd, FITHAW, 0)
+        window = (time.perf_counter() - t0) * 1000
+        for pair in pairs:
+            for fd in pair:
+                os.close(fd)
+        for c in clones:
+            os.unlink(c)
+        return window
+
+    def close(self):
+        for fd in self.fds + ([self.rcu] if self.rcu is not None else []):
             os.close(fd)
-        if rcu is not None:
-            os.close(rcu)
-    return windows
 
 
 def main():
@@ -167,8 +171,12 @@ def main():
         line = serve.stdout.readline()
         if "listening on" not in line:
             raise SystemExit(f"bench: quiesce serve did not start: {line}")
-        engine = []
+        # The floor's windows and the product's alternate, so both rows meet the same moments of this noisy machine.
+        raw = Floor(mounts, images, os.path.join(w, "pool"))
+        engine, expedited = [], []
         for i in range(args.runs):
+            time.sleep(args.pause)
+            expedited.append(raw.window(True))
             time.sleep(args.pause)
             r = subprocess.run([q, "backup", "--engine", "--fleet", f"{w}/fleet.yaml", "--output", "json", "--run-id", f"engine-{i}",
                                 "--admin-socket", f"{w}/admin.sock"], capture_output=True, text=True, timeout=120)
@@ -176,9 +184,11 @@ def main():
                 raise SystemExit(f"bench: quiesce backup --engine exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
             engine.append(frozen_of(r.stdout)[0])
 
-        scratch = os.path.join(w, "pool")
-        expedited = floor(mounts, images, scratch, args.runs, args.pause, True)
-        normal = floor(mounts, images, scratch, max(5, args.runs // 4), args.pause, False)
+        normal = []
+        for i in range(max(5, args.runs // 4)):
+            time.sleep(args.pause)  # as far apart as the product's windows: a grace period from a recent freeze is not reused
+            normal.append(raw.window(False))
+        raw.close()
 
         rows = [("raw floor, normal RCU grace periods", normal), ("raw floor, RCU expedited (as the guard)", expedited),
                 ("quiesce backup --engine + quiesce-agent", engine), ("quiesce backup (one-shot) + quiesce-agent", oneshot)]

@@ -588,18 +588,30 @@ public final class Coordinator: Sendable {
                 outcome.reasons = ["plan-failed: \(error)"]
                 return outcome
             }
-            // The provider slot first: a queue at the provider never lengthens a freeze. A consistency
-            // group takes every member's slot at once, and the run's frozen slots with them.
-            if let rendezvous { await rendezvous.lease(instance.id) } else { await provider.bucket.acquire() }
             let created = Created()
             var tags = ["quiesce:run": runID, "quiesce:instance": instance.id, "quiesce:policy": policy.name]
             if let rendezvous { tags["quiesce:consistency-group"] = rendezvous.group.name }
-            let runner = PlanRunner(engine: self.engine, instanceID: instance.id, policy: planPolicy, freezeID: "\(runID)-\(attempt)")
-            // A quiescing plan waits for one of the run's max_frozen slots, unfrozen, like for a token.
-            let quiesces = (plan.prepare + plan.quiesce).contains { $0.blocking }
             let request = CreateGroupRequest(
                 disks: prepared.disks, tags: tags, idempotencyToken: token, description: "quiesce run \(runID), \(instance.id)",
                 instance: target.providerInstance, excludeBoot: target.excludeBoot, excludeDisks: target.excludeDisks)
+            // Whatever of the create need not happen at the point in time happens now, unfrozen.
+            let armed: any ArmedCreate
+            do {
+                armed = try await provider.provider.armCreate(request)
+            } catch let error as ProviderError {
+                if await retry(after: error, step: "arm") { continue }
+                outcome.reasons = ["provider-failed: \(error); nothing was frozen"]
+                return outcome
+            } catch {
+                outcome.reasons = ["provider-failed: \(error); nothing was frozen"]
+                return outcome
+            }
+            // The provider slot first: a queue at the provider never lengthens a freeze. A consistency
+            // group takes every member's slot at once, and the run's frozen slots with them.
+            if let rendezvous { await rendezvous.lease(instance.id) } else { await provider.bucket.acquire() }
+            let runner = PlanRunner(engine: self.engine, instanceID: instance.id, policy: planPolicy, freezeID: "\(runID)-\(attempt)")
+            // A quiescing plan waits for one of the run's max_frozen slots, unfrozen, like for a token.
+            let quiesces = (plan.prepare + plan.quiesce).contains { $0.blocking }
             let id = instance.id
             let run = {
                 await runner.run(plan, afterQuiesce: { snapshotFollows in
@@ -608,9 +620,8 @@ public final class Coordinator: Sendable {
                     // A group member: every member quiesced before any snapshot, every snapshot cut before any thaw.
                     if let rendezvous { created.inStep = await rendezvous.arrive(id, at: .frozen) }
                     do {
-                        created.set(try await provider.provider.createGroup(request))
-                        // Fault injection for the resume and reconcile tests: the engine dies between the provider's create and the record.
-                        if Self.exitAfterCreate == id { _exit(70) }
+                        // Inside the frozen window: the point in time alone (the rest waits for the thaw, below).
+                        try await armed.capture()
                     } catch {
                         if let error = error as? ProviderError { created.setError(error) }
                         await rendezvous?.leave(id)
@@ -625,6 +636,26 @@ public final class Coordinator: Sendable {
                 await rendezvous.ran(id)
             } else {
                 result = quiesces ? await self.frozenSlots.holding(run) : await run()
+            }
+            // Thawed: the provider makes what it captured a group, or gives back what arming took.
+            if result.snapshotTaken {
+                let began = ContinuousClock.now
+                var failure: String?
+                do {
+                    created.set(try await armed.finish())
+                } catch {
+                    if let error = error as? ProviderError { created.setError(error) }
+                    failure = "\(error)"
+                    result.snapshotTaken = false
+                    result.failed = true
+                    result.reasons.append("snapshot-failed: the provider could not finish the group it captured: \(error)")
+                }
+                result.steps.append(.init(phase: "record", id: "finish", action: "finish", ok: failure == nil, detail: failure ?? "",
+                                          elapsed: .now - began, attempt: attempt))
+                // Fault injection for the resume and reconcile tests: the engine dies between the provider's create and the record.
+                if failure == nil, Self.exitAfterCreate == id { _exit(70) }
+            } else {
+                await armed.abandon()
             }
             if let rendezvous {
                 let verdict = await rendezvous.verdict(id, .init(level: result.snapshotTaken ? result.achieved : nil, reasons: result.reasons,

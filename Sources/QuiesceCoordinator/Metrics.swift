@@ -144,6 +144,10 @@ struct MeteredProvider: SnapshotProvider {
     }
 
     func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup { try await self.measured("create") { try await self.base.createGroup(request) } }
+    /// Arming and finishing are timed as calls of their own; the capture is the `create`.
+    func armCreate(_ request: CreateGroupRequest) async throws -> any ArmedCreate {
+        MeteredCreate(base: try await self.measured("arm") { try await self.base.armCreate(request) }, provider: self)
+    }
     func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup {
         try await self.measured("wait-ready") { try await self.base.waitUntilReady(groupID, timeout: timeout) }
     }
@@ -169,6 +173,15 @@ struct MeteredProvider: SnapshotProvider {
         self.meters.record("wait-ready", results.values.contains { if case .failure = $0 { true } else { false } } ? "error" : "ok", .now - began)
         return results
     }
+}
+
+struct MeteredCreate: ArmedCreate {
+    let base: any ArmedCreate
+    let provider: MeteredProvider
+
+    func capture() async throws { try await self.provider.measured("create") { try await self.base.capture() } }
+    func finish() async throws -> SnapshotGroup { try await self.provider.measured("finish") { try await self.base.finish() } }
+    func abandon() async { await self.base.abandon() }
 }
 
 /// `GET /metrics` over plain HTTP/1.1 (what Prometheus scrapes), nothing else: 404 for other

@@ -25,3 +25,56 @@ public enum DedicatedThread {
         }
     }
 }
+
+/// A thread started ahead of one piece of blocking work that must start without delay
+/// (a snapshot's clones inside a frozen window): creating a thread then costs more than
+/// waking one that waits. Its one `run` runs on it; `release` (or deinit) ends it unused.
+public final class StandbyThread: Sendable {
+    /// What the thread and its owner share; the thread never holds the owner.
+    private final class Slot: @unchecked Sendable {
+        let condition = NSCondition()
+        var job: (@Sendable () -> Void)?
+        var released = false
+    }
+    private let slot = Slot()
+
+    public init(name: String) {
+        let slot = self.slot
+        let thread = Thread {
+            slot.condition.lock()
+            while slot.job == nil && !slot.released { slot.condition.wait() }
+            let job = slot.job
+            slot.condition.unlock()
+            job?()
+        }
+        thread.name = name
+        thread.stackSize = 1 << 20
+        thread.start()
+    }
+
+    deinit { self.release() }
+
+    /// Runs `work` on the standby thread; once only (a later call, or one after `release`, throws).
+    public func run<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        let slot = self.slot
+        return try await withCheckedThrowingContinuation { continuation in
+            slot.condition.lock()
+            guard slot.job == nil, !slot.released else {
+                slot.condition.unlock()
+                continuation.resume(throwing: CancellationError())
+                return
+            }
+            slot.job = { continuation.resume(with: Result { try work() }) }
+            slot.condition.signal()
+            slot.condition.unlock()
+        }
+    }
+
+    /// Ends the thread without work (nothing happens after `run`: the thread ends with its work).
+    public func release() {
+        self.slot.condition.lock()
+        self.slot.released = true
+        self.slot.condition.signal()
+        self.slot.condition.unlock()
+    }
+}

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// What a snapshot provider can do and how fast, so the coordinator can plan
 /// before anything is frozen.
@@ -234,6 +235,13 @@ public protocol SnapshotProvider: Sendable {
     /// Snapshots every disk of `request` at one point in time (as far as the
     /// provider can; see ``ProviderCapabilities/atomicMultiDiskGroup``).
     func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup
+    /// A create split around the guest's frozen window, which is what the coordinator uses:
+    /// called unfrozen, it does everything that need not happen at the point in time
+    /// (checks, opening the sources, making the targets); ``ArmedCreate/capture()``,
+    /// inside the window, only fixes the point in time; ``ArmedCreate/finish()``, after
+    /// the thaw, makes the group what `createGroup` returns. The default arms nothing
+    /// and captures with the whole `createGroup` (a cloud's create call is its point in time).
+    func armCreate(_ request: CreateGroupRequest) async throws -> any ArmedCreate
     /// Waits until every disk snapshot is usable.
     func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup
     func describe(_ groupID: String) async throws -> SnapshotGroup
@@ -266,7 +274,46 @@ public struct PrepareRequest: Sendable, Hashable {
     }
 }
 
+/// One create, armed before the freeze (``SnapshotProvider/armCreate(_:)``). Exactly one of
+/// `finish` (after a `capture` that succeeded) or `abandon` (no capture, or a failed one) ends it.
+public protocol ArmedCreate: Sendable {
+    /// Inside the frozen window: the point in time, and nothing that can wait for the thaw.
+    func capture() async throws
+    /// After the thaw: the group the capture cut, as `createGroup` would have returned it.
+    func finish() async throws -> SnapshotGroup
+    /// Nothing will be captured, or the capture failed: gives back what arming took.
+    func abandon() async
+}
+
+/// The default arming: the provider's whole `createGroup` is the capture.
+final class WholeCreate<Provider: SnapshotProvider>: ArmedCreate {
+    let provider: Provider
+    let request: CreateGroupRequest
+    private let made = Mutex<SnapshotGroup?>(nil)
+
+    init(provider: Provider, request: CreateGroupRequest) {
+        self.provider = provider
+        self.request = request
+    }
+
+    func capture() async throws {
+        let group = try await self.provider.createGroup(self.request)
+        self.made.withLock { $0 = group }
+    }
+
+    func finish() async throws -> SnapshotGroup {
+        guard let group = self.made.withLock({ $0 }) else { throw ProviderError.permanent("finish without a capture that succeeded") }
+        return group
+    }
+
+    func abandon() async {}
+}
+
 extension SnapshotProvider {
+    public func armCreate(_ request: CreateGroupRequest) async throws -> any ArmedCreate {
+        WholeCreate(provider: self, request: request)
+    }
+
     /// Providers without an outside service: nothing to check but the disk list's length.
     public func check(_ targets: [ProviderTarget]) async -> [ProviderCheckItem] {
         targets.filter { $0.disks.count > self.capabilities.maxDisksPerGroup }.map {

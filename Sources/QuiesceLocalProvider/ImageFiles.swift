@@ -15,23 +15,30 @@ enum ImageFiles {
     /// Clones `source` (an open descriptor) into a new file at `destination`:
     /// reflink where the filesystem can, sparse copy elsewhere.
     static func clone(source: Int32, to destination: String, allowReflink: Bool = true) throws -> CloneResult {
-        var info = stat()
-        guard fstat(source, &info) == 0 else { throw posixError("fstat", destination) }
-        let size = UInt64(info.st_size)
         let target = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard target >= 0 else { throw posixError("create", destination) }
         defer { close(target) }
+        var result = try clone(source: source, into: target, path: destination, allowReflink: allowReflink)
+        if result.method == .reflink { result.dataBytes = try dataBytes(target, size: result.sizeBytes) }
+        return result
+    }
+
+    /// Clones `source` into `target`, an empty file open for writing (`path` names it in errors).
+    /// Only what fixes the point in time: a reflink's `dataBytes` is left 0 for the caller to
+    /// count from the clone afterwards (SEEK_DATA over every extent is not for a frozen window).
+    static func clone(source: Int32, into target: Int32, path: String, allowReflink: Bool) throws -> CloneResult {
+        var info = stat()
+        guard fstat(source, &info) == 0 else { throw posixError("fstat", path) }
+        let size = UInt64(info.st_size)
         if allowReflink {
-            if quiesce_ficlone(target, source) == 0 {
-                return CloneResult(method: .reflink, dataBytes: try dataBytes(source, size: size), sizeBytes: size)
-            }
+            if quiesce_ficlone(target, source) == 0 { return CloneResult(method: .reflink, dataBytes: 0, sizeBytes: size) }
             // "Cannot share extents here" falls back to copying; anything else is a real failure.
             let reason = errno
             guard [EOPNOTSUPP, EXDEV, EINVAL, ENOTTY, ENOSYS, EPERM].contains(reason) else {
-                throw posixError("FICLONE", destination, code: reason)
+                throw posixError("FICLONE", path, code: reason)
             }
         }
-        let copied = try sparseCopy(from: source, to: target, size: size, path: destination)
+        let copied = try sparseCopy(from: source, to: target, size: size, path: path)
         return CloneResult(method: .sparseCopy, dataBytes: copied, sizeBytes: size)
     }
 

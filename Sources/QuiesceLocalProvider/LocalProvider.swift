@@ -111,7 +111,26 @@ public struct LocalProvider: SnapshotProvider {
         return try await DedicatedThread.run(name: "quiesce-local-create") { try provider.createBlocking(request) }
     }
 
+    /// Arming opens every source and makes every target (and the group's partial directory),
+    /// so the capture inside the frozen window is the clones alone; the group file and the
+    /// rename that makes the group wait for the thaw.
+    public func armCreate(_ request: CreateGroupRequest) async throws -> any ArmedCreate {
+        let provider = self
+        return try await DedicatedThread.run(name: "quiesce-local-arm") { try provider.armBlocking(request, standby: true) }
+    }
+
     func createBlocking(_ request: CreateGroupRequest) throws -> SnapshotGroup {
+        let armed = try self.armBlocking(request)
+        do {
+            try armed.captureBlocking()
+        } catch {
+            armed.abandonBlocking()
+            throw error
+        }
+        return try armed.finishBlocking()
+    }
+
+    func armBlocking(_ request: CreateGroupRequest, standby: Bool = false) throws -> LocalArmedCreate {
         guard !request.disks.isEmpty else { throw ProviderError.permanent("a group needs at least one disk") }
         guard request.disks.count <= self.capabilities.maxDisksPerGroup else {
             throw ProviderError.permanent("a group holds at most \(self.capabilities.maxDisksPerGroup) disks, found \(request.disks.count)")
@@ -121,52 +140,45 @@ public struct LocalProvider: SnapshotProvider {
         }
         guard !request.idempotencyToken.isEmpty else { throw ProviderError.permanent("an idempotency token is required") }
         let id = Self.groupID(forToken: request.idempotencyToken)
-        let final = "\(self.snapshotsDirectory)/\(id)"
         if let existing = try? self.readGroup(id) {
             guard existing.idempotencyToken == request.idempotencyToken else {
                 throw ProviderError.conflict("group \(id) exists with another token")
             }
-            return existing
+            return LocalArmedCreate(provider: self, request: request, id: id, partial: "", pairs: [], existing: existing, standby: standby)
         }
-        // Open every source before the point in time, so a missing disk fails before anything is cloned.
-        var sources: [(id: String, fd: Int32)] = []
-        defer { for source in sources { close(source.fd) } }
+        // Every source open before the point in time, so a missing disk fails before anything is frozen.
+        var pairs: [LocalArmedCreate.Pair] = []
+        func closeAll() { for pair in pairs { close(pair.source); if pair.target >= 0 { close(pair.target) } } }
         for disk in request.disks {
-            let path = try self.diskPath(disk)
+            let path: String
+            do { path = try self.diskPath(disk) } catch { closeAll(); throw error }
             let fd = open(path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw ImageFiles.posixError("open disk", path) }
-            sources.append((disk, fd))
+            guard fd >= 0 else {
+                let error = ImageFiles.posixError("open disk", path)
+                closeAll()
+                throw error
+            }
+            pairs.append(.init(disk: disk, source: fd, target: -1))
         }
         let partial = "\(self.snapshotsDirectory)/.\(id).partial"
         try? FileManager.default.removeItem(atPath: partial)
-        guard mkdir(partial, 0o700) == 0 else { throw ImageFiles.posixError("mkdir", partial) }
-
-        let clock = ContinuousClock()
-        let first = clock.now
-        var disks: [DiskSnapshot] = []
-        do {
-            // Inside the guest's frozen window: no fsync here (see the type's comment); the seal makes the clones durable.
-            for source in sources {
-                let began = clock.now
-                let result = try ImageFiles.clone(
-                    source: source.fd, to: "\(partial)/\(source.id).img", allowReflink: self.reflinkSupported)
-                disks.append(DiskSnapshot(
-                    diskID: source.id, snapshotID: "\(id)/\(source.id)", sizeBytes: result.sizeBytes,
-                    dataBytes: result.dataBytes, method: result.method, durationUs: Self.micros(clock.now - began)))
-            }
-        } catch {
-            try? FileManager.default.removeItem(atPath: partial)
+        guard mkdir(partial, 0o700) == 0 else {
+            let error = ImageFiles.posixError("mkdir", partial)
+            closeAll()
             throw error
         }
-        let group = SnapshotGroup(
-            id: id, provider: self.kind, idempotencyToken: request.idempotencyToken, description: request.description,
-            tags: request.tags, state: .pending, createdAt: Date(), spanUs: Self.micros(clock.now - first), disks: disks)
-        try self.writeGroup(group, directory: partial, durable: false)
-        guard rename(partial, final) == 0 else {
-            try? FileManager.default.removeItem(atPath: partial)
-            throw ImageFiles.posixError("rename", final)
+        for index in pairs.indices {
+            let path = "\(partial)/\(pairs[index].disk).img"
+            let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            guard fd >= 0 else {
+                let error = ImageFiles.posixError("create", path)
+                closeAll()
+                try? FileManager.default.removeItem(atPath: partial)
+                throw error
+            }
+            pairs[index].target = fd
         }
-        return group
+        return LocalArmedCreate(provider: self, request: request, id: id, partial: partial, pairs: pairs, existing: nil, standby: standby)
     }
 
     public func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup {
@@ -372,5 +384,133 @@ public struct LocalProvider: SnapshotProvider {
         guard target >= 0 else { return false }
         defer { close(target) }
         return quiesce_ficlone(target, source) == 0
+    }
+}
+
+/// A local create between arming and its end: the sources and the targets are open and the
+/// partial directory exists; `capture` clones (the frozen window's whole share), `finish`
+/// counts, writes group.json and renames the directory into place.
+final class LocalArmedCreate: ArmedCreate, @unchecked Sendable {
+    struct Pair {
+        var disk: String
+        var source: Int32
+        var target: Int32
+    }
+
+    let provider: LocalProvider
+    let request: CreateGroupRequest
+    let id: String
+    let partial: String
+    let existing: SnapshotGroup?
+    private let lock = NSLock()
+    private var pairs: [Pair]
+    private var clones: [ImageFiles.CloneResult] = []
+    private var spans: [UInt64] = []
+    private var span: UInt64 = 0
+    private var ended = false
+    /// The capture's thread, waiting from arming on (the coordinator's creates): inside the window nothing is created.
+    private let standby: StandbyThread?
+
+    init(provider: LocalProvider, request: CreateGroupRequest, id: String, partial: String, pairs: [Pair], existing: SnapshotGroup?,
+         standby: Bool) {
+        self.standby = standby && existing == nil ? StandbyThread(name: "quiesce-local-capture") : nil
+        self.provider = provider
+        self.request = request
+        self.id = id
+        self.partial = partial
+        self.pairs = pairs
+        self.existing = existing
+    }
+
+    deinit { self.closeAll() }
+
+    func capture() async throws {
+        if let standby = self.standby {
+            try await standby.run { try self.captureBlocking() }
+        } else {
+            try await DedicatedThread.run(name: "quiesce-local-capture") { try self.captureBlocking() }
+        }
+    }
+
+    func finish() async throws -> SnapshotGroup {
+        try await DedicatedThread.run(name: "quiesce-local-finish") { try self.finishBlocking() }
+    }
+
+    func abandon() async {
+        _ = try? await DedicatedThread.run(name: "quiesce-local-abandon") { self.abandonBlocking() }
+    }
+
+    /// Inside the frozen window: one clone per disk, nothing else.
+    func captureBlocking() throws {
+        try self.lock.withLock {
+            guard self.existing == nil else { return }
+            guard !self.ended, self.clones.isEmpty else { throw ProviderError.permanent("group \(self.id): captured once already") }
+            let clock = ContinuousClock()
+            let first = clock.now
+            var clones: [ImageFiles.CloneResult] = []
+            var spans: [UInt64] = []
+            for pair in self.pairs {
+                let began = clock.now
+                clones.append(try ImageFiles.clone(source: pair.source, into: pair.target, path: "\(self.partial)/\(pair.disk).img",
+                                                   allowReflink: self.provider.reflinkSupported))
+                spans.append(LocalProvider.micros(clock.now - began))
+            }
+            self.span = LocalProvider.micros(clock.now - first)
+            self.clones = clones
+            self.spans = spans
+        }
+    }
+
+    /// After the thaw: what the clones hold, the group file, the rename that makes the group.
+    func finishBlocking() throws -> SnapshotGroup {
+        try self.lock.withLock {
+            if let existing = self.existing { return existing }
+            guard !self.ended, self.clones.count == self.pairs.count else {
+                throw ProviderError.permanent("group \(self.id): nothing was captured to finish")
+            }
+            defer { self.ended = true; self.closeAllLocked(); self.standby?.release() }
+            do {
+                var disks: [DiskSnapshot] = []
+                for (index, pair) in self.pairs.enumerated() {
+                    var clone = self.clones[index]
+                    if clone.method == .reflink { clone.dataBytes = try ImageFiles.dataBytes(pair.target, size: clone.sizeBytes) }
+                    disks.append(DiskSnapshot(
+                        diskID: pair.disk, snapshotID: "\(self.id)/\(pair.disk)", sizeBytes: clone.sizeBytes,
+                        dataBytes: clone.dataBytes, method: clone.method, durationUs: self.spans[index]))
+                }
+                let group = SnapshotGroup(
+                    id: self.id, provider: self.provider.kind, idempotencyToken: self.request.idempotencyToken,
+                    description: self.request.description, tags: self.request.tags, state: .pending, createdAt: Date(),
+                    spanUs: self.span, disks: disks)
+                // No fsync (see LocalProvider): the seal makes the clones and this file durable.
+                try self.provider.writeGroup(group, directory: self.partial, durable: false)
+                let final = "\(self.provider.snapshotsDirectory)/\(self.id)"
+                guard rename(self.partial, final) == 0 else { throw ImageFiles.posixError("rename", final) }
+                return group
+            } catch {
+                try? FileManager.default.removeItem(atPath: self.partial)
+                throw error
+            }
+        }
+    }
+
+    func abandonBlocking() {
+        self.standby?.release()
+        self.lock.withLock {
+            guard !self.ended else { return }
+            self.ended = true
+            self.closeAllLocked()
+            if self.existing == nil { try? FileManager.default.removeItem(atPath: self.partial) }
+        }
+    }
+
+    private func closeAll() { self.lock.withLock { self.closeAllLocked() } }
+
+    private func closeAllLocked() {
+        for pair in self.pairs {
+            close(pair.source)
+            if pair.target >= 0 { close(pair.target) }
+        }
+        self.pairs = []
     }
 }

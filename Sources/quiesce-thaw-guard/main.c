@@ -19,9 +19,10 @@
 //   FREEZE <id> <budget_ms> <syncfs 0|1> [<concurrent> [<expedite 0|1>]]   + N descriptors, freeze order
 //     The first <concurrent> descriptors (default 1) are independent
 //     filesystems: they are synced together, then frozen together (one thread
-//     each), so the frozen window grows with the slowest, not the sum. The rest
-//     follow one by one, in order (stacked filesystems, "/" last). Thawing runs
-//     the other way: the rest one by one in reverse, then the group together.
+//     each, started before the window opens), so the frozen window grows with
+//     the slowest, not the sum. The rest follow one by one, in order (stacked
+//     filesystems, "/" last). Thawing runs the other way, one by one: the rest
+//     in reverse, then the group (a FITHAW takes microseconds, a thread more).
 //     <expedite> 1 (default 0): RCU grace periods are expedited while the
 //     FIFREEZEs run (see rcu_expedite_begin).
 //   THAW <id> <cause>
@@ -182,27 +183,65 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
-// Runs the jobs at once, a thread each, and returns when all have. A thread
-// that cannot be started runs its job here instead: slower, never skipped.
-static void run_together(struct job *jobs, int n) {
+// Runs the jobs at once and returns when all have: job 0 on this thread, each
+// other on a thread of its own, started beforehand and held at a gate, so that no
+// thread is created between the gate opening (stamped in *opened_ns, when given)
+// and the jobs' start: that moment begins the frozen window. A thread that cannot
+// be started runs its job here instead, after job 0: slower, never skipped.
+struct gate {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int arrived;
+    int open;
+};
+struct gated {
+    struct job *job;
+    struct gate *gate;
+};
+
+static void *run_gated(void *arg) {
+    struct gated *g = arg;
+    pthread_mutex_lock(&g->gate->lock);
+    g->gate->arrived++;
+    pthread_cond_broadcast(&g->gate->cond);
+    while (!g->gate->open) pthread_cond_wait(&g->gate->cond, &g->gate->lock);
+    pthread_mutex_unlock(&g->gate->lock);
+    return run_job(g->job);
+}
+
+static void run_together(struct job *jobs, int n, uint64_t *opened_ns) {
     pthread_t threads[MAX_MOUNTS];
-    int started[MAX_MOUNTS];
+    int started[MAX_MOUNTS] = {0};
+    struct gated gated[MAX_MOUNTS];
+    struct gate gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+    int workers = 0;
     // Small stacks: all the guard's memory is locked (mlockall MCL_FUTURE).
     pthread_attr_t attr;
     int have_attr = n > 1 && pthread_attr_init(&attr) == 0;
     if (have_attr) pthread_attr_setstacksize(&attr, 64 * 1024);
-    for (int i = 0; i < n; i++) {
-        started[i] = have_attr && pthread_create(&threads[i], &attr, run_job, &jobs[i]) == 0;
-        if (!started[i]) run_job(&jobs[i]);
+    for (int i = 1; i < n && have_attr; i++) {
+        gated[i] = (struct gated){.job = &jobs[i], .gate = &gate};
+        started[i] = pthread_create(&threads[i], &attr, run_gated, &gated[i]) == 0;
+        workers += started[i];
     }
     if (have_attr) pthread_attr_destroy(&attr);
-    for (int i = 0; i < n; i++) {
+    pthread_mutex_lock(&gate.lock);
+    while (gate.arrived < workers) pthread_cond_wait(&gate.cond, &gate.lock);
+    if (opened_ns) *opened_ns = now_ns();
+    gate.open = 1;
+    pthread_cond_broadcast(&gate.cond);
+    pthread_mutex_unlock(&gate.lock);
+    if (n > 0) run_job(&jobs[0]);
+    for (int i = 1; i < n; i++) {
+        if (!started[i]) run_job(&jobs[i]);
+    }
+    for (int i = 1; i < n; i++) {
         if (started[i]) pthread_join(threads[i], NULL);
     }
 }
 
 // Thaws every mount this freeze froze, last frozen first (the independent
-// group together, last), and reports how.
+// group last), and reports how.
 static void thaw_all(const char *cause) {
     if (!current.active) return;
     char reply[MAX_PACKET];
@@ -220,25 +259,20 @@ static void thaw_all(const char *cause) {
         last_thaw = job.end_ns;
         current.frozen[i] = 0;
     }
-    struct job jobs[MAX_MOUNTS];
-    int index[MAX_MOUNTS];
-    int n = 0;
-    for (int i = 0; i < current.concurrent && i < current.count; i++) {
+    // The independent group one after the other on this thread: a FITHAW takes
+    // microseconds, less than starting a thread for it would add to the window.
+    for (int i = (current.concurrent < current.count ? current.concurrent : current.count) - 1; i >= 0; i--) {
         if (!current.frozen[i]) continue;
-        jobs[n] = (struct job){.fd = current.fds[i], .request = FITHAW};
-        index[n++] = i;
-    }
-    run_together(jobs, n);
-    for (int k = 0; k < n; k++) {
-        int i = index[k];
-        thawed[i] = jobs[k].ok;
-        errors[i] = jobs[k].error;
-        if (jobs[k].end_ns > last_thaw) last_thaw = jobs[k].end_ns;
+        struct job job = {.fd = current.fds[i], .request = FITHAW};
+        run_job(&job);
+        thawed[i] = job.ok;
+        errors[i] = job.error;
+        if (job.end_ns > last_thaw) last_thaw = job.end_ns;
         current.frozen[i] = 0;
     }
     uint64_t frozen_us = last_thaw > current.first_freeze_ns ? (last_thaw - current.first_freeze_ns) / 1000 : 0;
     int within = last_thaw <= current.deadline_ns;
-    n = snprintf(reply, sizeof reply, "THAWED %s %s %llu %d %d", current.id, cause,
+    int n = snprintf(reply, sizeof reply, "THAWED %s %s %llu %d %d", current.id, cause,
                      (unsigned long long)frozen_us, within, current.count);
     for (int i = 0; i < current.count && n < (int)sizeof reply - 32; i++) {
         n += snprintf(reply + n, sizeof reply - n, "\n%d %d", thawed[i], errors[i]);
@@ -285,15 +319,14 @@ static void do_freeze(char *args, int *fds, int nfds) {
     memset(jobs, 0, sizeof jobs);
     for (int i = 0; i < concurrent; i++) jobs[i].fd = fds[i];
     if (use_syncfs) {
-        run_together(jobs, concurrent);
+        run_together(jobs, concurrent, NULL);
         for (int i = 0; i < concurrent; i++) syncfs_us[i] = jobs[i].elapsed_ns / 1000;
     }
     for (int i = 0; i < concurrent; i++) jobs[i].request = FIFREEZE;
     int rcu_set = 0;
     const char *rcu = rcu_expedite_begin(expedite, &rcu_set);
-    current.first_freeze_ns = now_ns();
+    run_together(jobs, concurrent, &current.first_freeze_ns);
     current.deadline_ns = current.first_freeze_ns + (uint64_t)budget_ms * 1000000ull;
-    run_together(jobs, concurrent);
     for (int i = 0; i < concurrent; i++) {
         current.frozen[i] = jobs[i].ok;
         errors[i] = jobs[i].error;

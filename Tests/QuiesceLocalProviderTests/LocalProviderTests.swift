@@ -109,6 +109,56 @@ struct LocalProviderTests {
         try await provider.delete(group.id)
         #expect(try await provider.list(tags: [:]).isEmpty)
         await #expect(throws: ProviderError.self) { try await provider.describe(group.id) }
+
+        try await self.armed(provider, root: root, data: data, expected: expected)
+    }
+
+    /// The create the coordinator makes: armed unfrozen, captured in the window, finished after the thaw.
+    func armed(_ provider: LocalProvider, root: String, data: String, expected: SnapshotMethod) async throws {
+        let snapshots = provider.snapshotsDirectory
+        func entries() -> [String] { ((try? FileManager.default.contentsOfDirectory(atPath: snapshots)) ?? []).sorted() }
+        let request = CreateGroupRequest(disks: ["root", "data"], idempotencyToken: "run-2/i-1")
+        let id = LocalProvider.groupID(forToken: request.idempotencyToken)
+
+        // Arming makes the partial group and its empty targets; nothing is a group yet.
+        let armed = try await provider.armCreate(request)
+        #expect(entries() == [".\(id).partial"])
+        let partial = "\(snapshots)/.\(id).partial"
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: partial)) ?? []).sorted() == ["data.img", "root.img"])
+        #expect(allocatedBytes("\(partial)/root.img") == 0)
+        await #expect(throws: ProviderError.self) { try await provider.describe(id) }
+
+        // The capture is the point in time: a write after it (the thaw) is not in the group finish makes.
+        let before = root + ".before"
+        try await run("cp", "--sparse=always", root, before)
+        defer { unlink(before) }
+        try await armed.capture()
+        try await writeRandom(root, offset: 4 << 20, count: 1 << 20)
+        let group = try await armed.finish()
+        #expect(group.id == id && group.state == .pending)
+        #expect(group.disks.allSatisfy { $0.method == expected && $0.sizeBytes == 64 << 20 && $0.dataBytes == 8 << 20 })
+        #expect(await sameBytes(before, provider.snapshotPath(group: id, disk: "root")))
+        #expect(await !sameBytes(root, provider.snapshotPath(group: id, disk: "root")))
+        #expect(await sameBytes(data, provider.snapshotPath(group: id, disk: "data")))
+        #expect(entries() == [id])
+        #expect(try await provider.describe(id).disks == group.disks)
+        await #expect(throws: ProviderError.self) { try await armed.finish() }
+
+        // Abandoned (the freeze failed): nothing is left, and the token can be taken again.
+        let again = CreateGroupRequest(disks: ["root"], idempotencyToken: "run-3/i-1")
+        let dropped = try await provider.armCreate(again)
+        await dropped.abandon()
+        #expect(entries() == [id])
+        await #expect(throws: ProviderError.self) { try await dropped.finish() }
+        // A disk that is not there fails at arming, before anything would be frozen, and leaves nothing.
+        await #expect(throws: ProviderError.self) { try await provider.armCreate(CreateGroupRequest(disks: ["root", "absent"], idempotencyToken: "run-4/i-1")) }
+        #expect(entries() == [id])
+        // Armed for a token whose group exists: the existing group, nothing cloned.
+        let same = try await provider.armCreate(request)
+        try await same.capture()
+        let existing = try await same.finish()
+        #expect(existing.id == id && existing.disks == group.disks)
+        try await provider.delete(id)
     }
 
     @Test("an XFS reflink pool snapshots, verifies, restores and deletes by reflink")
