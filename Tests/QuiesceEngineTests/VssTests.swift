@@ -181,11 +181,12 @@ struct VssTests {
     @Test("writers slower than their window and writers that stop responding: FAILED_AT_<phase> with TIMEOUT / NOT_RESPONDING → filesystem")
     func slowAndHungWriters() async throws {
         let writers = """
-            [{"name": "SlowWriter", "phases": {"prepare_snapshot": {"delay_ms": 900}}},
+            [{"name": "SlowWriter", "phases": {"prepare_snapshot": {"delay_ms": 2500}}},
              {"name": "HungWriter", "phases": {"post_snapshot": {"hang": true}}},
              {"name": "Registry Writer", "phases": {"freeze": {"delay_ms": 50}}}]
             """
-        try await Self.withWindows("win-slow", writers: writers, extra: "\"writer_timeout_ms\": 300,") { windows, _ in
+        // The writers' window (1 s) leaves a loaded test machine room between the freeze and the thaw.
+        try await Self.withWindows("win-slow", writers: writers, extra: "\"writer_timeout_ms\": 1000,") { windows, _ in
             let (policy, plan) = try await windows.plan(["retries": .int(0)])
             let (outcome, _) = await windows.run(plan, policy: policy, freezeID: "slow-1")
             #expect(outcome.achieved == .filesystem, "\(outcome.reasons)")
@@ -193,8 +194,8 @@ struct VssTests {
             #expect(outcome.reasons.contains("vss-writer-failed: HungWriter FAILED_AT_POST_SNAPSHOT VSS_E_WRITER_NOT_RESPONDING (0x80042319)"), "\(outcome.reasons)")
             #expect(outcome.vssWriters.first { $0.name == "Registry Writer" }?.state == "STABLE")
 
-            // The writers' own window from their freeze to their thaw (VSS: 60 s, here 300 ms): a snapshot longer than that.
-            let (late, _) = await windows.run(plan, policy: policy, freezeID: "slow-2", snapshotTakes: .milliseconds(500))
+            // The writers' own window from their freeze to their thaw (VSS: 60 s, here 1 s): a snapshot longer than that.
+            let (late, _) = await windows.run(plan, policy: policy, freezeID: "slow-2", snapshotTakes: .milliseconds(1500))
             #expect(late.achieved == .filesystem)
             #expect(late.reasons.contains("vss-writer-failed: Registry Writer FAILED_AT_THAW VSS_E_WRITERERROR_TIMEOUT (0x800423F2)"), "\(late.reasons)")
         }
