@@ -271,6 +271,9 @@ public struct FleetDemo: Sendable {
         }
         // The two web servers are one application: snapshotted at one point in time (a consistency group).
         text += "groups:\n  web: { members: [web-1, web-2] }\n"
+        // Two frozen at a time (the group's two together): every instance and its agent share this
+        // machine's cores, and windows that overlap stretch each other; a real fleet's agents do not.
+        text += "run: { max_frozen: 2 }\n"
         return text
     }
 }
