@@ -155,6 +155,9 @@ struct CoordinatorTests {
             #expect(again.instances.first { $0.instanceID == "app-1" }?.groupID == app.groupID)
             let listed = try await provider.list(tags: ["quiesce:run": "r1"])
             #expect(listed.count == 3)
+            // Every create the coordinator armed was finished into a group: no partial one is left.
+            let entries = try FileManager.default.contentsOfDirectory(atPath: provider.snapshotsDirectory)
+            #expect(entries.sorted() == listed.map(\.id).sorted(), "\(entries)")
             for handler in handlers { await handler.shutdown() }
         }
     }

@@ -198,6 +198,10 @@ struct MariaDBPluginTests {
             #expect(outcome.reasons.first?.hasPrefix("mariadb-unavailable: ") == true, "\(outcome.reasons)")
             let (_, strict) = try await setup.run("down-2", options: "lock_wait_ms: 500", minimum: "application")
             #expect(strict.state == .failed && strict.reasons.first?.hasPrefix("mariadb-unavailable: ") == true, "\(strict.reasons)")
+            // Failed before its snapshot: the create armed for it was abandoned, and nothing of it is left in the pool.
+            #expect(strict.groupID == nil)
+            let left = try FileManager.default.contentsOfDirectory(atPath: setup.provider.snapshotsDirectory)
+            #expect(!left.contains { $0.hasPrefix(".") } && left.count == 1, "\(left)")
         }
     }
 }
