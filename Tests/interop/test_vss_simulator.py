@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 
+import grpc
 import pytest
 
 from conftest import mount_ext4, serve_agent_service, undo
@@ -37,11 +38,14 @@ class InteractiveEngine:
                 outer.hello.put(first)
 
                 def read():
-                    for message in request_iterator:
-                        if message.WhichOneof("kind") == "result":
-                            with outer.results_ready:
-                                outer.results[message.result.command_id] = message.result
-                                outer.results_ready.notify_all()
+                    try:
+                        for message in request_iterator:
+                            if message.WhichOneof("kind") == "result":
+                                with outer.results_ready:
+                                    outer.results[message.result.command_id] = message.result
+                                    outer.results_ready.notify_all()
+                    except grpc.RpcError:
+                        pass  # the session ended (the test closed it, or the agent went away): nothing more to read
 
                 threading.Thread(target=read, daemon=True).start()
                 reply = stubs.session_pb2.EngineMessage()
