@@ -147,36 +147,31 @@ public struct LocalProvider: SnapshotProvider {
             return LocalArmedCreate(provider: self, request: request, id: id, partial: "", pairs: [], existing: existing, standby: standby)
         }
         // Every source open before the point in time, so a missing disk fails before anything is frozen.
-        var pairs: [LocalArmedCreate.Pair] = []
-        func closeAll() { for pair in pairs { close(pair.source); if pair.target >= 0 { close(pair.target) } } }
-        for disk in request.disks {
-            let path: String
-            do { path = try self.diskPath(disk) } catch { closeAll(); throw error }
-            let fd = open(path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else {
-                let error = ImageFiles.posixError("open disk", path)
-                closeAll()
-                throw error
-            }
-            pairs.append(.init(disk: disk, source: fd, target: -1))
-        }
         let partial = "\(self.snapshotsDirectory)/.\(id).partial"
-        try? FileManager.default.removeItem(atPath: partial)
-        guard mkdir(partial, 0o700) == 0 else {
-            let error = ImageFiles.posixError("mkdir", partial)
-            closeAll()
-            throw error
+        var pairs: [LocalArmedCreate.Pair] = []
+        var madePartial = false
+        func opened(_ path: String, _ flags: Int32, _ call: String) throws -> Int32 {
+            let fd = open(path, flags, 0o600)
+            guard fd >= 0 else { throw ImageFiles.posixError(call, path) }
+            return fd
         }
-        for index in pairs.indices {
-            let path = "\(partial)/\(pairs[index].disk).img"
-            let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-            guard fd >= 0 else {
-                let error = ImageFiles.posixError("create", path)
-                closeAll()
-                try? FileManager.default.removeItem(atPath: partial)
-                throw error
+        do {
+            for disk in request.disks {
+                pairs.append(.init(disk: disk, source: try opened(try self.diskPath(disk), O_RDONLY | O_CLOEXEC, "open disk"), target: -1))
             }
-            pairs[index].target = fd
+            try? FileManager.default.removeItem(atPath: partial)
+            guard mkdir(partial, 0o700) == 0 else { throw ImageFiles.posixError("mkdir", partial) }
+            madePartial = true
+            for index in pairs.indices {
+                pairs[index].target = try opened("\(partial)/\(pairs[index].disk).img", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, "create")
+            }
+        } catch {
+            for pair in pairs {
+                close(pair.source)
+                if pair.target >= 0 { close(pair.target) }
+            }
+            if madePartial { try? FileManager.default.removeItem(atPath: partial) }
+            throw error
         }
         return LocalArmedCreate(provider: self, request: request, id: id, partial: partial, pairs: pairs, existing: nil, standby: standby)
     }
@@ -404,9 +399,8 @@ final class LocalArmedCreate: ArmedCreate, @unchecked Sendable {
     let existing: SnapshotGroup?
     private let lock = NSLock()
     private var pairs: [Pair]
-    private var clones: [ImageFiles.CloneResult] = []
-    private var spans: [UInt64] = []
-    private var span: UInt64 = 0
+    /// What the capture cut: each disk's clone and how long it took, and the span of them all (µs).
+    private var captured: (clones: [(clone: ImageFiles.CloneResult, us: UInt64)], spanUs: UInt64)?
     private var ended = false
     /// The capture's thread, waiting from arming on (the coordinator's creates): inside the window nothing is created.
     private let standby: StandbyThread?
@@ -444,20 +438,17 @@ final class LocalArmedCreate: ArmedCreate, @unchecked Sendable {
     func captureBlocking() throws {
         try self.lock.withLock {
             guard self.existing == nil else { return }
-            guard !self.ended, self.clones.isEmpty else { throw ProviderError.permanent("group \(self.id): captured once already") }
+            guard !self.ended, self.captured == nil else { throw ProviderError.permanent("group \(self.id): captured once already") }
             let clock = ContinuousClock()
             let first = clock.now
-            var clones: [ImageFiles.CloneResult] = []
-            var spans: [UInt64] = []
+            var clones: [(clone: ImageFiles.CloneResult, us: UInt64)] = []
             for pair in self.pairs {
                 let began = clock.now
-                clones.append(try ImageFiles.clone(source: pair.source, into: pair.target, path: "\(self.partial)/\(pair.disk).img",
-                                                   allowReflink: self.provider.reflinkSupported))
-                spans.append(LocalProvider.micros(clock.now - began))
+                let clone = try ImageFiles.clone(source: pair.source, into: pair.target, path: "\(self.partial)/\(pair.disk).img",
+                                                 allowReflink: self.provider.reflinkSupported)
+                clones.append((clone, LocalProvider.micros(clock.now - began)))
             }
-            self.span = LocalProvider.micros(clock.now - first)
-            self.clones = clones
-            self.spans = spans
+            self.captured = (clones, LocalProvider.micros(clock.now - first))
         }
     }
 
@@ -465,23 +456,23 @@ final class LocalArmedCreate: ArmedCreate, @unchecked Sendable {
     func finishBlocking() throws -> SnapshotGroup {
         try self.lock.withLock {
             if let existing = self.existing { return existing }
-            guard !self.ended, self.clones.count == self.pairs.count else {
+            guard !self.ended, let captured = self.captured else {
                 throw ProviderError.permanent("group \(self.id): nothing was captured to finish")
             }
             defer { self.ended = true; self.closeAllLocked(); self.standby?.release() }
             do {
                 var disks: [DiskSnapshot] = []
-                for (index, pair) in self.pairs.enumerated() {
-                    var clone = self.clones[index]
-                    if clone.method == .reflink { clone.dataBytes = try ImageFiles.dataBytes(pair.target, size: clone.sizeBytes) }
+                for (pair, (clone, us)) in zip(self.pairs, captured.clones) {
+                    // A reflink's data is counted from the clone, now that nothing is frozen.
+                    let data = clone.method == .reflink ? try ImageFiles.dataBytes(pair.target, size: clone.sizeBytes) : clone.dataBytes
                     disks.append(DiskSnapshot(
                         diskID: pair.disk, snapshotID: "\(self.id)/\(pair.disk)", sizeBytes: clone.sizeBytes,
-                        dataBytes: clone.dataBytes, method: clone.method, durationUs: self.spans[index]))
+                        dataBytes: data, method: clone.method, durationUs: us))
                 }
                 let group = SnapshotGroup(
                     id: self.id, provider: self.provider.kind, idempotencyToken: self.request.idempotencyToken,
                     description: self.request.description, tags: self.request.tags, state: .pending, createdAt: Date(),
-                    spanUs: self.span, disks: disks)
+                    spanUs: captured.spanUs, disks: disks)
                 // No fsync (see LocalProvider): the seal makes the clones and this file durable.
                 try self.provider.writeGroup(group, directory: self.partial, durable: false)
                 let final = "\(self.provider.snapshotsDirectory)/\(self.id)"
