@@ -103,6 +103,8 @@ public final class Coordinator: Sendable {
     /// every instance's facts and plan would finish late together, the first provider slot
     /// would wait for all of them, and their CPU would stretch the freezes of the first ones.
     let planSlots: Slots
+    /// While an instance is quiescing or frozen, the others' work waits (briefly) to start.
+    public let frozenFirst: FrozenFirst
     struct Unsettled: Sendable {
         var providerName: String
         var groupID: String
@@ -124,7 +126,7 @@ public final class Coordinator: Sendable {
     let groupBarriers: Bool
 
     public init(engine: Engine, plugins: PluginRegistry, providers: [String: Provider], catalog: (any CatalogStore)?, fleet: FleetFile,
-                throttleRetries: Int = 12, groupBarriers: Bool = true,
+                throttleRetries: Int = 12, groupBarriers: Bool = true, frozenFirstPatience: Duration? = nil,
                 sleep: @escaping @Sendable (Duration) async -> Void = { try? await Task.sleep(for: $0) }) {
         self.groupBarriers = groupBarriers
         self.sleep = sleep
@@ -136,6 +138,7 @@ public final class Coordinator: Sendable {
         self.fleet = fleet
         self.frozenSlots = Slots(limit: fleet.maxFrozen)
         self.planSlots = Slots(limit: fleet.planning ?? fleet.defaultPlanning)
+        self.frozenFirst = FrozenFirst(patience: frozenFirstPatience ?? .milliseconds(fleet.frozenFirstMs))
     }
 
     /// Starts no further instance; those already running finish (a freeze is never cut short
@@ -580,6 +583,7 @@ public final class Coordinator: Sendable {
                 if let withoutAgent {
                     plan = withoutAgent
                 } else {
+                    await self.frozenFirst.yield()
                     plan = try await self.planSlots.holding {
                         try await plugin!.plan(facts: try await self.engine.planFacts(of: instance.id), policy: planPolicy)
                     }
@@ -596,6 +600,7 @@ public final class Coordinator: Sendable {
                 instance: target.providerInstance, excludeBoot: target.excludeBoot, excludeDisks: target.excludeDisks)
             // Whatever of the create need not happen at the point in time happens now, unfrozen.
             let armed: any ArmedCreate
+            await self.frozenFirst.yield()
             do {
                 armed = try await provider.provider.armCreate(request)
             } catch let error as ProviderError {
@@ -632,13 +637,23 @@ public final class Coordinator: Sendable {
             }
             var result: PlanOutcome
             if let rendezvous {
+                await self.frozenFirst.quiescing()
                 result = await run()
+                await self.frozenFirst.thawed()
                 await rendezvous.ran(id)
+            } else if quiesces {
+                result = await self.frozenSlots.holding {
+                    await self.frozenFirst.quiescing()
+                    let result = await run()
+                    await self.frozenFirst.thawed()
+                    return result
+                }
             } else {
-                result = quiesces ? await self.frozenSlots.holding(run) : await run()
+                result = await run()
             }
             // Thawed: the provider makes what it captured a group, or gives back what arming took.
             if result.snapshotTaken {
+                await self.frozenFirst.yield()
                 let began = ContinuousClock.now
                 var failure: String?
                 do {
@@ -689,6 +704,7 @@ public final class Coordinator: Sendable {
                                        elapsed: .now - began, attempt: attempt))
                     return failure
                 }
+                await self.frozenFirst.yield()
                 // The level tag only now: the thaw reply has proved it.
                 if let error = await timed("tag", {
                     created.set(try await provider.provider.tag(group.id, SnapshotGroup.levelTags(result.achieved, reasons: result.reasons, metadata: result.metadata)))

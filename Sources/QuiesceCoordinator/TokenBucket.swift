@@ -162,3 +162,57 @@ public actor Slots {
     /// Callers waiting for a slot.
     public var waiting: Int { self.queue.count }
 }
+
+/// The engine's work for frozen instances goes first. While any instance is quiescing or
+/// frozen, work that no frozen instance waits for (another instance's facts and plan, its
+/// arming, a thawed instance's finish, tags and record) waits to start, for at most
+/// `patience`: on a busy engine it would take the cores a freeze or thaw reply needs, and
+/// every millisecond it took is a millisecond longer freeze for some application. Work
+/// already started is never interrupted; the patience bounds what a run can lose to it
+/// when windows follow each other without a gap (a cloud's create is a slow call inside
+/// each window, and the run must still move on).
+public actor FrozenFirst {
+    public let patience: Duration
+    private var frozen = 0
+    private var waiters: [Int: CheckedContinuation<Void, Never>] = [:]
+    private var nextWaiter = 0
+    /// Times a step waited, and how long in all (for benchmarks and tests).
+    public private(set) var deferred = 0
+    public private(set) var deferredFor: Duration = .zero
+
+    public init(patience: Duration = .milliseconds(20)) { self.patience = patience }
+
+    /// An instance begins its quiesce: until `thawed()`, the others' work yields to it.
+    public func quiescing() { self.frozen += 1 }
+
+    /// It has thawed (or never froze): when it was the last, the waiting work starts.
+    public func thawed() {
+        self.frozen -= 1
+        guard self.frozen == 0 else { return }
+        let waiting = self.waiters
+        self.waiters = [:]
+        for continuation in waiting.values { continuation.resume() }
+    }
+
+    /// Returns once no instance is frozen, or after `patience`, whichever comes first.
+    public func yield() async {
+        guard self.frozen > 0, self.patience > .zero else { return }
+        let id = self.nextWaiter
+        self.nextWaiter += 1
+        let began = ContinuousClock.now
+        let timer = Task { [patience] in
+            try? await Task.sleep(for: patience)
+            self.expire(id)
+        }
+        await withCheckedContinuation { self.waiters[id] = $0 }
+        timer.cancel()
+        self.deferred += 1
+        self.deferredFor += .now - began
+    }
+
+    private func expire(_ id: Int) {
+        self.waiters.removeValue(forKey: id)?.resume()
+    }
+
+    public var frozenNow: Int { self.frozen }
+}

@@ -26,7 +26,7 @@ import Yams
 ///     schedules:
 ///       nightly: { cron: "30 2 * * *", time_zone: Europe/Berlin }
 ///       db-hourly: { cron: "0 * * * *", instances: [db-*] }
-///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, planning: 2 }
+///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, planning: 2, frozen_first_ms: 20 }
 public struct FleetFile: Sendable {
     public struct Provider: Sendable, Equatable {
         public var name: String
@@ -140,6 +140,8 @@ public struct FleetFile: Sendable {
     public var maxFrozen: Int = 8
     /// How many instances fetch facts and plan at once; nil: ``defaultPlanning``.
     public var planning: Int?
+    /// While an instance is quiescing or frozen, how long (ms) the others' work waits to start (0: never).
+    public var frozenFirstMs: Int = 20
 
     /// One planning slot per 25 creates/s of the fastest provider (a slot plans about
     /// 25 instances a second when facts are a ~40 ms round trip away), at least 2.
@@ -332,7 +334,8 @@ extension FleetFile {
         }
 
         if let run = fields["run"], let body = reader.mapping(run, at: "run") {
-            let f = reader.fields(body, at: "run", allowed: ["concurrency", "agent_wait_s", "max_frozen", "planning"])
+            let f = reader.fields(body, at: "run", allowed: ["concurrency", "agent_wait_s", "max_frozen", "planning", "frozen_first_ms"])
+            fleet.frozenFirstMs = reader.int(f["frozen_first_ms"], at: "run.frozen_first_ms", range: 0...10_000) ?? fleet.frozenFirstMs
             fleet.planning = reader.int(f["planning"], at: "run.planning", range: 1...1000)
             fleet.maxFrozen = reader.int(f["max_frozen"], at: "run.max_frozen", range: 1...1000) ?? fleet.maxFrozen
             fleet.concurrency = reader.int(f["concurrency"], at: "run.concurrency", range: 1...1000) ?? fleet.concurrency

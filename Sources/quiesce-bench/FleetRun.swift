@@ -37,6 +37,10 @@ struct FleetRun: AsyncParsableCommand {
     var maxFrozen: Int?
     @Option(help: "run.planning (default: the fleet file's default).")
     var planning: Int?
+    @Option(name: .customLong("frozen-first-ms"), help: ArgumentHelp(
+        "How long another instance's work waits for the frozen ones to thaw (0: it never waits). Two or more, comma-separated: each size's rounds alternate between them, one row each, so they meet the same moments of the machine.",
+        valueName: "ms[,ms…]"))
+    var frozenFirstMs = "20"
     @Option(help: "At least this many frozen windows per size (rounds of the whole fleet).")
     var samples = 300
     @Option(name: .customLong("ec2-endpoint"), help: ArgumentHelp(
@@ -55,6 +59,8 @@ struct FleetRun: AsyncParsableCommand {
     /// One size's figures, for the tables and the targets.
     struct Measured {
         var count: Int
+        /// The frozen-first patience of these rounds, when the run compares several.
+        var variant: Int?
         var row: [String]
         var frozenP50: Double
         var frozenP99: Double
@@ -65,31 +71,36 @@ struct FleetRun: AsyncParsableCommand {
     func run() async throws {
         var results: [Measured] = []
         for count in self.instances.split(separator: ",").compactMap({ Int($0) }) {
-            results.append(try await self.measure(count))
+            results += try await self.measure(count)
         }
+        func label(_ result: Measured) -> String { result.variant.map { "\(result.count) (ff \($0))" } ?? "\(result.count)" }
         var table = TextTable(headers: ["INSTANCES", "DISKS", "MAKESPAN S", "RATE BOUND S", "RATIO", "FROZEN P50 MS", "P99 MS", "MAX MS",
                                         "SNAPSHOT P50 MS", "P99 MS", "LEVELS", "PEAK RSS MIB"])
-        for result in results { table.append(result.row) }
+        for result in results { table.append([label(result)] + result.row.dropFirst()) }
         print(table.render())
         print("")
         var parts = TextTable(headers: ["INSTANCES", "FREEZE CALL", "AGENT", "FIFREEZE", "SNAPSHOT", "THAW CALL", "AGENT", "FROZEN (GUEST)"])
-        for result in results { parts.append(["\(result.count)"] + result.breakdown) }
+        for result in results { parts.append([label(result)] + result.breakdown) }
         print("Where the frozen window goes (p50 ms; calls on the engine's clock, AGENT its share on the guest, FIFREEZE the guard's syncfs + ioctl of the slowest mount):")
         print(parts.render())
         // Scaling targets (issue 19): the largest size against the smallest, measured in this run.
-        if let base = results.first, let top = results.last, results.count > 1 {
+        // With several frozen-first settings, each against the smallest size's rows of the same setting.
+        let smallest = results.map(\.count).min(), largest = results.map(\.count).max()
+        if let smallest, let largest, smallest < largest {
             print("")
             var targets = TextTable(headers: ["TARGET", "FIGURE", "BOUND", "MET"])
-            for result in [top] {
-                for (what, figure, bound) in [("frozen p50 at \(result.count) <= 2 x at \(base.count)", result.frozenP50, 2 * base.frozenP50),
-                                              ("frozen p99 at \(result.count) <= 3 x at \(base.count)", result.frozenP99, 3 * base.frozenP99)] {
+            for result in results where result.count == largest {
+                guard let base = results.first(where: { $0.count == smallest && $0.variant == result.variant }) else { continue }
+                let setting = result.variant.map { ", ff \($0)" } ?? ""
+                for (what, figure, bound) in [("frozen p50 at \(result.count) <= 2 x at \(base.count)\(setting)", result.frozenP50, 2 * base.frozenP50),
+                                              ("frozen p99 at \(result.count) <= 3 x at \(base.count)\(setting)", result.frozenP99, 3 * base.frozenP99)] {
                     targets.append([what, String(format: "%.2f ms", figure), String(format: "<= %.2f ms", bound), figure <= bound ? "yes" : "NO"])
                 }
             }
             print(targets.render())
         }
         print("""
-            RUN: concurrency \(self.concurrency), max_frozen \(self.maxFrozen.map(String.init) ?? "default"), planning \(self.planning.map(String.init) ?? "default").
+            RUN: concurrency \(self.concurrency), max_frozen \(self.maxFrozen.map(String.init) ?? "default"), planning \(self.planning.map(String.init) ?? "default"), frozen first \(self.frozenFirstMs) ms\(self.frozenFirstMs.contains(",") ? " (rounds alternate; ff: its rows)" : "").
             Each size runs as many rounds as give at least \(self.samples) frozen windows (a fresh run each, full token bucket); MAKESPAN is their median.
             RATE BOUND: (instances - burst) / per_second (one group create per instance, burst \(self.boundBurst ?? self.burst), \(self.boundPerSecond ?? self.perSecond)/s\(self.boundBurst != nil || self.boundPerSecond != nil ? ": the API's own bucket; Quiesce's is \(self.burst), \(self.perSecond)/s" : "")).
             FROZEN: FIFREEZE -> last FITHAW on the guest (thaw reply frozen_us), per instance, over real loop-mounted ext4.
@@ -99,7 +110,11 @@ struct FleetRun: AsyncParsableCommand {
             """)
     }
 
-    func measure(_ count: Int) async throws -> Measured {
+    func measure(_ count: Int) async throws -> [Measured] {
+        let variants = self.frozenFirstMs.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !variants.isEmpty, variants.allSatisfy({ $0 >= 0 }) else {
+            throw ValidationError("--frozen-first-ms: expected milliseconds (0 or more), comma-separated, found \"\(self.frozenFirstMs)\"")
+        }
         let system = System()
         let root = self.pool + "/bench-fleet-\(getpid())-\(count)"
         defer {
@@ -209,20 +224,26 @@ struct FleetRun: AsyncParsableCommand {
         // Enough rounds for at least 300 frozen windows per size (a p99 of 100 samples is their maximum);
         // each round is a fresh run with a full token bucket, after a pause that lets the provider's own limit refill.
         let rounds = max(1, (self.samples + count - 1) / count)
-        var reports: [RunReport] = []
+        var reports: [[RunReport]] = Array(repeating: [], count: variants.count)
+        var runIDs: [[String]] = Array(repeating: [], count: variants.count)
         var throttles = 0
+        var yielded: [(count: Int, total: Duration)] = Array(repeating: (0, .zero), count: variants.count)
         var lowestRate = self.perSecond
-        for round in 1...rounds {
+        for round in 1...(rounds * variants.count) {
+            let variant = (round - 1) % variants.count
+            let runID = "\(self.runPrefix)-\(count)-\(round)"
             let bucket = TokenBucket(burst: self.burst, perSecond: self.perSecond)
             var providers: [String: Coordinator.Provider] = ["pool": .init(provider: provider, bucket: bucket)]
             if self.ec2Endpoint != nil {
                 providers = try ProviderSet().providers(for: fleet)
                 providers["aws"]!.bucket = bucket
             }
-            let coordinator = Coordinator(engine: engine, plugins: plugins, providers: providers, catalog: catalog, fleet: fleet)
+            let coordinator = Coordinator(engine: engine, plugins: plugins, providers: providers, catalog: catalog, fleet: fleet,
+                                          frozenFirstPatience: .milliseconds(variants[variant]))
             let runStarted = ContinuousClock.now
             let marks = Mutex<[String: ContinuousClock.Instant]>([:])
-            reports.append(await coordinator.run(runID: "\(self.runPrefix)-\(count)-\(round)") { event in
+            runIDs[variant].append(runID)
+            reports[variant].append(await coordinator.run(runID: runID) { event in
                 switch event {
                 case .providerChecked: marks.withLock { $0["checked"] = .now }
                 case .settling: marks.withLock { $0["settling"] = .now }
@@ -231,6 +252,8 @@ struct FleetRun: AsyncParsableCommand {
                 }
             })
             throttles += await bucket.throttles
+            yielded[variant].count += await coordinator.frozenFirst.deferred
+            yielded[variant].total += await coordinator.frozenFirst.deferredFor
             lowestRate = min(lowestRate, await bucket.lowestPerSecond)
             let runEnded = ContinuousClock.now
             if round == 1, let first = await bucket.firstGrant, let last = await bucket.lastGrant {
@@ -242,14 +265,27 @@ struct FleetRun: AsyncParsableCommand {
             }
             try await Task.sleep(for: .seconds(Double(self.burst) / self.perSecond + 0.1))
         }
-        let instances = reports.flatMap(\.instances)
-
         for task in tasks { task.cancel() }
         for task in tasks { _ = try? await task.value }
         for handler in handlers { await handler.shutdown() }
         await plugins.shutdown()
         engine.shutdown()
         _ = try? await engineTask.value
+        var measured: [Measured] = []
+        for variant in variants.indices {
+            measured.append(await self.summarize(count: count, variant: variants.count > 1 ? variants[variant] : nil, reports: reports[variant],
+                                                 runIDs: runIDs[variant], catalog: catalog, yielded: yielded[variant],
+                                                 throttles: throttles, lowestRate: lowestRate))
+        }
+        return measured
+    }
+
+    /// One size's (and frozen-first setting's) figures, from its rounds' reports and catalog records.
+    func summarize(count: Int, variant: Int?, reports: [RunReport], runIDs: [String], catalog: SQLiteCatalog,
+                   yielded: (count: Int, total: Duration), throttles: Int, lowestRate: Double) async -> Measured {
+        let instances = reports.flatMap(\.instances)
+        let at = variant.map { "\(count) (ff \($0))" } ?? "\(count)"
+        let rounds = reports.count
 
         // Nearest rank: the smallest value with at least p of the samples at or below it (nan when there are none).
         func rank(_ sorted: [Double], _ p: Double) -> Double {
@@ -261,7 +297,7 @@ struct FleetRun: AsyncParsableCommand {
         }
         // Where the time goes: each step's p50/p99 over the run's groups (engine clock).
         var groups: [GroupRecord] = []
-        for round in 1...rounds { groups += (try? await catalog.groups(GroupFilter(runID: "\(self.runPrefix)-\(count)-\(round)"))) ?? [] }
+        for runID in runIDs { groups += (try? await catalog.groups(GroupFilter(runID: runID))) ?? [] }
         var perStep: [String: [Double]] = [:]
         for group in groups { for (step, us) in group.stepTimingsUs { perStep[step, default: []].append(Double(us) / 1000) } }
         let steps = perStep.keys.sorted().map { step -> String in
@@ -270,10 +306,22 @@ struct FleetRun: AsyncParsableCommand {
         }
         let durations = percentiles(instances.map { Double($0.duration.nanoseconds) / 1e6 })
         FileHandle.standardError.write(Data(
-            "bench: \(rounds) round(s), \(instances.count) instances: steps p50/p99 ms at \(count): \(steps.joined(separator: ", ")); whole instance \(durations(0.5))/\(durations(0.99))\n".utf8))
-        let slowest = instances.filter { $0.frozen != nil }.sorted { $0.frozen! > $1.frozen! }.prefix(5)
-            .map { "\($0.instanceID) \(String(format: "%.0f", Double($0.frozen!.nanoseconds) / 1e6))" }
-        FileHandle.standardError.write(Data("bench: longest frozen windows (ms) at \(count): \(slowest.joined(separator: ", "))\n".utf8))
+            "bench: \(rounds) round(s), \(instances.count) instances: steps p50/p99 ms at \(at): \(steps.joined(separator: ", ")); whole instance \(durations(0.5))/\(durations(0.99))\n".utf8))
+        let longest = instances.filter { $0.frozen != nil }.sorted { $0.frozen! > $1.frozen! }.prefix(5)
+        let slowest = longest.map { "\($0.instanceID) \(String(format: "%.0f", Double($0.frozen!.nanoseconds) / 1e6))" }
+        FileHandle.standardError.write(Data("bench: longest frozen windows (ms) at \(at): \(slowest.joined(separator: ", "))\n".utf8))
+        // Where each of those went, step by step (engine clock; .agent and .kernel their shares on the guest).
+        let byID = Dictionary(groups.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        for outcome in longest {
+            guard let id = outcome.groupID, let timings = byID[id]?.stepTimingsUs else { continue }
+            let parts = ["freeze", "freeze.agent", "freeze.kernel", "snapshot", "thaw", "thaw.agent"].compactMap { step in
+                timings[step].map { "\(step) \(String(format: "%.2f", Double($0) / 1000))" }
+            }
+            FileHandle.standardError.write(Data("bench:   \(outcome.instanceID) \(String(format: "%.2f", Double(outcome.frozen!.nanoseconds) / 1e6)) ms: \(parts.joined(separator: ", "))\n".utf8))
+        }
+        let (deferred, deferredFor) = (yielded.count, yielded.total)
+        FileHandle.standardError.write(Data(("bench: frozen first at \(at): \(deferred) steps waited for a thaw before starting, "
+            + String(format: "%.1f ms in all\n", Double(deferredFor.nanoseconds) / 1e6)).utf8))
         let reasonCounts = Dictionary(grouping: instances.flatMap { $0.reasons.map { String($0.prefix(160)) } }, by: { $0 }).mapValues(\.count)
         for (reason, n) in reasonCounts.sorted(by: { $0.value > $1.value }).prefix(5) {
             FileHandle.standardError.write(Data("bench: \(n) × \(reason)\n".utf8))
@@ -290,7 +338,7 @@ struct FleetRun: AsyncParsableCommand {
         }
         let makespans = reports.map(\.makespan.timeInterval).sorted()
         let makespan = makespans[(makespans.count - 1) / 2]
-        FileHandle.standardError.write(Data("bench: makespans at \(count) (s): \(makespans.map { String(format: "%.2f", $0) }.joined(separator: " "))\n".utf8))
+        FileHandle.standardError.write(Data("bench: makespans at \(at) (s): \(makespans.map { String(format: "%.2f", $0) }.joined(separator: " "))\n".utf8))
         let levels = Dictionary(grouping: instances, by: { $0.achieved?.name ?? "failed" }).map { "\($1.count) \($0)" }.sorted().joined(separator: ", ")
         let hwm = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8))?
             .split(separator: "\n").first { $0.hasPrefix("VmHWM:") }?.split(separator: " ").dropFirst().first.flatMap { Double($0) } ?? 0
@@ -302,7 +350,7 @@ struct FleetRun: AsyncParsableCommand {
         let breakdown = ["freeze", "freeze.agent", "freeze.kernel", "snapshot", "thaw", "thaw.agent"].map { step in
             perStep[step].map { percentiles($0)(0.5) } ?? "-"
         } + [pct(0.5)]
-        return Measured(count: count, row: row, frozenP50: rank(frozen, 0.5), frozenP99: rank(frozen, 0.99), breakdown: breakdown)
+        return Measured(count: count, variant: variant, row: row, frozenP50: rank(frozen, 0.5), frozenP99: rank(frozen, 0.99), breakdown: breakdown)
     }
 }
 

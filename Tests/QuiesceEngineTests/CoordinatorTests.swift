@@ -7,7 +7,10 @@ import QuiesceEngine
 import QuiesceFleet
 import QuiesceLocalProvider
 import QuiescePlugins
+import QuiesceProto
 import QuiesceTestSupport
+import QuiesceWire
+import Synchronization
 import Testing
 
 /// A demo-like fleet end to end: an XFS reflink pool on a loop device, disk
@@ -252,3 +255,138 @@ extension CoordinatorTests {
     }
 }
 
+
+/// Delays the facts an agent answers (an instance slow to plan), and otherwise is the built-in agent.
+final class SlowFactsHandler: CommandHandling {
+    let base: BuiltinCommandHandler
+    let delay: Duration
+    init(base: BuiltinCommandHandler, delay: Duration) { self.base = base; self.delay = delay }
+    var capabilities: [String] { self.base.capabilities }
+    func perform(_ command: AgentCommand) async -> CommandResult {
+        if case .facts = command.action { try? await Task.sleep(for: self.delay) }
+        return await self.base.perform(command)
+    }
+    func prepare() async { await self.base.prepare() }
+    func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void) { self.base.sessionOpened(events: events) }
+    func engineHeard() { self.base.engineHeard() }
+    func sessionEnded() async { await self.base.sessionEnded() }
+    func shutdown() async { await self.base.shutdown() }
+    var isFrozen: Bool { self.base.isFrozen }
+}
+
+/// The local provider, with the moments each instance's create was armed and captured, and a
+/// capture that takes `captureDelay` for the instances named (a long frozen window).
+struct TimedArmProvider: SnapshotProvider {
+    final class Log: Sendable {
+        let marks = Mutex<[(what: String, instance: String, at: ContinuousClock.Instant)]>([])
+        func mark(_ what: String, _ instance: String) { self.marks.withLock { $0.append((what, instance, .now)) } }
+        func at(_ what: String, _ instance: String) -> ContinuousClock.Instant? {
+            self.marks.withLock { marks in marks.last { $0.what == what && $0.instance == instance }?.at }
+        }
+    }
+    struct Armed: ArmedCreate {
+        let base: any ArmedCreate
+        let instance: String
+        let delay: Duration
+        let log: Log
+        func capture() async throws {
+            self.log.mark("capture", self.instance)
+            try await Task.sleep(for: self.delay)
+            try await self.base.capture()
+            self.log.mark("captured", self.instance)
+        }
+        func finish() async throws -> SnapshotGroup { try await self.base.finish() }
+        func abandon() async { await self.base.abandon() }
+    }
+    let base: LocalProvider
+    let slow: [String: Duration]
+    let log = Log()
+    var kind: String { self.base.kind }
+    var capabilities: ProviderCapabilities { self.base.capabilities }
+    func armCreate(_ request: CreateGroupRequest) async throws -> any ArmedCreate {
+        let instance = request.tags["quiesce:instance"] ?? ""
+        self.log.mark("arm", instance)
+        return Armed(base: try await self.base.armCreate(request), instance: instance, delay: self.slow[instance] ?? .zero, log: self.log)
+    }
+    func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup { try await self.base.createGroup(request) }
+    func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup { try await self.base.waitUntilReady(groupID, timeout: timeout) }
+    func describe(_ groupID: String) async throws -> SnapshotGroup { try await self.base.describe(groupID) }
+    func list(tags: [String: String]) async throws -> [SnapshotGroup] { try await self.base.list(tags: tags) }
+    func delete(_ groupID: String) async throws { try await self.base.delete(groupID) }
+    func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String {
+        try await self.base.restore(groupID, disk: disk, to: target)
+    }
+    func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup { try await self.base.tag(groupID, tags) }
+}
+
+extension CoordinatorTests {
+    @Test("frozen first: another instance's work waits for a frozen one's thaw (and, with no patience, it does not)")
+    func frozenFirst() async throws {
+        try await withLoopDevices { loops in
+            let pool = try await blocking { try loops.mount("pool", fsType: "xfs", sizeMiB: 400, mkfsOptions: ["-m", "reflink=1"]).mountPoint }
+            let local = try LocalProvider(pool: pool + "/quiesce")
+            var mounts: [String: String] = [:]
+            for id in ["first-1", "later-1"] {
+                let image = try local.diskPath("\(id)-data")
+                mounts[id] = try await blocking {
+                    _ = try run("truncate", "-s", "64M", image)
+                    _ = try run("mkfs.ext4", "-q", "-F", image)
+                    return try loops.mountDevice(try loops.attach(image), at: id)
+                }
+            }
+            let hooks = loops.directory + "/no-hooks"
+            try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            let locations = HookLocations(prescript: hooks + "/prescript.sh", postscript: hooks + "/postscript.sh", hookDirectory: hooks)
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            let guardPath = AgentProcess.buildDirectory + "/quiesce-thaw-guard"
+            let first = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardPath)
+            // later-1 answers its facts 300 ms late: it arms while first-1 is frozen, unless it waits.
+            let later = SlowFactsHandler(base: BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardPath),
+                                         delay: .milliseconds(300))
+            var tasks: [Task<Void, any Error>] = []
+            for (id, handler) in [("first-1", first as any CommandHandling), ("later-1", later)] {
+                let runner = try await fleet.agent(id, handler: handler)
+                tasks.append(Task { try await runner.run() })
+            }
+            defer { for task in tasks { task.cancel() } }
+            let registry = await PluginPlanRunTests.registry()
+            defer { Task { await registry.shutdown() } }
+            let text = """
+                providers:
+                  pool: { kind: local, pool: \(local.pool) }
+                policies:
+                  fs: { plugin: linux-freeze, wanted: filesystem, minimum: crash, retries: 0 }
+                instances:
+                  - { id: first-1, policy: fs, disks: [first-1-data], options: { only_mounts: [\(mounts["first-1"]!)] } }
+                  - { id: later-1, policy: fs, disks: [later-1-data], options: { only_mounts: [\(mounts["later-1"]!)] } }
+                run: { concurrency: 2, planning: 2, max_frozen: 2 }
+                """
+            let file = try FleetFile.parse(text, path: "frozen-first.yaml", plugins: registry)
+            #expect(await fleet.engine.registry.waitFor(["first-1", "later-1"], timeout: .seconds(20)).isEmpty)
+            // first-1's capture holds its window open 800 ms.
+            for (patience, runID) in [(Duration.seconds(5), "waits"), (.zero, "no-patience")] {
+                let provider = TimedArmProvider(base: local, slow: ["first-1": .milliseconds(800)])
+                let coordinator = Coordinator(engine: fleet.engine, plugins: registry,
+                                              providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 2, perSecond: 10))],
+                                              catalog: nil, fleet: file, frozenFirstPatience: patience)
+                let report = await coordinator.run(runID: runID)
+                for outcome in report.instances {
+                    #expect(outcome.achieved == .filesystem && outcome.state == .succeeded, "\(runID) \(outcome.instanceID): \(outcome.reasons)")
+                }
+                let captured = try #require(provider.log.at("capture", "first-1")), thawedBy = try #require(provider.log.at("captured", "first-1"))
+                let armed = try #require(provider.log.at("arm", "later-1"))
+                #expect(captured < armed, "\(runID): later-1 armed before first-1 froze; the test shows nothing")
+                if patience > .zero {
+                    #expect(armed > thawedBy, "later-1 armed while first-1 was frozen (\(armed - captured) into its capture)")
+                    #expect(await coordinator.frozenFirst.deferred >= 1)
+                } else {
+                    #expect(armed < thawedBy, "with no patience later-1 arms at once, inside first-1's window")
+                    #expect(await coordinator.frozenFirst.deferred == 0)
+                }
+            }
+            await first.shutdown()
+            await later.shutdown()
+        }
+    }
+}

@@ -85,6 +85,45 @@ struct LimitsTests {
         await bucket.acquire(count: 2)
         #expect(ContinuousClock.now - began >= .milliseconds(180), "two tokens at 10/s take 200 ms")
     }
+
+    @Test("frozen first: nothing frozen, no wait; frozen, a wait that ends at the last thaw, or after the patience")
+    func frozenFirst() async throws {
+        let gate = FrozenFirst(patience: .milliseconds(300))
+        var began = ContinuousClock.now
+        await gate.yield()
+        let idle = ContinuousClock.now - began
+        let none = await gate.deferred
+        #expect(idle < .milliseconds(50) && none == 0)
+        // Two frozen: a waiter waits through the first thaw and goes at the second.
+        await gate.quiescing()
+        await gate.quiescing()
+        began = .now
+        let waiter = Task { await gate.yield(); return ContinuousClock.now }
+        try await Task.sleep(for: .milliseconds(60))
+        await gate.thawed()
+        try await Task.sleep(for: .milliseconds(60))
+        let lastThaw = ContinuousClock.now
+        await gate.thawed()
+        let went = await waiter.value
+        #expect(went >= lastThaw && went - lastThaw < .milliseconds(150), "went \(went - lastThaw) after the last thaw")
+        let (deferred, frozenNow) = (await gate.deferred, await gate.frozenNow)
+        #expect(deferred == 1 && frozenNow == 0)
+        // Frozen for longer than the patience: the wait ends at the patience.
+        await gate.quiescing()
+        began = .now
+        await gate.yield()
+        let waited = ContinuousClock.now - began
+        #expect(waited >= .milliseconds(290) && waited < .milliseconds(1500), "waited \(waited)")
+        await gate.thawed()
+        // No patience: never a wait.
+        let eager = FrozenFirst(patience: .zero)
+        await eager.quiescing()
+        began = .now
+        await eager.yield()
+        let eagerWaited = ContinuousClock.now - began
+        let eagerDeferred = await eager.deferred
+        #expect(eagerWaited < .milliseconds(50) && eagerDeferred == 0)
+    }
 }
 
 private final class SlotLog: Sendable {
