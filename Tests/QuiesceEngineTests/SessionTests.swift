@@ -255,11 +255,13 @@ struct SessionTests {
     func idleAndSilent() async throws {
         let fleet = try await Fleet.start(limits: .defaults {
             $0.idleHeartbeat = .milliseconds(150)
-            $0.silenceTimeout = .milliseconds(450)
+            // Eight beats' worth: a loaded CI machine (two test workers, MariaDB, freezes) once kept a
+            // beating agent from its next beat for 450 ms, three beats, and the engine closed it.
+            $0.silenceTimeout = .milliseconds(1200)
             $0.helloTimeout = .milliseconds(400)
         })
         defer { fleet.discard() }
-        // The hello, then nothing for 3 s (twenty idle intervals): the engine, not the end of the stream, ends it.
+        // The hello, then nothing for 3 s (twenty idle intervals, two and a half silence timeouts): the engine, not the end of the stream, ends it.
         let files = try await fleet.agentFiles("i-mute")
         let (replies, error) = try await fleet.rawSession(fleet.mTLS(files), sending: [try hello("i-mute").bytes], holdOpen: .seconds(3))
         #expect(replies.map { $0.kind.map(\.name) ?? "-" } == ["hello"], "only the hello reply, no idle heartbeats: \(replies)")
@@ -276,7 +278,7 @@ struct SessionTests {
         let (runner, task) = try await fleet.connect("i-alive")
         defer { task.cancel() }
         let opened = runner.sessionsOpened
-        try await Task.sleep(for: .seconds(1.5))
+        try await Task.sleep(for: .seconds(4))
         #expect(runner.sessionsOpened == opened)
         #expect(await fleet.engine.registry.session(for: "i-alive")?.isClosed == false)
     }
