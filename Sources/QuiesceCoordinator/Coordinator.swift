@@ -635,19 +635,19 @@ public final class Coordinator: Sendable {
                     if let rendezvous, !(await rendezvous.arrive(id, at: .snapshotted)) { created.inStep = false }
                 }
             }
+            // Counted as frozen from its quiesce to its thaw: the others' work yields to it meanwhile.
+            let frozenRun = {
+                await self.frozenFirst.quiescing()
+                let result = await run()
+                await self.frozenFirst.thawed()
+                return result
+            }
             var result: PlanOutcome
             if let rendezvous {
-                await self.frozenFirst.quiescing()
-                result = await run()
-                await self.frozenFirst.thawed()
+                result = await frozenRun()
                 await rendezvous.ran(id)
             } else if quiesces {
-                result = await self.frozenSlots.holding {
-                    await self.frozenFirst.quiescing()
-                    let result = await run()
-                    await self.frozenFirst.thawed()
-                    return result
-                }
+                result = await self.frozenSlots.holding(frozenRun)
             } else {
                 result = await run()
             }

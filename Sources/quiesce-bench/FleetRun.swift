@@ -61,6 +61,9 @@ struct FleetRun: AsyncParsableCommand {
         var count: Int
         /// The frozen-first patience of these rounds, when the run compares several.
         var variant: Int?
+        /// The size, and the setting when the run compares several: how the rows and lines name it.
+        static func label(_ count: Int, _ variant: Int?) -> String { variant.map { "\(count) (ff \($0))" } ?? "\(count)" }
+        var label: String { Self.label(self.count, self.variant) }
         var row: [String]
         var frozenP50: Double
         var frozenP99: Double
@@ -73,14 +76,13 @@ struct FleetRun: AsyncParsableCommand {
         for count in self.instances.split(separator: ",").compactMap({ Int($0) }) {
             results += try await self.measure(count)
         }
-        func label(_ result: Measured) -> String { result.variant.map { "\(result.count) (ff \($0))" } ?? "\(result.count)" }
         var table = TextTable(headers: ["INSTANCES", "DISKS", "MAKESPAN S", "RATE BOUND S", "RATIO", "FROZEN P50 MS", "P99 MS", "MAX MS",
                                         "SNAPSHOT P50 MS", "P99 MS", "LEVELS", "PEAK RSS MIB"])
-        for result in results { table.append([label(result)] + result.row.dropFirst()) }
+        for result in results { table.append([result.label] + result.row.dropFirst()) }
         print(table.render())
         print("")
         var parts = TextTable(headers: ["INSTANCES", "FREEZE CALL", "AGENT", "FIFREEZE", "SNAPSHOT", "THAW CALL", "AGENT", "FROZEN (GUEST)"])
-        for result in results { parts.append([label(result)] + result.breakdown) }
+        for result in results { parts.append([result.label] + result.breakdown) }
         print("Where the frozen window goes (p50 ms; calls on the engine's clock, AGENT its share on the guest, FIFREEZE the guard's syncfs + ioctl of the slowest mount):")
         print(parts.render())
         // Scaling targets (issue 19): the largest size against the smallest, measured in this run.
@@ -225,7 +227,6 @@ struct FleetRun: AsyncParsableCommand {
         // each round is a fresh run with a full token bucket, after a pause that lets the provider's own limit refill.
         let rounds = max(1, (self.samples + count - 1) / count)
         var reports: [[RunReport]] = Array(repeating: [], count: variants.count)
-        var runIDs: [[String]] = Array(repeating: [], count: variants.count)
         var throttles = 0
         var yielded: [(count: Int, total: Duration)] = Array(repeating: (0, .zero), count: variants.count)
         var lowestRate = self.perSecond
@@ -242,7 +243,6 @@ struct FleetRun: AsyncParsableCommand {
                                           frozenFirstPatience: .milliseconds(variants[variant]))
             let runStarted = ContinuousClock.now
             let marks = Mutex<[String: ContinuousClock.Instant]>([:])
-            runIDs[variant].append(runID)
             reports[variant].append(await coordinator.run(runID: runID) { event in
                 switch event {
                 case .providerChecked: marks.withLock { $0["checked"] = .now }
@@ -274,17 +274,17 @@ struct FleetRun: AsyncParsableCommand {
         var measured: [Measured] = []
         for variant in variants.indices {
             measured.append(await self.summarize(count: count, variant: variants.count > 1 ? variants[variant] : nil, reports: reports[variant],
-                                                 runIDs: runIDs[variant], catalog: catalog, yielded: yielded[variant],
+                                                 catalog: catalog, yielded: yielded[variant],
                                                  throttles: throttles, lowestRate: lowestRate))
         }
         return measured
     }
 
     /// One size's (and frozen-first setting's) figures, from its rounds' reports and catalog records.
-    func summarize(count: Int, variant: Int?, reports: [RunReport], runIDs: [String], catalog: SQLiteCatalog,
+    func summarize(count: Int, variant: Int?, reports: [RunReport], catalog: SQLiteCatalog,
                    yielded: (count: Int, total: Duration), throttles: Int, lowestRate: Double) async -> Measured {
         let instances = reports.flatMap(\.instances)
-        let at = variant.map { "\(count) (ff \($0))" } ?? "\(count)"
+        let at = Measured.label(count, variant)
         let rounds = reports.count
 
         // Nearest rank: the smallest value with at least p of the samples at or below it (nan when there are none).
@@ -297,7 +297,7 @@ struct FleetRun: AsyncParsableCommand {
         }
         // Where the time goes: each step's p50/p99 over the run's groups (engine clock).
         var groups: [GroupRecord] = []
-        for runID in runIDs { groups += (try? await catalog.groups(GroupFilter(runID: runID))) ?? [] }
+        for report in reports { groups += (try? await catalog.groups(GroupFilter(runID: report.runID))) ?? [] }
         var perStep: [String: [Double]] = [:]
         for group in groups { for (step, us) in group.stepTimingsUs { perStep[step, default: []].append(Double(us) / 1000) } }
         let steps = perStep.keys.sorted().map { step -> String in
@@ -319,9 +319,8 @@ struct FleetRun: AsyncParsableCommand {
             }
             FileHandle.standardError.write(Data("bench:   \(outcome.instanceID) \(String(format: "%.2f", Double(outcome.frozen!.nanoseconds) / 1e6)) ms: \(parts.joined(separator: ", "))\n".utf8))
         }
-        let (deferred, deferredFor) = (yielded.count, yielded.total)
-        FileHandle.standardError.write(Data(("bench: frozen first at \(at): \(deferred) steps waited for a thaw before starting, "
-            + String(format: "%.1f ms in all\n", Double(deferredFor.nanoseconds) / 1e6)).utf8))
+        FileHandle.standardError.write(Data(("bench: frozen first at \(at): \(yielded.count) steps waited for a thaw before starting, "
+            + String(format: "%.1f ms in all\n", Double(yielded.total.nanoseconds) / 1e6)).utf8))
         let reasonCounts = Dictionary(grouping: instances.flatMap { $0.reasons.map { String($0.prefix(160)) } }, by: { $0 }).mapValues(\.count)
         for (reason, n) in reasonCounts.sorted(by: { $0.value > $1.value }).prefix(5) {
             FileHandle.standardError.write(Data("bench: \(n) × \(reason)\n".utf8))

@@ -7,7 +7,6 @@ import QuiesceEngine
 import QuiesceFleet
 import QuiesceLocalProvider
 import QuiescePlugins
-import QuiesceProto
 import QuiesceTestSupport
 import QuiesceWire
 import Synchronization
@@ -174,16 +173,16 @@ final class EventLog: @unchecked Sendable {
     var all: [RunEvent] { self.lock.withLock { self.events } }
 }
 
-/// The local provider with a delay before each create: a cloud API that is slow to answer.
-struct SlowProvider: SnapshotProvider {
-    let base: LocalProvider
-    let delay: Duration
+/// A test provider around a local pool: every call goes to `base` but those the wrapper changes.
+/// (Arming is not passed on: a wrapper's create is its capture, unless it arms itself.)
+protocol WrapsLocalProvider: SnapshotProvider {
+    var base: LocalProvider { get }
+}
+
+extension WrapsLocalProvider {
     var kind: String { self.base.kind }
     var capabilities: ProviderCapabilities { self.base.capabilities }
-    func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup {
-        try await Task.sleep(for: self.delay)
-        return try await self.base.createGroup(request)
-    }
+    func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup { try await self.base.createGroup(request) }
     func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup { try await self.base.waitUntilReady(groupID, timeout: timeout) }
     func describe(_ groupID: String) async throws -> SnapshotGroup { try await self.base.describe(groupID) }
     func list(tags: [String: String]) async throws -> [SnapshotGroup] { try await self.base.list(tags: tags) }
@@ -192,6 +191,16 @@ struct SlowProvider: SnapshotProvider {
         try await self.base.restore(groupID, disk: disk, to: target)
     }
     func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup { try await self.base.tag(groupID, tags) }
+}
+
+/// The local provider with a delay before each create: a cloud API that is slow to answer.
+struct SlowProvider: WrapsLocalProvider {
+    let base: LocalProvider
+    let delay: Duration
+    func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup {
+        try await Task.sleep(for: self.delay)
+        return try await self.base.createGroup(request)
+    }
 }
 
 extension CoordinatorTests {
@@ -257,26 +266,19 @@ extension CoordinatorTests {
 
 
 /// Delays the facts an agent answers (an instance slow to plan), and otherwise is the built-in agent.
-final class SlowFactsHandler: CommandHandling {
-    let base: BuiltinCommandHandler
+final class SlowFactsHandler: WrapsBuiltinHandler {
+    let inner: BuiltinCommandHandler
     let delay: Duration
-    init(base: BuiltinCommandHandler, delay: Duration) { self.base = base; self.delay = delay }
-    var capabilities: [String] { self.base.capabilities }
+    init(_ inner: BuiltinCommandHandler, delay: Duration) { self.inner = inner; self.delay = delay }
     func perform(_ command: AgentCommand) async -> CommandResult {
         if case .facts = command.action { try? await Task.sleep(for: self.delay) }
-        return await self.base.perform(command)
+        return await self.inner.perform(command)
     }
-    func prepare() async { await self.base.prepare() }
-    func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void) { self.base.sessionOpened(events: events) }
-    func engineHeard() { self.base.engineHeard() }
-    func sessionEnded() async { await self.base.sessionEnded() }
-    func shutdown() async { await self.base.shutdown() }
-    var isFrozen: Bool { self.base.isFrozen }
 }
 
 /// The local provider, with the moments each instance's create was armed and captured, and a
 /// capture that takes `captureDelay` for the instances named (a long frozen window).
-struct TimedArmProvider: SnapshotProvider {
+struct TimedArmProvider: WrapsLocalProvider {
     final class Log: Sendable {
         let marks = Mutex<[(what: String, instance: String, at: ContinuousClock.Instant)]>([])
         func mark(_ what: String, _ instance: String) { self.marks.withLock { $0.append((what, instance, .now)) } }
@@ -301,22 +303,11 @@ struct TimedArmProvider: SnapshotProvider {
     let base: LocalProvider
     let slow: [String: Duration]
     let log = Log()
-    var kind: String { self.base.kind }
-    var capabilities: ProviderCapabilities { self.base.capabilities }
     func armCreate(_ request: CreateGroupRequest) async throws -> any ArmedCreate {
         let instance = request.tags["quiesce:instance"] ?? ""
         self.log.mark("arm", instance)
         return Armed(base: try await self.base.armCreate(request), instance: instance, delay: self.slow[instance] ?? .zero, log: self.log)
     }
-    func createGroup(_ request: CreateGroupRequest) async throws -> SnapshotGroup { try await self.base.createGroup(request) }
-    func waitUntilReady(_ groupID: String, timeout: Duration) async throws -> SnapshotGroup { try await self.base.waitUntilReady(groupID, timeout: timeout) }
-    func describe(_ groupID: String) async throws -> SnapshotGroup { try await self.base.describe(groupID) }
-    func list(tags: [String: String]) async throws -> [SnapshotGroup] { try await self.base.list(tags: tags) }
-    func delete(_ groupID: String) async throws { try await self.base.delete(groupID) }
-    func restore(_ groupID: String, disk: String, to target: RestoreTarget) async throws -> String {
-        try await self.base.restore(groupID, disk: disk, to: target)
-    }
-    func tag(_ groupID: String, _ tags: [String: String]) async throws -> SnapshotGroup { try await self.base.tag(groupID, tags) }
 }
 
 extension CoordinatorTests {
@@ -342,7 +333,7 @@ extension CoordinatorTests {
             let guardPath = AgentProcess.buildDirectory + "/quiesce-thaw-guard"
             let first = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardPath)
             // later-1 answers its facts 300 ms late: it arms while first-1 is frozen, unless it waits.
-            let later = SlowFactsHandler(base: BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardPath),
+            let later = SlowFactsHandler(BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardPath),
                                          delay: .milliseconds(300))
             var tasks: [Task<Void, any Error>] = []
             for (id, handler) in [("first-1", first as any CommandHandling), ("later-1", later)] {

@@ -193,6 +193,21 @@ extension AgentMessage {
     var bytes: [UInt8] { get throws { try self.serializedBytes() } }
 }
 
+/// A test handler around the built-in agent's: everything passes to `inner` but what the handler changes.
+protocol WrapsBuiltinHandler: CommandHandling {
+    var inner: BuiltinCommandHandler { get }
+}
+
+extension WrapsBuiltinHandler {
+    var capabilities: [String] { self.inner.capabilities }
+    func prepare() async { await self.inner.prepare() }
+    func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void) { self.inner.sessionOpened(events: events) }
+    func engineHeard() { self.inner.engineHeard() }
+    func sessionEnded() async { await self.inner.sessionEnded() }
+    func shutdown() async { await self.inner.shutdown() }
+    var isFrozen: Bool { self.inner.isFrozen }
+}
+
 /// A handler whose commands take as long as the test says, and that records cancellations.
 final class ScriptedHandler: CommandHandling {
     let delays: Mutex<[UInt64: Duration]> = Mutex([:])

@@ -202,14 +202,13 @@ struct VssTests {
     }
 
     /// Passes everything to a real Windows agent's handler, but rewrites its VSS thaw replies.
-    final class ForgingHandler: CommandHandling {
+    final class ForgingHandler: WrapsBuiltinHandler {
         let inner: BuiltinCommandHandler
         let forge: @Sendable (inout Quiesce_Agent_V1_VssThawResult) -> Void
         init(_ inner: BuiltinCommandHandler, forge: @escaping @Sendable (inout Quiesce_Agent_V1_VssThawResult) -> Void) {
             self.inner = inner
             self.forge = forge
         }
-        var capabilities: [String] { self.inner.capabilities }
         func perform(_ command: AgentCommand) async -> CommandResult {
             var result = await self.inner.perform(command)
             if case .vssThaw(var thaw)? = result.payload {
@@ -218,11 +217,6 @@ struct VssTests {
             }
             return result
         }
-        func prepare() async { await self.inner.prepare() }
-        func sessionOpened(events: @escaping @Sendable (Quiesce_Agent_V1_AgentEvent) -> Void) { self.inner.sessionOpened(events: events) }
-        func engineHeard() { self.inner.engineHeard() }
-        func sessionEnded() async { await self.inner.sessionEnded() }
-        func shutdown() async { await self.inner.shutdown() }
     }
 
     @Test("invariant 3 for VSS: a thaw reply naming another set, saying writes were not held, naming another freeze, or a writer not STABLE is never application")
