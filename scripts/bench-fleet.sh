@@ -17,6 +17,9 @@
 #   INSTANCES=10,50,100 scripts/bench-fleet.sh
 #   POOL_ON=disk scripts/bench-fleet.sh   the pool's image on this machine's disk (/var/tmp)
 #   BENCH_ARGS="--max-frozen 100 --planning 32" scripts/bench-fleet.sh   other run settings
+#   BENCH_ARGS="--pace-frozen on,off" scripts/bench-fleet.sh   rounds alternate between settings, a row each
+#                                     (also --frozen-first-ms 0,20; both: every pair)
+#   BENCH_ARGS="--agents processes" scripts/bench-fleet.sh   a quiesce-agent process per instance, not in-process
 #   INSTANCES=10,1000 SAMPLES=20 FLEET_ONLY=1 scripts/bench-fleet.sh   issue 23's size: the fleet table only
 #
 # The pool's XFS image lives in RAM (/dev/shm) by default. Every "instance"
@@ -48,6 +51,9 @@ esac
 work=$(mktemp -d "$base/quiesce-bench-fleet.XXXXXX")
 loop=""
 cleanup() {
+  # The bench's agent processes (quiesce-bench fleet --agents processes) stop with it; if it was killed, they are
+  # found by their mount tables, which only they were given, under this run's directory.
+  pkill -TERM -f -- "--mount-table $work/" 2>/dev/null && sleep 1 || true
   if mountpoint -q "$work/pool"; then umount "$work/pool" || umount -l "$work/pool"; fi
   [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null || true
   rm -rf "$work"

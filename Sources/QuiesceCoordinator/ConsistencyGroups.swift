@@ -56,6 +56,8 @@ actor GroupRendezvous {
     private var leaseArrived: Set<String> = []
     private var leased = 0
     private var leaseTaken = false
+    /// When the lease took the frozen slots (how long the group held them, for the pacing).
+    private var leasedAt: ContinuousClock.Instant?
     private var ranToEnd = 0
 
     private var arrived: [Phase: Set<String>] = [:]
@@ -102,6 +104,7 @@ actor GroupRendezvous {
         }
         for (bucket, count) in byBucket.values { await bucket.acquire(count: count) }
         await self.frozenSlots.acquire(count: members.count)
+        self.leasedAt = .now
         for waiter in self.leaseWaiters { waiter.resume() }
         self.leaseWaiters = []
     }
@@ -109,7 +112,9 @@ actor GroupRendezvous {
     /// A leased member's plan has run (thawed): when all have, the frozen slots go back.
     func ran(_ member: String) async {
         self.ranToEnd += 1
-        if self.ranToEnd == self.leased { await self.frozenSlots.release(count: self.leased) }
+        if self.ranToEnd == self.leased {
+            await self.frozenSlots.release(count: self.leased, heldFor: self.leasedAt.map { .now - $0 })
+        }
     }
 
     // MARK: 2–3. barriers

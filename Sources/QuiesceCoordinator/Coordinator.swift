@@ -98,7 +98,7 @@ public final class Coordinator: Sendable {
     let fleet: FleetFile
     let stopping = Mutex<String?>(nil)
     /// Instances quiesced at once (`run.max_frozen`).
-    let frozenSlots: Slots
+    public let frozenSlots: Slots
     /// Instances fetching facts and planning at once (`run.planning`): started all together,
     /// every instance's facts and plan would finish late together, the first provider slot
     /// would wait for all of them, and their CPU would stretch the freezes of the first ones.
@@ -136,7 +136,7 @@ public final class Coordinator: Sendable {
         self.providers = providers
         self.catalog = catalog
         self.fleet = fleet
-        self.frozenSlots = Slots(limit: fleet.maxFrozen)
+        self.frozenSlots = Slots(limit: fleet.maxFrozen, paced: fleet.paceFrozen)
         self.planSlots = Slots(limit: fleet.planning ?? fleet.defaultPlanning)
         self.frozenFirst = FrozenFirst(patience: frozenFirstPatience ?? .milliseconds(fleet.frozenFirstMs))
     }

@@ -123,44 +123,103 @@ public actor TokenBucket {
 }
 
 /// At most `limit` holders at once, first come first served: the coordinator's
-/// cap on instances quiesced at the same time (`run.max_frozen`). Waiting for a
-/// slot happens before anything is frozen, like waiting for a token.
+/// cap on instances quiesced at the same time (`run.max_frozen`), and on instances
+/// planning at once. Waiting for a slot happens before anything is frozen, like
+/// waiting for a token.
+///
+/// Paced (the frozen slots, `run.pace_frozen`): below the cap, only as many at once
+/// as the work needs. Overlapping frozen windows buy throughput only when one window
+/// at a time cannot keep up with the provider; otherwise they only share the
+/// engine's cores (and its provider's API) and stretch one another. By Little's law
+/// the windows in flight that keep up with arrivals are λ·W (λ: slots asked for in
+/// the last second; W: how long a slot is held, a moving average); the pacing allows
+/// twice that, and enough for a queue of waiters to be through within
+/// ``drainWithin`` (a burst of tokens at a slow provider). Until a first slot has
+/// been given back, W is unknown and one goes at a time. A consistency group that
+/// needs more slots than the pacing allows goes when nothing else holds one.
 public actor Slots {
     public let limit: Int
+    public let paced: Bool
+    /// With pacing: how soon a queue of waiters should be through.
+    public static let drainWithin: Duration = .milliseconds(250)
     private var held = 0
     private var queue: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    /// With pacing: when slots were asked for in the last second, and the moving average of a hold (seconds).
+    private var arrivals: [ContinuousClock.Instant] = []
+    private var holdSeconds: Double?
+    /// The most held at once (for benchmarks and tests).
+    public private(set) var mostHeld = 0
 
-    public init(limit: Int) { self.limit = max(1, limit) }
+    public init(limit: Int, paced: Bool = false) {
+        self.limit = max(1, limit)
+        self.paced = paced
+    }
+
+    /// How many may hold a slot at once now: the cap, or with pacing what the work needs (at least 1).
+    public var allowed: Int {
+        guard self.paced else { return self.limit }
+        guard let hold = self.holdSeconds else { return 1 }
+        let now = ContinuousClock.now
+        let recent = Double(self.arrivals.count { now - $0 < .seconds(1) })
+        let queued = Double(self.queue.reduce(0) { $0 + $1.count })
+        let needed = max(1, (2 * recent * hold).rounded(.up), (queued * hold / Self.drainWithin.timeInterval).rounded(.up))
+        return Int(min(Double(self.limit), needed))
+    }
 
     /// Waits for `count` slots and takes them together (a consistency group's members).
     public func acquire(count: Int = 1) async {
         let count = min(max(count, 1), self.limit)
-        if self.queue.isEmpty && self.held + count <= self.limit {
-            self.held += count
+        if self.paced {
+            let now = ContinuousClock.now
+            self.arrivals.removeAll { now - $0 >= .seconds(1) }
+            self.arrivals.append(now)
+        }
+        if self.queue.isEmpty && self.fits(count) {
+            self.take(count)
             return
         }
-        await withCheckedContinuation { self.queue.append((count, $0)) }
+        await withCheckedContinuation {
+            self.queue.append((count, $0))
+            self.admit()  // a longer queue may allow more at once
+        }
     }
 
-    public func release(count: Int = 1) {
+    /// Gives back `count` slots; `heldFor`: how long they were held (with pacing, what W learns from).
+    public func release(count: Int = 1, heldFor: Duration? = nil) {
         self.held = max(0, self.held - min(max(count, 1), self.limit))
-        // Slots pass to the waiters in order, as long as the first one's count fits.
-        while let first = self.queue.first, self.held + first.count <= self.limit {
-            self.held += first.count
-            self.queue.removeFirst().continuation.resume()
+        if self.paced, let heldFor {
+            let seconds = max(heldFor.timeInterval, 0)
+            self.holdSeconds = self.holdSeconds.map { 0.7 * $0 + 0.3 * seconds } ?? seconds
         }
+        self.admit()
     }
 
     /// Runs `body` holding a slot; the slot is released however `body` ends.
     public func holding<T: Sendable>(_ body: () async throws -> T) async rethrows -> T {
         await self.acquire()
-        defer { self.release() }
+        let began = ContinuousClock.now
+        defer { self.release(heldFor: .now - began) }
         return try await body()
     }
 
     public var inUse: Int { self.held }
     /// Callers waiting for a slot.
     public var waiting: Int { self.queue.count }
+
+    private func fits(_ count: Int) -> Bool { self.held == 0 || self.held + count <= self.allowed }
+
+    private func take(_ count: Int) {
+        self.held += count
+        self.mostHeld = max(self.mostHeld, self.held)
+    }
+
+    /// Slots pass to the waiters in order, as long as the first one's count fits.
+    private func admit() {
+        while let first = self.queue.first, self.fits(first.count) {
+            self.take(first.count)
+            self.queue.removeFirst().continuation.resume()
+        }
+    }
 }
 
 /// The engine's work for frozen instances goes first. While any instance is quiescing or

@@ -138,6 +138,8 @@ public struct FleetFile: Sendable {
     public var concurrency: Int
     /// How many instances may be quiesced (frozen, or holding their application) at once.
     public var maxFrozen: Int = 8
+    /// Below `maxFrozen`, only as many quiesced at once as keep up with the provider (``Slots``' pacing).
+    public var paceFrozen: Bool = true
     /// How many instances fetch facts and plan at once; nil: ``defaultPlanning``.
     public var planning: Int?
     /// While an instance is quiescing or frozen, how long (ms) the others' work waits to start (0: never).
@@ -334,10 +336,11 @@ extension FleetFile {
         }
 
         if let run = fields["run"], let body = reader.mapping(run, at: "run") {
-            let f = reader.fields(body, at: "run", allowed: ["concurrency", "agent_wait_s", "max_frozen", "planning", "frozen_first_ms"])
+            let f = reader.fields(body, at: "run", allowed: ["concurrency", "agent_wait_s", "max_frozen", "pace_frozen", "planning", "frozen_first_ms"])
             fleet.frozenFirstMs = reader.int(f["frozen_first_ms"], at: "run.frozen_first_ms", range: 0...10_000) ?? fleet.frozenFirstMs
             fleet.planning = reader.int(f["planning"], at: "run.planning", range: 1...1000)
             fleet.maxFrozen = reader.int(f["max_frozen"], at: "run.max_frozen", range: 1...1000) ?? fleet.maxFrozen
+            fleet.paceFrozen = reader.bool(f["pace_frozen"], at: "run.pace_frozen") ?? fleet.paceFrozen
             fleet.concurrency = reader.int(f["concurrency"], at: "run.concurrency", range: 1...1000) ?? fleet.concurrency
             fleet.agentWaitSeconds = reader.int(f["agent_wait_s"], at: "run.agent_wait_s", range: 0...3600) ?? fleet.agentWaitSeconds
         }
@@ -571,6 +574,15 @@ struct Reader {
         }
         guard range.contains(value) else {
             self.problem(node, field, "expected a whole number from \(range.lowerBound) to \(range.upperBound), found \(value)")
+            return nil
+        }
+        return value
+    }
+
+    mutating func bool(_ node: Node?, at field: String) -> Bool? {
+        guard let node else { return nil }
+        guard case .scalar = node, node.tag == Tag(.bool), let value = node.bool else {
+            self.problem(node, field, "expected true or false, found \(Self.kind(node))")
             return nil
         }
         return value

@@ -85,10 +85,20 @@ struct Run: AsyncParsableCommand {
         "Play a Windows instance: answer VSS snapshot sets from this scenario file (JSON: OS, volumes played by mounted filesystems, VSS writers and how each behaves per phase; see README, Windows). The hold of writes is a real FIFREEZE of those filesystems through the thaw guard. For tests and demos on Linux.",
         valueName: "path"))
     var vssSimulator: String?
+    @Option(help: ArgumentHelp(
+        "Read the mount table from this file (mountinfo format) instead of /proc/self/mountinfo: for benches that play many instances on one host, each agent seeing only its own disks.",
+        valueName: "path", visibility: .hidden))
+    var mountTable: String?
 
     func validate() throws {
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("expected a log level (trace, debug, info, notice, warning, error, critical), found \"\(self.logLevel)\"")
+        }
+        if let path = self.mountTable {
+            guard let text = FactsCollector.readWhole(path) else {
+                throw ValidationError("--mount-table: expected a readable mount table file, found none at \(path)")
+            }
+            do { _ = try MountInfoEntry.parse(text) } catch { throw ValidationError("--mount-table \(path): \(error)") }
         }
         guard !self.engine.isEmpty else { throw ValidationError("--engine: expected the engine's host:port, found none") }
         for engine in self.engine {
@@ -133,7 +143,7 @@ struct Run: AsyncParsableCommand {
         #else
         let backend: (any VssBackend)? = nil
         #endif
-        let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
+        let handler = BuiltinCommandHandler(facts: FactsCollector(mountInfoPath: self.mountTable ?? "/proc/self/mountinfo", hooks: locations), guardExecutable: self.thawGuard, syncfs: syncfs,
                                            expediteRCU: self.rcuExpedite == "auto", vssScenario: scenario, vss: backend)
         var configuration = AgentConfiguration(
             engine: engines[0],

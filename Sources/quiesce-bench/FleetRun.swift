@@ -41,6 +41,10 @@ struct FleetRun: AsyncParsableCommand {
         "How long another instance's work waits for the frozen ones to thaw (0: it never waits). Two or more, comma-separated: each size's rounds alternate between them, one row each, so they meet the same moments of the machine.",
         valueName: "ms[,ms…]"))
     var frozenFirstMs = "20"
+    @Option(name: .customLong("pace-frozen"), help: ArgumentHelp(
+        "run.pace_frozen: on (the default) or off. Both, comma-separated (on,off): rounds alternate between them, one row each (with --frozen-first-ms a,b: every pair).",
+        valueName: "on|off[,…]"))
+    var paceFrozen = "on"
     @Option(help: "At least this many frozen windows per size (rounds of the whole fleet).")
     var samples = 300
     @Option(name: .customLong("ec2-endpoint"), help: ArgumentHelp(
@@ -55,14 +59,29 @@ struct FleetRun: AsyncParsableCommand {
     var boundPerSecond: Double?
     @Option(name: .customLong("run-prefix"), help: "Run ids start with this (distinct runs against one moto).")
     var runPrefix = "bench"
+    @Option(help: ArgumentHelp(
+        "Where the agents run: in-process (this process, on the engine's event loops) or processes (one quiesce-agent process per instance, next to this program, as on machines of their own; on this one host they add a hundred processes' context switches to the same cores).",
+        valueName: "in-process|processes"))
+    var agents = "in-process"
+
+    func validate() throws {
+        guard ["processes", "in-process"].contains(self.agents) else {
+            throw ValidationError("--agents: expected processes or in-process, found \"\(self.agents)\"")
+        }
+        if self.agents == "processes" && !FileManager.default.isExecutableFile(atPath: Self.agentExecutable) {
+            throw ValidationError("--agents processes: expected quiesce-agent next to this program, found none at \(Self.agentExecutable) (swift build --product quiesce-agent)")
+        }
+    }
+
+    static var agentExecutable: String { PluginSearchPath.executableDirectory + "/quiesce-agent" }
 
     /// One size's figures, for the tables and the targets.
     struct Measured {
         var count: Int
         /// The frozen-first patience of these rounds, when the run compares several.
-        var variant: Int?
+        var variant: String?
         /// The size, and the setting when the run compares several: how the rows and lines name it.
-        static func label(_ count: Int, _ variant: Int?) -> String { variant.map { "\(count) (ff \($0))" } ?? "\(count)" }
+        static func label(_ count: Int, _ variant: String?) -> String { variant.map { "\(count) (\($0))" } ?? "\(count)" }
         var label: String { Self.label(self.count, self.variant) }
         var row: [String]
         var frozenP50: Double
@@ -93,7 +112,7 @@ struct FleetRun: AsyncParsableCommand {
             var targets = TextTable(headers: ["TARGET", "FIGURE", "BOUND", "MET"])
             for result in results where result.count == largest {
                 guard let base = results.first(where: { $0.count == smallest && $0.variant == result.variant }) else { continue }
-                let setting = result.variant.map { ", ff \($0)" } ?? ""
+                let setting = result.variant.map { ", \($0)" } ?? ""
                 for (what, figure, bound) in [("frozen p50 at \(result.count) <= 2 x at \(base.count)\(setting)", result.frozenP50, 2 * base.frozenP50),
                                               ("frozen p99 at \(result.count) <= 3 x at \(base.count)\(setting)", result.frozenP99, 3 * base.frozenP99)] {
                     targets.append([what, String(format: "%.2f ms", figure), String(format: "<= %.2f ms", bound), figure <= bound ? "yes" : "NO"])
@@ -102,20 +121,31 @@ struct FleetRun: AsyncParsableCommand {
             print(targets.render())
         }
         print("""
-            RUN: concurrency \(self.concurrency), max_frozen \(self.maxFrozen.map(String.init) ?? "default"), planning \(self.planning.map(String.init) ?? "default"), frozen first \(self.frozenFirstMs) ms\(self.frozenFirstMs.contains(",") ? " (rounds alternate; ff: its rows)" : "").
+            RUN: concurrency \(self.concurrency), max_frozen \(self.maxFrozen.map(String.init) ?? "default"), planning \(self.planning.map(String.init) ?? "default"), frozen first \(self.frozenFirstMs) ms, pace_frozen \(self.paceFrozen)\(self.frozenFirstMs.contains(",") || self.paceFrozen.contains(",") ? " (rounds alternate between the settings; a row each)" : "").
             Each size runs as many rounds as give at least \(self.samples) frozen windows (a fresh run each, full token bucket); MAKESPAN is their median.
             RATE BOUND: (instances - burst) / per_second (one group create per instance, burst \(self.boundBurst ?? self.burst), \(self.boundPerSecond ?? self.perSecond)/s\(self.boundBurst != nil || self.boundPerSecond != nil ? ": the API's own bucket; Quiesce's is \(self.burst), \(self.perSecond)/s" : "")).
             FROZEN: FIFREEZE -> last FITHAW on the guest (thaw reply frozen_us), per instance, over real loop-mounted ext4.
             SNAPSHOT: the provider's create call inside that window (engine clock): \(self.ec2Endpoint == nil ? "a reflink clone of both disk images, no wait for the disk" : "one CreateSnapshots call to the EC2 API (moto behind the fault proxy)").
-            PEAK RSS: this process (engine, coordinator and every in-process agent together); the thaw guards are separate processes.
-            AGENTS: in this process, each with its own mount table (its lines of the host's: / and its two disks), as on a machine of its own.
+            PEAK RSS: this process (engine and coordinator\(self.agents == "in-process" ? ", and every in-process agent" : "")); the thaw guards are separate processes.
+            AGENTS: \(self.agents == "processes" ? "one quiesce-agent process per instance" : "in this process, on the engine's event loops"), each with its own mount table (its lines of the host's: / and its two disks), as on a machine of its own.
             """)
     }
 
     func measure(_ count: Int) async throws -> [Measured] {
-        let variants = self.frozenFirstMs.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
-        guard !variants.isEmpty, variants.allSatisfy({ $0 >= 0 }) else {
+        let patiences = self.frozenFirstMs.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        guard !patiences.isEmpty, patiences.allSatisfy({ (Int($0) ?? -1) >= 0 }) else {
             throw ValidationError("--frozen-first-ms: expected milliseconds (0 or more), comma-separated, found \"\(self.frozenFirstMs)\"")
+        }
+        let paces = self.paceFrozen.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        guard !paces.isEmpty, paces.allSatisfy({ ["on", "off"].contains($0) }) else {
+            throw ValidationError("--pace-frozen: expected on, off or both comma-separated, found \"\(self.paceFrozen)\"")
+        }
+        // Every pair of the settings compared; a row's name says the ones that vary.
+        let variants: [(patience: Int, paced: Bool, name: String?)] = patiences.flatMap { patience in
+            paces.map { pace in
+                let name = [patiences.count > 1 ? "ff \(patience)" : nil, paces.count > 1 ? "pace \(pace)" : nil].compactMap { $0 }
+                return (Int(patience)!, pace == "on", name.isEmpty ? nil : name.joined(separator: ", "))
+            }
         }
         let system = System()
         let root = self.pool + "/bench-fleet-\(getpid())-\(count)"
@@ -165,11 +195,29 @@ struct FleetRun: AsyncParsableCommand {
         let hooks = root + "/no-hooks"
         try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let mountTables = try Self.ownMountTables(mounts, under: root + "/mountinfo")
-        for id in ids {
+        let locations = HookLocations(prescript: hooks + "/pre.sh", postscript: hooks + "/post.sh", hookDirectory: hooks)
+        // Separate agent processes: the real quiesce-agent, one per instance, each with its own mount table.
+        // Stopped (SIGTERM, then waited for) before anything else is undone, also when the bench fails.
+        let agentProcesses = Mutex<[Process]>([])
+        defer {
+            let processes = agentProcesses.withLock { $0 }
+            for process in processes where process.isRunning { process.terminate() }
+            for process in processes { process.waitUntilExit() }
+        }
+        for id in ids where self.agents == "processes" {
+            let files = ca.agentFiles(instanceID: id)
+            let process = try FreezeWindow.start(Self.agentExecutable, [
+                "run", "--engine", "127.0.0.1:\(address.port)", "--cert", files.certificatePath, "--key", files.keyPath,
+                "--ca", files.trustRootsPath, "--prescript", locations.prescript, "--postscript", locations.postscript,
+                "--hook-dir", locations.hookDirectory, "--mount-table", mountTables[id]!, "--log-level", "error",
+                // A hundred agents on one host: locking each one's whole address space would pin gigabytes for nothing here.
+                "--no-memory-lock", "--reconnect-max", "0.5",
+            ], log: root + "/agent-\(id).log")
+            agentProcesses.withLock { $0.append(process) }
+        }
+        for id in ids where self.agents == "in-process" {
             let handler = BuiltinCommandHandler(
-                facts: FactsCollector(
-                    mountInfoPath: mountTables[id]!,
-                    hooks: HookLocations(prescript: hooks + "/pre.sh", postscript: hooks + "/post.sh", hookDirectory: hooks)),
+                facts: FactsCollector(mountInfoPath: mountTables[id]!, hooks: locations),
                 guardExecutable: guardPath, logger: quiet)
             handlers.append(handler)
             let runner = AgentRunner(
@@ -217,7 +265,7 @@ struct FleetRun: AsyncParsableCommand {
         var collectTimes: [Double] = []
         for _ in 0..<20 {
             let t0 = ContinuousClock.now
-            _ = try? handlers[0].facts.collectBlocking(includeHookHashes: true)
+            _ = try? FactsCollector(mountInfoPath: mountTables[ids[0]]!, hooks: locations).collectBlocking(includeHookHashes: true)
             collectTimes.append(Double((ContinuousClock.now - t0).nanoseconds) / 1e6)
         }
         FileHandle.standardError.write(Data(String(format: "bench: planning one instance on an idle engine: facts p50 %.2f ms (collecting them on the agent %.2f ms), plan p50 %.2f ms\n",
@@ -229,6 +277,7 @@ struct FleetRun: AsyncParsableCommand {
         var reports: [[RunReport]] = Array(repeating: [], count: variants.count)
         var throttles = 0
         var yielded: [(count: Int, total: Duration)] = Array(repeating: (0, .zero), count: variants.count)
+        var mostFrozen = Array(repeating: 0, count: variants.count)
         var lowestRate = self.perSecond
         for round in 1...(rounds * variants.count) {
             let variant = (round - 1) % variants.count
@@ -239,8 +288,10 @@ struct FleetRun: AsyncParsableCommand {
                 providers = try ProviderSet().providers(for: fleet)
                 providers["aws"]!.bucket = bucket
             }
-            let coordinator = Coordinator(engine: engine, plugins: plugins, providers: providers, catalog: catalog, fleet: fleet,
-                                          frozenFirstPatience: .milliseconds(variants[variant]))
+            var settings = fleet
+            settings.paceFrozen = variants[variant].paced
+            let coordinator = Coordinator(engine: engine, plugins: plugins, providers: providers, catalog: catalog, fleet: settings,
+                                          frozenFirstPatience: .milliseconds(variants[variant].patience))
             let runStarted = ContinuousClock.now
             let marks = Mutex<[String: ContinuousClock.Instant]>([:])
             reports[variant].append(await coordinator.run(runID: runID) { event in
@@ -252,6 +303,7 @@ struct FleetRun: AsyncParsableCommand {
                 }
             })
             throttles += await bucket.throttles
+            mostFrozen[variant] = max(mostFrozen[variant], await coordinator.frozenSlots.mostHeld)
             yielded[variant].count += await coordinator.frozenFirst.deferred
             yielded[variant].total += await coordinator.frozenFirst.deferredFor
             lowestRate = min(lowestRate, await bucket.lowestPerSecond)
@@ -268,21 +320,27 @@ struct FleetRun: AsyncParsableCommand {
         for task in tasks { task.cancel() }
         for task in tasks { _ = try? await task.value }
         for handler in handlers { await handler.shutdown() }
+        // Each agent process's peak memory, read before it is stopped.
+        let agentPeaks = agentProcesses.withLock { $0 }.compactMap { Self.peakRSSMiB(of: $0.processIdentifier) }.sorted()
+        if !agentPeaks.isEmpty {
+            FileHandle.standardError.write(Data(String(format: "bench: %d agent processes, peak RSS p50 %.0f MiB, max %.0f MiB each\n",
+                                                       agentPeaks.count, agentPeaks[agentPeaks.count / 2], agentPeaks.last!).utf8))
+        }
         await plugins.shutdown()
         engine.shutdown()
         _ = try? await engineTask.value
         var measured: [Measured] = []
         for variant in variants.indices {
-            measured.append(await self.summarize(count: count, variant: variants.count > 1 ? variants[variant] : nil, reports: reports[variant],
-                                                 catalog: catalog, yielded: yielded[variant],
+            measured.append(await self.summarize(count: count, variant: variants[variant].name, reports: reports[variant],
+                                                 catalog: catalog, yielded: yielded[variant], mostFrozen: mostFrozen[variant],
                                                  throttles: throttles, lowestRate: lowestRate))
         }
         return measured
     }
 
     /// One size's (and frozen-first setting's) figures, from its rounds' reports and catalog records.
-    func summarize(count: Int, variant: Int?, reports: [RunReport], catalog: SQLiteCatalog,
-                   yielded: (count: Int, total: Duration), throttles: Int, lowestRate: Double) async -> Measured {
+    func summarize(count: Int, variant: String?, reports: [RunReport], catalog: SQLiteCatalog,
+                   yielded: (count: Int, total: Duration), mostFrozen: Int, throttles: Int, lowestRate: Double) async -> Measured {
         let instances = reports.flatMap(\.instances)
         let at = Measured.label(count, variant)
         let rounds = reports.count
@@ -320,7 +378,7 @@ struct FleetRun: AsyncParsableCommand {
             FileHandle.standardError.write(Data("bench:   \(outcome.instanceID) \(String(format: "%.2f", Double(outcome.frozen!.nanoseconds) / 1e6)) ms: \(parts.joined(separator: ", "))\n".utf8))
         }
         FileHandle.standardError.write(Data(("bench: frozen first at \(at): \(yielded.count) steps waited for a thaw before starting, "
-            + String(format: "%.1f ms in all\n", Double(yielded.total.nanoseconds) / 1e6)).utf8))
+            + String(format: "%.1f ms in all; at most %d frozen at once\n", Double(yielded.total.nanoseconds) / 1e6, mostFrozen)).utf8))
         let reasonCounts = Dictionary(grouping: instances.flatMap { $0.reasons.map { String($0.prefix(160)) } }, by: { $0 }).mapValues(\.count)
         for (reason, n) in reasonCounts.sorted(by: { $0.value > $1.value }).prefix(5) {
             FileHandle.standardError.write(Data("bench: \(n) × \(reason)\n".utf8))
@@ -339,12 +397,11 @@ struct FleetRun: AsyncParsableCommand {
         let makespan = makespans[(makespans.count - 1) / 2]
         FileHandle.standardError.write(Data("bench: makespans at \(at) (s): \(makespans.map { String(format: "%.2f", $0) }.joined(separator: " "))\n".utf8))
         let levels = Dictionary(grouping: instances, by: { $0.achieved?.name ?? "failed" }).map { "\($1.count) \($0)" }.sorted().joined(separator: ", ")
-        let hwm = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8))?
-            .split(separator: "\n").first { $0.hasPrefix("VmHWM:") }?.split(separator: " ").dropFirst().first.flatMap { Double($0) } ?? 0
+        let hwm = Self.peakRSSMiB(of: getpid()) ?? 0
         let row = [
             "\(count)", "\(count * 2)", String(format: "%.2f", makespan), String(format: "%.2f", bound),
             bound > 0 ? String(format: "%.2f", makespan / bound) : "-", pct(0.5), pct(0.99), frozen.last.map { String(format: "%.2f", $0) } ?? "-",
-            snap(0.5), snap(0.99), levels, String(format: "%.0f", hwm / 1024),
+            snap(0.5), snap(0.99), levels, String(format: "%.0f", hwm),
         ]
         let breakdown = ["freeze", "freeze.agent", "freeze.kernel", "snapshot", "thaw", "thaw.agent"].map { step in
             perStep[step].map { percentiles($0)(0.5) } ?? "-"
@@ -354,6 +411,14 @@ struct FleetRun: AsyncParsableCommand {
 }
 
 extension FleetRun {
+    /// A process's peak resident memory (VmHWM), MiB; nil when it cannot be read.
+    static func peakRSSMiB(of pid: pid_t) -> Double? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+              let kib = line.split(separator: " ").dropFirst().first.flatMap({ Double($0) }) else { return nil }
+        return kib / 1024
+    }
+
     /// Each simulated instance's own mount table: its lines of this host's (the root filesystem
     /// and its two disks), as a machine of its own would have. Every agent here runs in one
     /// process on one host, whose table holds every instance's mounts: with 1,000 instances,

@@ -381,3 +381,83 @@ extension CoordinatorTests {
         }
     }
 }
+
+extension CoordinatorTests {
+    @Test("paced frozen slots: short windows one at a time, long ones (a slow create) together up to max_frozen; unpaced, they overlap")
+    func pacedFrozen() async throws {
+        try await withLoopDevices { loops in
+            let pool = try await blocking { try loops.mount("pool", fsType: "xfs", sizeMiB: 400, mkfsOptions: ["-m", "reflink=1"]).mountPoint }
+            let local = try LocalProvider(pool: pool + "/quiesce")
+            let ids = ["pace-1", "pace-2", "pace-3", "pace-4"]
+            var mounts: [String: String] = [:]
+            for id in ids {
+                let image = try local.diskPath("\(id)-data")
+                mounts[id] = try await blocking {
+                    _ = try run("truncate", "-s", "32M", image)
+                    _ = try run("mkfs.ext4", "-q", "-F", image)
+                    return try loops.mountDevice(try loops.attach(image), at: id)
+                }
+            }
+            let hooks = loops.directory + "/no-hooks"
+            try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            let locations = HookLocations(prescript: hooks + "/prescript.sh", postscript: hooks + "/postscript.sh", hookDirectory: hooks)
+            let fleet = try await Fleet.start()
+            defer { fleet.discard() }
+            let guardPath = AgentProcess.buildDirectory + "/quiesce-thaw-guard"
+            var handlers: [BuiltinCommandHandler] = []
+            var tasks: [Task<Void, any Error>] = []
+            for id in ids {
+                let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations), guardExecutable: guardPath)
+                handlers.append(handler)
+                let runner = try await fleet.agent(id, handler: handler)
+                tasks.append(Task { try await runner.run() })
+            }
+            defer { for task in tasks { task.cancel() } }
+            let registry = await PluginPlanRunTests.registry()
+            defer { Task { await registry.shutdown() } }
+            #expect(await fleet.engine.registry.waitFor(Set(ids), timeout: .seconds(20)).isEmpty)
+            func file(paced: Bool) throws -> FleetFile {
+                var text = """
+                    providers:
+                      pool: { kind: local, pool: \(local.pool) }
+                    policies:
+                      fs: { plugin: linux-freeze, wanted: filesystem, minimum: crash, retries: 0 }
+                    instances:
+
+                    """
+                for id in ids { text += "  - { id: \(id), policy: fs, disks: [\(id)-data], options: { only_mounts: [\(mounts[id]!)] } }\n" }
+                text += "run: { concurrency: 4, planning: 4, max_frozen: 4, pace_frozen: \(paced) }\n"
+                return try FleetFile.parse(text, path: "paced.yaml", plugins: registry)
+            }
+            // Each instance's create holds its window open: 60 ms (short: four in a row take a quarter second),
+            // or 400 ms (long: one at a time would take 1.6 s).
+            for (capture, paced, runID) in [(Duration.milliseconds(60), true, "short-paced"), (.milliseconds(60), false, "short-unpaced"),
+                                            (.milliseconds(400), true, "long-paced")] {
+                let provider = TimedArmProvider(base: local, slow: Dictionary(uniqueKeysWithValues: ids.map { ($0, capture) }))
+                let coordinator = Coordinator(engine: fleet.engine, plugins: registry,
+                                              providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 4, perSecond: 10))],
+                                              catalog: nil, fleet: try file(paced: paced))
+                let report = await coordinator.run(runID: runID)
+                for outcome in report.instances {
+                    #expect(outcome.achieved == .filesystem && outcome.state == .succeeded, "\(runID) \(outcome.instanceID): \(outcome.reasons)")
+                }
+                // Windows that overlapped, from the provider's own marks (capture begun → captured).
+                let spans = ids.compactMap { id in provider.log.at("capture", id).flatMap { begun in provider.log.at("captured", id).map { (begun, $0) } } }
+                #expect(spans.count == 4, "\(runID): \(spans.count) captures")
+                let overlapping = spans.map { span in spans.filter { $0.0 < span.1 && span.0 < $0.1 }.count }.max() ?? 0
+                let most = await coordinator.frozenSlots.mostHeld
+                switch runID {
+                case "short-paced":
+                    #expect(most == 1 && overlapping == 1, "short windows went \(most) at once (\(overlapping) captures overlapped)")
+                case "short-unpaced":
+                    // What the pacing prevents: the same run without it freezes several at once.
+                    #expect(most >= 2 && overlapping >= 2, "unpaced, the four windows did not overlap (\(most)); the short-paced check shows nothing")
+                default:
+                    // The first goes alone (no hold known yet); the three behind it then go together.
+                    #expect(most >= 3 && overlapping >= 3, "long windows went \(most) at once (\(overlapping) captures overlapped)")
+                }
+            }
+            for handler in handlers { await handler.shutdown() }
+        }
+    }
+}

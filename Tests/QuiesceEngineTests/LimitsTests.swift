@@ -86,6 +86,63 @@ struct LimitsTests {
         #expect(ContinuousClock.now - began >= .milliseconds(180), "two tokens at 10/s take 200 ms")
     }
 
+    @Test("paced slots: one at a time until a hold is known and while holds are short; a queue of long holds goes in together, up to the cap")
+    func pacedSlots() async throws {
+        let slots = Slots(limit: 4, paced: true)
+        // No hold measured yet: one at a time.
+        await slots.acquire()
+        let second = Task { await slots.acquire() }
+        while await slots.waiting < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        try await Task.sleep(for: .milliseconds(20))
+        let (alone, allowedAlone) = (await slots.inUse, await slots.allowed)
+        #expect(alone == 1 && allowedAlone == 1)
+        await slots.release(heldFor: .milliseconds(2))
+        await second.value
+        #expect(await slots.inUse == 1)
+        await slots.release(heldFor: .milliseconds(2))
+        // Short holds (2 ms, then about 1 ms each): ten callers at once still go one at a time.
+        await withTaskGroup(of: Void.self) { group in
+            for _ in 0..<10 { group.addTask { await slots.holding { try? await Task.sleep(for: .milliseconds(1)) } } }
+        }
+        let (mostShort, afterShort) = (await slots.mostHeld, await slots.inUse)
+        #expect(mostShort == 1 && afterShort == 0)
+
+        // Long holds (300 ms, a slow provider's create inside each window): a queue of six is
+        // 1.8 s one at a time, so they go in together, as many as the cap allows.
+        let slow = Slots(limit: 4, paced: true)
+        await slow.acquire()
+        var waiters: [Task<Void, Never>] = []
+        for index in 0..<6 {
+            waiters.append(Task { await slow.acquire() })
+            while await slow.waiting < index + 1 { try await Task.sleep(for: .milliseconds(1)) }
+        }
+        #expect(await slow.inUse == 1)
+        await slow.release(heldFor: .milliseconds(300))
+        while await slow.inUse < 4 { try await Task.sleep(for: .milliseconds(1)) }
+        let (inUse, waiting, allowed) = (await slow.inUse, await slow.waiting, await slow.allowed)
+        #expect(inUse == 4 && waiting == 2 && allowed == 4)
+        for _ in 0..<6 { await slow.release(heldFor: .milliseconds(300)) }
+        for waiter in waiters { await waiter.value }
+        let (afterSlow, mostSlow) = (await slow.inUse, await slow.mostHeld)
+        #expect(afterSlow == 0 && mostSlow == 4)
+
+        // A consistency group of three, wider than the pacing allows now, goes when nothing else is held.
+        let group = Slots(limit: 4, paced: true)
+        await group.acquire(count: 3)
+        #expect(await group.inUse == 3)
+        let single = Task { await group.acquire() }
+        while await group.waiting < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        await group.release(count: 3, heldFor: .milliseconds(2))
+        await single.value
+        #expect(await group.inUse == 1)
+
+        // Not paced: the cap alone.
+        let plain = Slots(limit: 4)
+        for _ in 0..<4 { await plain.acquire() }
+        let (plainInUse, plainAllowed) = (await plain.inUse, await plain.allowed)
+        #expect(plainInUse == 4 && plainAllowed == 4)
+    }
+
     @Test("frozen first: nothing frozen, no wait; frozen, a wait that ends at the last thaw, or after the patience")
     func frozenFirst() async throws {
         let gate = FrozenFirst(patience: .milliseconds(300))

@@ -41,11 +41,17 @@ struct FleetFileTests {
         #expect(fleet.instances[0].provider == "pool" && fleet.instances[0].disks == ["web-1-root", "web-1-data"])
         #expect(fleet.concurrency == 4 && fleet.agentWaitSeconds == 30)
         // Defaults: 8 quiesced at once; planning one slot per 25 creates/s of the fastest provider, at least 2.
-        #expect(fleet.maxFrozen == 8 && fleet.planning == nil && fleet.defaultPlanning == 2 && fleet.frozenFirstMs == 20)
+        #expect(fleet.maxFrozen == 8 && fleet.paceFrozen && fleet.planning == nil && fleet.defaultPlanning == 2 && fleet.frozenFirstMs == 20)
         let fast = try FleetFile.parse(
             Self.good.replacingOccurrences(of: "per_second: 50", with: "per_second: 400")
-                .replacingOccurrences(of: "agent_wait_s: 30", with: "agent_wait_s: 30, max_frozen: 3, planning: 5, frozen_first_ms: 0"), path: "fleet.yaml")
-        #expect(fast.defaultPlanning == 16 && fast.planning == 5 && fast.maxFrozen == 3 && fast.frozenFirstMs == 0)
+                .replacingOccurrences(of: "agent_wait_s: 30", with: "agent_wait_s: 30, max_frozen: 3, pace_frozen: false, planning: 5, frozen_first_ms: 0"),
+            path: "fleet.yaml")
+        #expect(fast.defaultPlanning == 16 && fast.planning == 5 && fast.maxFrozen == 3 && !fast.paceFrozen && fast.frozenFirstMs == 0)
+        let word = try #require(throws: FleetFileError.self) {
+            try FleetFile.parse(Self.good.replacingOccurrences(of: "agent_wait_s: 30", with: "agent_wait_s: 30, pace_frozen: sometimes"), path: "f.yaml")
+        }
+        #expect(word.problems.map(\.description).first?.contains("run.pace_frozen: expected true or false, found \"sometimes\"") == true,
+                "\(word.problems)")
         let zero = try #require(throws: FleetFileError.self) {
             try FleetFile.parse(Self.good.replacingOccurrences(of: "agent_wait_s: 30", with: "agent_wait_s: 30, max_frozen: 0"), path: "f.yaml")
         }
