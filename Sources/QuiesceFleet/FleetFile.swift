@@ -26,7 +26,7 @@ import Yams
 ///     schedules:
 ///       nightly: { cron: "30 2 * * *", time_zone: Europe/Berlin }
 ///       db-hourly: { cron: "0 * * * *", instances: [db-*] }
-///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, planning: 2, frozen_first_ms: 20 }
+///     run: { concurrency: 16, agent_wait_s: 60, max_frozen: 8, pace_frozen: true, planning: 2, frozen_first_ms: 20 }
 public struct FleetFile: Sendable {
     public struct Provider: Sendable, Equatable {
         public var name: String

@@ -429,14 +429,15 @@ extension CoordinatorTests {
                 text += "run: { concurrency: 4, planning: 4, max_frozen: 4, pace_frozen: \(paced) }\n"
                 return try FleetFile.parse(text, path: "paced.yaml", plugins: registry)
             }
-            // Each instance's create holds its window open: 60 ms (short: four in a row take a quarter second),
-            // or 400 ms (long: one at a time would take 1.6 s).
-            for (capture, paced, runID) in [(Duration.milliseconds(60), true, "short-paced"), (.milliseconds(60), false, "short-unpaced"),
+            // Each instance's create holds its window open: 30 ms (short: a queue of three behind it gets through in
+            // well under the pacing's 250 ms), or 400 ms (long: one at a time would take 1.6 s). Frozen first is off:
+            // the four plan, arm and ask for a slot together, so only the pacing keeps their windows apart.
+            for (capture, paced, runID) in [(Duration.milliseconds(30), true, "short-paced"), (.milliseconds(30), false, "short-unpaced"),
                                             (.milliseconds(400), true, "long-paced")] {
                 let provider = TimedArmProvider(base: local, slow: Dictionary(uniqueKeysWithValues: ids.map { ($0, capture) }))
                 let coordinator = Coordinator(engine: fleet.engine, plugins: registry,
                                               providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 4, perSecond: 10))],
-                                              catalog: nil, fleet: try file(paced: paced))
+                                              catalog: nil, fleet: try file(paced: paced), frozenFirstPatience: .zero)
                 let report = await coordinator.run(runID: runID)
                 for outcome in report.instances {
                     #expect(outcome.achieved == .filesystem && outcome.state == .succeeded, "\(runID) \(outcome.instanceID): \(outcome.reasons)")

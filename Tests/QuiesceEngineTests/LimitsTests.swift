@@ -100,10 +100,20 @@ struct LimitsTests {
         await second.value
         #expect(await slots.inUse == 1)
         await slots.release(heldFor: .milliseconds(2))
-        // Short holds (2 ms, then about 1 ms each): ten callers at once still go one at a time.
-        await withTaskGroup(of: Void.self) { group in
-            for _ in 0..<10 { group.addTask { await slots.holding { try? await Task.sleep(for: .milliseconds(1)) } } }
+        // Short holds (2 ms each): ten callers queued behind a holder still go one at a time.
+        await slots.acquire()
+        var queued: [Task<Void, Never>] = []
+        for index in 0..<10 {
+            queued.append(Task { await slots.acquire() })
+            while await slots.waiting < index + 1 { try await Task.sleep(for: .milliseconds(1)) }
         }
+        for left in (0..<10).reversed() {
+            await slots.release(heldFor: .milliseconds(2))
+            let (inUse, waiting) = (await slots.inUse, await slots.waiting)
+            #expect(inUse == 1 && waiting == left, "after a release: \(inUse) held, \(waiting) waiting")
+        }
+        for waiter in queued { await waiter.value }
+        await slots.release(heldFor: .milliseconds(2))
         let (mostShort, afterShort) = (await slots.mostHeld, await slots.inUse)
         #expect(mostShort == 1 && afterShort == 0)
 
