@@ -78,7 +78,7 @@ struct FleetRun: AsyncParsableCommand {
     /// One size's figures, for the tables and the targets.
     struct Measured {
         var count: Int
-        /// The frozen-first patience of these rounds, when the run compares several.
+        /// The settings of these rounds ("ff 20", "pace on", or both), when the run compares several.
         var variant: String?
         /// The size, and the setting when the run compares several: how the rows and lines name it.
         static func label(_ count: Int, _ variant: String?) -> String { variant.map { "\(count) (\($0))" } ?? "\(count)" }
