@@ -62,13 +62,14 @@ struct FleetRun: AsyncParsableCommand {
     @Option(help: ArgumentHelp(
         "Where the agents run: in-process (this process, on the engine's event loops) or processes (one quiesce-agent process per instance, next to this program, as on machines of their own; on this one host they add a hundred processes' context switches to the same cores).",
         valueName: "in-process|processes"))
-    var agents = "in-process"
+    var agents = Agents.inProcess
+
+    enum Agents: String, ExpressibleByArgument, CaseIterable {
+        case inProcess = "in-process", processes
+    }
 
     func validate() throws {
-        guard ["processes", "in-process"].contains(self.agents) else {
-            throw ValidationError("--agents: expected processes or in-process, found \"\(self.agents)\"")
-        }
-        if self.agents == "processes" && !FileManager.default.isExecutableFile(atPath: Self.agentExecutable) {
+        if self.agents == .processes && !FileManager.default.isExecutableFile(atPath: Self.agentExecutable) {
             throw ValidationError("--agents processes: expected quiesce-agent next to this program, found none at \(Self.agentExecutable) (swift build --product quiesce-agent)")
         }
     }
@@ -126,8 +127,8 @@ struct FleetRun: AsyncParsableCommand {
             RATE BOUND: (instances - burst) / per_second (one group create per instance, burst \(self.boundBurst ?? self.burst), \(self.boundPerSecond ?? self.perSecond)/s\(self.boundBurst != nil || self.boundPerSecond != nil ? ": the API's own bucket; Quiesce's is \(self.burst), \(self.perSecond)/s" : "")).
             FROZEN: FIFREEZE -> last FITHAW on the guest (thaw reply frozen_us), per instance, over real loop-mounted ext4.
             SNAPSHOT: the provider's create call inside that window (engine clock): \(self.ec2Endpoint == nil ? "a reflink clone of both disk images, no wait for the disk" : "one CreateSnapshots call to the EC2 API (moto behind the fault proxy)").
-            PEAK RSS: this process (engine and coordinator\(self.agents == "in-process" ? ", and every in-process agent" : "")); the thaw guards are separate processes.
-            AGENTS: \(self.agents == "processes" ? "one quiesce-agent process per instance" : "in this process, on the engine's event loops"), each with its own mount table (its lines of the host's: / and its two disks), as on a machine of its own.
+            PEAK RSS: this process (engine and coordinator\(self.agents == .inProcess ? ", and every in-process agent" : "")); the thaw guards are separate processes.
+            AGENTS: \(self.agents == .processes ? "one quiesce-agent process per instance" : "in this process, on the engine's event loops"), each with its own mount table (its lines of the host's: / and its two disks), as on a machine of its own.
             """)
     }
 
@@ -198,33 +199,32 @@ struct FleetRun: AsyncParsableCommand {
         let locations = HookLocations(prescript: hooks + "/pre.sh", postscript: hooks + "/post.sh", hookDirectory: hooks)
         // Separate agent processes: the real quiesce-agent, one per instance, each with its own mount table.
         // Stopped (SIGTERM, then waited for) before anything else is undone, also when the bench fails.
-        let agentProcesses = Mutex<[Process]>([])
+        var agentProcesses: [Process] = []
         defer {
-            let processes = agentProcesses.withLock { $0 }
-            for process in processes where process.isRunning { process.terminate() }
-            for process in processes { process.waitUntilExit() }
+            for process in agentProcesses where process.isRunning { process.terminate() }
+            for process in agentProcesses { process.waitUntilExit() }
         }
-        for id in ids where self.agents == "processes" {
-            let files = ca.agentFiles(instanceID: id)
-            let process = try FreezeWindow.start(Self.agentExecutable, [
-                "run", "--engine", "127.0.0.1:\(address.port)", "--cert", files.certificatePath, "--key", files.keyPath,
-                "--ca", files.trustRootsPath, "--prescript", locations.prescript, "--postscript", locations.postscript,
-                "--hook-dir", locations.hookDirectory, "--mount-table", mountTables[id]!, "--log-level", "error",
-                // A hundred agents on one host: locking each one's whole address space would pin gigabytes for nothing here.
-                "--no-memory-lock", "--reconnect-max", "0.5",
-            ], log: root + "/agent-\(id).log")
-            agentProcesses.withLock { $0.append(process) }
-        }
-        for id in ids where self.agents == "in-process" {
-            let handler = BuiltinCommandHandler(
-                facts: FactsCollector(mountInfoPath: mountTables[id]!, hooks: locations),
-                guardExecutable: guardPath, logger: quiet)
-            handlers.append(handler)
-            let runner = AgentRunner(
-                configuration: AgentConfiguration(engine: address, identity: ca.agentFiles(instanceID: id),
-                                                  backoff: Backoff(base: .milliseconds(50), cap: .milliseconds(500))),
-                handler: handler, logger: quiet)
-            tasks.append(Task { try await runner.run() })
+        for id in ids {
+            if self.agents == .processes {
+                let files = ca.agentFiles(instanceID: id)
+                agentProcesses.append(try FreezeWindow.start(Self.agentExecutable, [
+                    "run", "--engine", "127.0.0.1:\(address.port)", "--cert", files.certificatePath, "--key", files.keyPath,
+                    "--ca", files.trustRootsPath, "--prescript", locations.prescript, "--postscript", locations.postscript,
+                    "--hook-dir", locations.hookDirectory, "--mount-table", mountTables[id]!, "--log-level", "error",
+                    // A hundred agents on one host: locking each one's whole address space would pin gigabytes for nothing here.
+                    "--no-memory-lock", "--reconnect-max", "0.5",
+                ], log: root + "/agent-\(id).log"))
+            } else {
+                let handler = BuiltinCommandHandler(
+                    facts: FactsCollector(mountInfoPath: mountTables[id]!, hooks: locations),
+                    guardExecutable: guardPath, logger: quiet)
+                handlers.append(handler)
+                let runner = AgentRunner(
+                    configuration: AgentConfiguration(engine: address, identity: ca.agentFiles(instanceID: id),
+                                                      backoff: Backoff(base: .milliseconds(50), cap: .milliseconds(500))),
+                    handler: handler, logger: quiet)
+                tasks.append(Task { try await runner.run() })
+            }
         }
         let missing = await engine.registry.waitFor(Set(ids), timeout: .seconds(120))
         let plugins = await PluginRegistry.load()
@@ -321,7 +321,7 @@ struct FleetRun: AsyncParsableCommand {
         for task in tasks { _ = try? await task.value }
         for handler in handlers { await handler.shutdown() }
         // Each agent process's peak memory, read before it is stopped.
-        let agentPeaks = agentProcesses.withLock { $0 }.compactMap { Self.peakRSSMiB(of: $0.processIdentifier) }.sorted()
+        let agentPeaks = agentProcesses.compactMap { Self.peakRSSMiB(of: $0.processIdentifier) }.sorted()
         if !agentPeaks.isEmpty {
             FileHandle.standardError.write(Data(String(format: "bench: %d agent processes, peak RSS p50 %.0f MiB, max %.0f MiB each\n",
                                                        agentPeaks.count, agentPeaks[agentPeaks.count / 2], agentPeaks.last!).utf8))

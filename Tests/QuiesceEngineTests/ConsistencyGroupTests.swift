@@ -69,12 +69,16 @@ struct ConsistencyGroupTests {
         var fleet: Fleet
         var registry: PluginRegistry
         var tasks: [Task<Void, any Error>]
-        var handlers: [BuiltinCommandHandler]
+        var handlers: [any CommandHandling]
         var locations: [String: HookLocations]
     }
 
-    /// Two (or more) instances with an ext4 data disk each in a reflink pool, an agent each.
-    static func setUp(_ loops: LoopDevices, ids: [String]) async throws -> Setup {
+    /// Two (or more) instances with an ext4 data disk each (`ID-data`, mounted) in a reflink pool, an agent
+    /// each (its handler from `handler`, given its hook locations and the thaw guard's path), connected.
+    static func setUp(_ loops: LoopDevices, ids: [String],
+                      handler: (_ id: String, _ hooks: HookLocations, _ guardPath: String) -> any CommandHandling = { _, hooks, guardPath in
+                          BuiltinCommandHandler(facts: FactsCollector(hooks: hooks), guardExecutable: guardPath)
+                      }) async throws -> Setup {
         let pool = try await blocking { try loops.mount("pool", fsType: "xfs", sizeMiB: 400, mkfsOptions: ["-m", "reflink=1"]).mountPoint }
         let provider = try LocalProvider(pool: pool + "/quiesce", createBurst: 20, createsPerSecond: 50)
         var mounts: [String: String] = [:]
@@ -92,9 +96,9 @@ struct ConsistencyGroupTests {
         }
         let fleet = try await Fleet.start()
         var tasks: [Task<Void, any Error>] = []
-        var handlers: [BuiltinCommandHandler] = []
+        var handlers: [any CommandHandling] = []
         for id in ids {
-            let handler = BuiltinCommandHandler(facts: FactsCollector(hooks: locations[id]!), guardExecutable: AgentProcess.buildDirectory + "/quiesce-thaw-guard")
+            let handler = handler(id, locations[id]!, AgentProcess.buildDirectory + "/quiesce-thaw-guard")
             handlers.append(handler)
             let runner = try await fleet.agent(id, handler: handler)
             tasks.append(Task { try await runner.run() })

@@ -310,21 +310,12 @@ struct TimedArmProvider: WrapsLocalProvider {
     }
 }
 
-/// What the fleet-run tests below share: a local pool on a loop-mounted XFS, one ext4 data disk per
-/// instance (`ID-data`, mounted), an engine with an in-process agent per instance (its handler from
-/// `handler`, given the hook locations and the thaw guard's path), and the plugins. The agents are
-/// connected when `body` starts, and shut down after it.
-struct LocalFleet {
-    let local: LocalProvider
-    let mounts: [String: String]
-    let fleet: Fleet
-    let registry: PluginRegistry
-
-    /// A fleet file: the pool, policy `fs` (filesystem, retries 0), the instances on their disks, then `run`.
-    func file(_ ids: [String], run: String, path: String) throws -> FleetFile {
+extension ConsistencyGroupTests.Setup {
+    /// A fleet file on these instances: the pool, policy `fs` (filesystem, retries 0), each instance on its disk, then `run`.
+    func fsFleet(_ ids: [String], run: String, path: String) throws -> FleetFile {
         var text = """
             providers:
-              pool: { kind: local, pool: \(self.local.pool) }
+              pool: { kind: local, pool: \(self.provider.pool) }
             policies:
               fs: { plugin: linux-freeze, wanted: filesystem, minimum: crash, retries: 0 }
             instances:
@@ -333,60 +324,21 @@ struct LocalFleet {
         for id in ids { text += "  - { id: \(id), policy: fs, disks: [\(id)-data], options: { only_mounts: [\(self.mounts[id]!)] } }\n" }
         return try FleetFile.parse(text + "run: \(run)\n", path: path, plugins: self.registry)
     }
-
-    static func with(_ ids: [String], diskMiB: Int,
-                     handler: (_ id: String, _ hooks: HookLocations, _ guardPath: String) -> any CommandHandling = { _, hooks, guardPath in
-                         BuiltinCommandHandler(facts: FactsCollector(hooks: hooks), guardExecutable: guardPath)
-                     },
-                     _ body: (LocalFleet) async throws -> Void) async throws {
-        try await withLoopDevices { loops in
-            let pool = try await blocking { try loops.mount("pool", fsType: "xfs", sizeMiB: 400, mkfsOptions: ["-m", "reflink=1"]).mountPoint }
-            let local = try LocalProvider(pool: pool + "/quiesce")
-            var mounts: [String: String] = [:]
-            for id in ids {
-                let image = try local.diskPath("\(id)-data")
-                mounts[id] = try await blocking {
-                    _ = try run("truncate", "-s", "\(diskMiB)M", image)
-                    _ = try run("mkfs.ext4", "-q", "-F", image)
-                    return try loops.mountDevice(try loops.attach(image), at: id)
-                }
-            }
-            let hooks = loops.directory + "/no-hooks"
-            try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-            let locations = HookLocations(prescript: hooks + "/prescript.sh", postscript: hooks + "/postscript.sh", hookDirectory: hooks)
-            let fleet = try await Fleet.start()
-            defer { fleet.discard() }
-            let guardPath = AgentProcess.buildDirectory + "/quiesce-thaw-guard"
-            var handlers: [any CommandHandling] = []
-            var tasks: [Task<Void, any Error>] = []
-            for id in ids {
-                let made = handler(id, locations, guardPath)
-                handlers.append(made)
-                let runner = try await fleet.agent(id, handler: made)
-                tasks.append(Task { try await runner.run() })
-            }
-            defer { for task in tasks { task.cancel() } }
-            let registry = await PluginPlanRunTests.registry()
-            defer { Task { await registry.shutdown() } }
-            #expect(await fleet.engine.registry.waitFor(Set(ids), timeout: .seconds(20)).isEmpty)
-            try await body(LocalFleet(local: local, mounts: mounts, fleet: fleet, registry: registry))
-            for made in handlers { await made.shutdown() }
-        }
-    }
 }
 
 extension CoordinatorTests {
     @Test("frozen first: another instance's work waits for a frozen one's thaw (and, with no patience, it does not)")
     func frozenFirst() async throws {
         // later-1 answers its facts 300 ms late: it arms while first-1 is frozen, unless it waits.
-        try await LocalFleet.with(["first-1", "later-1"], diskMiB: 64, handler: { id, hooks, guardPath in
-            let builtin = BuiltinCommandHandler(facts: FactsCollector(hooks: hooks), guardExecutable: guardPath)
-            return id == "later-1" ? SlowFactsHandler(builtin, delay: .milliseconds(300)) : builtin
-        }) { setup in
-            let file = try setup.file(["first-1", "later-1"], run: "{ concurrency: 2, planning: 2, max_frozen: 2 }", path: "frozen-first.yaml")
+        try await withLoopDevices { loops in
+            let setup = try await ConsistencyGroupTests.setUp(loops, ids: ["first-1", "later-1"]) { id, hooks, guardPath in
+                let builtin = BuiltinCommandHandler(facts: FactsCollector(hooks: hooks), guardExecutable: guardPath)
+                return id == "later-1" ? SlowFactsHandler(builtin, delay: .milliseconds(300)) : builtin
+            }
+            let file = try setup.fsFleet(["first-1", "later-1"], run: "{ concurrency: 2, planning: 2, max_frozen: 2 }", path: "frozen-first.yaml")
             // first-1's capture holds its window open 800 ms.
             for (patience, runID) in [(Duration.seconds(5), "waits"), (.zero, "no-patience")] {
-                let provider = TimedArmProvider(base: setup.local, slow: ["first-1": .milliseconds(800)])
+                let provider = TimedArmProvider(base: setup.provider, slow: ["first-1": .milliseconds(800)])
                 let coordinator = Coordinator(engine: setup.fleet.engine, plugins: setup.registry,
                                               providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 2, perSecond: 10))],
                                               catalog: nil, fleet: file, frozenFirstPatience: patience)
@@ -405,6 +357,7 @@ extension CoordinatorTests {
                     #expect(await coordinator.frozenFirst.deferred == 0)
                 }
             }
+            await ConsistencyGroupTests.tearDown(setup)
         }
     }
 }
@@ -413,14 +366,15 @@ extension CoordinatorTests {
     @Test("paced frozen slots: short windows one at a time, long ones (a slow create) together up to max_frozen; unpaced, they overlap")
     func pacedFrozen() async throws {
         let ids = ["pace-1", "pace-2", "pace-3", "pace-4"]
-        try await LocalFleet.with(ids, diskMiB: 32) { setup in
+        try await withLoopDevices { loops in
+            let setup = try await ConsistencyGroupTests.setUp(loops, ids: ids)
             // Each instance's create holds its window open: 30 ms (short: a queue of three behind it gets through in
             // well under the pacing's 250 ms), or 400 ms (long: one at a time would take 1.6 s). Frozen first is off:
             // the four plan, arm and ask for a slot together, so only the pacing keeps their windows apart.
             for (capture, paced, runID) in [(Duration.milliseconds(30), true, "short-paced"), (.milliseconds(30), false, "short-unpaced"),
                                             (.milliseconds(400), true, "long-paced")] {
-                let provider = TimedArmProvider(base: setup.local, slow: Dictionary(uniqueKeysWithValues: ids.map { ($0, capture) }))
-                let file = try setup.file(ids, run: "{ concurrency: 4, planning: 4, max_frozen: 4, pace_frozen: \(paced) }", path: "paced.yaml")
+                let provider = TimedArmProvider(base: setup.provider, slow: Dictionary(uniqueKeysWithValues: ids.map { ($0, capture) }))
+                let file = try setup.fsFleet(ids, run: "{ concurrency: 4, planning: 4, max_frozen: 4, pace_frozen: \(paced) }", path: "paced.yaml")
                 let coordinator = Coordinator(engine: setup.fleet.engine, plugins: setup.registry,
                                               providers: ["pool": .init(provider: provider, bucket: TokenBucket(burst: 4, perSecond: 10))],
                                               catalog: nil, fleet: file, frozenFirstPatience: .zero)
@@ -444,6 +398,7 @@ extension CoordinatorTests {
                     #expect(most >= 3 && overlapping >= 3, "long windows went \(most) at once (\(overlapping) captures overlapped)")
                 }
             }
+            await ConsistencyGroupTests.tearDown(setup)
         }
     }
 }
